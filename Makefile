@@ -1,0 +1,54 @@
+# Set-up and checks for LoRAMux. Every target creates and uses the local virtualenv .venv.
+#   make serve   install everything, prepare the default model, start the server
+#   make test    install everything, prepare the default model, lint, type-check, run all tests
+#
+# torch: on a machine without a GPU we want the CPU build. TORCH_SPEC is what pip is asked
+# for when .venv has no torch yet; on these machines `torch==2.13.0` is a CPU build on local
+# disk. On a GPU machine use a CUDA build instead, e.g.
+#   make serve TORCH_SPEC=torch          (PyPI's default Linux wheel is the CUDA build)
+# or install torch into .venv yourself first; an installed torch is never replaced.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.loramux-installed
+SERVE_ARGS ?= --host 0.0.0.0
+
+.PHONY: install serve test lint typecheck proto bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/loramux models prepare
+	$(BIN)/loramux serve $(SERVE_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy -p loramux.core -p loramux.cli -p loramux.server -p loramux.trainer -p loramux.client
+
+# Regenerate core/loramux/v1 from proto/ (a test fails when the checked-in code is stale).
+proto: install
+	$(BIN)/python -m loramux.core.protogen
+
+# pytest exits 5 when it collects no test; that is not a failure of the code under test.
+test: install lint typecheck
+	$(BIN)/loramux models prepare
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+bench: install
+	$(BIN)/loramux models prepare
+	$(BIN)/python -m bench.run_all --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

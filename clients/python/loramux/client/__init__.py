@@ -1,0 +1,1 @@
+"""LoRAMux Python client: sync and asyncio gRPC clients and the client CLI."""

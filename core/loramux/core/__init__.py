@@ -1,0 +1,1 @@
+"""Shared core: settings, base-model resolution, the error vocabulary."""

@@ -1,0 +1,206 @@
+"""The one typed place for LoRAMux's settings.
+
+Every field of :class:`Settings` is reachable three ways, in this order of precedence:
+a CLI flag (``--max-batch-size``), an environment variable (``LORAMUX_MAX_BATCH_SIZE``)
+and the default written here. Subcommands pick the groups of fields they use, so the
+flags a command accepts are exactly the settings it honours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "LORAMUX_"
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_METRICS_PORT = 9090
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "loramux"
+
+
+def setting(default: Any, help: str, group: str, *, choices: Iterable[str] | None = None) -> Any:
+    """A dataclass field that carries its CLI help, its group and its allowed values."""
+    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    # -- model: shared by server, trainer and `models` --
+    home: Path = setting(
+        _default_home(), "data dir: prepared models, adapter registry, uploads", "model"
+    )
+    base_model: str = setting(
+        DEFAULT_BASE_MODEL,
+        "base model: built-in name, Hugging Face repo id, or local HF folder",
+        "model",
+    )
+    base_model_revision: str | None = setting(
+        None, "revision (branch, tag or commit) of a Hub base model", "model"
+    )
+    quantization: str = setting(
+        "nf4", "weight quantization of the base model", "model", choices=("nf4", "fp4", "none")
+    )
+    device: str = setting(
+        "auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N", "model"
+    )
+
+    # -- server network --
+    host: str = setting("127.0.0.1", "address the gRPC server binds", "server")
+    port: int = setting(DEFAULT_GRPC_PORT, "gRPC port", "server")
+    metrics_port: int = setting(
+        DEFAULT_METRICS_PORT, "HTTP port of the Prometheus /metrics endpoint (0 disables)", "server"
+    )
+    grpc_workers: int = setting(64, "threads serving gRPC calls", "server")
+    drain_seconds: float = setting(
+        30.0, "on SIGTERM, how long in-flight requests may run before exit", "server"
+    )
+    admin_keys: list[str] = setting(
+        [], "bootstrap admin API keys (comma separated in the env var)", "server"
+    )
+
+    # -- engine --
+    max_batch_size: int = setting(32, "most requests decoding together", "engine")
+    max_batch_tokens: int = setting(2048, "most tokens (prefill + decode) in one step", "engine")
+    max_new_tokens_limit: int = setting(1024, "largest max_new_tokens a request may ask", "engine")
+    max_queued_requests: int = setting(1024, "requests waiting for a batch slot", "engine")
+    max_rank: int = setting(64, "largest LoRA rank accepted", "engine")
+    max_loaded_adapters: int = setting(32, "adapter slots on the device", "engine")
+    max_cpu_adapters: int = setting(256, "adapters kept in CPU memory (LRU)", "engine")
+
+    # -- tenants and limits --
+    max_upload_bytes: int = setting(512 * 1024 * 1024, "largest adapter upload", "server")
+    tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
+    tenant_max_queued: int = setting(64, "default per-tenant queued requests", "server")
+    tenant_max_adapters: int = setting(100, "default per-tenant stored adapters", "server")
+    tenant_max_bytes: int = setting(
+        10 * 1024 * 1024 * 1024, "default per-tenant stored adapter bytes", "server"
+    )
+
+    # -- client --
+    address: str = setting(f"127.0.0.1:{DEFAULT_GRPC_PORT}", "server address host:port", "client")
+    api_key: str | None = setting(None, "API key sent as `authorization: Bearer <key>`", "client")
+
+    log_level: str = setting(
+        "INFO", "log level", "common", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, naming the flag."""
+        positive = (
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_new_tokens_limit",
+            "max_rank",
+            "max_loaded_adapters",
+            "max_cpu_adapters",
+            "grpc_workers",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.max_cpu_adapters < self.max_loaded_adapters:
+            raise ValueError("--max-cpu-adapters must be >= --max-loaded-adapters")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata["choices"]
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(
+                    f"--{_flag(f.name)} must be one of {', '.join(allowed)}, "
+                    f"got {getattr(self, f.name)!r}"
+                )
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"--{_flag(name)} must be a TCP port, got {getattr(self, name)}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` -> int, `list[str]` -> list."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return list
+    return annotation
+
+
+def _convert(name: str, raw: str) -> Any:
+    kind = _base_type(_field_types()[name])
+    if kind is list:
+        return [p.strip() for p in raw.split(",") if p.strip()]
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind is Path:
+        return Path(raw)
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}: cannot read {raw!r} as {kind.__name__}") from exc
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, groups: Iterable[str]) -> None:
+    """Add a flag for every setting in `groups`; defaults stay None so env vars can apply."""
+    wanted = set(groups) | {"common"}
+    arg_group = parser.add_argument_group("settings (flag > LORAMUX_* env var > default)")
+    for f in dataclasses.fields(Settings):
+        if f.metadata["group"] not in wanted:
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        shown = ",".join(default) if isinstance(default, list) else default
+        arg_group.add_argument(
+            f"--{_flag(f.name)}",
+            dest=f.name,
+            default=None,
+            choices=f.metadata["choices"],
+            metavar=None if f.metadata["choices"] else f.name.upper(),
+            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {shown}]",
+        )
+
+
+def load_settings(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build Settings from CLI args (strings), then env vars, then defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+        if raw is None:
+            continue
+        values[f.name] = _convert(f.name, raw) if isinstance(raw, str) else raw
+    settings = Settings(**values)
+    settings.validate()
+    return settings

@@ -1,0 +1,29 @@
+"""`loramux serve`: run the gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+
+from loramux.core.config import DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, add_settings_arguments
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve = sub.add_parser(
+        "serve",
+        help="run the inference server",
+        description=(
+            "Load the base model once (4-bit NF4 by default) and serve generation requests for "
+            f"many LoRA adapters over gRPC (default port {DEFAULT_GRPC_PORT}), with Prometheus "
+            f"metrics over HTTP (default port {DEFAULT_METRICS_PORT}). SIGTERM drains in-flight "
+            "requests, then exits 0."
+        ),
+    )
+    add_settings_arguments(serve, ["model", "server", "engine"])
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loramux.core.config import load_settings
+    from loramux.server.app import run_server
+
+    return run_server(load_settings(args))

@@ -1,0 +1,87 @@
+"""What callers hand the engine and what they get back.
+
+These are plain Python values, no tensors and no gRPC: the service layer builds a
+`GenerationRequest` from a protobuf message, and turns `TokenEvent`s back into protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from loramux.core.errors import InvalidArgument
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop string or stop token id matched
+    EOS = "eos"  # the model's end-of-sequence token
+    CANCELLED = "cancelled"  # the caller cancelled
+    DEADLINE = "deadline"  # the caller's deadline passed inside the engine
+    ERROR = "error"  # the engine failed this request; `TokenEvent.error` says why
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # fixes sampling for reproducible output
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, max_new_tokens_limit: int) -> None:
+        """Refuse values that cannot be honoured, naming the field."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise InvalidArgument(
+                "max_new_tokens", f"must be in 1..{max_new_tokens_limit}, got {self.max_new_tokens}"
+            )
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidArgument("temperature", f"must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument("top_k", f"must be >= 0, got {self.top_k}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidArgument(
+                "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"
+            )
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise InvalidArgument("stop", "at most 16 non-empty stop strings of <= 256 chars")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """One generation, already tokenised. adapter_id None means the base model alone."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter_id: str | None = None
+    deadline: float | None = None  # time.monotonic() instant after which the engine stops it
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A piece of a request's output: new tokens and their text, or the final word."""
+
+    token_ids: tuple[int, ...]
+    text: str  # text delta for token_ids (may lag a token behind to keep UTF-8 whole)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Exception | None = None  # set when finish_reason is ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

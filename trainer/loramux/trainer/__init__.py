@@ -1,0 +1,1 @@
+"""LoRAMux QLoRA trainer: adapters in PEFT format, published to the Hub or a server."""
