@@ -79,6 +79,12 @@ class Settings:
     max_rank: int = setting(64, "largest LoRA rank accepted", "engine")
     max_loaded_adapters: int = setting(32, "adapter slots on the device", "engine")
     max_cpu_adapters: int = setting(256, "adapters kept in CPU memory (LRU)", "engine")
+    lora_kernel: str = setting(
+        "auto",
+        "decode LoRA kernel: compiled (torch.compile fuses the per-row gather), eager, auto",
+        "engine",
+        choices=("auto", "compiled", "eager"),
+    )
 
     # -- tenants and limits --
     max_upload_bytes: int = setting(512 * 1024 * 1024, "largest adapter upload", "server")

@@ -1,0 +1,365 @@
+"""The tiered adapter store: device slots <- CPU-memory LRU <- disk.
+
+Three kinds of thread touch it, with one lock between them:
+
+* API threads register, unregister, warm (`load`) and evict (`unload`) adapters;
+* a loader thread reads adapter files from disk into CPU memory, so a cold adapter
+  never stalls the batch that is already running;
+* the engine loop thread alone writes device slots, between forward passes (the only
+  time no layer is reading them), when it admits a request (`acquire`) or services
+  warm/evict requests (`service`).
+
+An adapter with requests in flight (refcount > 0) is never evicted; pinned adapters are
+never evicted either. Concurrent requests for the same cold adapter cause one load.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from loramux.core.errors import FailedPrecondition, LoramuxError, NotFound, ResourceExhausted
+from loramux.server.adapters import AdapterSpec, AdapterWeights, LinearShape, inspect_adapter
+from loramux.server.lora import RANK_ALIGN, MultiLoraLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    hits: int = 0  # requests that found the adapter in a device slot
+    misses: int = 0  # requests that had to wait for a load
+    loads: int = 0  # disk -> CPU loads
+    evictions: int = 0  # device slot evictions
+    load_seconds_total: float = 0.0
+    last_load_seconds: float = 0.0
+    state: str = "stored"
+
+
+@dataclass
+class _Entry:
+    adapter_id: str
+    path: Path
+    spec: AdapterSpec
+    pinned: bool = False
+    refcount: int = 0
+    slot: int | None = None
+    cpu: AdapterWeights | None = None
+    loading: bool = False
+    load_error: LoramuxError | None = None
+    deleted: bool = False
+    want_device: bool = False  # a `load()` call is waiting for a slot
+    want_evict: bool = False  # an `unload()` call is waiting for eviction
+    stats: AdapterStats = field(default_factory=AdapterStats)
+
+    @property
+    def state(self) -> str:
+        if self.slot is not None:
+            return "device"
+        return "cpu" if self.cpu is not None else "stored"
+
+
+class AdapterStore:
+    def __init__(
+        self,
+        layers: Mapping[str, MultiLoraLinear],
+        base_linears: Mapping[str, LinearShape],
+        max_loaded: int,
+        max_cpu: int,
+        max_rank: int,
+        wake_engine: Callable[[], None],
+    ) -> None:
+        self._layers = layers
+        self._base_linears = base_linears
+        self.max_loaded = max_loaded
+        self.max_cpu = max_cpu
+        self.max_rank = max_rank
+        self._wake_engine = wake_engine
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # any entry changed state
+        self._entries: dict[str, _Entry] = {}
+        self._free_slots = list(range(max_loaded, 0, -1))  # slot 0 is the zero "base only" slot
+        self._device_lru: OrderedDict[str, None] = OrderedDict()
+        self._cpu_lru: OrderedDict[str, None] = OrderedDict()
+        self._load_queue: queue.Queue[str | None] = queue.Queue()
+        self._loader = threading.Thread(target=self._load_loop, name="adapter-loader", daemon=True)
+        self._loader.start()
+
+    # ---- API side ----
+    def validate(self, path: Path) -> AdapterSpec:
+        return inspect_adapter(path, self._base_linears, self.max_rank, load=True).spec
+
+    def register(
+        self, adapter_id: str, path: Path, *, spec: AdapterSpec | None = None
+    ) -> AdapterSpec:
+        if spec is None:
+            spec = self.validate(path)
+        with self._lock:
+            old = self._entries.get(adapter_id)
+            if old is not None and not old.deleted:
+                if old.path == Path(path):
+                    return old.spec
+                raise FailedPrecondition("adapter", f"{adapter_id} is already registered")
+            self._entries[adapter_id] = _Entry(adapter_id=adapter_id, path=Path(path), spec=spec)
+        return spec
+
+    def unregister(self, adapter_id: str) -> None:
+        with self._lock:
+            entry = self._get(adapter_id)
+            entry.deleted = True
+            entry.want_evict = True
+        self._wake_engine()
+
+    def __contains__(self, adapter_id: object) -> bool:
+        with self._lock:
+            entry = self._entries.get(adapter_id)  # type: ignore[call-overload]
+            return entry is not None and not entry.deleted
+
+    def spec(self, adapter_id: str) -> AdapterSpec:
+        with self._lock:
+            return self._get(adapter_id).spec
+
+    def state(self, adapter_id: str) -> str:
+        with self._lock:
+            return self._get(adapter_id).state
+
+    def pin(self, adapter_id: str, pinned: bool = True) -> None:
+        with self._lock:
+            self._get(adapter_id).pinned = pinned
+
+    def load(self, adapter_id: str, timeout: float = 120.0) -> None:
+        """Warm an adapter into a device slot; returns once it is resident."""
+        entry = self._mark(adapter_id, want_device=True)
+        self._wait_for(entry, lambda: entry.slot is not None, timeout, "load")
+
+    def unload(self, adapter_id: str, timeout: float = 120.0) -> None:
+        """Evict from device and CPU memory; waits for in-flight requests to finish first."""
+        entry = self._mark(adapter_id, want_evict=True)
+        self._wait_for(entry, lambda: entry.state == "stored", timeout, "unload")
+
+    def stats(self) -> dict[str, AdapterStats]:
+        with self._lock:
+            return {
+                k: replace(e.stats, state=e.state)
+                for k, e in self._entries.items()
+                if not e.deleted
+            }
+
+    def totals(self) -> AdapterStats:
+        with self._lock:
+            entries = list(self._entries.values())
+        return AdapterStats(
+            hits=sum(e.stats.hits for e in entries),
+            misses=sum(e.stats.misses for e in entries),
+            loads=sum(e.stats.loads for e in entries),
+            evictions=sum(e.stats.evictions for e in entries),
+            load_seconds_total=sum(e.stats.load_seconds_total for e in entries),
+            last_load_seconds=max((e.stats.last_load_seconds for e in entries), default=0.0),
+            state="",
+        )
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of adapter weights held in CPU memory and in device slots."""
+        with self._lock:
+            cpu = sum(e.cpu.nbytes for e in self._entries.values() if e.cpu is not None)
+            used = self.max_loaded - len(self._free_slots)
+        slot_bytes = sum(
+            (layer.lora_a[0].numel() + layer.lora_bt[0].numel()) * layer.lora_a.element_size()
+            for layer in self._layers.values()
+        )
+        return {
+            "cpu_bytes": cpu,
+            "device_slot_bytes": slot_bytes * (self.max_loaded + 1),
+            "device_used_bytes": slot_bytes * used,
+        }
+
+    def close(self) -> None:
+        self._load_queue.put(None)
+
+    # ---- engine-loop side (the only writer of device slots) ----
+    def acquire(self, adapter_id: str, first_attempt: bool) -> int | None:
+        """A slot holding the adapter for one request, or None while it is being made resident."""
+        with self._lock:
+            entry = self._get(adapter_id)
+            if entry.load_error is not None:
+                raise entry.load_error
+            if entry.slot is None and entry.cpu is not None:
+                self._install(entry)
+            if entry.slot is not None:
+                entry.refcount += 1
+                if first_attempt:
+                    entry.stats = replace(entry.stats, hits=entry.stats.hits + 1)
+                self._device_lru.move_to_end(adapter_id)
+                return entry.slot
+            if first_attempt:
+                entry.stats = replace(entry.stats, misses=entry.stats.misses + 1)
+            self._schedule_load(entry)
+            return None
+
+    def release(self, adapter_id: str) -> None:
+        with self._lock:
+            entry = self._entries[adapter_id]
+            entry.refcount -= 1
+            if entry.refcount == 0 and (entry.want_evict or entry.deleted):
+                self._evict(entry)
+
+    def service(self) -> None:
+        """Carry out pending warm and evict requests (called by the engine between steps)."""
+        with self._lock:
+            for entry in list(self._entries.values()):
+                if entry.want_evict and entry.refcount == 0:
+                    self._evict(entry)
+                elif entry.want_device and entry.slot is None:
+                    if entry.load_error is not None:
+                        self._notify(entry)
+                    elif entry.cpu is None:
+                        self._schedule_load(entry)
+                    else:
+                        self._install(entry)
+                        if entry.slot is not None:
+                            entry.want_device = False
+                            self._notify(entry)
+
+    @property
+    def loading(self) -> bool:
+        with self._lock:
+            return any(e.loading for e in self._entries.values())
+
+    # ---- internals (lock held) ----
+    def _get(self, adapter_id: str) -> _Entry:
+        entry = self._entries.get(adapter_id)
+        if entry is None or entry.deleted:
+            raise NotFound("adapter", f"no adapter {adapter_id!r}")
+        return entry
+
+    def _mark(self, adapter_id: str, **flags: bool) -> _Entry:
+        with self._lock:
+            entry = self._get(adapter_id)
+            for name, value in flags.items():
+                setattr(entry, name, value)
+            if flags.get("want_device"):
+                entry.load_error = None  # an explicit load retries a failed one
+        self._wake_engine()
+        return entry
+
+    def _wait_for(self, entry: _Entry, done: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not done():
+                if entry.load_error is not None:
+                    raise entry.load_error
+                if entry.deleted and what == "load":
+                    raise NotFound("adapter", f"{entry.adapter_id} was deleted")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceExhausted(
+                        "adapter", f"{what} of {entry.adapter_id} did not finish in {timeout:.0f}s"
+                    )
+                self._changed.wait(left)
+
+    def _notify(self, entry: _Entry) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _schedule_load(self, entry: _Entry) -> None:
+        if not entry.loading and entry.cpu is None:
+            entry.loading = True
+            self._load_queue.put(entry.adapter_id)
+
+    def _install(self, entry: _Entry) -> None:
+        """Copy CPU weights into a free (or freshly evicted) device slot, if one can be had."""
+        assert entry.cpu is not None
+        if not self._free_slots:
+            victim = next(
+                (
+                    self._entries[k]
+                    for k in self._device_lru
+                    if self._entries[k].refcount == 0 and not self._entries[k].pinned
+                ),
+                None,
+            )
+            if victim is None:
+                return  # every slot serves a running request: wait for one to finish
+            self._release_slot(victim)
+        slot = self._free_slots.pop()
+        width = -(-entry.spec.rank // RANK_ALIGN) * RANK_ALIGN
+        for name, layer in self._layers.items():
+            layer.grow_rank(width)
+            layer.write_slot(slot, entry.cpu.modules.get(name))
+        entry.slot = slot
+        self._device_lru[entry.adapter_id] = None
+        self._cpu_lru.move_to_end(entry.adapter_id) if entry.adapter_id in self._cpu_lru else None
+        self._notify(entry)
+
+    def _release_slot(self, entry: _Entry) -> None:
+        if entry.slot is None:
+            return
+        for layer in self._layers.values():
+            if entry.slot in layer.occupied:
+                layer.write_slot(entry.slot, None)
+        self._free_slots.append(entry.slot)
+        entry.slot = None
+        self._device_lru.pop(entry.adapter_id, None)
+        entry.stats = replace(entry.stats, evictions=entry.stats.evictions + 1)
+
+    def _evict(self, entry: _Entry) -> None:
+        self._release_slot(entry)
+        entry.cpu = None
+        self._cpu_lru.pop(entry.adapter_id, None)
+        entry.want_evict = False
+        if entry.deleted:
+            self._entries.pop(entry.adapter_id, None)
+        self._notify(entry)
+
+    # ---- loader thread ----
+    def _load_loop(self) -> None:
+        while (adapter_id := self._load_queue.get()) is not None:
+            with self._lock:
+                entry = self._entries.get(adapter_id)
+                path = entry.path if entry is not None else None
+            if entry is None or path is None:
+                continue
+            started = time.perf_counter()
+            weights: AdapterWeights | None = None
+            error: LoramuxError | None = None
+            try:
+                weights = inspect_adapter(path, self._base_linears, self.max_rank, load=True)
+            except LoramuxError as exc:
+                error = exc
+            except Exception as exc:  # I/O errors, corrupt files safetensors itself rejects
+                error = FailedPrecondition("adapter", f"loading {adapter_id} failed: {exc}")
+            seconds = time.perf_counter() - started
+            with self._lock:
+                entry.loading = False
+                if error is not None:
+                    log.warning("adapter %s failed to load: %s", adapter_id, error)
+                    entry.load_error = error
+                elif not entry.deleted:
+                    entry.cpu = weights
+                    self._cpu_lru[adapter_id] = None
+                    entry.stats = replace(
+                        entry.stats,
+                        loads=entry.stats.loads + 1,
+                        load_seconds_total=entry.stats.load_seconds_total + seconds,
+                        last_load_seconds=seconds,
+                    )
+                    self._trim_cpu()
+            self._notify(entry)
+            self._wake_engine()
+
+    def _trim_cpu(self) -> None:
+        while len(self._cpu_lru) > self.max_cpu:
+            for adapter_id in self._cpu_lru:
+                entry = self._entries[adapter_id]
+                if entry.refcount == 0 and not entry.pinned and not entry.want_device:
+                    entry.cpu = None
+                    del self._cpu_lru[adapter_id]
+                    break
+            else:
+                return

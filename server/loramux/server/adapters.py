@@ -1,0 +1,313 @@
+"""Reading and checking LoRA adapters in PEFT's on-disk format.
+
+Adapter folders come from tenants, so everything here assumes hostile input: the
+safetensors header is parsed and bounds-checked before any tensor is touched, pickle
+files are refused without being opened, and every mismatch with the base model is an
+error naming the offending field instead of a silent partial load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from loramux.core.errors import FailedPrecondition, InvalidArgument
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 64 << 20
+PEFT_PREFIX = "base_model.model."
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter is, once checked against a base model."""
+
+    rank: int  # largest rank over its modules (rank_pattern may vary it per module)
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]  # short names, e.g. ("q_proj", "v_proj")
+    size_bytes: int  # weights file size on disk
+    base_model_name_or_path: str | None
+    scaling: float  # alpha / rank (or alpha / sqrt(rank) with rsLoRA) for the default rank
+    modules: int  # number of base linear layers it adapts
+
+
+@dataclass(frozen=True)
+class ModuleWeights:
+    """One adapted linear layer, ready to copy into a slot."""
+
+    lora_a: torch.Tensor  # [rank, in_features]
+    lora_b: torch.Tensor  # [out_features, rank]
+    scaling: float
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """An adapter held in CPU memory (the middle tier of the adapter store)."""
+
+    spec: AdapterSpec
+    modules: Mapping[str, ModuleWeights]  # full module name in the base model -> weights
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            w.lora_a.numel() * w.lora_a.element_size() + w.lora_b.numel() * w.lora_b.element_size()
+            for w in self.modules.values()
+        )
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise InvalidArgument(CONFIG_FILE, "missing: not a PEFT adapter folder")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidArgument(CONFIG_FILE, "larger than 1 MiB")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(CONFIG_FILE, f"not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InvalidArgument(CONFIG_FILE, "must be a JSON object")
+    return config
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise InvalidArgument("peft_type", f"only LORA adapters are served, got {peft_type!r}")
+    if config.get("use_dora"):
+        raise InvalidArgument("use_dora", "DoRA adapters are not supported")
+    if config.get("modules_to_save"):
+        raise InvalidArgument(
+            "modules_to_save",
+            f"adapters that replace whole modules ({config['modules_to_save']}) are not supported; "
+            "only LoRA matrices are",
+        )
+    if config.get("trainable_token_indices"):
+        raise InvalidArgument("trainable_token_indices", "trainable tokens are not supported")
+    bias = config.get("bias", "none")
+    if bias not in (None, "none") or config.get("lora_bias"):
+        raise InvalidArgument("bias", "adapters with bias terms are not supported")
+    if config.get("fan_in_fan_out"):
+        raise InvalidArgument("fan_in_fan_out", "Conv1D-style (fan_in_fan_out) weights unsupported")
+    if config.get("megatron_config"):
+        raise InvalidArgument("megatron_config", "Megatron-sharded adapters are not supported")
+    for name in ("r", "lora_alpha"):
+        value = config.get(name)
+        if value is not None and (
+            not isinstance(value, int | float) or isinstance(value, bool) or value <= 0
+        ):
+            raise InvalidArgument(name, f"must be a positive number, got {value!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise InvalidArgument(name, "must be an object")
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse and bounds-check a safetensors header before safetensors maps the file."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InvalidArgument(WEIGHTS_FILE, "truncated: no safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise InvalidArgument(WEIGHTS_FILE, "corrupt: header length exceeds the file")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(WEIGHTS_FILE, "corrupt: header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise InvalidArgument(WEIGHTS_FILE, "corrupt: header is not an object")
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            count = math.prod(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgument(WEIGHTS_FILE, f"corrupt: bad header entry for {name}") from exc
+        width = _SAFETENSORS_DTYPE_BYTES.get(dtype)
+        if width is None:
+            raise InvalidArgument(WEIGHTS_FILE, f"{name}: unsupported dtype {dtype}")
+        if not (0 <= start <= end <= data_len) or end - start != count * width:
+            raise InvalidArgument(
+                WEIGHTS_FILE,
+                f"{name}: header claims {count * width} bytes at [{start}, {end}) but the file "
+                f"holds {data_len} data bytes (truncated or corrupt)",
+            )
+    return header
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _module_name(key: str) -> tuple[str, str]:
+    match = _KEY.match(key)
+    if match is None:
+        if "lora_embedding" in key:
+            raise FailedPrecondition("target_modules", "LoRA on embeddings is not supported")
+        if "lora_magnitude_vector" in key:
+            raise InvalidArgument("use_dora", "DoRA magnitude vectors are not supported")
+        raise InvalidArgument(WEIGHTS_FILE, f"unexpected tensor {key!r} (not a LoRA A/B weight)")
+    module = match["module"]
+    module = module.removeprefix(PEFT_PREFIX)
+    return module, match["part"]
+
+
+def inspect_adapter(
+    folder: Path,
+    base_linears: Mapping[str, LinearShape],
+    max_rank: int,
+    *,
+    load: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+) -> AdapterWeights:
+    """Check a PEFT adapter folder against the base model and (optionally) read its weights.
+
+    Raises InvalidArgument for malformed or unsupported files and FailedPrecondition for
+    adapters that are well-formed but do not fit this base model or the server's limits.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidArgument("path", f"{folder} is not a folder")
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = [name for name in PICKLE_FILES if (folder / name).exists()]
+        if pickles:
+            raise InvalidArgument(
+                WEIGHTS_FILE,
+                f"only {pickles[0]} (a pickle) was given; pickles are never loaded, "
+                "save the adapter with safe_serialization=True",
+            )
+        raise InvalidArgument(WEIGHTS_FILE, "missing")
+    config = read_config(folder)
+    _check_config(config)
+    header = _read_header(weights_path)
+
+    default_rank = int(config.get("r") or 8)
+    default_alpha = float(config.get("lora_alpha") or default_rank)
+    use_rslora = bool(config.get("use_rslora"))
+    rank_pattern: dict[str, Any] = config.get("rank_pattern") or {}
+    alpha_pattern: dict[str, Any] = config.get("alpha_pattern") or {}
+
+    shapes: dict[str, dict[str, tuple[list[int], str]]] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        module, part = _module_name(key)
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise InvalidArgument(WEIGHTS_FILE, f"{key}: dtype {info['dtype']} is not a float")
+        if part in shapes.setdefault(module, {}):
+            raise InvalidArgument(WEIGHTS_FILE, f"{module}: two lora_{part} tensors")
+        shapes[module][part] = (list(info["shape"]), key)
+    if not shapes:
+        raise InvalidArgument(WEIGHTS_FILE, "holds no LoRA weights")
+
+    max_seen = 0
+    for module, parts in shapes.items():
+        if "A" not in parts or "B" not in parts:
+            raise InvalidArgument(WEIGHTS_FILE, f"{module}: lora_A and lora_B must come in pairs")
+        short = module.rsplit(".", 1)[-1]
+        if module not in base_linears:
+            if short in ("lm_head", "embed_tokens", "wte", "embed_out"):
+                raise FailedPrecondition(
+                    "target_modules", f"LoRA on {short} is not supported (linear layers only)"
+                )
+            raise FailedPrecondition(
+                "target_modules",
+                f"{module} is not a linear layer of the base model "
+                "(adapter made for another architecture?)",
+            )
+        (a_shape, _), (b_shape, _) = parts["A"], parts["B"]
+        base = base_linears[module]
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise InvalidArgument(WEIGHTS_FILE, f"{module}: lora_A {a_shape} / lora_B {b_shape}")
+        rank = a_shape[0]
+        if a_shape[1] != base.in_features or b_shape[0] != base.out_features:
+            raise FailedPrecondition(
+                "adapter_model.safetensors",
+                f"{module}: adapter maps {a_shape[1]}->{b_shape[0]} but the base layer maps "
+                f"{base.in_features}->{base.out_features} (adapter for another base model?)",
+            )
+        if rank < 1:
+            raise InvalidArgument("r", f"{module}: rank 0")
+        if rank > max_rank:
+            raise FailedPrecondition("r", f"rank {rank} exceeds this server's max_rank {max_rank}")
+        declared = int(_pattern_value(rank_pattern, module, default_rank))
+        if declared != rank:
+            raise InvalidArgument(
+                "r", f"{module}: adapter_config.json says rank {declared}, weights have rank {rank}"
+            )
+        max_seen = max(max_seen, rank)
+
+    def scaling_for(module: str, rank: int) -> float:
+        alpha = float(_pattern_value(alpha_pattern, module, default_alpha))
+        return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+    modules: dict[str, ModuleWeights] = {}
+    if load:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+            for module, parts in shapes.items():
+                a = handle.get_tensor(parts["A"][1])
+                b = handle.get_tensor(parts["B"][1])
+                for tensor, key in ((a, parts["A"][1]), (b, parts["B"][1])):
+                    if not torch.isfinite(tensor).all():
+                        raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
+                modules[module] = ModuleWeights(
+                    lora_a=a.to(dtype).contiguous(),
+                    lora_b=b.to(dtype).contiguous(),
+                    scaling=scaling_for(module, a.shape[0]),
+                )
+
+    spec = AdapterSpec(
+        rank=max_seen,
+        alpha=default_alpha,
+        use_rslora=use_rslora,
+        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in shapes})),
+        size_bytes=weights_path.stat().st_size,
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        scaling=scaling_for("", default_rank),
+        modules=len(shapes),
+    )
+    return AdapterWeights(spec=spec, modules=modules)

@@ -1,0 +1,234 @@
+"""Multi-LoRA linear layers: every row of a batch may use a different adapter.
+
+Each adapted base layer keeps its adapters in preallocated stacked slot tensors
+(``lora_a`` [slots, R, in], ``lora_bt`` [slots, R, out], as vLLM's
+``lora_a_stacked``/``lora_b_stacked``); slot 0 stays zero and means "base model only".
+A batch carries one slot index per row, and each layer computes
+
+    y = W4(x) + scaling[slot] * (x @ A[slot].T) @ B[slot].T
+
+without merging anything into the shared 4-bit weights. Two shapes of work:
+
+* decode (one token per row): a BGMV-style gather-reduce that reads each row's slot in
+  place. torch.compile fuses the gather into the reduction, so no per-token copy of the
+  adapter weights is made (that copy is what makes naive gather+bmm slow).
+* prefill (many tokens per row): a segmented batched matmul, one segment per row; the
+  gathered weights are amortised over the row's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from loramux.server.adapters import LinearShape, ModuleWeights
+
+log = logging.getLogger(__name__)
+
+RANK_ALIGN = 8  # stacked rank width grows in steps of this
+
+
+@dataclass
+class LoraBatchMetadata:
+    """Adapter routing for one forward pass (cf. LoRAX's AdapterBatchMetadata)."""
+
+    row_slots: torch.Tensor  # [rows] int64: device slot per batch row, 0 = base model only
+    slots_in_batch: frozenset[int]  # distinct non-zero slots present (skip layers they don't touch)
+    tokens_per_row: int  # 1 for decode, T for a (right-padded) prefill
+
+    @property
+    def has_adapters(self) -> bool:
+        return bool(self.slots_in_batch)
+
+
+@dataclass
+class LoraContext:
+    """Shared by every MultiLoraLinear: the engine sets `batch` before each forward."""
+
+    batch: LoraBatchMetadata | None = None
+    decode_kernel: Callable[..., torch.Tensor] | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def bgmv_reference(
+    x: torch.Tensor,  # [tokens, in]
+    lora_a: torch.Tensor,  # [slots, R, in]
+    lora_bt: torch.Tensor,  # [slots, R, out]
+    scalings: torch.Tensor,  # [slots] float32
+    token_slots: torch.Tensor,  # [tokens] int64
+) -> torch.Tensor:  # [tokens, out], x.dtype
+    """Per-token LoRA delta written as gather-reduce; compiled, the gathers never materialise."""
+    shrunk = (lora_a[token_slots].float() * x[:, None, :].float()).sum(-1)
+    shrunk = shrunk * scalings[token_slots][:, None]
+    return (lora_bt[token_slots].float() * shrunk[:, :, None]).sum(1).to(x.dtype)
+
+
+def segmented_lora(
+    x: torch.Tensor,  # [rows, T, in]
+    lora_a: torch.Tensor,  # [slots, R, in]
+    lora_bt: torch.Tensor,  # [slots, R, out]
+    scalings: torch.Tensor,  # [slots] float32
+    row_slots: torch.Tensor,  # [rows] int64
+) -> torch.Tensor:  # [rows, T, out]
+    """One batched matmul per projection, a segment per row (prefill)."""
+    a = lora_a.index_select(0, row_slots).float()  # [rows, R, in]
+    bt = lora_bt.index_select(0, row_slots).float()  # [rows, R, out]
+    shrunk = (
+        torch.bmm(x.float(), a.transpose(1, 2)) * scalings.index_select(0, row_slots)[:, None, None]
+    )
+    return torch.bmm(shrunk, bt).to(x.dtype)
+
+
+def make_decode_kernel(mode: str) -> Callable[..., torch.Tensor]:
+    """`compiled` fuses the gathers (needs a C++ compiler on CPU, Triton on CUDA)."""
+    if mode == "eager":
+        return bgmv_reference
+    return torch.compile(bgmv_reference, dynamic=True)  # type: ignore[return-value]
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen base linear layer plus stacked adapter slots, routed per batch row."""
+
+    lora_a: torch.Tensor  # [slots, R, in_features]
+    lora_bt: torch.Tensor  # [slots, R, out_features] (B transposed: rows read contiguously)
+    scalings: torch.Tensor  # [slots] float32
+
+    def __init__(
+        self,
+        base: nn.Module,
+        name: str,
+        shape: LinearShape,
+        num_slots: int,
+        context: LoraContext,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.shape = shape
+        self.context = context
+        self.rank_width = 0
+        self.occupied: set[int] = set()  # slots holding weights for this layer
+        # Buffers, not parameters: never trained, never saved with the model.
+        self.register_buffer(
+            "lora_a",
+            torch.zeros(num_slots, 0, shape.in_features, dtype=dtype, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lora_bt",
+            torch.zeros(num_slots, 0, shape.out_features, dtype=dtype, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "scalings", torch.zeros(num_slots, dtype=torch.float32, device=device), persistent=False
+        )
+
+    def grow_rank(self, width: int) -> None:
+        """Widen the stacked rank dimension (zero-padded); slots keep their weights."""
+        if width <= self.rank_width:
+            return
+        slots = self.lora_a.shape[0]
+        a = torch.zeros(
+            slots, width, self.shape.in_features, dtype=self.lora_a.dtype, device=self.lora_a.device
+        )
+        bt = torch.zeros(
+            slots,
+            width,
+            self.shape.out_features,
+            dtype=self.lora_bt.dtype,
+            device=self.lora_bt.device,
+        )
+        a[:, : self.rank_width] = self.lora_a
+        bt[:, : self.rank_width] = self.lora_bt
+        self.lora_a, self.lora_bt = a, bt
+        self.rank_width = width
+
+    def write_slot(self, slot: int, weights: ModuleWeights | None) -> None:
+        """Copy one adapter's matrices into `slot` (None clears it)."""
+        self.lora_a[slot].zero_()
+        self.lora_bt[slot].zero_()
+        self.scalings[slot] = 0.0
+        self.occupied.discard(slot)
+        if weights is None:
+            return
+        rank = weights.lora_a.shape[0]
+        self.lora_a[slot, :rank].copy_(weights.lora_a, non_blocking=True)
+        self.lora_bt[slot, :rank].copy_(weights.lora_b.t(), non_blocking=True)
+        self.scalings[slot] = weights.scaling
+        self.occupied.add(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        batch = self.context.batch
+        if batch is None or not (self.occupied & batch.slots_in_batch):
+            return out
+        rows = batch.row_slots.shape[0]
+        if batch.tokens_per_row == 1 and self.context.decode_kernel is not None:
+            flat = x.reshape(rows, self.shape.in_features)
+            delta = self.context.decode_kernel(
+                flat, self.lora_a, self.lora_bt, self.scalings, batch.row_slots
+            )
+        else:
+            grouped = x.reshape(rows, -1, self.shape.in_features)
+            delta = segmented_lora(
+                grouped, self.lora_a, self.lora_bt, self.scalings, batch.row_slots
+            )
+        return out + delta.reshape(out.shape)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+
+        linear_types: tuple[type, ...] = (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        linear_types = (nn.Linear,)
+    return isinstance(module, linear_types)
+
+
+def base_linear_shapes(model: Any) -> dict[str, LinearShape]:
+    """The linear layers adapters may target: all but the output head.
+
+    On a model already wrapped, reports the wrapped layers (not their inner base layers).
+    """
+    output = model.get_output_embeddings()
+    shapes: dict[str, LinearShape] = {}
+    inside_wrapper: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside_wrapper and name.startswith(inside_wrapper):
+            continue
+        if isinstance(module, MultiLoraLinear):
+            shapes[name] = module.shape
+            inside_wrapper = (*inside_wrapper, name + ".")
+        elif _is_linear(module) and module is not output and not name.endswith("lm_head"):
+            shapes[name] = LinearShape(module.in_features, module.out_features)
+    return shapes
+
+
+def wrap_linear_layers(
+    model: Any, num_slots: int, context: LoraContext, dtype: torch.dtype, device: torch.device
+) -> dict[str, MultiLoraLinear]:
+    """Replace every adaptable linear layer with a MultiLoraLinear, once, at start."""
+    wrapped: dict[str, MultiLoraLinear] = {}
+    for name, shape in base_linear_shapes(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = MultiLoraLinear(
+            getattr(parent, child), name, shape, num_slots, context, dtype, device
+        )
+        setattr(parent, child, layer)
+        wrapped[name] = layer
+    return wrapped
+
+
+def iter_lora_layers(model: nn.Module) -> Iterator[MultiLoraLinear]:
+    for module in model.modules():
+        if isinstance(module, MultiLoraLinear):
+            yield module

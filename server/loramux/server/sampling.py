@@ -1,0 +1,70 @@
+"""Choosing the next token for every row of a batch, each with its own settings.
+
+Greedy rows (the common case in serving tests and evals) are one vectorised argmax;
+only rows that sample pay for sorting, and each of them draws from its own seeded
+generator so that a request's output does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from loramux.server.requests import SamplingParams
+
+
+class RowSampler:
+    """Per-request sampling state: its generator and the tokens it has seen."""
+
+    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int]) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device="cpu")
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+        self.seen: set[int] = set(prompt_token_ids) if params.repetition_penalty != 1.0 else set()
+
+    def observe(self, token_id: int) -> None:
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token_id)
+
+
+def _penalise(row: torch.Tensor, seen: set[int], penalty: float) -> None:
+    if not seen:
+        return
+    ids = torch.tensor(sorted(seen), dtype=torch.long, device=row.device)
+    picked = row.index_select(0, ids)
+    row.index_copy_(0, ids, torch.where(picked > 0, picked / penalty, picked * penalty))
+
+
+def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    logits = row / params.temperature
+    if params.top_k and params.top_k < logits.shape[0]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def sample_next_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
+    """logits [rows, vocab] float32 -> one token id per row."""
+    for i, sampler in enumerate(samplers):
+        if sampler.params.repetition_penalty != 1.0:
+            _penalise(logits[i], sampler.seen, sampler.params.repetition_penalty)
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, sampler in enumerate(samplers):
+        if sampler.generator is not None:
+            tokens[i] = _sample_row(logits[i], sampler.params, sampler.generator)
+    for token, sampler in zip(tokens, samplers, strict=True):
+        sampler.observe(token)
+    return tokens
