@@ -31,6 +31,9 @@ from loramux.server.adapters import LinearShape, ModuleWeights
 log = logging.getLogger(__name__)
 
 RANK_ALIGN = 8  # stacked rank width grows in steps of this
+# Up to this many distinct slots in a batch, one dense matmul over just those adapters
+# beats the per-token kernel (the FLOPs wasted on other rows' blocks are tiny).
+DENSE_MAX_ADAPTERS = 4
 
 
 @dataclass
@@ -40,10 +43,26 @@ class LoraBatchMetadata:
     row_slots: torch.Tensor  # [rows] int64: device slot per batch row, 0 = base model only
     slots_in_batch: frozenset[int]  # distinct non-zero slots present (skip layers they don't touch)
     tokens_per_row: int  # 1 for decode, T for a (right-padded) prefill
+    unique_slots: torch.Tensor  # [U] int64: the distinct slots of row_slots (0 included if present)
+    token_onehot: torch.Tensor | None  # [rows * tokens_per_row, U] float32; None: U too large
 
-    @property
-    def has_adapters(self) -> bool:
-        return bool(self.slots_in_batch)
+    @classmethod
+    def build(
+        cls, slots: list[int], tokens_per_row: int, device: torch.device
+    ) -> LoraBatchMetadata:
+        row_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        unique, groups = torch.unique(row_slots, return_inverse=True)
+        onehot = None
+        if unique.shape[0] <= DENSE_MAX_ADAPTERS:
+            token_groups = groups.repeat_interleave(tokens_per_row)
+            onehot = torch.nn.functional.one_hot(token_groups, unique.shape[0]).float()
+        return cls(
+            row_slots=row_slots,
+            slots_in_batch=frozenset(s for s in slots if s),
+            tokens_per_row=tokens_per_row,
+            unique_slots=unique,
+            token_onehot=onehot,
+        )
 
 
 @dataclass
@@ -82,6 +101,27 @@ def segmented_lora(
         torch.bmm(x.float(), a.transpose(1, 2)) * scalings.index_select(0, row_slots)[:, None, None]
     )
     return torch.bmm(shrunk, bt).to(x.dtype)
+
+
+def dense_lora(
+    x: torch.Tensor,  # [tokens, in]
+    lora_a: torch.Tensor,  # [slots, R, in]
+    lora_bt: torch.Tensor,  # [slots, R, out]
+    scalings: torch.Tensor,  # [slots] float32
+    unique_slots: torch.Tensor,  # [U] int64
+    token_onehot: torch.Tensor,  # [tokens, U] float32
+) -> torch.Tensor:  # [tokens, out]
+    """Few distinct adapters: two GEMMs over just those adapters' stacked weights.
+
+    Every token is multiplied by all U adapters' A; the one-hot mask (times each
+    adapter's scaling) keeps its own block before the B GEMM. No loop over adapters.
+    """
+    count, width = unique_slots.shape[0], lora_a.shape[1]
+    a = lora_a.index_select(0, unique_slots).reshape(count * width, -1).float()
+    bt = lora_bt.index_select(0, unique_slots).reshape(count * width, -1).float()
+    weight = token_onehot * scalings.index_select(0, unique_slots)[None, :]  # [tokens, U]
+    shrunk = (x.float() @ a.t()).view(-1, count, width) * weight[:, :, None]
+    return (shrunk.view(-1, count * width) @ bt).to(x.dtype)
 
 
 def make_decode_kernel(mode: str) -> Callable[..., torch.Tensor]:
@@ -170,7 +210,17 @@ class MultiLoraLinear(nn.Module):
         if batch is None or not (self.occupied & batch.slots_in_batch):
             return out
         rows = batch.row_slots.shape[0]
-        if batch.tokens_per_row == 1 and self.context.decode_kernel is not None:
+        if batch.token_onehot is not None:
+            flat = x.reshape(-1, self.shape.in_features)
+            delta = dense_lora(
+                flat,
+                self.lora_a,
+                self.lora_bt,
+                self.scalings,
+                batch.unique_slots,
+                batch.token_onehot,
+            )
+        elif batch.tokens_per_row == 1 and self.context.decode_kernel is not None:
             flat = x.reshape(rows, self.shape.in_features)
             delta = self.context.decode_kernel(
                 flat, self.lora_a, self.lora_bt, self.scalings, batch.row_slots

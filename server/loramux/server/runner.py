@@ -68,16 +68,9 @@ class ModelRunner:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def _routing(self, slots: list[int], tokens_per_row: int) -> LoraBatchMetadata | None:
-        if self.lora is None:
+        if self.lora is None or not any(slots):
             return None
-        distinct = frozenset(s for s in slots if s)
-        if not distinct:
-            return None
-        return LoraBatchMetadata(
-            row_slots=torch.tensor(slots, dtype=torch.long, device=self.device),
-            slots_in_batch=distinct,
-            tokens_per_row=tokens_per_row,
-        )
+        return LoraBatchMetadata.build(slots, tokens_per_row, self.device)
 
     def _forward(
         self,
