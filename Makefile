@@ -33,6 +33,7 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
 typecheck: install
 	$(BIN)/mypy -p loramux.core -p loramux.cli -p loramux.server -p loramux.trainer -p loramux.client
