@@ -1,0 +1,146 @@
+"""The server process: engine + registry + gRPC services + health + metrics + draining."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loramux.core.config import Settings
+from loramux.server.engine import Engine
+from loramux.server.metrics import Metrics
+from loramux.server.registry import Quota, Registry
+from loramux.server.service import (
+    AdapterServicer,
+    AdminServicer,
+    InferenceServicer,
+    ServerState,
+    register_record,
+)
+from loramux.server.tenants import Authenticator, ConcurrencyGate
+from loramux.v1 import loramux_pb2 as pb
+from loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name
+    for name in ("InferenceService", "AdapterService", "AdminService")
+)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class RunningServer:
+    state: ServerState
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    metrics_port: int
+    metrics_http: object | None
+
+    def drain(self, grace: float) -> None:
+        """Stop accepting, let in-flight calls finish within `grace` seconds, then stop."""
+        log.info("draining: new calls refused, in-flight calls get %.0fs to finish", grace)
+        self.state.draining = True
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.close()
+
+    def close(self) -> None:
+        self.server.stop(0)
+        self.state.engine.shutdown()
+        self.state.registry.close()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()  # type: ignore[attr-defined]
+
+
+def start_server(settings: Settings, engine: Engine | None = None) -> RunningServer:
+    """Build everything and start serving; returns at once (port 0 picks a free port)."""
+    engine = engine or Engine.create(settings)
+    registry = Registry(
+        settings.home,
+        Quota(
+            settings.tenant_max_concurrent,
+            settings.tenant_max_queued,
+            settings.tenant_max_adapters,
+            settings.tenant_max_bytes,
+        ),
+    )
+    auth = Authenticator(registry, settings.admin_keys)
+    if auth.dev_mode:
+        log.warning(
+            "no API keys configured: SINGLE-TENANT DEVELOPMENT MODE, every caller is the admin "
+            "tenant 'default'; start with --admin-keys to require keys"
+        )
+    state = ServerState(
+        settings=settings,
+        engine=engine,
+        registry=registry,
+        auth=auth,
+        gate=ConcurrencyGate(),
+        metrics=Metrics(engine),
+    )
+    for record in registry.all_adapters():
+        register_record(state, record)
+    log.info("registry: %d stored adapters", len(registry.all_adapters()))
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
+    pb_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(state), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    server.start()
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    metrics_http, metrics_port = None, 0
+    if settings.metrics_port:
+        metrics_http = state.metrics.serve(settings.host, settings.metrics_port)
+        metrics_port = metrics_http.server_port  # type: ignore[attr-defined]
+    log.info(
+        "serving %s on %s:%d (gRPC), metrics on http://%s:%d/metrics",
+        engine.info.base_model,
+        settings.host,
+        port,
+        settings.host,
+        metrics_port,
+    )
+    return RunningServer(state, server, health_servicer, port, metrics_port, metrics_http)
+
+
+def run_server(settings: Settings) -> int:
+    """`loramux serve`: run until SIGTERM/SIGINT, then drain and exit 0."""
+    running = start_server(settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    running.drain(settings.drain_seconds)
+    log.info("stopped")
+    return 0
