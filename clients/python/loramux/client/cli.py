@@ -1,0 +1,212 @@
+"""Client commands: `loramux generate`, `loramux adapters ...`, `loramux tenants ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from loramux.core.config import add_settings_arguments, load_settings
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from loramux.client import LoramuxClient
+
+    settings = load_settings(args)
+    return LoramuxClient(settings.address, settings.api_key)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    generate = sub.add_parser(
+        "generate",
+        help="generate text on a running server",
+        description="Send a prompt (raw, or as a chat user message with --chat) to a LoRAMux "
+        "server and print the reply as it streams.",
+    )
+    generate.add_argument("prompt", help="prompt text")
+    generate.add_argument("--adapter", default="", help="adapter name (default: the base model)")
+    generate.add_argument(
+        "--chat", action="store_true", help="send as a chat user message (chat template)"
+    )
+    generate.add_argument("--system", default=None, help="system message (with --chat)")
+    generate.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument(
+        "--no-stream", action="store_true", help="one unary call, print at the end"
+    )
+    add_settings_arguments(generate, ["client"])
+    generate.set_defaults(func=_generate)
+
+    adapters = sub.add_parser(
+        "adapters",
+        help="manage adapters on a server",
+        description="Upload, pull, list and manage adapters.",
+    )
+    actions = adapters.add_subparsers(dest="action", metavar="ACTION", required=True)
+    upload = actions.add_parser(
+        "upload",
+        help="upload a PEFT adapter folder",
+        description="Upload a PEFT "
+        "adapter folder (adapter_config.json + adapter_model.safetensors).",
+    )
+    upload.add_argument("folder", type=Path)
+    upload.add_argument("--name", default=None, help="adapter name (default: the folder's name)")
+    pull = actions.add_parser(
+        "pull",
+        help="pull an adapter from the Hugging Face Hub",
+        description="Have the server fetch a Hub repo, pinned to the commit of the revision.",
+    )
+    pull.add_argument("repo_id")
+    pull.add_argument("--revision", default="main")
+    pull.add_argument("--name", default=None, help="adapter name (default: the repo's name)")
+    actions.add_parser(
+        "list", help="list visible adapters", description="List your adapters and public ones."
+    )
+    for action, text in (
+        ("show", "show one adapter"),
+        ("rm", "delete an adapter"),
+        ("load", "warm an adapter into a device slot"),
+        ("unload", "evict an adapter from device and CPU memory"),
+    ):
+        parser = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        parser.add_argument("name")
+    for parser in actions.choices.values():
+        add_settings_arguments(parser, ["client"])
+        parser.add_argument("--json", action="store_true", help="print JSON")
+    adapters.set_defaults(func=_adapters)
+
+    tenants = sub.add_parser(
+        "tenants",
+        help="manage tenants and keys (admin)",
+        description="Create tenants and API keys; needs an admin key.",
+    )
+    t_actions = tenants.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = t_actions.add_parser("create", help="create a tenant", description="Create a tenant.")
+    create.add_argument("name")
+    create.add_argument("--admin", action="store_true")
+    for quota in ("max_concurrent", "max_queued", "max_adapters", "max_bytes"):
+        create.add_argument(f"--{quota.replace('_', '-')}", dest=quota, type=int, default=0)
+    t_actions.add_parser("list", help="list tenants", description="List tenants.")
+    key = t_actions.add_parser(
+        "key", help="create an API key for a tenant", description="Create an API key."
+    )
+    key.add_argument("tenant")
+    revoke = t_actions.add_parser(
+        "revoke", help="revoke an API key", description="Revoke an API key."
+    )
+    revoke.add_argument("key_id")
+    publish = t_actions.add_parser(
+        "publish",
+        help="make an adapter public (or --private)",
+        description="Mark an adapter public so every tenant can use it.",
+    )
+    publish.add_argument("owner")
+    publish.add_argument("name")
+    publish.add_argument("--private", action="store_true")
+    for parser in t_actions.choices.values():
+        add_settings_arguments(parser, ["client"])
+    tenants.set_defaults(func=_tenants)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    kwargs: dict[str, Any] = {
+        "adapter": args.adapter,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    if args.chat:
+        messages = [("system", args.system)] if args.system else []
+        kwargs["messages"] = [*messages, ("user", args.prompt)]
+        prompt = None
+    else:
+        prompt = args.prompt
+    with _client(args) as client:
+        if args.no_stream:
+            print(client.generate(prompt, **kwargs).text)
+            return 0
+        for chunk in client.generate_stream(prompt, **kwargs):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        print()
+    return 0
+
+
+def _print_adapter(adapter: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(asdict(adapter), indent=2))
+    else:
+        origin = (
+            f"{adapter.repo_id}@{adapter.revision[:12]}"
+            if adapter.source == "hub"
+            else adapter.sha256[:12]
+        )
+        print(
+            f"{adapter.owner}/{adapter.name:<24} r={adapter.rank:<3} {adapter.state:<7} "
+            f"{adapter.size_bytes / 1e6:7.1f} MB  {adapter.source}:{origin}"
+        )
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "upload":
+            adapter = client.upload_adapter(args.folder, args.name or args.folder.resolve().name)
+        elif args.action == "pull":
+            adapter = client.pull_adapter(args.repo_id, args.revision, args.name)
+        elif args.action == "list":
+            adapters = client.list_adapters()
+            if args.json:
+                print(json.dumps([asdict(a) for a in adapters], indent=2))
+            for a in adapters if not args.json else []:
+                _print_adapter(a, False)
+            return 0
+        elif args.action == "rm":
+            client.delete_adapter(args.name)
+            print(f"deleted {args.name}")
+            return 0
+        else:
+            adapter = {
+                "show": client.get_adapter,
+                "load": client.load_adapter,
+                "unload": client.unload_adapter,
+            }[args.action](args.name)
+        _print_adapter(adapter, args.json)
+    return 0
+
+
+def _tenants(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "create":
+            quota = {
+                q: getattr(args, q)
+                for q in ("max_concurrent", "max_queued", "max_adapters", "max_bytes")
+            }
+            tenant = client.create_tenant(args.name, admin=args.admin, **quota)
+            print(f"created tenant {tenant.name}")
+        elif args.action == "list":
+            for tenant in client.list_tenants():
+                q = tenant.quota
+                print(
+                    f"{tenant.name:<24} admin={tenant.admin} concurrent={q.max_concurrent} "
+                    f"queued={q.max_queued} adapters={q.max_adapters} bytes={q.max_bytes}"
+                )
+        elif args.action == "key":
+            key_id, key = client.create_key(args.tenant)
+            print(f"key_id {key_id}\nkey    {key}\n(shown once; the server keeps only its hash)")
+        elif args.action == "revoke":
+            client.revoke_key(args.key_id)
+            print(f"revoked {args.key_id}")
+        else:
+            adapter = client.set_adapter_public(args.owner, args.name, not args.private)
+            print(f"{adapter.owner}/{adapter.name} public={adapter.public}")
+    return 0

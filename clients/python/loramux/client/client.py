@@ -1,0 +1,424 @@
+"""Synchronous and asyncio clients for a LoRAMux server.
+
+Failures come back as the same exception classes the server raises
+(`loramux.core.errors`), with the offending request field in `.field`. Calls that a
+draining or restarting server answers with UNAVAILABLE are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from loramux.core.errors import ERRORS_BY_CODE, Internal, LoramuxError
+from loramux.v1 import loramux_pb2 as pb
+from loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+CHUNK_BYTES = 1 << 20
+UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_EOS: "eos",
+}
+STATES = {
+    pb.ADAPTER_STATE_STORED: "stored",
+    pb.ADAPTER_STATE_CPU: "cpu",
+    pb.ADAPTER_STATE_DEVICE: "device",
+}
+
+
+def to_error(error: grpc.RpcError) -> LoramuxError:
+    """A gRPC failure as the shared exception class for its status."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    field_name = None
+    for key, value in (
+        (error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else ()
+    ):
+        if key == "loramux-error-field":
+            field_name = value
+    cls = ERRORS_BY_CODE.get(code.name, Internal)
+    message = details or code.name
+    if field_name and message.startswith(f"{field_name}: "):
+        message = message[len(field_name) + 2 :]
+    return cls(field_name, message)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece; the last one has `finish_reason` and the token counts."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Adapter:
+    id: str
+    name: str
+    owner: str
+    source: str
+    repo_id: str
+    revision: str
+    sha256: str
+    rank: int
+    alpha: float
+    target_modules: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    state: str = "stored"
+    public: bool = False
+    use_rslora: bool = False
+
+    @classmethod
+    def from_pb(cls, info: pb.AdapterInfo) -> Adapter:
+        return cls(
+            id=info.id,
+            name=info.name,
+            owner=info.owner,
+            source="hub" if info.source == pb.ADAPTER_SOURCE_HUB else "upload",
+            repo_id=info.repo_id,
+            revision=info.revision,
+            sha256=info.sha256,
+            rank=info.rank,
+            alpha=info.alpha,
+            target_modules=list(info.target_modules),
+            size_bytes=info.size_bytes,
+            state=STATES.get(info.state, "stored"),
+            public=info.public,
+            use_rslora=info.use_rslora,
+        )
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    messages: Sequence[tuple[str, str]] | Sequence[dict[str, str]] | None = None,
+    adapter: str = "",
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int = 0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """A GenerateRequest from plain arguments: give `prompt` (raw text) or chat `messages`."""
+    sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k)
+    if top_p is not None:
+        sampling.top_p = top_p
+    if repetition_penalty is not None:
+        sampling.repetition_penalty = repetition_penalty
+    if seed is not None:
+        sampling.seed = seed
+    request = pb.GenerateRequest(
+        adapter=adapter,
+        sampling=sampling,
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+        request_id=request_id,
+    )
+    if max_new_tokens is not None:
+        request.max_new_tokens = max_new_tokens
+    if messages is not None:
+        pairs = [(m["role"], m["content"]) if isinstance(m, dict) else m for m in messages]
+        request.chat.CopyFrom(
+            pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in pairs])
+        )
+    elif prompt is not None:
+        request.prompt = prompt
+    return request
+
+
+def _completion(response: pb.GenerateResponse) -> Completion:
+    return Completion(
+        text=response.text,
+        token_ids=list(response.token_ids),
+        finish_reason=FINISH_REASONS.get(response.finish_reason, ""),
+        prompt_tokens=response.usage.prompt_tokens,
+        completion_tokens=response.usage.completion_tokens,
+        request_id=response.request_id,
+    )
+
+
+def _chunk(message: pb.GenerateStreamResponse) -> Chunk:
+    return Chunk(
+        text=message.text,
+        token_ids=list(message.token_ids),
+        finish_reason=FINISH_REASONS.get(message.finish_reason),
+        prompt_tokens=message.usage.prompt_tokens,
+        completion_tokens=message.usage.completion_tokens,
+    )
+
+
+def upload_messages(folder: Path, name: str) -> Iterator[pb.UploadAdapterRequest]:
+    """Header (sizes and sha256 of each file) then the files' bytes in chunks."""
+    folder = Path(folder)
+    files = [folder / f for f in UPLOAD_FILES if (folder / f).is_file()]
+    entries = []
+    for path in files:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(CHUNK_BYTES), b""):
+                digest.update(block)
+        entries.append(
+            pb.FileEntry(path=path.name, size=path.stat().st_size, sha256=digest.hexdigest())
+        )
+    yield pb.UploadAdapterRequest(header=pb.UploadHeader(name=name, files=entries))
+    for path in files:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(CHUNK_BYTES), b""):
+                yield pb.UploadAdapterRequest(chunk=pb.FileChunk(path=path.name, data=block))
+
+
+class _Settings:
+    def __init__(
+        self, address: str, api_key: str | None, timeout: float | None, retries: int
+    ) -> None:
+        self.address = address
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.timeout = timeout
+        self.retries = retries
+
+    def backoff(self, attempt: int) -> float:
+        return min(5.0, 0.2 * 2**attempt) * (0.5 + random.random() / 2)
+
+
+class LoramuxClient:
+    """Blocking client. `LoramuxClient("127.0.0.1:50051", api_key="lmx_...")`."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        api_key: str | None = None,
+        *,
+        timeout: float | None = 300.0,
+        retries: int = 3,
+    ) -> None:
+        self._cfg = _Settings(address, api_key, timeout, retries)
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", 16 << 20),
+                ("grpc.max_send_message_length", 16 << 20),
+            ],
+        )
+        self.inference = pb_grpc.InferenceServiceStub(self._channel)
+        self.adapters = pb_grpc.AdapterServiceStub(self._channel)
+        self.admin = pb_grpc.AdminServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LoramuxClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+        attempt = 0
+        while True:
+            try:
+                return method(
+                    request, metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+                )
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self._cfg.retries:
+                    time.sleep(self._cfg.backoff(attempt))
+                    attempt += 1
+                    continue
+                raise to_error(error) from None
+
+    # -- inference --
+    def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        timeout = kwargs.pop("timeout", None)
+        return _completion(
+            self._call(self.inference.Generate, build_request(prompt, **kwargs), timeout=timeout)
+        )
+
+    def generate_stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[Chunk]:
+        """Yields chunks as tokens are generated. Closing the iterator cancels the request."""
+        timeout = kwargs.pop("timeout", None)
+        call = self.inference.GenerateStream(
+            build_request(prompt, **kwargs),
+            metadata=self._cfg.metadata,
+            timeout=timeout or self._cfg.timeout,
+        )
+        try:
+            for message in call:
+                yield _chunk(message)
+        except grpc.RpcError as error:
+            raise to_error(error) from None
+        finally:
+            call.cancel()
+
+    def model_info(self) -> pb.ModelInfoResponse:
+        return self._call(self.inference.ModelInfo, pb.ModelInfoRequest())
+
+    def tokenize(
+        self, text: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None
+    ) -> list[int]:
+        request = pb.TokenizeRequest()
+        if messages is not None:
+            request.chat.CopyFrom(
+                pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
+            )
+        else:
+            request.text = text or ""
+        return list(self._call(self.inference.Tokenize, request).token_ids)
+
+    # -- adapters --
+    def upload_adapter(self, folder: Path | str, name: str) -> Adapter:
+        try:
+            info = self.adapters.UploadAdapter(
+                upload_messages(Path(folder), name),
+                metadata=self._cfg.metadata,
+                timeout=self._cfg.timeout,
+            )
+        except grpc.RpcError as error:
+            raise to_error(error) from None
+        return Adapter.from_pb(info)
+
+    def pull_adapter(
+        self, repo_id: str, revision: str = "main", name: str | None = None
+    ) -> Adapter:
+        request = pb.PullAdapterRequest(
+            repo_id=repo_id, revision=revision, name=name or repo_id.rsplit("/", 1)[-1]
+        )
+        return Adapter.from_pb(self._call(self.adapters.PullAdapter, request))
+
+    def list_adapters(self) -> list[Adapter]:
+        response = self._call(self.adapters.ListAdapters, pb.ListAdaptersRequest())
+        return [Adapter.from_pb(a) for a in response.adapters]
+
+    def get_adapter(self, name: str) -> Adapter:
+        return Adapter.from_pb(self._call(self.adapters.GetAdapter, pb.AdapterRef(name=name)))
+
+    def delete_adapter(self, name: str) -> None:
+        self._call(self.adapters.DeleteAdapter, pb.AdapterRef(name=name))
+
+    def load_adapter(self, name: str) -> Adapter:
+        return Adapter.from_pb(self._call(self.adapters.LoadAdapter, pb.AdapterRef(name=name)))
+
+    def unload_adapter(self, name: str) -> Adapter:
+        return Adapter.from_pb(self._call(self.adapters.UnloadAdapter, pb.AdapterRef(name=name)))
+
+    # -- administration (admin keys only) --
+    def create_tenant(self, name: str, *, admin: bool = False, **quota: int) -> pb.Tenant:
+        request = pb.CreateTenantRequest(name=name, admin=admin, quota=pb.TenantQuota(**quota))
+        return self._call(self.admin.CreateTenant, request)
+
+    def list_tenants(self) -> list[pb.Tenant]:
+        return list(self._call(self.admin.ListTenants, pb.ListTenantsRequest()).tenants)
+
+    def create_key(self, tenant: str) -> tuple[str, str]:
+        response = self._call(self.admin.CreateKey, pb.CreateKeyRequest(tenant=tenant))
+        return response.key_id, response.key
+
+    def revoke_key(self, key_id: str) -> None:
+        self._call(self.admin.RevokeKey, pb.RevokeKeyRequest(key_id=key_id))
+
+    def set_adapter_public(self, owner: str, name: str, public: bool = True) -> Adapter:
+        request = pb.SetAdapterPublicRequest(owner=owner, name=name, public=public)
+        return Adapter.from_pb(self._call(self.admin.SetAdapterPublic, request))
+
+
+class AsyncLoramuxClient:
+    """asyncio client: `await c.generate(...)`, `async for chunk in c.generate_stream(...)`."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        api_key: str | None = None,
+        *,
+        timeout: float | None = 300.0,
+        retries: int = 3,
+    ) -> None:
+        self._cfg = _Settings(address, api_key, timeout, retries)
+        self._channel = grpc.aio.insecure_channel(address)
+        self.inference = pb_grpc.InferenceServiceStub(self._channel)
+        self.adapters = pb_grpc.AdapterServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncLoramuxClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        import asyncio
+
+        attempt = 0
+        while True:
+            try:
+                return await method(request, metadata=self._cfg.metadata, timeout=self._cfg.timeout)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self._cfg.retries:
+                    await asyncio.sleep(self._cfg.backoff(attempt))
+                    attempt += 1
+                    continue
+                raise to_error(error) from None
+
+    async def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        return _completion(
+            await self._call(self.inference.Generate, build_request(prompt, **kwargs))
+        )
+
+    async def generate_stream(
+        self, prompt: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[Chunk]:
+        call = self.inference.GenerateStream(
+            build_request(prompt, **kwargs), metadata=self._cfg.metadata, timeout=self._cfg.timeout
+        )
+        try:
+            async for message in call:
+                yield _chunk(message)
+        except grpc.aio.AioRpcError as error:
+            raise to_error(error) from None
+        finally:
+            call.cancel()
+
+    async def list_adapters(self) -> list[Adapter]:
+        response = await self._call(self.adapters.ListAdapters, pb.ListAdaptersRequest())
+        return [Adapter.from_pb(a) for a in response.adapters]
+
+    async def upload_adapter(self, folder: Path | str, name: str) -> Adapter:
+        try:
+            info = await self.adapters.UploadAdapter(
+                upload_messages(Path(folder), name),
+                metadata=self._cfg.metadata,
+                timeout=self._cfg.timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise to_error(error) from None
+        return Adapter.from_pb(info)
