@@ -19,6 +19,7 @@ from loramux.core.errors import LoramuxError
 COMMAND_MODULES = (
     "loramux.server.cli",
     "loramux.client.cli",
+    "loramux.trainer.cli",
     "loramux.cli.models",
 )
 
