@@ -86,6 +86,12 @@ class Settings:
         choices=("auto", "compiled", "eager"),
     )
 
+    hub_endpoint: str | None = setting(
+        None,
+        "Hugging Face Hub URL for adapter pulls (default: huggingface_hub's, HF_ENDPOINT)",
+        "server",
+    )
+
     # -- tenants and limits --
     max_upload_bytes: int = setting(512 * 1024 * 1024, "largest adapter upload", "server")
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")

@@ -477,6 +477,7 @@ class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
                     request.revision or "main",
                     staged,
                     self.state.settings.max_upload_bytes,
+                    self.state.settings.hub_endpoint,
                 )
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
@@ -539,7 +540,9 @@ class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
         return self._engine_call(request, context, "unload")
 
 
-def download_from_hub(repo_id: str, revision: str, staged: Path, max_bytes: int) -> str:
+def download_from_hub(
+    repo_id: str, revision: str, staged: Path, max_bytes: int, endpoint: str | None = None
+) -> str:
     """Fetch an adapter's files pinned to the commit `revision` resolves to; return the sha."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
@@ -549,7 +552,7 @@ def download_from_hub(repo_id: str, revision: str, staged: Path, max_bytes: int)
         RevisionNotFoundError,
     )
 
-    api = HfApi()
+    api = HfApi(endpoint=endpoint)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
         sha = info.sha
@@ -565,7 +568,11 @@ def download_from_hub(repo_id: str, revision: str, staged: Path, max_bytes: int)
                 "repo_id", f"adapter of {total} bytes exceeds the limit of {max_bytes}"
             )
         snapshot_download(
-            repo_id, revision=sha, allow_patterns=list(ALLOWED_FILES), local_dir=str(staged)
+            repo_id,
+            revision=sha,
+            allow_patterns=list(ALLOWED_FILES),
+            local_dir=str(staged),
+            endpoint=endpoint,
         )
     except LoramuxError:
         raise

@@ -1,0 +1,93 @@
+"""Starting real LoRAMux servers for tests: in-process, or as a `loramux serve` subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 30.0, every: float = 0.05) -> bool:
+    """Poll `predicate` until true or `timeout` (for state another thread changes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return predicate()
+
+
+def health_status(address: str, timeout: float = 2.0) -> int:
+    with grpc.insecure_channel(address) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout
+        )
+        return int(response.status)
+
+
+class ServerProcess:
+    """`loramux serve` in a subprocess, for restarts, signals and SIGKILL."""
+
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.args = args
+        self.env = dict(os.environ if env is None else env)
+        self.log = home / f"server-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300.0) -> ServerProcess:
+        cmd = [
+            sys.executable, "-m", "loramux.cli", "serve",
+            "--home", str(self.home),
+            "--port", str(self.port),
+            "--metrics-port", str(self.metrics_port),
+            *self.args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                return health_status(self.address, 1.0) == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+
+        if not eventually(ready, timeout, every=0.2):
+            raise RuntimeError(f"server not ready: {self.log.read_text()[-3000:]}")
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)

@@ -1,0 +1,391 @@
+"""Issue 4: the gRPC API end to end, on a real server on 127.0.0.1 with the real NF4 SmolLM2."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from api_helpers import ServerProcess, eventually, free_port, health_status
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hub_server import HubServer
+
+from loramux.client import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    LoramuxClient,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from loramux.client.client import upload_messages
+from loramux.core.config import Settings
+from loramux.core.models import ResolvedModel
+from loramux.server.app import RunningServer, start_server
+from loramux.server.lora import base_linear_shapes
+from loramux.server.synthetic import write_random_adapter
+from loramux.v1 import loramux_pb2 as pb
+
+pytestmark = pytest.mark.slow
+ADMIN_KEY = "admin-test-key"
+QUESTION = [("user", "What is the capital of France?")]
+
+
+@pytest.fixture(scope="module")
+def linears(smollm2: ResolvedModel) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(smollm2.path)))
+    return base_linear_shapes(skeleton)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory, linears: dict) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("api-adapters")
+    return {
+        name: write_random_adapter(root / name, linears, rank=8, alpha=16, seed=i, scale=0.06)
+        for i, name in enumerate(("alpha", "beta", "gamma"))
+    }
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[HubServer]:
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_DISABLE_XET = True
+    with HubServer(token=None) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, default_models_dir: Path, hub: HubServer
+) -> Iterator[RunningServer]:
+    home = tmp_path_factory.mktemp("api-home")
+    (home / "models").symlink_to(default_models_dir, target_is_directory=True)
+    settings = Settings(
+        home=home,
+        port=0,
+        metrics_port=free_port(),
+        admin_keys=[ADMIN_KEY],
+        max_loaded_adapters=4,
+        max_upload_bytes=20_000_000,
+        tenant_max_adapters=3,
+        hub_endpoint=hub.endpoint,
+    )
+    running = start_server(settings)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def address(server: RunningServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def admin(address: str) -> Iterator[LoramuxClient]:
+    with LoramuxClient(address, ADMIN_KEY) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tenants(admin: LoramuxClient, address: str) -> Iterator[dict[str, LoramuxClient]]:
+    clients = {}
+    for name in ("acme", "globex"):
+        admin.create_tenant(name)
+        _, key = admin.create_key(name)
+        clients[name] = LoramuxClient(address, key)
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+def test_health_and_reflection(address: str) -> None:
+    assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(stub.ServerReflectionInfo(iter([request])))
+    names = {s.name for s in response.list_services_response.service}
+    assert {
+        "loramux.v1.InferenceService",
+        "loramux.v1.AdapterService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+def test_keys_are_required_and_checked(address: str, admin: LoramuxClient, tenants: dict) -> None:
+    with LoramuxClient(address) as anonymous, pytest.raises(Unauthenticated):
+        anonymous.list_adapters()
+    with LoramuxClient(address, "lmx_wrong") as wrong, pytest.raises(Unauthenticated):
+        wrong.generate("hi", max_new_tokens=1)
+    with pytest.raises(PermissionDenied):
+        tenants["acme"].create_tenant("intruder")
+    with pytest.raises(PermissionDenied):
+        tenants["acme"].create_key("globex")
+    key_id, key = admin.create_key("acme")
+    with LoramuxClient(address, key) as temporary:
+        assert temporary.list_adapters() is not None
+        admin.revoke_key(key_id)
+        with pytest.raises(Unauthenticated):
+            temporary.list_adapters()
+
+
+def test_two_tenants_upload_generate_and_stay_isolated(
+    tenants: dict[str, LoramuxClient], adapters: dict[str, Path]
+) -> None:
+    acme, globex = tenants["acme"], tenants["globex"]
+    uploaded = acme.upload_adapter(adapters["alpha"], "shared-name")
+    assert uploaded.owner == "acme" and uploaded.rank == 8 and uploaded.alpha == 16
+    assert (
+        uploaded.sha256
+        == hashlib.sha256(
+            (adapters["alpha"] / "adapter_model.safetensors").read_bytes()
+        ).hexdigest()
+    )
+    # Both tenants may use the same name; each sees only its own adapter.
+    globex.upload_adapter(adapters["beta"], "shared-name")
+    assert [a.owner for a in acme.list_adapters()] == ["acme"]
+    assert [a.owner for a in globex.list_adapters()] == ["globex"]
+    base = acme.generate(messages=QUESTION, max_new_tokens=10)
+    with_acme = acme.generate(messages=QUESTION, adapter="shared-name", max_new_tokens=10)
+    with_globex = globex.generate(messages=QUESTION, adapter="shared-name", max_new_tokens=10)
+    assert "Paris" in base.text
+    assert with_acme.token_ids != with_globex.token_ids  # different adapters behind one name
+    assert with_acme.token_ids != base.token_ids
+    # Another tenant's private adapter does not exist for you, whatever you do with it.
+    for call in (
+        lambda: globex.generate("hi", adapter="acme/shared-name", max_new_tokens=1),
+        lambda: globex.get_adapter("acme/shared-name"),
+        lambda: globex.delete_adapter("acme/shared-name"),
+        lambda: globex.load_adapter("acme/shared-name"),
+    ):
+        with pytest.raises(NotFound):
+            call()
+    with pytest.raises(NotFound) as info:
+        acme.generate("hi", adapter="no-such-adapter", max_new_tokens=1)
+    assert info.value.field == "adapter"
+
+
+def test_public_adapters_are_usable_but_not_writable(
+    admin: LoramuxClient, tenants: dict[str, LoramuxClient], adapters: dict[str, Path]
+) -> None:
+    acme, globex = tenants["acme"], tenants["globex"]
+    acme.upload_adapter(adapters["gamma"], "public-one")
+    admin.set_adapter_public("acme", "public-one")
+    seen = {(a.owner, a.name) for a in globex.list_adapters()}
+    assert ("acme", "public-one") in seen
+    result = globex.generate("Hello", adapter="acme/public-one", max_new_tokens=3)
+    assert result.completion_tokens >= 1
+    with pytest.raises(NotFound):
+        globex.delete_adapter("acme/public-one")
+    admin.set_adapter_public("acme", "public-one", False)
+    with pytest.raises(NotFound):
+        globex.get_adapter("acme/public-one")
+
+
+def test_streamed_text_equals_unary_text(tenants: dict[str, LoramuxClient]) -> None:
+    acme = tenants["acme"]
+    unary = acme.generate(messages=QUESTION, adapter="shared-name", max_new_tokens=16)
+    chunks = list(acme.generate_stream(messages=QUESTION, adapter="shared-name", max_new_tokens=16))
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == unary.token_ids
+    assert chunks[-1].finish_reason == unary.finish_reason
+    assert chunks[-1].completion_tokens == unary.completion_tokens == len(unary.token_ids)
+
+
+def test_cancel_frees_the_engine_row_and_deadlines_hold(
+    server: RunningServer, tenants: dict[str, LoramuxClient]
+) -> None:
+    acme = tenants["acme"]
+    engine = server.state.engine
+    stream = acme.generate_stream("Count to one thousand:", max_new_tokens=500, ignore_eos=True)
+    next(stream)
+    assert engine.stats().running == 1
+    stream.close()  # cancels the call
+    assert eventually(lambda: engine.stats().running == 0)
+    with pytest.raises(DeadlineExceeded):
+        acme.generate("Count to one thousand:", max_new_tokens=500, ignore_eos=True, timeout=0.5)
+    assert eventually(lambda: engine.stats().running == 0)
+
+
+def test_bad_requests_name_the_field(tenants: dict[str, LoramuxClient]) -> None:
+    acme = tenants["acme"]
+    cases = [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": 10**6}, "max_new_tokens"),
+        ({"prompt": "x", "temperature": -1.0}, "temperature"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"messages": [("wizard", "hi")]}, "messages[0].role"),
+        ({"prompt": "word " * 9000}, "prompt"),
+    ]
+    for kwargs, field in cases:
+        prompt = kwargs.pop("prompt", None)
+        with pytest.raises(InvalidArgument) as info:
+            acme.generate(prompt, **kwargs)
+        assert info.value.field == field, kwargs
+
+
+def test_upload_checks_and_quotas(
+    server: RunningServer, tenants: dict[str, LoramuxClient], adapters: dict[str, Path]
+) -> None:
+    acme = tenants["acme"]
+    home = server.state.settings.home
+    before = sorted(p.name for p in (home / "adapters").iterdir())
+    with pytest.raises(InvalidArgument):
+        acme.upload_adapter(adapters["beta"], "../escape")
+    with pytest.raises(AlreadyExists):
+        acme.upload_adapter(adapters["beta"], "shared-name")
+    # A header whose sha256 does not match the bytes sent.
+    messages = list(upload_messages(adapters["beta"], "tampered"))
+    messages[0].header.files[1].sha256 = "0" * 64
+    with pytest.raises(grpc.RpcError) as info:
+        acme.adapters.UploadAdapter(iter(messages), metadata=acme._cfg.metadata)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sha256" in info.value.details()
+    # Over the tenant's adapter-count quota (3): acme has two, this is the third, then a fourth.
+    acme.upload_adapter(adapters["beta"], "third")
+    with pytest.raises(ResourceExhausted):
+        acme.upload_adapter(adapters["gamma"], "fourth")
+    acme.delete_adapter("third")
+    after = sorted(p.name for p in (home / "adapters").iterdir())
+    assert after == before  # nothing partial or orphaned left behind
+    assert not any((home / "tmp").iterdir())
+    with pytest.raises(NotFound):
+        acme.get_adapter("tampered")
+
+
+def test_load_unload_report_state(tenants: dict[str, LoramuxClient]) -> None:
+    acme = tenants["acme"]
+    assert acme.load_adapter("shared-name").state == "device"
+    assert acme.unload_adapter("shared-name").state == "stored"
+    assert acme.get_adapter("shared-name").state == "stored"
+
+
+def test_pull_from_hub_stores_the_exact_commit(
+    hub: HubServer, tenants: dict[str, LoramuxClient], adapters: dict[str, Path]
+) -> None:
+    globex = tenants["globex"]
+    files = {f.name: f.read_bytes() for f in adapters["gamma"].iterdir()}
+    first = hub.commit("globex/my-adapter", files)
+    changed = dict(files, **{"README.md": b"# v2\n"})
+    second = hub.commit("globex/my-adapter", changed)
+    pinned = globex.pull_adapter("globex/my-adapter", revision=first, name="pinned")
+    assert pinned.revision == first and pinned.source == "hub"
+    latest = globex.pull_adapter("globex/my-adapter", revision="main", name="latest")
+    assert latest.revision == second
+    globex.delete_adapter("latest")  # stay within the 3-adapter quota
+    assert globex.generate("Hi", adapter="pinned", max_new_tokens=2).completion_tokens >= 1
+    with pytest.raises(NotFound) as missing:
+        globex.pull_adapter("globex/nothing-here", name="x1")
+    assert missing.value.field == "repo_id"
+    with pytest.raises(NotFound) as bad_rev:
+        globex.pull_adapter("globex/my-adapter", revision="no-such-branch", name="x2")
+    assert bad_rev.value.field == "revision"
+    hub.stop()
+    try:
+        with pytest.raises(Unavailable):
+            globex.pull_adapter("globex/my-adapter", name="x3")
+        assert globex.generate("Hi", adapter="pinned", max_new_tokens=2).completion_tokens >= 1
+    finally:
+        hub.start()
+
+
+def test_metrics_expose_the_series(server: RunningServer, tenants: dict) -> None:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for series in (
+        'loramux_requests_total{adapter="shared-name",status="OK",tenant="acme"}',
+        "loramux_time_to_first_token_seconds_bucket",
+        "loramux_inter_token_latency_seconds_bucket",
+        'loramux_prompt_tokens_total{tenant="acme"}',
+        'loramux_generated_tokens_total{tenant="acme"}',
+        "loramux_queue_depth",
+        "loramux_running_batch_size",
+        "loramux_adapter_cache_hits_total",
+        "loramux_adapter_cache_misses_total",
+        "loramux_adapter_loads_total",
+        "loramux_adapter_evictions_total",
+        "loramux_adapter_load_seconds_total",
+        'loramux_memory_bytes{part="base_model"}',
+        'loramux_memory_bytes{part="adapters_cpu"}',
+    ):
+        assert series in text, series
+
+
+def test_restart_keeps_adapters_and_sigterm_drains(
+    tmp_path: Path, default_models_dir: Path, adapters: dict[str, Path]
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(default_models_dir, target_is_directory=True)
+    server = ServerProcess(home, "--lora-kernel", "eager", "--drain-seconds", "60").start()
+    try:
+        with LoramuxClient(server.address) as client:  # no keys: development mode
+            client.upload_adapter(adapters["alpha"], "kept")
+            expected = client.generate(messages=QUESTION, adapter="kept", max_new_tokens=8)
+            stream = client.generate_stream(messages=QUESTION, max_new_tokens=40, ignore_eos=True)
+            first = next(stream)
+            server.signal(signal.SIGTERM)
+            rest = list(stream)  # the in-flight stream finishes during the drain
+            assert rest[-1].finish_reason == "length"
+            assert first.token_ids and sum(len(c.token_ids) for c in rest) == 39
+        assert server.wait() == 0
+        assert "SINGLE-TENANT DEVELOPMENT MODE" in server.log.read_text()
+        server.start()
+        with LoramuxClient(server.address) as client:
+            names = [a.name for a in client.list_adapters()]
+            again = client.generate(messages=QUESTION, adapter="kept", max_new_tokens=8)
+        assert names == ["kept"]
+        assert again.token_ids == expected.token_ids
+    finally:
+        server.stop()
+
+
+def test_concurrent_quota_is_resource_exhausted(
+    server: RunningServer, admin: LoramuxClient, address: str
+) -> None:
+    admin.create_tenant("tiny", max_concurrent=1, max_queued=1)
+    _, key = admin.create_key("tiny")
+    with LoramuxClient(address, key) as tiny:
+        first = tiny.generate_stream("Count:", max_new_tokens=300, ignore_eos=True)
+        next(first)
+        errors: list[Exception] = []
+        waiter = threading.Thread(
+            target=lambda: errors.append(_capture(lambda: tiny.generate("a", max_new_tokens=1)))
+        )
+        waiter.start()  # waits in the tenant's queue (one allowed)
+        assert eventually(lambda: server.state.gate._waiting.get("tiny", 0) == 1)
+        with pytest.raises(ResourceExhausted):
+            tiny.generate("b", max_new_tokens=1)
+        first.close()
+        waiter.join(60)
+        assert errors == [None]
+
+
+def _capture(call) -> Exception | None:  # type: ignore[no-untyped-def]
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def test_generated_code_is_current() -> None:
+    from loramux.core.protogen import stale_files
+
+    assert stale_files() == []
+    assert pb.DESCRIPTOR.package == "loramux.v1"
