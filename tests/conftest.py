@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from loramux.core.config import DEFAULT_BASE_MODEL, Settings
 from loramux.core.models import ResolvedModel, resolve_base_model
 

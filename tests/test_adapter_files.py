@@ -162,7 +162,7 @@ def test_truncated_and_lying_headers(adapter: Path, linears: dict[str, LinearSha
     path = adapter / WEIGHTS_FILE
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InvalidArgument, match="truncated|corrupt"):
+    with pytest.raises(InvalidArgument, match=r"truncated|corrupt"):
         _check(adapter, linears)
     path.write_bytes(data[:5])
     with pytest.raises(InvalidArgument, match="truncated"):

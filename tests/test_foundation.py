@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from loramux.cli import build_parser
 from loramux.core.config import Settings, load_settings
 from loramux.core.errors import InvalidArgument, NotFound
