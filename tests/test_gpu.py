@@ -1,0 +1,60 @@
+"""The same engine on CUDA (skipped cleanly on machines without a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramux.core.config import Settings
+from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
+from loramux.server.engine import Engine
+from loramux.server.lora import base_linear_shapes
+from loramux.server.requests import GenerationRequest, SamplingParams
+from loramux.server.synthetic import write_random_adapter
+
+pytestmark = pytest.mark.gpu
+
+
+def test_cuda_engine_matches_peft(smollm2: ResolvedModel, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    model = load_base_model(smollm2, "nf4", "cuda")
+    assert next(model.parameters()).device.type == "cuda"
+    engine = Engine(model, load_tokenizer(smollm2), Settings(device="cuda"), smollm2)
+    try:
+        engine.warm_up()
+        folders = [
+            write_random_adapter(
+                tmp_path / f"a{i}", base_linear_shapes(model), rank=8 * (i + 1), seed=i, scale=0.06
+            )
+            for i in range(3)
+        ]
+        for i, folder in enumerate(folders):
+            engine.adapters.register(f"a{i}", folder)
+        prompt = engine.render_chat([("user", "What is the capital of France?")])
+        names = ["a0", "a1", "a2", None]
+        streams = [
+            engine.submit(GenerationRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=8), n))
+            for i, n in enumerate(names)
+        ]
+        outputs = [[t for e in s for t in e.token_ids] for s in streams]
+        reference = PeftModel.from_pretrained(
+            load_base_model(smollm2, "nf4", "cuda"), str(folders[0]), adapter_name="a0"
+        )
+        for i in (1, 2):
+            reference.load_adapter(str(folders[i]), adapter_name=f"a{i}")
+        ids = torch.tensor([prompt], device="cuda")
+        for name, tokens in zip(names, outputs, strict=True):
+            with torch.inference_mode():
+                if name is None:
+                    with reference.disable_adapter():
+                        out = reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+                else:
+                    reference.set_adapter(name)
+                    out = reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+            expected = out[0, len(prompt) :].tolist()
+            assert tokens == expected[: len(tokens)], name
+    finally:
+        engine.shutdown()
