@@ -1,0 +1,573 @@
+"""Decode throughput and per-step latency through the engine, against PEFT and the base model.
+
+    python -m bench.engine                      # the full CPU run (SmolLM2, NF4)
+    python -m bench.engine --quick              # batch 8 only, fewer configurations
+    python -m bench.engine --model llama3-8b-random --device cuda   # see bench/gpu.sh
+
+Configurations (every one in this process, on its own copy of the same NF4 base model,
+fed the same prompts; repetitions run round-robin over configurations and batch sizes so
+that a slow spell on this shared machine hits all of them alike):
+
+* base            the engine with enable_lora=False: the bare base model, no wrappers
+* hf_base         transformers `generate` on the bare model (reference only)
+* mux_none        LoRAMux, adapters loaded but none named in the batch (wrapper cost)
+* mux_one         every row on one rank-16 adapter
+* mux_k8/k32      rows spread over 8 / 32 distinct rank-16 all-linear adapters
+* mux_k128        128 adapters through 32 device slots: every repetition uses the next
+                  block of adapters, so slots are evicted and refilled from CPU memory
+* mux_ranks       32 adapters of ranks 8/16/32/64 (the stacked slots widen to 64)
+* peft_mixed      PEFT, the same 32 adapters, `generate(adapter_names=[...])`
+* peft_sequential PEFT, one adapter at a time: `set_adapter` + `generate` per group of rows
+
+Timing: `e2e` is submit-to-last-token wall time for the whole batch (prefill included).
+`decode` counts only tokens after each row's first: the engine's model passes are timed by
+wrapping `runner.prefill`/`runner.decode`, PEFT/HF steps by a logits processor, and a
+decode step's time is the gap between consecutive pass ends (forward, sampling and
+bookkeeping: one token per row). Ratios are per repetition against `base` in the same
+repetition, then the median over repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import (
+    MODEL_CHOICES,
+    BaseModel,
+    cuda_sync,
+    format_table,
+    load_model,
+    machine_info,
+    median,
+    plot_path,
+    print_machine,
+    pyplot,
+    set_threads,
+    write_adapters,
+    write_json,
+)
+
+ALL_CONFIGS = (
+    "base",
+    "hf_base",
+    "mux_none",
+    "mux_one",
+    "mux_k8",
+    "mux_k32",
+    "mux_k128",
+    "mux_ranks",
+    "peft_mixed",
+    "peft_sequential",
+)
+QUICK_CONFIGS = ("base", "mux_none", "mux_one", "mux_k8", "mux_k32", "peft_mixed")
+MIXED_RANKS = (8, 16, 32, 64)
+NEW_TOKENS = 24
+
+
+@dataclass
+class Measurement:
+    """One repetition of one configuration at one batch size."""
+
+    config: str
+    batch: int
+    rep: int
+    e2e_s: float
+    tokens: int  # all generated tokens
+    prefill_s: float  # start until every row has its first token's logits
+    decode_s: float  # sum of decode-step gaps
+    decode_tokens: int
+    step_ms: list[float] = field(default_factory=list)  # per decode step
+    forward_s: float = float("nan")  # engine only: time inside runner.decode itself
+
+    @property
+    def e2e_tps(self) -> float:
+        return self.tokens / self.e2e_s
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+# ---- timing hooks ----
+class PassRecorder:
+    """Wraps an engine's runner.prefill/decode to record (kind, start, end, rows)."""
+
+    def __init__(self, runner: Any, device: torch.device) -> None:
+        self.events: list[tuple[str, float, float, int]] = []
+        self.device = device
+        self._lock = threading.Lock()
+        for kind in ("prefill", "decode"):
+            setattr(runner, kind, self._wrap(kind, getattr(runner, kind)))
+
+    def _wrap(self, kind: str, inner: Callable[[Any], torch.Tensor]) -> Callable[[Any], Any]:
+        def timed(batch: Any) -> torch.Tensor:
+            start = time.perf_counter()
+            out = inner(batch)
+            cuda_sync(self.device)
+            end = time.perf_counter()
+            rows = len(batch.prompts) if kind == "prefill" else len(batch.tokens)
+            with self._lock:
+                self.events.append((kind, start, end, rows))
+            return out
+
+        return timed
+
+    def take(self) -> list[tuple[str, float, float, int]]:
+        with self._lock:
+            events, self.events = self.events, []
+        return events
+
+
+def split_engine_events(
+    events: list[tuple[str, float, float, int]], start: float
+) -> tuple[float, float, int, list[float], float]:
+    """(prefill_s, decode_s, decode_tokens, step_ms, forward_s) from one batch's passes."""
+    events = sorted(events, key=lambda e: e[2])
+    prefill_end = max((e[2] for e in events if e[0] == "prefill"), default=start)
+    decode_s, tokens, steps, forward = 0.0, 0, [], 0.0
+    previous_end = None
+    for kind, begin, end, rows in events:
+        if kind == "decode" and previous_end is not None:
+            gap = end - previous_end
+            decode_s += gap
+            tokens += rows
+            steps.append(gap * 1000)
+            forward += end - begin
+        previous_end = end
+    return prefill_end - start, decode_s, tokens, steps, forward
+
+
+class StepClock:
+    """A transformers logits processor that only notes when each generation step ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.times: list[float] = []
+        self.device = device
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cuda_sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+# ---- the systems under test ----
+class EngineSystem:
+    """One LoRAMux Engine (bare or with adapters) on its own copy of the base model."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        *,
+        enable_lora: bool,
+        slots: int,
+        max_batch: int,
+        adapters: dict[str, Path] | None = None,
+    ) -> None:
+        from loramux.core.config import Settings
+        from loramux.server.engine import Engine
+
+        settings = Settings(
+            device=str(base.device),
+            max_batch_size=max_batch,
+            max_loaded_adapters=slots,
+            max_cpu_adapters=256,
+            max_batch_tokens=max(2048, max_batch * 160),
+        )
+        self.engine = Engine(
+            base.fresh_copy(), base.tokenizer, settings, base.resolved, enable_lora=enable_lora
+        )
+        self.engine.warm_up()
+        self.recorder = PassRecorder(self.engine.runner, base.device)
+        for adapter_id, folder in (adapters or {}).items():
+            self.engine.adapters.register(adapter_id, folder)
+
+    def preload(self, adapter_ids: Sequence[str]) -> None:
+        """Disk -> CPU -> slot for each (later ones evict earlier ones beyond the slots)."""
+        for adapter_id in adapter_ids:
+            self.engine.adapters.load(adapter_id)
+
+    def run(
+        self, config: str, batch: int, rep: int, prompts: list[list[int]], rows: list[str | None]
+    ) -> Measurement:
+        from loramux.server.requests import GenerationRequest, SamplingParams
+
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        self.recorder.take()
+        start = time.perf_counter()
+        streams = [
+            self.engine.submit(GenerationRequest(f"{config}-{rep}-{i}", prompts[i], params, row))
+            for i, row in enumerate(rows)
+        ]
+        tokens = 0
+        for stream in streams:
+            for event in stream:
+                if event.error is not None:
+                    raise RuntimeError(f"{config}: {event.error}")
+                tokens += len(event.token_ids)
+        e2e = time.perf_counter() - start
+        prefill, decode, decode_tokens, steps, forward = split_engine_events(
+            self.recorder.take(), start
+        )
+        return Measurement(
+            config, batch, rep, e2e, tokens, prefill, decode, decode_tokens, steps, forward
+        )
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class HFSystem:
+    """transformers `generate` on a plain model, or PEFT with many adapters loaded."""
+
+    def __init__(self, base: BaseModel, adapters: dict[str, Path] | None = None) -> None:
+        self.device = base.device
+        self.pad = base.tokenizer.pad_token_id
+        if adapters:
+            from peft import PeftModel
+
+            names = list(adapters)
+            self.model: Any = PeftModel.from_pretrained(
+                base.fresh_copy(), str(adapters[names[0]]), adapter_name=names[0]
+            )
+            for name in names[1:]:
+                self.model.load_adapter(str(adapters[name]), adapter_name=name)
+        else:
+            self.model = base.model  # generate() never modifies it
+        self.model.eval()
+
+    def _generate(
+        self, prompts: list[list[int]], adapter_names: list[str] | None
+    ) -> tuple[int, list[float]]:
+        clock = StepClock(self.device)
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        extra: dict[str, Any] = {"adapter_names": adapter_names} if adapter_names else {}
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,  # as ignore_eos: every row makes every token
+                do_sample=False,
+                pad_token_id=self.pad,
+                logits_processor=[clock],
+                **extra,
+            )
+        return int(out.shape[0] * (out.shape[1] - ids.shape[1])), clock.times
+
+    def run(
+        self,
+        config: str,
+        batch: int,
+        rep: int,
+        prompts: list[list[int]],
+        rows: list[str | None],
+        sequential: bool = False,
+    ) -> Measurement:
+        if sequential:  # one generate per adapter: the rows of each group together
+            groups: dict[str | None, list[int]] = {}
+            for i, row in enumerate(rows):
+                groups.setdefault(row, []).append(i)
+            plan = [(name, [prompts[i] for i in members]) for name, members in groups.items()]
+        else:
+            mixed = None if all(r is None for r in rows) else [r or "__base__" for r in rows]
+            plan = [(mixed, prompts)]  # type: ignore[list-item]
+        start = time.perf_counter()
+        tokens, prefill, decode, decode_tokens, steps = 0, 0.0, 0.0, 0, []
+        for names, group_prompts in plan:
+            group_start = time.perf_counter()
+            if sequential:
+                self.model.set_adapter(names)
+                made, times = self._generate(group_prompts, None)
+            else:
+                made, times = self._generate(group_prompts, names)  # type: ignore[arg-type]
+            tokens += made
+            prefill += times[0] - group_start
+            gaps = [(b - a) * 1000 for a, b in itertools.pairwise(times)]
+            steps += gaps
+            decode += sum(gaps) / 1000
+            decode_tokens += len(gaps) * len(group_prompts)
+        e2e = time.perf_counter() - start
+        return Measurement(config, batch, rep, e2e, tokens, prefill, decode, decode_tokens, steps)
+
+
+def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
+    """Which adapter each row names; blocks of K rotate across repetitions."""
+    pools = {
+        "mux_k8": ("a", 8),
+        "mux_k32": ("a", 32),
+        "peft_mixed": ("a", 32),
+        "peft_sequential": ("a", 32),
+        "mux_k128": ("c", 128),
+        "mux_ranks": ("r", 32),
+    }
+    if config in ("base", "hf_base", "mux_none"):
+        return [None] * batch
+    if config == "mux_one":
+        return ["a0"] * batch
+    prefix, k = pools[config]
+    return [f"{prefix}{(rep * batch + i) % k}" for i in range(batch)]
+
+
+def summarise(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    base = {(m.batch, m.rep): m for m in measurements if m.config == "base"}
+    keys = sorted({(m.config, m.batch) for m in measurements}, key=lambda k: (k[1], k[0]))
+    order = {c: i for i, c in enumerate(ALL_CONFIGS)}
+    keys.sort(key=lambda k: (k[1], order.get(k[0], 99)))
+    summary = []
+    for config, batch in keys:
+        runs = [m for m in measurements if m.config == config and m.batch == batch]
+        paired = [(m, base[(batch, m.rep)]) for m in runs if (batch, m.rep) in base]
+        steps = [s for m in runs for s in m.step_ms]
+        summary.append(
+            {
+                "config": config,
+                "batch": batch,
+                "reps": len(runs),
+                "e2e_tokens_per_s": median(m.e2e_tps for m in runs),
+                "decode_tokens_per_s": median(m.decode_tps for m in runs),
+                "step_ms_p50": median(steps),
+                "prefill_ms": median(m.prefill_s * 1000 for m in runs),
+                "forward_share": median(
+                    m.forward_s / m.decode_s for m in runs if m.forward_s == m.forward_s
+                ),
+                "e2e_vs_base": median(m.e2e_tps / b.e2e_tps for m, b in paired),
+                "decode_vs_base": median(m.decode_tps / b.decode_tps for m, b in paired),
+            }
+        )
+    return summary
+
+
+def print_summary(summary: list[dict[str, Any]]) -> str:
+    headers = [
+        "config",
+        "batch",
+        "e2e tok/s",
+        "decode tok/s",
+        "step ms p50",
+        "prefill ms",
+        "e2e x base",
+        "decode x base",
+        "reps",
+    ]
+    rows = [
+        [
+            s["config"],
+            s["batch"],
+            s["e2e_tokens_per_s"],
+            s["decode_tokens_per_s"],
+            s["step_ms_p50"],
+            s["prefill_ms"],
+            s["e2e_vs_base"],
+            s["decode_vs_base"],
+            s["reps"],
+        ]
+        for s in summary
+    ]
+    table = format_table(headers, rows)
+    print(table, flush=True)
+    return table
+
+
+def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
+    plt = pyplot()
+    batches = sorted({s["batch"] for s in summary})
+    configs = [c for c in ALL_CONFIGS if any(s["config"] == c for s in summary)]
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        by_config = {s["config"]: s for s in summary if s["batch"] == batch}
+        values = [by_config.get(c, {}).get("decode_tokens_per_s", 0.0) for c in configs]
+        bars = ax.bar(range(len(configs)), values, color="tab:blue")
+        for bar, c in zip(bars, configs, strict=True):
+            ratio = by_config.get(c, {}).get("decode_vs_base", float("nan"))
+            if ratio == ratio:
+                ax.annotate(
+                    f"{ratio:.2f}x",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(configs, rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("decode tokens/s")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def dynamo_counters() -> dict[str, Any]:
+    """How often torch.compile compiled the LoRA kernel (a fallback to eager would show)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {group: dict(values) for group, values in counters.items() if values}
+
+
+def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> dict[str, Any]:
+    """Run the benchmark; `base` lets a caller share one loaded model between benchmarks."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=MODEL_CHOICES, default="smollm2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    parser.add_argument("--configs", default=",".join(ALL_CONFIGS))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="stop starting repetitions once this many seconds have passed (0: no limit)",
+    )
+    parser.add_argument(
+        "--distinct-files",
+        type=int,
+        default=0,
+        help="write N distinct adapter files, hard-link the rest (big models)",
+    )
+    parser.add_argument("--quick", action="store_true", help="batch 8, fewer configs, 2 reps")
+    parser.add_argument("--out", default="engine", help="results file name (no suffix)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.configs, args.reps = "8", ",".join(QUICK_CONFIGS), 2
+    batches = [int(b) for b in args.batches.split(",")]
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(ALL_CONFIGS)
+    if unknown:
+        parser.error(f"unknown configs {sorted(unknown)}")
+    if "base" not in configs:
+        configs.insert(0, "base")
+
+    set_threads()
+    info = machine_info()
+    print_machine(info)
+    started = time.perf_counter()
+    if base is None:
+        base = load_model(args.model, args.device)
+        print(f"# model {args.model} loaded in {time.perf_counter() - started:.0f}s", flush=True)
+    max_batch = max(batches)
+    linears = base.linear_shapes()
+    prompts = base.prompts(max_batch, args.prompt_tokens)
+
+    with tempfile.TemporaryDirectory(prefix="loramux-bench-") as tmp:
+        root = Path(tmp)
+        need = set(configs)
+        adapters_a = write_adapters(
+            root, linears, [16] * 32, "a", distinct_files=args.distinct_files
+        )
+        systems: dict[str, Callable[[str, int, int, list[str | None]], Measurement]] = {}
+        closers: list[Callable[[], None]] = []
+
+        def engine_system(enable_lora: bool, adapters: dict[str, Path] | None) -> EngineSystem:
+            system = EngineSystem(
+                base, enable_lora=enable_lora, slots=32, max_batch=max_batch, adapters=adapters
+            )
+            closers.append(system.shutdown)
+            return system
+
+        def bind_engine(system: EngineSystem) -> Any:
+            return lambda c, b, r, rows: system.run(c, b, r, prompts[:b], rows)
+
+        bare = engine_system(False, None)
+        systems["base"] = bind_engine(bare)
+        if need & {"mux_none", "mux_one", "mux_k8", "mux_k32"}:
+            mux = engine_system(True, adapters_a)
+            mux.preload(list(adapters_a))
+            for c in ("mux_none", "mux_one", "mux_k8", "mux_k32"):
+                systems[c] = bind_engine(mux)
+        if "mux_k128" in need:
+            adapters_c = write_adapters(
+                root, linears, [16] * 128, "c", distinct_files=args.distinct_files, seed_offset=100
+            )
+            cycling = engine_system(True, adapters_c)
+            cycling.preload(list(adapters_c))  # all 128 in CPU memory, the last 32 in slots
+            systems["mux_k128"] = bind_engine(cycling)
+        if "mux_ranks" in need:
+            ranks = [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(32)]
+            adapters_r = write_adapters(
+                root, linears, ranks, "r", distinct_files=args.distinct_files, seed_offset=300
+            )
+            mixed_ranks = engine_system(True, adapters_r)
+            mixed_ranks.preload(list(adapters_r))
+            systems["mux_ranks"] = bind_engine(mixed_ranks)
+        if "hf_base" in need:
+            plain = HFSystem(base)
+            systems["hf_base"] = lambda c, b, r, rows: plain.run(c, b, r, prompts[:b], rows)
+        if need & {"peft_mixed", "peft_sequential"}:
+            peft_started = time.perf_counter()
+            peft = HFSystem(base, adapters_a)
+            print(
+                f"# PEFT loaded {len(adapters_a)} adapters in "
+                f"{time.perf_counter() - peft_started:.0f}s",
+                flush=True,
+            )
+            systems["peft_mixed"] = lambda c, b, r, rows: peft.run(c, b, r, prompts[:b], rows)
+            systems["peft_sequential"] = lambda c, b, r, rows: peft.run(
+                c, b, r, prompts[:b], rows, sequential=True
+            )
+        print(f"# set up in {time.perf_counter() - started:.0f}s", flush=True)
+
+        # Warm-up, untimed: every engine configuration at every batch size (allocations,
+        # compiled kernels), transformers/PEFT once at the smallest.
+        for batch in batches:
+            for config in configs:
+                if config.startswith("mux") or config == "base" or batch == min(batches):
+                    systems[config](config, batch, -1, row_adapters(config, batch, 0))
+        measurements: list[Measurement] = []
+        rep_started = time.perf_counter()
+        for rep in range(args.reps):
+            order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
+            for batch in batches:
+                for config in order:
+                    m = systems[config](config, batch, rep, row_adapters(config, batch, rep))
+                    measurements.append(m)
+            elapsed = time.perf_counter() - started
+            per_rep = (time.perf_counter() - rep_started) / (rep + 1)
+            print(f"# repetition {rep + 1}/{args.reps} done at {elapsed:.0f}s", flush=True)
+            if args.budget_s and elapsed + per_rep > args.budget_s and rep + 1 < args.reps:
+                print(f"# stopping: the next repetition would pass --budget-s {args.budget_s}")
+                break
+        for close in closers:
+            close()
+
+    summary = summarise(measurements)
+    title = (
+        f"{args.model} on {info.get('gpu') or info['cpu_model']}: decode tokens/s, "
+        f"{NEW_TOKENS} new tokens, {args.prompt_tokens}-token prompts (x = vs base)"
+    )
+    print(f"\n## engine: {title}")
+    table = print_summary(summary)
+    payload = {
+        "benchmark": "engine",
+        "machine": info,
+        "args": vars(args),
+        "new_tokens": NEW_TOKENS,
+        "summary": summary,
+        "table": table,
+        "measurements": [
+            {**asdict(m), "e2e_tps": m.e2e_tps, "decode_tps": m.decode_tps} for m in measurements
+        ],
+        "seconds": time.perf_counter() - started,
+        "dynamo_counters": dynamo_counters(),
+    }
+    print(f"# wrote {write_json(args.out, payload)}")
+    image = plot_path(args.out)
+    plot(summary, image, title)
+    print(f"# wrote {image}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Where a decode step's time goes: torch.profiler over the engine's model runner.
+
+    python -m bench.profile_engine --batch 32 --adapters 32     # LoRAMux, 32 adapters
+    python -m bench.profile_engine --batch 32 --adapters 0      # wrappers, no adapter
+    python -m bench.profile_engine --batch 32 --bare            # enable_lora=False
+
+The runner is driven directly on this thread (the engine loop is idle and its lock held),
+so the profile holds exactly the model passes: one prefill, warm-up decode steps, then
+`--steps` profiled decode steps. Prints the step time and the top operators by self CPU
+time, and writes a Chrome trace to bench/results/profile_<config>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import RESULTS_DIR, load_model, machine_info, print_machine, set_threads
+from bench.common import write_adapters as write_random_adapters
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=32, help="distinct adapters in the batch")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--bare", action="store_true", help="engine with enable_lora=False")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=25, help="operators to list")
+    args = parser.parse_args(argv)
+
+    from loramux.core.config import Settings
+    from loramux.server.engine import Engine
+    from loramux.server.runner import DecodeBatch, PrefillBatch
+
+    set_threads()
+    print_machine(machine_info())
+    base = load_model(args.model, args.device)
+    engine = Engine(
+        base.fresh_copy(),
+        base.tokenizer,
+        Settings(device=str(base.device), max_batch_size=max(32, args.batch)),
+        base.resolved,
+        enable_lora=not args.bare,
+    )
+    engine.warm_up()
+    slots = [0] * args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.bare and args.adapters:
+            folders = write_random_adapters(
+                Path(tmp), base.linear_shapes(), [args.rank] * args.adapters, "a"
+            )
+            for name, folder in folders.items():
+                engine.adapters.register(name, folder)
+                engine.adapters.load(name)
+            # The store has no public "which slot" query; the runner needs slot numbers.
+            entries = engine.adapters._entries
+            slots = [entries[f"a{i % args.adapters}"].slot or 0 for i in range(args.batch)]
+    prompts = base.prompts(args.batch, 32)
+    config = "bare" if args.bare else f"k{args.adapters}"
+    runner = engine.runner
+    with engine._cv, torch.inference_mode():  # the loop thread waits on this lock
+        runner.prefill(PrefillBatch(0, prompts, slots))
+        tokens = [5] * args.batch
+        position = 32
+
+        def step() -> None:
+            nonlocal position
+            runner.decode(DecodeBatch(tokens, [position] * args.batch, slots))
+            position += 1
+
+        for _ in range(3):
+            step()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        plain_ms = (time.perf_counter() - started) / args.steps * 1000
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step()
+        runner.cache.release()
+    engine.shutdown()
+    print(f"\n## {config}, batch {args.batch}: {plain_ms:.1f} ms per decode step (unprofiled)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    trace = RESULTS_DIR / f"profile_{config}_b{args.batch}.json"
+    prof.export_chrome_trace(str(trace))
+    print(f"# wrote {trace}")
+
+
+if __name__ == "__main__":
+    main()

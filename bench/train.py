@@ -1,0 +1,424 @@
+"""QLoRA training cost: LoRAMux's trainer against a plain PEFT + transformers Trainer script.
+
+    python -m bench.train              # 40 optimizer steps per run, 2 interleaved repetitions
+    python -m bench.train --quick      # 8 steps, 1 repetition, no bf16 run
+
+Runs, each in its own Python process (so peak memory is that run's alone, read as the
+process's RSS high-water mark with getrusage, plus CUDA's max allocated on a GPU):
+
+* loramux-nf4   `loramux.trainer.train` on the 4-bit NF4 base (the product path)
+* plain-nf4     the script people write from the PEFT/QLoRA docs: BitsAndBytesConfig,
+                prepare_model_for_kbit_training, get_peft_model, transformers Trainer
+* loramux-bf16  `loramux.trainer.train` on the unquantised bf16 base (eval-loss reference)
+
+Same data (a generated prompt/completion set, loss on completions only), same LoRA
+(rank 16, alpha 32, dropout 0.05, all linear layers), same optimiser, schedule, batch,
+steps, seed and gradient checkpointing. A step's time is the gap between consecutive
+`Trainer.training_step` calls (forward, backward, optimiser step, logging), timed by
+patching that method in the child process identically for every run; the first two steps
+are left out as warm-up. Tokens/s counts non-padding input tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    PASSAGE,
+    format_table,
+    machine_info,
+    median,
+    plot_path,
+    print_machine,
+    pyplot,
+    write_json,
+)
+
+RUNS = ("loramux-nf4", "plain-nf4", "loramux-bf16")
+WARMUP_STEPS = 2
+
+
+def write_dataset(folder: Path, train: int, eval_: int, seed: int = 0) -> tuple[Path, Path]:
+    """A small, learnable prompt/completion task: sums with a sentence of context."""
+    rng = random.Random(seed)
+    sentences = [s.strip() + "." for s in PASSAGE.split(".") if s.strip()]
+
+    def record() -> dict[str, str]:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        context = rng.choice(sentences)
+        parity = "even" if (a + b) % 2 == 0 else "odd"
+        return {
+            "prompt": f"{context}\nQuestion: what is {a} plus {b}?\nAnswer:",
+            "completion": f" {a} plus {b} is {a + b}, which is an {parity} number.",
+        }
+
+    paths = []
+    for name, count in (("train.jsonl", train), ("eval.jsonl", eval_)):
+        path = folder / name
+        path.write_text("".join(json.dumps(record()) + "\n" for _ in range(count)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# ---- the child process: one training run ----
+class StepTimer:
+    """Patches transformers.Trainer.training_step to note when each step starts."""
+
+    def __init__(self) -> None:
+        from transformers import Trainer
+
+        self.starts: list[float] = []
+        self.tokens: list[int] = []
+        original = Trainer.training_step
+        timer = self
+
+        def training_step(self: Any, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            timer.starts.append(time.perf_counter())
+            mask = inputs.get("attention_mask")
+            timer.tokens.append(int(mask.sum()) if mask is not None else 0)
+            return original(self, model, inputs, *args, **kwargs)
+
+        Trainer.training_step = training_step  # type: ignore[method-assign]
+
+    def result(self) -> dict[str, Any]:
+        """Step i lasts from its start to step i+1's (the last step, followed by evaluation
+        and saving, is not counted)."""
+        periods = [b - a for a, b in itertools.pairwise(self.starts)]
+        steady = periods[WARMUP_STEPS:] or periods
+        steady_tokens = self.tokens[: len(periods)][WARMUP_STEPS:] or self.tokens[: len(periods)]
+        return {
+            "steps": len(self.starts),
+            "step_s": periods,
+            "step_s_median": median(steady),
+            "tokens_per_s": sum(steady_tokens) / sum(steady) if steady else float("nan"),
+        }
+
+
+def run_loramux(options: dict[str, Any], quantization: str, device: str) -> float | None:
+    from loramux.core.config import Settings
+    from loramux.trainer.options import TrainOptions
+    from loramux.trainer.train import train
+
+    result = train(
+        TrainOptions(**options),
+        Settings(quantization=quantization, device=device),
+        echo=None,
+    )
+    return result.eval_loss
+
+
+def run_plain(options: dict[str, Any], device: str) -> float | None:
+    """The plain QLoRA recipe, written as a user would from PEFT's and transformers' docs."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from loramux.core.config import Settings
+    from loramux.core.models import resolve_base_model
+
+    path = str(resolve_base_model("smollm2-135m-instruct", Settings().models_dir).path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def encode(line: str) -> dict[str, list[int]]:
+        record = json.loads(line)
+        prompt_ids = tokenizer(record["prompt"])["input_ids"]
+        ids = tokenizer(record["prompt"] + record["completion"] + tokenizer.eos_token)["input_ids"][
+            : options["max_seq_len"]
+        ]
+        labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids) :]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    train_set = [encode(x) for x in Path(options["train_file"]).read_text().splitlines()]
+    eval_set = [encode(x) for x in Path(options["eval_file"]).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        dtype=torch.bfloat16,
+        device_map={"": device},
+    )
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=options["rank"],
+            lora_alpha=options["lora_alpha"],
+            lora_dropout=options["lora_dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    args = TrainingArguments(
+        output_dir=options["output_dir"],
+        per_device_train_batch_size=options["batch_size"],
+        per_device_eval_batch_size=options["batch_size"],
+        gradient_accumulation_steps=options["grad_accum"],
+        learning_rate=options["learning_rate"],
+        lr_scheduler_type=options["lr_scheduler"],
+        warmup_steps=options["warmup"],
+        max_steps=options["max_steps"],
+        optim="adamw_torch" if device == "cpu" else "paged_adamw_8bit",
+        seed=options["seed"],
+        use_cpu=device == "cpu",
+        bf16=device != "cpu",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=options["logging_steps"],
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_set,  # type: ignore[arg-type]
+        eval_dataset=eval_set,  # type: ignore[arg-type]
+        data_collator=DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8
+        ),
+    )
+    trainer.train()
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def child(run: str, options_json: str, device: str) -> None:
+    """Entry point of one training run; prints one JSON line with its measurements."""
+    import torch
+
+    from bench.common import set_threads
+
+    set_threads()
+    options = json.loads(options_json)
+    timer = StepTimer()
+    started = time.perf_counter()
+    if run == "plain-nf4":
+        eval_loss = run_plain(options, device)
+    else:
+        eval_loss = run_loramux(options, "nf4" if run == "loramux-nf4" else "none", device)
+    report = {
+        "run": run,
+        "eval_loss": eval_loss,
+        "wall_s": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cuda_peak_mb": (
+            torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        ),
+        **timer.result(),
+    }
+    print("BENCH-RESULT " + json.dumps(report), flush=True)
+
+
+def spawn(run: str, options: dict[str, Any], device: str, log: Path) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "bench.train",
+        "--child",
+        run,
+        "--options",
+        json.dumps(options),
+        "--device",
+        device,
+    ]
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=handle, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("BENCH-RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{run} failed (exit {done.returncode}); log tail:\n{tail}")
+    report: dict[str, Any] = json.loads(lines[-1].removeprefix("BENCH-RESULT "))
+    report["process_s"] = time.perf_counter() - started
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-examples", type=int, default=320)
+    parser.add_argument("--eval-examples", type=int, default=64)
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--quick", action="store_true", help="8 steps, 1 rep, NF4 runs only")
+    parser.add_argument("--out", default="train")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--options", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.options, args.device)
+        return None
+    if args.quick:
+        args.steps, args.reps, args.runs = 8, 1, "loramux-nf4,plain-nf4"
+        args.train_examples, args.eval_examples = 64, 16
+    runs = [r for r in args.runs.split(",") if r]
+
+    info = machine_info()
+    print_machine(info)
+    started = time.perf_counter()
+    reports: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="loramux-bench-train-") as tmp:
+        root = Path(tmp)
+        train_file, eval_file = write_dataset(root, args.train_examples, args.eval_examples)
+        for rep in range(args.reps):
+            order = runs[rep % len(runs) :] + runs[: rep % len(runs)]
+            for run in order:
+                options = {
+                    "train_file": str(train_file),
+                    "eval_file": str(eval_file),
+                    "output_dir": str(root / f"{run}-{rep}"),
+                    "rank": 16,
+                    "lora_alpha": 32,
+                    "lora_dropout": 0.05,
+                    "learning_rate": 1e-3,
+                    "lr_scheduler": "cosine",
+                    "warmup": 2,
+                    "max_steps": args.steps,
+                    "batch_size": args.batch_size,
+                    "grad_accum": 1,
+                    "seed": 42,
+                    "max_seq_len": 256,
+                    "logging_steps": args.steps,
+                }
+                if run != "plain-nf4":
+                    options.update(
+                        eval_steps=args.steps, eval_before_training=False, progress_bar=False
+                    )
+                report = spawn(run, options, args.device, root / f"{run}-{rep}.log")
+                report["rep"] = rep
+                reports.append(report)
+                print(
+                    f"# {run} rep {rep}: {report['step_s_median']:.2f} s/step, "
+                    f"{report['tokens_per_s']:.0f} tok/s, peak RSS {report['peak_rss_mb']:.0f} MB, "
+                    f"eval loss {report['eval_loss']:.4f}",
+                    flush=True,
+                )
+
+    summary = summarise(reports)
+    title = f"QLoRA training on {info.get('gpu') or info['cpu_model']}, SmolLM2-135M"
+    print(f"\n## train: {title}, {args.steps} steps x batch {args.batch_size}")
+    table = format_table(
+        [
+            "run",
+            "s/step p50",
+            "tokens/s",
+            "peak RSS MB",
+            "CUDA peak MB",
+            "eval loss",
+            "step time x plain",
+            "eval loss x bf16",
+            "reps",
+        ],
+        [
+            [
+                s["run"],
+                s["step_s_median"],
+                s["tokens_per_s"],
+                s["peak_rss_mb"],
+                s["cuda_peak_mb"] if s["cuda_peak_mb"] is not None else float("nan"),
+                s["eval_loss"],
+                s["step_time_vs_plain"],
+                s["eval_loss_vs_bf16"],
+                s["reps"],
+            ]
+            for s in summary
+        ],
+    )
+    print(table, flush=True)
+    payload = {
+        "benchmark": "train",
+        "machine": info,
+        "args": {k: v for k, v in vars(args).items() if k not in ("child", "options")},
+        "summary": summary,
+        "table": table,
+        "runs": reports,
+        "seconds": time.perf_counter() - started,
+    }
+    print(f"# wrote {write_json(args.out, payload)}")
+    image = plot_path(args.out)
+    plot(summary, image, title)
+    print(f"# wrote {image}")
+    return payload
+
+
+def summarise(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def by_run(run: str, key: str) -> float:
+        return median(r[key] for r in reports if r["run"] == run and r[key] is not None)
+
+    summary = []
+    names = [r for r in RUNS if any(x["run"] == r for x in reports)]
+    for run in names:
+        cuda = [r["cuda_peak_mb"] for r in reports if r["run"] == run and r["cuda_peak_mb"]]
+        summary.append(
+            {
+                "run": run,
+                "reps": sum(r["run"] == run for r in reports),
+                "step_s_median": by_run(run, "step_s_median"),
+                "tokens_per_s": by_run(run, "tokens_per_s"),
+                "peak_rss_mb": by_run(run, "peak_rss_mb"),
+                "cuda_peak_mb": median(cuda) if cuda else None,
+                "eval_loss": by_run(run, "eval_loss"),
+            }
+        )
+    plain = next((s for s in summary if s["run"] == "plain-nf4"), None)
+    bf16 = next((s for s in summary if s["run"] == "loramux-bf16"), None)
+    for s in summary:
+        s["step_time_vs_plain"] = (
+            s["step_s_median"] / plain["step_s_median"] if plain else float("nan")
+        )
+        s["eval_loss_vs_bf16"] = s["eval_loss"] / bf16["eval_loss"] if bf16 else float("nan")
+    return summary
+
+
+def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    names = [s["run"] for s in summary]
+    for ax, key, label in zip(
+        axes,
+        ("step_s_median", "peak_rss_mb", "eval_loss"),
+        ("seconds per step (p50)", "peak RSS (MB)", "final eval loss"),
+        strict=True,
+    ):
+        ax.bar(names, [s[key] for s in summary], color=["tab:blue", "tab:gray", "tab:orange"])
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
