@@ -30,7 +30,12 @@ from trainer_helpers import tiny_settings, write_task
 from loramux.core.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from loramux.core.models import ResolvedModel
 from loramux.trainer.options import TrainOptions
-from loramux.trainer.publish import PUBLISHED_FILES, check_adapter_folder, push_to_hub
+from loramux.trainer.publish import (
+    PUBLISHED_FILES,
+    check_adapter_folder,
+    publish_to_server,
+    push_to_hub,
+)
 from loramux.trainer.train import train
 
 
@@ -239,3 +244,37 @@ def test_hub_server_restarts_on_the_same_port(tmp_path: Path) -> None:
         hub.start()
         assert api.model_info("org/r").sha == sha
     assert os.environ.get("HF_ENDPOINT") != hub.endpoint  # in-process tests leave env alone
+
+
+# -- to a running LoRAMux server --------------------------------------------------------------
+
+
+def test_publish_to_a_running_server(
+    adapter: Path, tiny_llama: ResolvedModel, tmp_path: Path
+) -> None:
+    from loramux.client import LoramuxClient
+    from loramux.server.app import start_server
+
+    settings = tiny_settings(tiny_llama, home=tmp_path, port=0, metrics_port=0, grpc_workers=4)
+    server = start_server(settings)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        stored = publish_to_server(adapter, address, name="tiny-code")
+        assert stored.name == "tiny-code" and stored.rank == 2
+        with LoramuxClient(address) as client:
+            assert "tiny-code" in [a.name for a in client.list_adapters()]
+            reply = client.generate("Code for item 3?", adapter="tiny-code", max_new_tokens=4)
+            assert reply.completion_tokens == 4
+        command = [sys.executable, "-m", "loramux.cli", "publish", str(adapter)]
+        result = subprocess.run(
+            [*command, "--publish-to", address, "--adapter-name", "via-cli"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"uploaded to {address} as 'via-cli'" in result.stdout
+        with pytest.raises(InvalidArgument, match="HOST:PORT"):
+            publish_to_server(adapter, "no-port", name="x")
+    finally:
+        server.close()
