@@ -518,6 +518,8 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             if s[:2] == ["api", "whoami-v2"] and method == "GET":
                 return self._whoami()
+            if s[:2] == ["api", "agent-harnesses"] and method == "GET":
+                return self._send_json({"standardEnvVars": [], "harnesses": {}})
             if s[:2] == ["api", "validate-yaml"] and method == "POST":
                 return self._validate_yaml()
             if s[:3] == ["api", "repos", "create"] and method == "POST":

@@ -6,6 +6,7 @@ Registration imports nothing heavy (no torch, no transformers): `loramux --help`
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -303,6 +304,9 @@ def _publish_folder(
 ) -> None:
     from loramux.trainer.publish import publish_to_server, push_to_hub
 
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("httpx", "httpx2"):  # one INFO line per HTTP request otherwise
+            logging.getLogger(name).setLevel(logging.WARNING)
     if repo_id:
         published = push_to_hub(folder, repo_id, private=args.private, branch=args.branch)
         print(f"published to the Hub: {published.repo_id}@{published.branch}")
@@ -310,6 +314,9 @@ def _publish_folder(
         print(published.url)
     if args.publish_to:
         name = args.adapter_name or Path(folder).resolve().name
-        metadata = publish_to_server(folder, args.publish_to, name=name, api_key=api_key)
-        print(f"uploaded to {args.publish_to} as {name!r}: {metadata}")
+        stored = publish_to_server(folder, args.publish_to, name=name, api_key=api_key)
+        details = ", ".join(
+            f"{key} {getattr(stored, key)}" for key in ("id", "rank") if hasattr(stored, key)
+        )
+        print(f"uploaded to {args.publish_to} as {name!r}" + (f" ({details})" if details else ""))
     sys.stdout.flush()
