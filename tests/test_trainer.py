@@ -256,3 +256,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(
     logged = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert logged == list(range(1, step + 4))  # no step lost, none logged twice
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_cuda_uses_paged_8bit_adamw_and_bf16(tiny_llama: ResolvedModel, tmp_path: Path) -> None:
+    """The CUDA path: the QLoRA paper's paged 8-bit AdamW and bf16 mixed precision."""
+    options = TrainOptions(
+        train_file=write_task(tmp_path / "t.jsonl", 16),
+        eval_split=0.25,
+        output_dir=tmp_path / "cuda",
+        max_steps=3,
+        batch_size=4,
+        grad_accum=1,
+        progress_bar=False,
+    )
+    result = train(options, tiny_settings(tiny_llama, device="cuda"), echo=None)
+    assert result.optimizer == "paged_adamw_8bit"
+    assert result.steps == 3 and result.eval_loss is not None
+    assert torch.isfinite(torch.tensor(result.eval_loss))
+    summary = json.loads((result.output_dir / "training.json").read_text())
+    assert summary["device"].startswith("cuda")

@@ -25,4 +25,6 @@ def write_task(path: Path, count: int, start: int = 0) -> Path:
 
 
 def tiny_settings(tiny: ResolvedModel, **extra: Any) -> Settings:
-    return Settings(base_model=str(tiny.path), device="cpu", **extra)
+    """Settings that train on the tiny Llama; the CPU unless `device` says otherwise."""
+    values: dict[str, Any] = {"device": "cpu", **extra}
+    return Settings(base_model=str(tiny.path), **values)
