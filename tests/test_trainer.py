@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from hub_server import HubServer
 from trainer_helpers import tiny_settings, write_task
 
 from loramux.core.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -242,14 +243,22 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(
     assert (checkpoint / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()  # not finished
 
-    resumed = subprocess.run(
-        _cli(tmp_path, tiny_llama, "--max-steps", str(step + 3), "--resume"),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    publish = ("--push-to-hub", "alice/resumed", "--branch", "exp")
+    with HubServer() as hub:  # and publish when done, as `--push-to-hub` promises
+        resumed = subprocess.run(
+            _cli(tmp_path, tiny_llama, "--max-steps", str(step + 3), "--resume", *publish),
+            capture_output=True,
+            text=True,
+            env=hub.env(env),
+            timeout=300,
+        )
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert f"commit {hub.head('alice/resumed', 'exp')}" in resumed.stdout
+        published = hub.files("alice/resumed", "exp")
+        assert (
+            published["adapter_model.safetensors"]
+            == (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
+        )
     assert f"resuming from {checkpoint} (step {step})" in resumed.stdout
     summary = json.loads((tmp_path / "run" / "training.json").read_text())
     assert summary["steps"] == step + 3
