@@ -186,7 +186,7 @@ def test_publish_cli_prints_sha_and_url(hub: HubServer, adapter: Path) -> None:
 # -- the test Hub itself: what the gRPC PullAdapter tests rely on -----------------------------
 
 
-def test_hub_server_resolve_headers_and_error_codes(hub: HubServer) -> None:
+def test_hub_server_resolve_headers_and_error_codes(hub: HubServer, tmp_path: Path) -> None:
     weights = bytes(range(256)) * 40
     sha = hub.commit("org/seeded", {"adapter_model.safetensors": weights, "a.json": b"{}"})
 
@@ -220,7 +220,9 @@ def test_hub_server_resolve_headers_and_error_codes(hub: HubServer) -> None:
     with pytest.raises(RevisionNotFoundError):
         api.model_info("org/seeded", revision="f" * 40)
     with pytest.raises(RemoteEntryNotFoundError):
-        hf_hub_download("org/seeded", "b.json", endpoint=hub.endpoint, cache_dir=str(hub.port))
+        hf_hub_download(
+            "org/seeded", "b.json", endpoint=hub.endpoint, cache_dir=str(tmp_path / "hf-cache")
+        )
     api.create_branch("org/seeded", branch="old", revision=sha)
     later = hub.commit("org/seeded", {"a.json": b'{"v": 2}'})
     assert [c.commit_id for c in api.list_repo_commits("org/seeded")][:2] == [later, sha]
