@@ -12,13 +12,13 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from loramux.core.errors import FailedPrecondition, InvalidArgument
 
@@ -128,13 +128,29 @@ def _check_config(config: dict[str, Any]) -> None:
         raise InvalidArgument("megatron_config", "Megatron-sharded adapters are not supported")
     for name in ("r", "lora_alpha"):
         value = config.get(name)
-        if value is not None and (
-            not isinstance(value, int | float) or isinstance(value, bool) or value <= 0
-        ):
+        if value is not None and not _positive_number(value):
             raise InvalidArgument(name, f"must be a positive number, got {value!r}")
     for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(name) or {}, dict):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
             raise InvalidArgument(name, "must be an object")
+        for key, value in patterns.items():
+            if not _positive_number(value):
+                raise InvalidArgument(name, f"{key!r}: must be a positive number, got {value!r}")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise InvalidArgument(name, f"{key!r} is not a regular expression ({exc})") from exc
+
+
+def _positive_number(value: Any) -> bool:
+    """JSON numbers only (Python's json also reads NaN and Infinity): finite and above 0."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -150,7 +166,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidArgument(WEIGHTS_FILE, "corrupt: header is not JSON") from exc
     if not isinstance(header, dict):
         raise InvalidArgument(WEIGHTS_FILE, "corrupt: header is not an object")
@@ -193,6 +209,31 @@ def _module_name(key: str) -> tuple[str, str]:
     module = match["module"]
     module = module.removeprefix(PEFT_PREFIX)
     return module, match["part"]
+
+
+def _read_weights(
+    path: Path,
+    shapes: Mapping[str, Mapping[str, tuple[list[int], str]]],
+    scaling_for: Callable[[str, int], float],
+    dtype: torch.dtype,
+) -> dict[str, ModuleWeights]:
+    """Read checked A/B pairs; safetensors itself may still refuse the file (SafetensorError)."""
+    modules: dict[str, ModuleWeights] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        for module, parts in shapes.items():
+            a = handle.get_tensor(parts["A"][1])
+            b = handle.get_tensor(parts["B"][1])
+            for tensor, key in ((a, parts["A"][1]), (b, parts["B"][1])):
+                # One float64 sum is NaN/Inf iff some element is (it cannot overflow for
+                # 16/32-bit inputs), and is ~10x cheaper than isfinite().all() on bf16.
+                if not torch.isfinite(tensor.sum(dtype=torch.float64)):
+                    raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
+            modules[module] = ModuleWeights(
+                lora_a=a.to(dtype).contiguous(),
+                lora_b=b.to(dtype).contiguous(),
+                scaling=scaling_for(module, a.shape[0]),
+            )
+    return modules
 
 
 def inspect_adapter(
@@ -287,20 +328,10 @@ def inspect_adapter(
 
     modules: dict[str, ModuleWeights] = {}
     if load:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
-            for module, parts in shapes.items():
-                a = handle.get_tensor(parts["A"][1])
-                b = handle.get_tensor(parts["B"][1])
-                for tensor, key in ((a, parts["A"][1]), (b, parts["B"][1])):
-                    # One float64 sum is NaN/Inf iff some element is (it cannot overflow for
-                    # 16/32-bit inputs), and is ~10x cheaper than isfinite().all() on bf16.
-                    if not torch.isfinite(tensor.sum(dtype=torch.float64)):
-                        raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
-                modules[module] = ModuleWeights(
-                    lora_a=a.to(dtype).contiguous(),
-                    lora_b=b.to(dtype).contiguous(),
-                    scaling=scaling_for(module, a.shape[0]),
-                )
+        try:
+            modules = _read_weights(weights_path, shapes, scaling_for, dtype)
+        except SafetensorError as exc:  # what safetensors checks beyond _read_header
+            raise InvalidArgument(WEIGHTS_FILE, f"corrupt: {exc}") from exc
 
     spec = AdapterSpec(
         rank=max_seen,
