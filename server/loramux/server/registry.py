@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramux.core.errors import AlreadyExists, InvalidArgument, NotFound
+from loramux.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
@@ -84,6 +84,18 @@ class Quota:
     max_queued: int
     max_adapters: int
     max_bytes: int
+
+
+def check_quota(quota: Quota, count: int, used: int, add_bytes: int) -> None:
+    """RESOURCE_EXHAUSTED when one more adapter of `add_bytes` would break the quota."""
+    if count + 1 > quota.max_adapters:
+        raise ResourceExhausted(None, f"tenant quota: at most {quota.max_adapters} adapters")
+    if used + add_bytes > quota.max_bytes:
+        raise ResourceExhausted(
+            None,
+            f"tenant quota: at most {quota.max_bytes} adapter bytes "
+            f"({used} stored, {add_bytes} more asked)",
+        )
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,9 @@ class Registry:
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # Serialises changes to the content-addressed folders: publishing a digest must not
+        # race with dropping the same digest when another tenant deletes identical files.
+        self._files_lock = threading.Lock()
         self._db = sqlite3.connect(
             self.home / "registry.sqlite3", check_same_thread=False, isolation_level=None
         )
@@ -297,6 +312,8 @@ class Registry:
 
     def find(self, tenant: str, ref: str, *, for_write: bool = False) -> AdapterRecord:
         """Resolve `name` (own) or `owner/name` (own or public). Others' private ones: NotFound."""
+        if not ref:
+            raise InvalidArgument("name", "give an adapter name (or owner/name)")
         owner, _, name = ref.rpartition("/") if "/" in ref else (tenant, "", ref)
         found = self._adapters("SELECT * FROM adapters WHERE owner=? AND name=?", (owner, name))
         if found and (found[0].owner == tenant or (found[0].public and not for_write)):
@@ -329,24 +346,64 @@ class Registry:
         target_modules: tuple[str, ...],
         repo_id: str | None = None,
         revision: str | None = None,
+        quota: Quota | None = None,
     ) -> AdapterRecord:
-        """Publish a checked staging folder: fsync, rename into place, then insert the row."""
+        """Publish a checked staging folder: fsync, rename into place, then insert the row.
+
+        `quota` is checked again inside the inserting transaction, so two uploads racing
+        past the early check cannot together exceed it.
+        """
         files = {p.name: sha256_file(p) for p in staged.iterdir() if p.is_file()}
         for path in staged.iterdir():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(staged)
         digest = manifest_digest(files)
+        size = sum(p.stat().st_size for p in staged.iterdir() if p.is_file())
         target = self.files_dir / digest
-        if target.exists():
-            shutil.rmtree(staged)  # identical files already stored (deduplicated)
-        else:
-            os.rename(staged, target)
-            fsync_dir(self.files_dir)
-        size = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
         now = int(time.time())
+        with self._files_lock:
+            if target.exists():
+                shutil.rmtree(staged)  # identical files already stored (deduplicated)
+            else:
+                os.rename(staged, target)
+                fsync_dir(self.files_dir)
+            try:
+                self._insert(
+                    owner, name, digest, source, repo_id, revision, files, rank, alpha,
+                    use_rslora, target_modules, size, now, quota,
+                )  # fmt: skip
+            except BaseException:
+                self._drop_unreferenced(digest)
+                raise
+        return self.find(owner, name)
+
+    def _insert(
+        self,
+        owner: str,
+        name: str,
+        digest: str,
+        source: str,
+        repo_id: str | None,
+        revision: str | None,
+        files: dict[str, str],
+        rank: int,
+        alpha: float,
+        use_rslora: bool,
+        target_modules: tuple[str, ...],
+        size: int,
+        now: int,
+        quota: Quota | None,
+    ) -> None:
+        """The row that makes an adapter visible, in one transaction with the quota check."""
         try:
             with self._tx() as db:
+                if quota is not None:
+                    count, used = db.execute(
+                        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE owner=?",
+                        (owner,),
+                    ).fetchone()
+                    check_quota(quota, count, used, size)
                 db.execute(
                     "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
                     (
@@ -366,14 +423,15 @@ class Registry:
                     ),
                 )
         except sqlite3.IntegrityError as exc:
-            self._drop_unreferenced(digest)
             raise AlreadyExists("name", f"adapter {name!r} exists") from exc
-        return self.find(owner, name)
 
     def delete(self, record: AdapterRecord) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM adapters WHERE owner=? AND name=?", (record.owner, record.name))
-        self._drop_unreferenced(record.digest)
+        with self._files_lock:
+            with self._tx() as db:
+                db.execute(
+                    "DELETE FROM adapters WHERE owner=? AND name=?", (record.owner, record.name)
+                )
+            self._drop_unreferenced(record.digest)
 
     def set_public(self, owner: str, name: str, public: bool) -> AdapterRecord:
         with self._tx() as db:
@@ -385,6 +443,7 @@ class Registry:
         return self.find(owner, name)
 
     def _drop_unreferenced(self, digest: str) -> None:
+        """Remove a digest's folder once no row names it (caller holds `_files_lock`)."""
         if not self._rows("SELECT 1 FROM adapters WHERE digest=? LIMIT 1", (digest,)):
             shutil.rmtree(self.files_dir / digest, ignore_errors=True)
 
