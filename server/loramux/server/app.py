@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 import grpc
@@ -45,13 +46,26 @@ class RunningServer:
     port: int
     metrics_port: int
     metrics_http: object | None
+    drain_started: threading.Event = field(default_factory=threading.Event)
 
     def drain(self, grace: float) -> None:
-        """Stop accepting, let in-flight calls finish within `grace` seconds, then stop."""
+        """Stop accepting, let in-flight calls finish within `grace` seconds, then stop.
+
+        While draining, the server still answers health checks (NOT_SERVING, so load
+        balancers move traffic away) and refuses new LoRAMux calls with UNAVAILABLE (which
+        the client retries elsewhere or later); calls already running go on. Whatever still
+        runs when `grace` is over is cancelled, which frees its engine row.
+        """
+        started = time.monotonic()
         log.info("draining: new calls refused, in-flight calls get %.0fs to finish", grace)
-        self.state.draining = True
+        self.state.start_draining()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.drain_started.set()
+        if not self.state.wait_idle(grace):
+            log.warning("drain: %d calls still running after %.0fs", self.state.inflight, grace)
+        # Calls that just returned may still be sending their last message: a short grace.
+        left = max(grace - (time.monotonic() - started), 0.0)
+        self.server.stop(min(left, 5.0)).wait()
         self.close()
 
     def close(self) -> None:

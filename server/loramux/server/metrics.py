@@ -23,14 +23,20 @@ OTHER = "other"
 
 
 class BoundedLabels:
-    """Keeps the first `limit` distinct values; every later one becomes "other"."""
+    """Keeps the first `limit` distinct values; every later one becomes "other".
 
-    def __init__(self, limit: int) -> None:
+    Values in `always` (e.g. "base") keep their name and do not count against the limit.
+    """
+
+    def __init__(self, limit: int, always: tuple[str, ...] = ()) -> None:
         self.limit = limit
+        self.always = frozenset(always)
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
     def __call__(self, value: str) -> str:
+        if value in self.always:
+            return value
         with self._lock:
             if value in self._seen:
                 return value
@@ -101,7 +107,9 @@ class EngineCollector(Collector):
 class Metrics:
     def __init__(self, engine: Engine, max_labels: int = 100) -> None:
         self.registry = CollectorRegistry()
-        self.adapter_label = BoundedLabels(max_labels)
+        # Adapter labels are "owner/name" of adapters that exist (unresolvable names are
+        # "unknown"), so callers cannot mint series by sending made-up names.
+        self.adapter_label = BoundedLabels(max_labels, always=("base", "unknown"))
         self.tenant_label = BoundedLabels(max_labels)
         self.requests = Counter(
             "loramux_requests",
@@ -130,9 +138,7 @@ class Metrics:
         self.registry.register(EngineCollector(engine))
 
     def request_done(self, tenant: str, adapter: str, status: str) -> None:
-        self.requests.labels(
-            self.tenant_label(tenant), self.adapter_label(adapter or "base"), status
-        ).inc()
+        self.requests.labels(self.tenant_label(tenant), self.adapter_label(adapter), status).inc()
 
     def tokens(self, tenant: str, prompt: int, generated: int) -> None:
         label = self.tenant_label(tenant)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -24,6 +25,7 @@ import grpc
 from loramux.core.config import Settings
 from loramux.core.errors import (
     AlreadyExists,
+    Cancelled,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -43,8 +45,9 @@ from loramux.server.registry import (
     Quota,
     Registry,
     check_name,
+    check_quota,
 )
-from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
+from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.tenants import Authenticator, ConcurrencyGate, Principal
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
@@ -66,6 +69,24 @@ STATES = {
 }
 
 
+def finish_reason(event: TokenEvent) -> pb.FinishReason:
+    """The wire value of an event's finish reason (UNSPECIFIED while unfinished)."""
+    if event.finish_reason is None:
+        return pb.FINISH_REASON_UNSPECIFIED
+    return FINISH_REASONS.get(event.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+
+
+NO_DEADLINE_SECONDS = 10**7  # gRPC reports "no deadline" as a huge number of seconds
+
+
+def time_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the client's deadline, or None when the client set none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_SECONDS:
+        return None
+    return max(float(remaining), 0.0)
+
+
 def abort(context: grpc.ServicerContext, error: LoramuxError) -> None:
     """End the call with the error's status; never returns."""
     if error.field:
@@ -75,7 +96,7 @@ def abort(context: grpc.ServicerContext, error: LoramuxError) -> None:
 
 @dataclass
 class ServerState:
-    """What the servicers share."""
+    """What the servicers share, and the count of calls in flight (for draining)."""
 
     settings: Settings
     engine: Engine
@@ -84,24 +105,50 @@ class ServerState:
     gate: ConcurrencyGate
     metrics: Metrics
     draining: bool = False
+    inflight: int = 0
+    _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Count one LoRAMux call while it runs; refuse new ones once draining started."""
+        with self._idle:
+            if self.draining:
+                raise Unavailable(None, "the server is draining; retry on another replica")
+            self.inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self.inflight -= 1
+                self._idle.notify_all()
+
+    def start_draining(self) -> None:
+        with self._idle:
+            self.draining = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False when `timeout` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.inflight == 0, timeout)
 
 
 class _Base:
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    def _principal(self, context: grpc.ServicerContext) -> Principal:
-        if self.state.draining:
-            raise Unavailable(None, "the server is draining; retry on another replica")
+    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
         return self.state.auth.authenticate(dict(context.invocation_metadata()))
 
     def _run(self, context: grpc.ServicerContext, handler: Callable[[Principal], T]) -> T:
         try:
-            return handler(self._principal(context))
+            with self.state.tracked():
+                return handler(self._authenticate(context))
         except LoramuxError as error:
             abort(context, error)
-        except Exception as exc:  # a bug: report it as INTERNAL, keep serving
-            log.exception("unexpected error")
+        except Exception as exc:
+            if not context.is_active():  # the client went away (e.g. mid-upload): not a bug
+                abort(context, Cancelled(None, "the client cancelled the call"))
+            log.exception("unexpected error")  # a bug: report it as INTERNAL, keep serving
             abort(context, Internal(None, f"internal error ({type(exc).__name__})"))
         raise AssertionError("unreachable")
 
@@ -166,21 +213,41 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
 
     @contextmanager
     def _generation(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
-    ) -> Iterator[tuple[RequestStream, str]]:
-        """Validate, wait for a tenant slot, submit; the stream is cancelled when the call ends."""
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.ServicerContext,
+        principal: Principal,
+        call: _CallRecord,
+    ) -> Iterator[RequestStream]:
+        """Validate, wait for a tenant slot, submit; the stream is cancelled when the call ends.
+
+        A client that cancels or disconnects at any point frees what it holds: its place in
+        the tenant's wait line at once, its engine row at the next engine step.
+        """
         state = self.state
         adapter_id = None
         if request.adapter:
             record = state.registry.find(principal.tenant, request.adapter)
+            call.adapter = f"{record.owner}/{record.name}"
             adapter_id = record.engine_id
             if adapter_id not in state.engine.adapters:
                 register_record(state, record)
         params = self._params(request)
         prompt = self._prompt(request)
-        remaining = context.time_remaining()
+        remaining = time_left(context)
         deadline = time.monotonic() + remaining if remaining is not None else None
-        with state.gate.slot(principal, remaining):
+        gone = threading.Event()
+        streams: list[RequestStream] = []
+
+        def on_call_end() -> None:
+            gone.set()
+            state.gate.wake()
+            for submitted in streams:
+                submitted.cancel()
+
+        if not context.add_callback(on_call_end):
+            raise Cancelled(None, "the call ended before generation started")
+        with state.gate.slot(principal, remaining, gone):
             stream = state.engine.submit(
                 GenerationRequest(
                     request_id=request.request_id or uuid.uuid4().hex,
@@ -190,47 +257,72 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
                     deadline=deadline,
                 )
             )
-            context.add_callback(stream.cancel)  # client cancel or disconnect frees the row
-            yield stream, request.adapter
+            streams.append(stream)
+            if gone.is_set():  # ended between the slot and the submit
+                stream.cancel()
+            yield stream
 
-    def _finish(self, principal: Principal, adapter: str, event: Any) -> None:
-        self.state.metrics.tokens(principal.tenant, event.prompt_tokens, event.completion_tokens)
-        if event.error is not None:
-            raise event.error
-        if event.finish_reason is FinishReason.CANCELLED:
-            raise LoramuxCancelled()
+    def _events(self, stream: RequestStream, call: _CallRecord) -> Iterator[TokenEvent]:
+        """The stream's events, timing first and later tokens; raises on a failed finish."""
+        metrics = self.state.metrics
+        for event in stream:
+            if event.token_ids:
+                now = time.monotonic()
+                if call.last_token is None:
+                    metrics.ttft.observe(now - call.started)
+                else:
+                    metrics.itl.observe(now - call.last_token)
+                call.last_token = now
+            if event.finished:
+                metrics.tokens(call.tenant, event.prompt_tokens, event.completion_tokens)
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is FinishReason.CANCELLED:
+                    raise Cancelled(None, "the request was cancelled")
+            yield event
+
+    @contextmanager
+    def _recorded(self, principal: Principal, request: pb.GenerateRequest) -> Iterator[_CallRecord]:
+        """Count the call in `loramux_requests_total` with its final status."""
+        call = _CallRecord(
+            tenant=principal.tenant, adapter="unknown" if request.adapter else "base"
+        )
+        status = "INTERNAL"
+        try:
+            yield call
+            status = "OK"
+        except LoramuxError as error:
+            status = error.code
+            raise
+        except GeneratorExit:  # gRPC closed the response stream: the client went away
+            status = "CANCELLED"
+            raise
+        finally:
+            self.state.metrics.request_done(call.tenant, call.adapter, status)
 
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> pb.GenerateResponse:
         def handle(principal: Principal) -> pb.GenerateResponse:
-            status = "OK"
-            try:
-                with self._generation(request, context, principal) as (stream, adapter):
-                    started = time.monotonic()
-                    text: list[str] = []
-                    tokens: list[int] = []
-                    for event in stream:
-                        if not tokens and event.token_ids:
-                            self.state.metrics.ttft.observe(time.monotonic() - started)
-                        text.append(event.text)
-                        tokens.extend(event.token_ids)
-                    self._finish(principal, adapter, event)
-                    return pb.GenerateResponse(
-                        request_id=stream.request_id,
-                        text="".join(text),
-                        token_ids=tokens,
-                        finish_reason=FINISH_REASONS.get(event.finish_reason, 0),  # type: ignore[arg-type]
-                        usage=pb.Usage(
-                            prompt_tokens=event.prompt_tokens,
-                            completion_tokens=event.completion_tokens,
-                        ),
-                    )
-            except LoramuxError as error:
-                status = error.code
-                raise
-            finally:
-                self.state.metrics.request_done(principal.tenant, request.adapter, status)
+            with (
+                self._recorded(principal, request) as call,
+                self._generation(request, context, principal, call) as stream,
+            ):
+                text: list[str] = []
+                tokens: list[int] = []
+                for event in self._events(stream, call):
+                    text.append(event.text)
+                    tokens.extend(event.token_ids)
+                return pb.GenerateResponse(
+                    request_id=stream.request_id,
+                    text="".join(text),
+                    token_ids=tokens,
+                    finish_reason=finish_reason(event),
+                    usage=pb.Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                    ),
+                )
 
         return self._run(context, handle)
 
@@ -238,50 +330,28 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateStreamResponse]:
         try:
-            principal = self._principal(context)
-        except LoramuxError as error:
-            abort(context, error)
-            return
-        status = "OK"
-        try:
-            with self._generation(request, context, principal) as (stream, adapter):
-                started = last = time.monotonic()
-                first = True
-                for event in stream:
-                    now = time.monotonic()
-                    if event.token_ids:
-                        if first:
-                            self.state.metrics.ttft.observe(now - started)
-                        else:
-                            self.state.metrics.itl.observe(now - last)
-                        first, last = False, now
-                    if event.finished:
-                        self._finish(principal, adapter, event)
-                        yield pb.GenerateStreamResponse(
-                            request_id=stream.request_id,
-                            text=event.text,
-                            token_ids=list(event.token_ids),
-                            finish_reason=FINISH_REASONS.get(event.finish_reason, 0),  # type: ignore[arg-type]
-                            usage=pb.Usage(
-                                prompt_tokens=event.prompt_tokens,
-                                completion_tokens=event.completion_tokens,
-                            ),
-                        )
-                    else:
-                        yield pb.GenerateStreamResponse(
+            with self.state.tracked():
+                principal = self._authenticate(context)
+                with (
+                    self._recorded(principal, request) as call,
+                    self._generation(request, context, principal, call) as stream,
+                ):
+                    for event in self._events(stream, call):
+                        message = pb.GenerateStreamResponse(
                             request_id=stream.request_id,
                             text=event.text,
                             token_ids=list(event.token_ids),
                         )
+                        if event.finished:
+                            message.finish_reason = finish_reason(event)
+                            message.usage.prompt_tokens = event.prompt_tokens
+                            message.usage.completion_tokens = event.completion_tokens
+                        yield message
         except LoramuxError as error:
-            status = error.code
             abort(context, error)
         except Exception as exc:
-            status = "INTERNAL"
             log.exception("unexpected error in GenerateStream")
             abort(context, Internal(None, f"internal error ({type(exc).__name__})"))
-        finally:
-            self.state.metrics.request_done(principal.tenant, request.adapter, status)
 
     def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.ServicerContext
@@ -310,11 +380,14 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
         return self._run(context, lambda _: pb.TokenizeResponse(token_ids=self._prompt(request)))
 
 
-class LoramuxCancelled(LoramuxError):
-    code = "CANCELLED"
+@dataclass
+class _CallRecord:
+    """Per-call bookkeeping for metrics: labels and token timing."""
 
-    def __init__(self) -> None:
-        super().__init__(None, "the request was cancelled")
+    tenant: str
+    adapter: str  # "base", "owner/name" once resolved, "unknown" when it was not found
+    started: float = field(default_factory=time.monotonic)
+    last_token: float | None = None
 
 
 def spec_from_record(record: AdapterRecord) -> AdapterSpec:
@@ -339,12 +412,9 @@ def register_record(state: ServerState, record: AdapterRecord) -> None:
 
 class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
     def _check_quota(self, principal: Principal, add_bytes: int) -> None:
+        """Early refusal before bytes move; `Registry.commit` checks again atomically."""
         count, used = self.state.registry.usage(principal.tenant)
-        quota = principal.quota
-        if count + 1 > quota.max_adapters:
-            raise ResourceExhausted(None, f"tenant quota: at most {quota.max_adapters} adapters")
-        if used + add_bytes > quota.max_bytes:
-            raise ResourceExhausted(None, f"tenant quota: at most {quota.max_bytes} adapter bytes")
+        check_quota(principal.quota, count, used, add_bytes)
 
     def _store(
         self, principal: Principal, name: str, staged: Path, **source: Any
@@ -361,6 +431,7 @@ class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
                 alpha=spec.alpha,
                 use_rslora=spec.use_rslora,
                 target_modules=spec.target_modules,
+                quota=principal.quota,
                 **source,
             )
         finally:
@@ -483,7 +554,16 @@ class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
             size = sum(p.stat().st_size for p in staged.iterdir() if p.is_file())
-            self._check_quota(principal, size)
+            limit = self.state.settings.max_upload_bytes
+            try:
+                if size > limit:  # the Hub's listing understated the sizes
+                    raise ResourceExhausted(
+                        "repo_id", f"adapter of {size} bytes exceeds the limit of {limit}"
+                    )
+                self._check_quota(principal, size)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
             return self._store(
                 principal, name, staged, source="hub", repo_id=request.repo_id, revision=sha
             )
@@ -509,9 +589,11 @@ class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
     ) -> pb.DeleteAdapterResponse:
         def handle(principal: Principal) -> pb.DeleteAdapterResponse:
             record = self.state.registry.find(principal.tenant, request.name, for_write=True)
-            self.state.registry.delete(record)
+            # Engine first: requests already holding the adapter finish with it in memory,
+            # new ones get NOT_FOUND; then the row and (if no one else shares them) the files.
             if record.engine_id in self.state.engine.adapters:
                 self.state.engine.adapters.unregister(record.engine_id)
+            self.state.registry.delete(record)
             return pb.DeleteAdapterResponse()
 
         return self._run(context, handle)
@@ -523,9 +605,9 @@ class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
             record = self.state.registry.find(principal.tenant, request.name)
             if record.engine_id not in self.state.engine.adapters:
                 register_record(self.state, record)
-            remaining = context.time_remaining()
+            remaining = time_left(context)
             getattr(self.state.engine.adapters, action)(
-                record.engine_id, timeout=remaining or 120.0
+                record.engine_id, timeout=120.0 if remaining is None else remaining
             )
             return self._adapter_info(record)
 
@@ -548,6 +630,7 @@ def download_from_hub(
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -576,6 +659,8 @@ def download_from_hub(
         )
     except LoramuxError:
         raise
+    except HFValidationError as exc:
+        raise InvalidArgument("repo_id", f"not a valid Hub repo id or revision: {exc}") from exc
     except RevisionNotFoundError as exc:
         raise NotFound("revision", f"{repo_id} has no revision {revision!r}") from exc
     except (RepositoryNotFoundError, GatedRepoError) as exc:

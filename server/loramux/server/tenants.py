@@ -14,7 +14,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from loramux.core.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from loramux.core.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from loramux.server.registry import Quota, Registry, TenantRecord, hash_key
 
 DEV_TENANT = "default"
@@ -65,7 +71,12 @@ class Authenticator:
 
 
 class ConcurrencyGate:
-    """Per-tenant limit on requests generating at once, with a bounded wait line."""
+    """Per-tenant limit on requests generating at once, with a bounded wait line.
+
+    A waiter leaves the line as soon as its deadline passes or its caller goes away
+    (`abandoned` set, then `wake()`), so a cancelled call never holds a place in the line
+    nor, later, a slot that nobody reads from.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
@@ -73,8 +84,14 @@ class ConcurrencyGate:
         self._waiting: dict[str, int] = {}
 
     @contextmanager
-    def slot(self, principal: Principal, timeout: float | None) -> Iterator[None]:
+    def slot(
+        self,
+        principal: Principal,
+        timeout: float | None,
+        abandoned: threading.Event | None = None,
+    ) -> Iterator[None]:
         quota, tenant = principal.quota, principal.tenant
+        gone = abandoned or threading.Event()
         with self._lock:
             if self._running.get(tenant, 0) >= quota.max_concurrent:
                 if self._waiting.get(tenant, 0) >= quota.max_queued:
@@ -85,12 +102,20 @@ class ConcurrencyGate:
                     )
                 self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
                 try:
-                    if not self._lock.wait_for(
-                        lambda: self._running.get(tenant, 0) < quota.max_concurrent, timeout
-                    ):
-                        raise ResourceExhausted(None, f"tenant {tenant!r}: no slot before deadline")
+                    free = self._lock.wait_for(
+                        lambda: (
+                            gone.is_set() or self._running.get(tenant, 0) < quota.max_concurrent
+                        ),
+                        timeout,
+                    )
                 finally:
                     self._waiting[tenant] -= 1
+                if gone.is_set():
+                    raise Cancelled(None, "the caller went away while queued")
+                if not free:
+                    raise DeadlineExceeded(
+                        None, f"tenant {tenant!r}: no free slot before the deadline"
+                    )
             self._running[tenant] = self._running.get(tenant, 0) + 1
         try:
             yield
@@ -99,6 +124,15 @@ class ConcurrencyGate:
                 self._running[tenant] -= 1
                 self._lock.notify_all()
 
+    def wake(self) -> None:
+        """Make waiters re-check their `abandoned` events."""
+        with self._lock:
+            self._lock.notify_all()
+
     def in_flight(self) -> dict[str, int]:
         with self._lock:
             return dict(self._running)
+
+    def waiting(self) -> dict[str, int]:
+        with self._lock:
+            return {t: n for t, n in self._waiting.items() if n}
