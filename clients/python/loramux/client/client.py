@@ -7,6 +7,7 @@ draining or restarting server answers with UNAVAILABLE are retried with backoff.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
@@ -197,7 +198,28 @@ def upload_messages(folder: Path, name: str) -> Iterator[pb.UploadAdapterRequest
                 yield pb.UploadAdapterRequest(chunk=pb.FileChunk(path=path.name, data=block))
 
 
+def _tokenize_request(
+    text: str | None, messages: Sequence[tuple[str, str]] | None
+) -> pb.TokenizeRequest:
+    request = pb.TokenizeRequest()
+    if messages is not None:
+        request.chat.CopyFrom(
+            pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
+        )
+    else:
+        request.text = text or ""
+    return request
+
+
+def _pull_request(repo_id: str, revision: str, name: str | None) -> pb.PullAdapterRequest:
+    return pb.PullAdapterRequest(
+        repo_id=repo_id, revision=revision, name=name or repo_id.rsplit("/", 1)[-1]
+    )
+
+
 class _Settings:
+    """Address, key, default deadline and retry policy shared by both clients."""
+
     def __init__(
         self, address: str, api_key: str | None, timeout: float | None, retries: int
     ) -> None:
@@ -207,11 +229,26 @@ class _Settings:
         self.retries = retries
 
     def backoff(self, attempt: int) -> float:
+        """Exponential with jitter, so clients of a restarting server do not return in step."""
         return min(5.0, 0.2 * 2**attempt) * (0.5 + random.random() / 2)
+
+    def should_retry(self, error: grpc.RpcError, attempt: int) -> bool:
+        return bool(error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries)
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+]
 
 
 class LoramuxClient:
-    """Blocking client. `LoramuxClient("127.0.0.1:50051", api_key="lmx_...")`."""
+    """Blocking client. `LoramuxClient("127.0.0.1:50051", api_key="lmx_...")`.
+
+    `timeout` is the default deadline of each call in seconds (None: no deadline); every
+    call also takes its own `timeout=`. UNAVAILABLE answers (a draining or restarting
+    server) are retried `retries` times with backoff; a stream only before its first chunk.
+    """
 
     def __init__(
         self,
@@ -222,13 +259,7 @@ class LoramuxClient:
         retries: int = 3,
     ) -> None:
         self._cfg = _Settings(address, api_key, timeout, retries)
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", 16 << 20),
-                ("grpc.max_send_message_length", 16 << 20),
-            ],
-        )
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.inference = pb_grpc.InferenceServiceStub(self._channel)
         self.adapters = pb_grpc.AdapterServiceStub(self._channel)
         self.admin = pb_grpc.AdminServiceStub(self._channel)
@@ -242,116 +273,129 @@ class LoramuxClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+    def _call(
+        self, method: Callable[..., T], request: Callable[[], Any], timeout: float | None = None
+    ) -> T:
+        """One call with retries; `request` builds the request (again for each attempt)."""
         attempt = 0
         while True:
             try:
                 return method(
-                    request, metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+                    request(), metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
                 )
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self._cfg.retries:
+                if self._cfg.should_retry(error, attempt):
                     time.sleep(self._cfg.backoff(attempt))
                     attempt += 1
                     continue
                 raise to_error(error) from None
 
-    # -- inference --
-    def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
-        timeout = kwargs.pop("timeout", None)
-        return _completion(
-            self._call(self.inference.Generate, build_request(prompt, **kwargs), timeout=timeout)
-        )
+    def _unary(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        return self._call(method, lambda: request, timeout)
 
-    def generate_stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[Chunk]:
+    # -- inference --
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> Completion:
+        """Generate a whole completion: give `prompt` (raw text) or `messages` (chat)."""
+        request = build_request(prompt, **kwargs)
+        return _completion(self._unary(self.inference.Generate, request, timeout))
+
+    def generate_stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[Chunk]:
         """Yields chunks as tokens are generated. Closing the iterator cancels the request."""
-        timeout = kwargs.pop("timeout", None)
-        call = self.inference.GenerateStream(
-            build_request(prompt, **kwargs),
-            metadata=self._cfg.metadata,
-            timeout=timeout or self._cfg.timeout,
-        )
-        try:
-            for message in call:
-                yield _chunk(message)
-        except grpc.RpcError as error:
-            raise to_error(error) from None
-        finally:
-            call.cancel()
+        request = build_request(prompt, **kwargs)
+        attempt = 0
+        while True:
+            call = self.inference.GenerateStream(
+                request, metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+            )
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    yield _chunk(message)
+                return
+            except grpc.RpcError as error:
+                if not received and self._cfg.should_retry(error, attempt):
+                    time.sleep(self._cfg.backoff(attempt))
+                    attempt += 1
+                    continue
+                raise to_error(error) from None
+            finally:
+                call.cancel()
 
     def model_info(self) -> pb.ModelInfoResponse:
-        return self._call(self.inference.ModelInfo, pb.ModelInfoRequest())
+        return self._unary(self.inference.ModelInfo, pb.ModelInfoRequest())
 
     def tokenize(
         self, text: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None
     ) -> list[int]:
-        request = pb.TokenizeRequest()
-        if messages is not None:
-            request.chat.CopyFrom(
-                pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
-            )
-        else:
-            request.text = text or ""
-        return list(self._call(self.inference.Tokenize, request).token_ids)
+        response = self._unary(self.inference.Tokenize, _tokenize_request(text, messages))
+        return list(response.token_ids)
 
     # -- adapters --
-    def upload_adapter(self, folder: Path | str, name: str) -> Adapter:
-        try:
-            info = self.adapters.UploadAdapter(
-                upload_messages(Path(folder), name),
-                metadata=self._cfg.metadata,
-                timeout=self._cfg.timeout,
-            )
-        except grpc.RpcError as error:
-            raise to_error(error) from None
+    def upload_adapter(
+        self, folder: Path | str, name: str, *, timeout: float | None = None
+    ) -> Adapter:
+        """Upload a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        info = self._call(
+            self.adapters.UploadAdapter, lambda: upload_messages(Path(folder), name), timeout
+        )
         return Adapter.from_pb(info)
 
     def pull_adapter(
-        self, repo_id: str, revision: str = "main", name: str | None = None
+        self,
+        repo_id: str,
+        revision: str = "main",
+        name: str | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Adapter:
-        request = pb.PullAdapterRequest(
-            repo_id=repo_id, revision=revision, name=name or repo_id.rsplit("/", 1)[-1]
-        )
-        return Adapter.from_pb(self._call(self.adapters.PullAdapter, request))
+        """Have the server fetch `repo_id` from the Hub, pinned to the commit of `revision`."""
+        request = _pull_request(repo_id, revision, name)
+        return Adapter.from_pb(self._unary(self.adapters.PullAdapter, request, timeout))
 
     def list_adapters(self) -> list[Adapter]:
-        response = self._call(self.adapters.ListAdapters, pb.ListAdaptersRequest())
+        response = self._unary(self.adapters.ListAdapters, pb.ListAdaptersRequest())
         return [Adapter.from_pb(a) for a in response.adapters]
 
     def get_adapter(self, name: str) -> Adapter:
-        return Adapter.from_pb(self._call(self.adapters.GetAdapter, pb.AdapterRef(name=name)))
+        return Adapter.from_pb(self._unary(self.adapters.GetAdapter, pb.AdapterRef(name=name)))
 
     def delete_adapter(self, name: str) -> None:
-        self._call(self.adapters.DeleteAdapter, pb.AdapterRef(name=name))
+        self._unary(self.adapters.DeleteAdapter, pb.AdapterRef(name=name))
 
     def load_adapter(self, name: str) -> Adapter:
-        return Adapter.from_pb(self._call(self.adapters.LoadAdapter, pb.AdapterRef(name=name)))
+        return Adapter.from_pb(self._unary(self.adapters.LoadAdapter, pb.AdapterRef(name=name)))
 
     def unload_adapter(self, name: str) -> Adapter:
-        return Adapter.from_pb(self._call(self.adapters.UnloadAdapter, pb.AdapterRef(name=name)))
+        return Adapter.from_pb(self._unary(self.adapters.UnloadAdapter, pb.AdapterRef(name=name)))
 
     # -- administration (admin keys only) --
     def create_tenant(self, name: str, *, admin: bool = False, **quota: int) -> pb.Tenant:
         request = pb.CreateTenantRequest(name=name, admin=admin, quota=pb.TenantQuota(**quota))
-        return self._call(self.admin.CreateTenant, request)
+        return self._unary(self.admin.CreateTenant, request)
 
     def list_tenants(self) -> list[pb.Tenant]:
-        return list(self._call(self.admin.ListTenants, pb.ListTenantsRequest()).tenants)
+        return list(self._unary(self.admin.ListTenants, pb.ListTenantsRequest()).tenants)
 
     def create_key(self, tenant: str) -> tuple[str, str]:
-        response = self._call(self.admin.CreateKey, pb.CreateKeyRequest(tenant=tenant))
+        response = self._unary(self.admin.CreateKey, pb.CreateKeyRequest(tenant=tenant))
         return response.key_id, response.key
 
     def revoke_key(self, key_id: str) -> None:
-        self._call(self.admin.RevokeKey, pb.RevokeKeyRequest(key_id=key_id))
+        self._unary(self.admin.RevokeKey, pb.RevokeKeyRequest(key_id=key_id))
 
     def set_adapter_public(self, owner: str, name: str, public: bool = True) -> Adapter:
         request = pb.SetAdapterPublicRequest(owner=owner, name=name, public=public)
-        return Adapter.from_pb(self._call(self.admin.SetAdapterPublic, request))
+        return Adapter.from_pb(self._unary(self.admin.SetAdapterPublic, request))
 
 
 class AsyncLoramuxClient:
-    """asyncio client: `await c.generate(...)`, `async for chunk in c.generate_stream(...)`."""
+    """asyncio client with the calls of `LoramuxClient`: `await c.generate(...)`,
+    `async for chunk in c.generate_stream(...)`. Same errors, deadlines and retries."""
 
     def __init__(
         self,
@@ -362,9 +406,10 @@ class AsyncLoramuxClient:
         retries: int = 3,
     ) -> None:
         self._cfg = _Settings(address, api_key, timeout, retries)
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.inference = pb_grpc.InferenceServiceStub(self._channel)
         self.adapters = pb_grpc.AdapterServiceStub(self._channel)
+        self.admin = pb_grpc.AdminServiceStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -375,50 +420,123 @@ class AsyncLoramuxClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        import asyncio
-
+    async def _call(
+        self, method: Callable[..., Any], request: Callable[[], Any], timeout: float | None = None
+    ) -> Any:
         attempt = 0
         while True:
             try:
-                return await method(request, metadata=self._cfg.metadata, timeout=self._cfg.timeout)
+                return await method(
+                    request(), metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+                )
             except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self._cfg.retries:
+                if self._cfg.should_retry(error, attempt):
                     await asyncio.sleep(self._cfg.backoff(attempt))
                     attempt += 1
                     continue
                 raise to_error(error) from None
 
-    async def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
-        return _completion(
-            await self._call(self.inference.Generate, build_request(prompt, **kwargs))
-        )
+    async def _unary(
+        self, method: Callable[..., Any], request: Any, timeout: float | None = None
+    ) -> Any:
+        return await self._call(method, lambda: request, timeout)
+
+    # -- inference --
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> Completion:
+        request = build_request(prompt, **kwargs)
+        return _completion(await self._unary(self.inference.Generate, request, timeout))
 
     async def generate_stream(
-        self, prompt: str | None = None, **kwargs: Any
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> AsyncIterator[Chunk]:
-        call = self.inference.GenerateStream(
-            build_request(prompt, **kwargs), metadata=self._cfg.metadata, timeout=self._cfg.timeout
+        """Yields chunks as tokens are generated. Closing the iterator cancels the request."""
+        request = build_request(prompt, **kwargs)
+        attempt = 0
+        while True:
+            call = self.inference.GenerateStream(
+                request, metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+            )
+            received = False
+            try:
+                async for message in call:
+                    received = True
+                    yield _chunk(message)
+                return
+            except grpc.aio.AioRpcError as error:
+                if not received and self._cfg.should_retry(error, attempt):
+                    await asyncio.sleep(self._cfg.backoff(attempt))
+                    attempt += 1
+                    continue
+                raise to_error(error) from None
+            finally:
+                call.cancel()
+
+    async def model_info(self) -> pb.ModelInfoResponse:
+        return await self._unary(self.inference.ModelInfo, pb.ModelInfoRequest())
+
+    async def tokenize(
+        self, text: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None
+    ) -> list[int]:
+        response = await self._unary(self.inference.Tokenize, _tokenize_request(text, messages))
+        return list(response.token_ids)
+
+    # -- adapters --
+    async def upload_adapter(
+        self, folder: Path | str, name: str, *, timeout: float | None = None
+    ) -> Adapter:
+        info = await self._call(
+            self.adapters.UploadAdapter, lambda: upload_messages(Path(folder), name), timeout
         )
-        try:
-            async for message in call:
-                yield _chunk(message)
-        except grpc.aio.AioRpcError as error:
-            raise to_error(error) from None
-        finally:
-            call.cancel()
+        return Adapter.from_pb(info)
+
+    async def pull_adapter(
+        self,
+        repo_id: str,
+        revision: str = "main",
+        name: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Adapter:
+        request = _pull_request(repo_id, revision, name)
+        return Adapter.from_pb(await self._unary(self.adapters.PullAdapter, request, timeout))
 
     async def list_adapters(self) -> list[Adapter]:
-        response = await self._call(self.adapters.ListAdapters, pb.ListAdaptersRequest())
+        response = await self._unary(self.adapters.ListAdapters, pb.ListAdaptersRequest())
         return [Adapter.from_pb(a) for a in response.adapters]
 
-    async def upload_adapter(self, folder: Path | str, name: str) -> Adapter:
-        try:
-            info = await self.adapters.UploadAdapter(
-                upload_messages(Path(folder), name),
-                metadata=self._cfg.metadata,
-                timeout=self._cfg.timeout,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise to_error(error) from None
+    async def get_adapter(self, name: str) -> Adapter:
+        info = await self._unary(self.adapters.GetAdapter, pb.AdapterRef(name=name))
         return Adapter.from_pb(info)
+
+    async def delete_adapter(self, name: str) -> None:
+        await self._unary(self.adapters.DeleteAdapter, pb.AdapterRef(name=name))
+
+    async def load_adapter(self, name: str) -> Adapter:
+        info = await self._unary(self.adapters.LoadAdapter, pb.AdapterRef(name=name))
+        return Adapter.from_pb(info)
+
+    async def unload_adapter(self, name: str) -> Adapter:
+        info = await self._unary(self.adapters.UnloadAdapter, pb.AdapterRef(name=name))
+        return Adapter.from_pb(info)
+
+    # -- administration (admin keys only) --
+    async def create_tenant(self, name: str, *, admin: bool = False, **quota: int) -> pb.Tenant:
+        request = pb.CreateTenantRequest(name=name, admin=admin, quota=pb.TenantQuota(**quota))
+        return await self._unary(self.admin.CreateTenant, request)
+
+    async def list_tenants(self) -> list[pb.Tenant]:
+        response = await self._unary(self.admin.ListTenants, pb.ListTenantsRequest())
+        return list(response.tenants)
+
+    async def create_key(self, tenant: str) -> tuple[str, str]:
+        response = await self._unary(self.admin.CreateKey, pb.CreateKeyRequest(tenant=tenant))
+        return response.key_id, response.key
+
+    async def revoke_key(self, key_id: str) -> None:
+        await self._unary(self.admin.RevokeKey, pb.RevokeKeyRequest(key_id=key_id))
+
+    async def set_adapter_public(self, owner: str, name: str, public: bool = True) -> Adapter:
+        request = pb.SetAdapterPublicRequest(owner=owner, name=name, public=public)
+        return Adapter.from_pb(await self._unary(self.admin.SetAdapterPublic, request))
