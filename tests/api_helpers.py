@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loramux.server.adapters import LinearShape
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -91,3 +93,15 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+
+
+def linear_shapes(model_folder: Path) -> dict[str, LinearShape]:
+    """The adaptable linear layers of a base model, from its config alone (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loramux.server.lora import base_linear_shapes
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_folder)))
+    return base_linear_shapes(skeleton)

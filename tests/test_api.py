@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import re
 import signal
 import threading
 import urllib.request
@@ -11,15 +14,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from api_helpers import ServerProcess, eventually, free_port, health_status
+from api_helpers import ServerProcess, eventually, free_port, health_status, linear_shapes
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hub_server import HubServer
 
+from loramux.cli import main as loramux_main
 from loramux.client import (
     AlreadyExists,
+    AsyncLoramuxClient,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     LoramuxClient,
     NotFound,
@@ -31,8 +36,8 @@ from loramux.client import (
 from loramux.client.client import upload_messages
 from loramux.core.config import Settings
 from loramux.core.models import ResolvedModel
+from loramux.server.adapters import LinearShape
 from loramux.server.app import RunningServer, start_server
-from loramux.server.lora import base_linear_shapes
 from loramux.server.synthetic import write_random_adapter
 from loramux.v1 import loramux_pb2 as pb
 
@@ -42,12 +47,8 @@ QUESTION = [("user", "What is the capital of France?")]
 
 
 @pytest.fixture(scope="module")
-def linears(smollm2: ResolvedModel) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(smollm2.path)))
-    return base_linear_shapes(skeleton)
+def linears(smollm2: ResolvedModel) -> dict[str, LinearShape]:
+    return linear_shapes(smollm2.path)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +309,8 @@ def test_metrics_expose_the_series(server: RunningServer, tenants: dict) -> None
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     for series in (
-        'loramux_requests_total{adapter="shared-name",status="OK",tenant="acme"}',
+        'loramux_requests_total{adapter="acme/shared-name",status="OK",tenant="acme"}',
+        'loramux_requests_total{adapter="unknown",status="NOT_FOUND",tenant="acme"}',
         "loramux_time_to_first_token_seconds_bucket",
         "loramux_inter_token_latency_seconds_bucket",
         'loramux_prompt_tokens_total{tenant="acme"}',
@@ -375,6 +377,20 @@ def test_concurrent_quota_is_resource_exhausted(
         waiter.join(60)
         assert errors == [None]
 
+        # A caller that gives up while queued leaves the line at once (not when a slot frees).
+        holder = tiny.generate_stream("Count:", max_new_tokens=300, ignore_eos=True)
+        next(holder)
+        queued = tiny.inference.Generate.future(
+            pb.GenerateRequest(prompt="c", max_new_tokens=1), metadata=tiny._cfg.metadata
+        )
+        assert eventually(lambda: server.state.gate.waiting().get("tiny", 0) == 1)
+        queued.cancel()
+        assert eventually(lambda: server.state.gate.waiting().get("tiny", 0) == 0)
+        assert server.state.gate.in_flight()["tiny"] == 1  # the holder still runs
+        with pytest.raises(grpc.FutureCancelledError):
+            queued.result()
+        holder.close()
+
 
 def _capture(call) -> Exception | None:  # type: ignore[no-untyped-def]
     try:
@@ -384,8 +400,118 @@ def _capture(call) -> Exception | None:  # type: ignore[no-untyped-def]
     return None
 
 
-def test_generated_code_is_current() -> None:
-    from loramux.core.protogen import stale_files
+def test_async_client_streams_and_maps_errors(
+    address: str, tenants: dict[str, LoramuxClient]
+) -> None:
+    acme_key = tenants["acme"]._cfg.metadata[0][1].removeprefix("Bearer ")
+    unary = tenants["acme"].generate(messages=QUESTION, adapter="shared-name", max_new_tokens=12)
 
-    assert stale_files() == []
-    assert pb.DESCRIPTOR.package == "loramux.v1"
+    async def scenario() -> tuple[str, list[int], str, list[str]]:
+        async with AsyncLoramuxClient(address, acme_key) as client:
+            chunks = [
+                chunk
+                async for chunk in client.generate_stream(
+                    messages=QUESTION, adapter="shared-name", max_new_tokens=12
+                )
+            ]
+            whole = await client.generate(
+                messages=QUESTION, adapter="shared-name", max_new_tokens=12, timeout=120
+            )
+            names = [a.name for a in await client.list_adapters()]
+            with pytest.raises(NotFound):
+                await client.get_adapter("globex/shared-name")
+            with pytest.raises(NotFound):
+                async for _ in client.generate_stream("hi", adapter="nope", max_new_tokens=1):
+                    pass
+            with pytest.raises(PermissionDenied):
+                await client.list_tenants()
+            text = "".join(c.text for c in chunks)
+            return text, [t for c in chunks for t in c.token_ids], whole.text, names
+
+    streamed_text, streamed_ids, whole_text, names = asyncio.run(scenario())
+    assert streamed_text == whole_text == unary.text
+    assert streamed_ids == unary.token_ids
+    assert "shared-name" in names
+
+
+def test_incompatible_or_oversized_uploads_are_refused(
+    server: RunningServer,
+    admin: LoramuxClient,
+    address: str,
+    tmp_path: Path,
+    linears: dict[str, LinearShape],
+    adapters: dict[str, Path],
+) -> None:
+    admin.create_tenant("small", max_bytes=1000)
+    _, key = admin.create_key("small")
+    home = server.state.settings.home
+    before = sorted(p.name for p in (home / "adapters").iterdir())
+    wrong = {n: LinearShape(s.in_features * 2, s.out_features) for n, s in linears.items()}
+    misfit = write_random_adapter(tmp_path / "misfit", wrong, rank=4)
+    with pytest.raises(FailedPrecondition) as info:
+        admin.upload_adapter(misfit, "misfit")
+    assert "another base model" in info.value.message
+    assert info.value.field == "adapter_model.safetensors"
+    with LoramuxClient(address, key) as small:
+        # Over the tenant's byte quota (1000 bytes).
+        with pytest.raises(ResourceExhausted) as quota:
+            small.upload_adapter(adapters["alpha"], "too-big-for-me")
+        assert "bytes" in quota.value.message
+        # A header announcing more than --max-upload-bytes is refused before any byte moves.
+        header = next(upload_messages(adapters["alpha"], "huge"))
+        header.header.files[1].size = 10**12
+        with pytest.raises(grpc.RpcError) as huge:
+            small.adapters.UploadAdapter(iter([header]), metadata=small._cfg.metadata)
+        assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(huge.value.trailing_metadata())["loramux-error-field"] == "files"
+        assert small.list_adapters() == []
+    assert sorted(p.name for p in (home / "adapters").iterdir()) == before
+    assert not any((home / "tmp").iterdir())
+
+
+def test_cli_commands_against_the_server(
+    admin: LoramuxClient, address: str, adapters: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    def run(*args: str, key: str = ADMIN_KEY) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = loramux_main([*args, "--address", address, "--api-key", key])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert run("tenants", "create", "cli-user", "--max-adapters", "2")[0] == 0
+    code, out, _ = run("tenants", "key", "cli-user")
+    key = re.search(r"^key\s+(\S+)$", out, re.MULTILINE).group(1)  # type: ignore[union-attr]
+    code, out, _ = run("tenants", "list")
+    assert code == 0 and re.search(r"^cli-user .* adapters=2 ", out, re.MULTILINE)
+    assert run("adapters", "upload", str(adapters["beta"]), "--name", "cli-one", key=key)[0] == 0
+    code, out, _ = run("adapters", "list", "--json", key=key)
+    assert [(a["owner"], a["name"], a["rank"]) for a in json.loads(out)] == [
+        ("cli-user", "cli-one", 8)
+    ]
+    assert json.loads(run("adapters", "load", "cli-one", "--json", key=key)[1])["state"] == "device"
+    code, out, _ = run("adapters", "unload", "cli-one", key=key)
+    assert code == 0 and " stored " in out
+    code, out, _ = run(
+        "generate", "Hello", "--adapter", "cli-one", "--max-new-tokens", "3", "--no-stream", key=key
+    )
+    assert code == 0 and out.strip()
+    code, out, _ = run("generate", "--chat", "Hi", "--max-new-tokens", "3", key=key)
+    assert code == 0 and out.strip()
+    code, _, err = run("tenants", "list", key=key)  # not an admin
+    assert code == 2 and "admin" in err
+    code, _, err = run("adapters", "show", "nothing-here", key=key)
+    assert code == 2 and "nothing-here" in err
+    assert run("adapters", "rm", "cli-one", key=key)[0] == 0
+    with LoramuxClient(address, key) as cli_user:
+        assert cli_user.list_adapters() == []
+
+
+def test_metric_labels_stay_bounded(server: RunningServer, tenants: dict) -> None:
+    metrics = server.state.metrics
+    for i in range(2000):
+        metrics.request_done("acme", f"acme/many-{i}", "OK")
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    labels = set(re.findall(r'^loramux_requests_total\{adapter="([^"]*)"', text, re.MULTILINE))
+    assert len(labels) <= metrics.adapter_label.limit + 3  # + base, unknown, other
+    assert "other" in labels
