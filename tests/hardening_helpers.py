@@ -30,17 +30,15 @@ FIELD_METADATA = "loramux-error-field"
 def tiny_server(home: Path, tiny: ResolvedModel, **overrides: Any) -> RunningServer:
     """An in-process server on 127.0.0.1 over the tiny random Llama (starts in seconds)."""
     home.mkdir(parents=True, exist_ok=True)
-    settings = Settings(
-        home=home,
-        base_model=str(tiny.path),
-        port=0,
-        metrics_port=0,
-        admin_keys=[ADMIN_KEY],
-        lora_kernel="eager",
-        max_new_tokens_limit=64,
-        **overrides,
-    )
-    return start_server(settings)
+    settings: dict[str, Any] = {
+        "port": 0,
+        "metrics_port": 0,
+        "admin_keys": [ADMIN_KEY],
+        "lora_kernel": "eager",
+        "max_new_tokens_limit": 64,
+    }
+    settings.update(overrides)
+    return start_server(Settings(home=home, base_model=str(tiny.path), **settings))
 
 
 @dataclass(frozen=True)

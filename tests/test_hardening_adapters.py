@@ -36,9 +36,9 @@ from hardening_helpers import (
 from safetensors.torch import load_file, save_file
 
 from loramux.core.models import ResolvedModel
-from loramux.server.adapters import CONFIG_FILE, WEIGHTS_FILE, LinearShape
+from loramux.server.adapters import CONFIG_FILE, MAX_ABS_VALUE, WEIGHTS_FILE, LinearShape
 from loramux.server.app import RunningServer
-from loramux.server.lora import base_linear_shapes
+from loramux.server.lora import base_linear_shapes, dense_lora
 from loramux.server.synthetic import write_random_adapter
 from loramux.v1 import loramux_pb2 as pb
 
@@ -282,6 +282,18 @@ def inf_weights(files: Files, folder: Path, linears: Linears) -> Files:
     return _edit_weights(files, poison, folder)
 
 
+def huge_weights(files: Files, folder: Path, linears: Linears) -> Files:
+    def inflate(tensors: dict[str, torch.Tensor]) -> None:
+        key = _first_key(tensors)
+        tensors[key] = torch.full_like(tensors[key], 3e38)  # finite in bf16, overflows x @ A
+
+    return _edit_weights(files, inflate, folder)
+
+
+def huge_alpha(files: Files, folder: Path, linears: Linears) -> Files:
+    return _edit_config(files, lora_alpha=1e300)  # finite, but inf once a float32 scaling
+
+
 def integer_weights(files: Files, folder: Path, linears: Linears) -> Files:
     def cast(tensors: dict[str, torch.Tensor]) -> None:
         key = _first_key(tensors)
@@ -346,6 +358,8 @@ CASES = {
     "dora-magnitudes": (dora_magnitudes, INVALID, "use_dora", r"DoRA"),
     "nan-weights": (nan_weights, INVALID, WEIGHTS_FILE, r"NaN or Inf"),
     "inf-weights": (inf_weights, INVALID, WEIGHTS_FILE, r"NaN or Inf"),
+    "huge-weights": (huge_weights, INVALID, WEIGHTS_FILE, r"beyond 65504"),
+    "huge-alpha": (huge_alpha, INVALID, "lora_alpha", r"scaling .* beyond 65504"),
     "integer-weights": (integer_weights, INVALID, WEIGHTS_FILE, r"not a float"),
     "unpaired-lora-a": (unpaired, INVALID, WEIGHTS_FILE, r"pairs"),
     "no-lora-weights": (no_weights, INVALID, WEIGHTS_FILE, r"no LoRA weights"),
@@ -388,3 +402,31 @@ def test_bad_adapter_is_refused_and_nothing_is_stored(
     # The server keeps serving everyone else, exactly as before.
     assert token_ids(call(inference.Generate, alice_request, keys["alice"])) == expected
     assert token_ids(call(inference.Generate, generate_request("And mallory too"), keys["mallory"]))
+
+
+def test_largest_accepted_values_cannot_reach_other_rows() -> None:
+    """Why the bound holds: at the extremes it accepts, the dense two-GEMM path (which
+    multiplies every row by every batched adapter's A, then masks with zeros) still gives
+    the other rows exactly what they get without that adapter in the batch."""
+    in_features, out_features, rank, slots = 8192, 64, 8, 3
+    generator = torch.Generator().manual_seed(0)
+    lora_a = torch.zeros(slots, rank, in_features, dtype=torch.bfloat16)
+    lora_bt = torch.zeros(slots, rank, out_features, dtype=torch.bfloat16)
+    lora_a[1] = (torch.randn(rank, in_features, generator=generator) * 0.05).bfloat16()
+    lora_bt[1] = (torch.randn(rank, out_features, generator=generator) * 0.05).bfloat16()
+    lora_a[2] = MAX_ABS_VALUE  # the hostile tenant's adapter, at the limit
+    lora_bt[2] = MAX_ABS_VALUE
+    scalings = torch.tensor([0.0, 2.0, MAX_ABS_VALUE])
+    # Activations far beyond what a real model feeds a linear layer.
+    x = (torch.randn(3, in_features, generator=generator) * 1e4).bfloat16()
+
+    def run(row_slots: list[int]) -> torch.Tensor:
+        slots_t = torch.tensor(row_slots)
+        unique, groups = torch.unique(slots_t, return_inverse=True)
+        onehot = torch.nn.functional.one_hot(groups, unique.shape[0]).float()
+        return dense_lora(x[: len(row_slots)], lora_a, lora_bt, scalings, unique, onehot)
+
+    without = run([0, 1])
+    with_hostile = run([0, 1, 2])
+    assert torch.isfinite(with_hostile[:2]).all()
+    assert torch.equal(with_hostile[:2], without)

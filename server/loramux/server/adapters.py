@@ -27,6 +27,11 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 64 << 20
+# Largest weight or scaling accepted: float16's range, which no trained LoRA comes near.
+# The bound is what keeps one tenant's adapter out of another's output: the dense LoRA
+# path multiplies every row by every batched adapter's A and masks with zeros, and
+# 0 * inf is NaN. Within it, x @ A cannot overflow float32 for any real activations.
+MAX_ABS_VALUE = 65504.0
 PEFT_PREFIX = "base_model.model."
 _SAFETENSORS_DTYPE_BYTES = {
     "F64": 8,
@@ -224,10 +229,16 @@ def _read_weights(
             a = handle.get_tensor(parts["A"][1])
             b = handle.get_tensor(parts["B"][1])
             for tensor, key in ((a, parts["A"][1]), (b, parts["B"][1])):
-                # One float64 sum is NaN/Inf iff some element is (it cannot overflow for
-                # 16/32-bit inputs), and is ~10x cheaper than isfinite().all() on bf16.
-                if not torch.isfinite(tensor.sum(dtype=torch.float64)):
+                # min and max in one pass (NaN propagates into both): far cheaper than
+                # isfinite().all() or a float64 sum on bf16, and it bounds the values too.
+                low, high = (float(v) for v in torch.aminmax(tensor))
+                if not (math.isfinite(low) and math.isfinite(high)):
                     raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
+                if max(-low, high) > MAX_ABS_VALUE:
+                    raise InvalidArgument(
+                        WEIGHTS_FILE,
+                        f"{key} holds values up to {max(-low, high):g}, beyond {MAX_ABS_VALUE:g}",
+                    )
             modules[module] = ModuleWeights(
                 lora_a=a.to(dtype).contiguous(),
                 lora_b=b.to(dtype).contiguous(),
@@ -271,6 +282,10 @@ def inspect_adapter(
     use_rslora = bool(config.get("use_rslora"))
     rank_pattern: dict[str, Any] = config.get("rank_pattern") or {}
     alpha_pattern: dict[str, Any] = config.get("alpha_pattern") or {}
+
+    def scaling_for(module: str, rank: int) -> float:
+        alpha = float(_pattern_value(alpha_pattern, module, default_alpha))
+        return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
     shapes: dict[str, dict[str, tuple[list[int], str]]] = {}
     for key, info in header.items():
@@ -320,11 +335,12 @@ def inspect_adapter(
             raise InvalidArgument(
                 "r", f"{module}: adapter_config.json says rank {declared}, weights have rank {rank}"
             )
+        scaling = scaling_for(module, rank)
+        if scaling > MAX_ABS_VALUE:
+            raise InvalidArgument(
+                "lora_alpha", f"{module}: scaling {scaling:g} is beyond {MAX_ABS_VALUE:g}"
+            )
         max_seen = max(max_seen, rank)
-
-    def scaling_for(module: str, rank: int) -> float:
-        alpha = float(_pattern_value(alpha_pattern, module, default_alpha))
-        return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
     modules: dict[str, ModuleWeights] = {}
     if load:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loramux.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" accepts a final "\n"
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

@@ -42,7 +42,14 @@ def _penalise(row: torch.Tensor, seen: set[int], penalty: float) -> None:
 
 
 def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    logits = row / params.temperature
+    # Relative to the best logit before dividing: a tiny temperature then tends to greedy
+    # instead of overflowing to inf - inf = NaN, and NaN logits (a broken adapter) cannot
+    # reach torch.multinomial, whose error would fail every request in the batch.
+    row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
+    best = row.max()
+    if not torch.isfinite(best):  # nothing but NaN and -inf: no distribution to draw from
+        return int(row.argmax())
+    logits = (row - best) / params.temperature
     if params.top_k and params.top_k < logits.shape[0]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
