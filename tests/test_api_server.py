@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from loramux.client import AlreadyExists, LoramuxClient, NotFound, Unavailable
 from loramux.client.client import upload_messages
 from loramux.core import protogen
 from loramux.core.config import Settings
-from loramux.core.errors import InvalidArgument, ResourceExhausted
+from loramux.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer, start_server
 from loramux.server.registry import Quota, Registry
@@ -302,3 +303,22 @@ def test_sigkill_during_upload_leaves_no_partial_adapter(
     finally:
         release.set()
         server.stop()
+
+
+def test_taken_ports_are_reported_before_the_model_loads(
+    tiny_server: RunningServer, tmp_path: Path
+) -> None:
+    # A base model that cannot resolve proves the ports are checked first.
+    unresolvable = dict(home=tmp_path, base_model=str(tmp_path / "no-model"), device="cpu")
+    with pytest.raises(FailedPrecondition) as grpc_port:
+        start_server(Settings(port=tiny_server.port, metrics_port=0, **unresolvable))
+    assert grpc_port.value.field == "port"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(FailedPrecondition) as metrics_port:
+            start_server(Settings(port=0, metrics_port=busy, **unresolvable))
+    assert metrics_port.value.field == "metrics_port"
+    with LoramuxClient(f"127.0.0.1:{tiny_server.port}") as client:  # the first server still serves
+        assert client.model_info().base_model == str(tiny_server.state.engine.info.base_model)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loramux.core.config import Settings
+from loramux.core.errors import FailedPrecondition
 from loramux.server.engine import Engine
 from loramux.server.metrics import Metrics
 from loramux.server.registry import Quota, Registry
@@ -47,6 +48,7 @@ class RunningServer:
     metrics_port: int
     metrics_http: object | None
     drain_started: threading.Event = field(default_factory=threading.Event)
+    _closed: bool = False
 
     def drain(self, grace: float) -> None:
         """Stop accepting, let in-flight calls finish within `grace` seconds, then stop.
@@ -69,6 +71,10 @@ class RunningServer:
         self.close()
 
     def close(self) -> None:
+        """Stop at once (idempotent): gRPC, then the engine, the registry, the metrics."""
+        if self._closed:
+            return
+        self._closed = True
         self.server.stop(0)
         self.state.engine.shutdown()
         self.state.registry.close()
@@ -76,9 +82,75 @@ class RunningServer:
             self.metrics_http.shutdown()  # type: ignore[attr-defined]
 
 
+def _bind(server: grpc.Server, settings: Settings) -> int:
+    """Listen on host:port, alone (no SO_REUSEPORT sharing with a second server)."""
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise FailedPrecondition(
+            "port", f"cannot listen on {settings.host}:{settings.port} (in use, or not local)"
+        )
+    return port
+
+
+def _serve_metrics(metrics: Metrics, settings: Settings) -> tuple[object, int]:
+    try:
+        http = metrics.serve(settings.host, settings.metrics_port)
+    except OSError as exc:
+        raise FailedPrecondition(
+            "metrics_port",
+            f"cannot serve metrics on {settings.host}:{settings.metrics_port} ({exc.strerror})",
+        ) from exc
+    return http, int(http.server_port)  # type: ignore[attr-defined]
+
+
 def start_server(settings: Settings, engine: Engine | None = None) -> RunningServer:
-    """Build everything and start serving; returns at once (port 0 picks a free port)."""
-    engine = engine or Engine.create(settings)
+    """Build everything and start serving; returns at once (port 0 picks a free port).
+
+    The ports are bound first, so a taken port is reported before the model loads.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    port = _bind(server, settings)
+    metrics = Metrics()
+    metrics_http, metrics_port = None, 0
+    try:
+        if settings.metrics_port:
+            metrics_http, metrics_port = _serve_metrics(metrics, settings)
+        engine = engine or Engine.create(settings)
+        metrics.attach(engine)
+        state, health_servicer = _build_services(server, settings, engine, metrics)
+        server.start()
+    except BaseException:
+        server.stop(0)
+        if metrics_http is not None:
+            metrics_http.shutdown()  # type: ignore[attr-defined]
+        raise
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving %s on %s:%d (gRPC), metrics on http://%s:%d/metrics",
+        engine.info.base_model,
+        settings.host,
+        port,
+        settings.host,
+        metrics_port,
+    )
+    return RunningServer(state, server, health_servicer, port, metrics_port, metrics_http)
+
+
+def _build_services(
+    server: grpc.Server, settings: Settings, engine: Engine, metrics: Metrics
+) -> tuple[ServerState, health.HealthServicer]:
+    """Registry, tenants and every servicer; stored adapters registered with the engine."""
     registry = Registry(
         settings.home,
         Quota(
@@ -100,19 +172,12 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
         registry=registry,
         auth=auth,
         gate=ConcurrencyGate(),
-        metrics=Metrics(engine),
+        metrics=metrics,
     )
-    for record in registry.all_adapters():
+    stored = registry.all_adapters()
+    for record in stored:
         register_record(state, record)
-    log.info("registry: %d stored adapters", len(registry.all_adapters()))
-
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+    log.info("registry: %d stored adapters", len(stored))
     pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
     pb_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(state), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
@@ -121,26 +186,7 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
-    server.start()
-    for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    metrics_http, metrics_port = None, 0
-    if settings.metrics_port:
-        metrics_http = state.metrics.serve(settings.host, settings.metrics_port)
-        metrics_port = metrics_http.server_port  # type: ignore[attr-defined]
-    log.info(
-        "serving %s on %s:%d (gRPC), metrics on http://%s:%d/metrics",
-        engine.info.base_model,
-        settings.host,
-        port,
-        settings.host,
-        metrics_port,
-    )
-    return RunningServer(state, server, health_servicer, port, metrics_port, metrics_http)
+    return state, health_servicer
 
 
 def run_server(settings: Settings) -> int:

@@ -105,7 +105,10 @@ class EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine: Engine, max_labels: int = 100) -> None:
+    """The server's series. The engine's figures join once `attach(engine)` is called, so
+    the HTTP endpoint can be bound (and a taken port reported) before the model loads."""
+
+    def __init__(self, engine: Engine | None = None, max_labels: int = 100) -> None:
         self.registry = CollectorRegistry()
         # Adapter labels are "owner/name" of adapters that exist (unresolvable names are
         # "unknown"), so callers cannot mint series by sending made-up names.
@@ -135,6 +138,10 @@ class Metrics:
         self.generated_tokens = Counter(
             "loramux_generated_tokens", "Tokens generated", ["tenant"], registry=self.registry
         )
+        if engine is not None:
+            self.attach(engine)
+
+    def attach(self, engine: Engine) -> None:
         self.registry.register(EngineCollector(engine))
 
     def request_done(self, tenant: str, adapter: str, status: str) -> None:
