@@ -44,6 +44,7 @@ from loramux.v1 import loramux_pb2 as pb
 pytestmark = pytest.mark.slow
 ADMIN_KEY = "admin-test-key"
 QUESTION = [("user", "What is the capital of France?")]
+HUB_TOKEN = "hub-secret-token"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def hub() -> Iterator[HubServer]:
     import huggingface_hub.constants
 
     huggingface_hub.constants.HF_HUB_DISABLE_XET = True
-    with HubServer(token=None) as server:
+    with HubServer(token=HUB_TOKEN) as server:  # public repos readable by anyone
         yield server
 
 
@@ -277,7 +278,10 @@ def test_load_unload_report_state(tenants: dict[str, LoramuxClient]) -> None:
 
 
 def test_pull_from_hub_stores_the_exact_commit(
-    hub: HubServer, tenants: dict[str, LoramuxClient], adapters: dict[str, Path]
+    hub: HubServer,
+    tenants: dict[str, LoramuxClient],
+    adapters: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     globex = tenants["globex"]
     files = {f.name: f.read_bytes() for f in adapters["gamma"].iterdir()}
@@ -296,6 +300,14 @@ def test_pull_from_hub_stores_the_exact_commit(
     with pytest.raises(NotFound) as bad_rev:
         globex.pull_adapter("globex/my-adapter", revision="no-such-branch", name="x2")
     assert bad_rev.value.field == "revision"
+    # A private repo needs the caller's own token; the server never lends the one it holds.
+    secret = hub.commit("globex/private-adapter", files, private=True)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    with pytest.raises(NotFound):
+        globex.pull_adapter("globex/private-adapter", name="private")
+    private = globex.pull_adapter("globex/private-adapter", name="private", hub_token=HUB_TOKEN)
+    assert private.revision == secret
+    globex.delete_adapter("private")
     hub.stop()
     try:
         with pytest.raises(Unavailable):

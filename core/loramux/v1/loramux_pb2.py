@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\"\xaa\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x97\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.loramux.v1.ChatMessagesH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.loramux.v1.SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\tB\x07\n\x05inputB\x11\n\x0f_max_new_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x9a\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\"\xa0\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\"\x12\n\x10ModelInfoRequest\"\x96\x02\n\x11ModelInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1c\n\x14\x62\x61se_model_reference\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x10\n\x08max_rank\x18\x06 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1b\n\x13max_loaded_adapters\x18\t \x01(\r\x12\x18\n\x10max_upload_bytes\x18\n \x01(\x04\x12\x12\n\nvocab_size\x18\x0b \x01(\r\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.loramux.v1.ChatMessagesH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xbe\x02\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12)\n\x06source\x18\x04 \x01(\x0e\x32\x19.loramux.v1.AdapterSource\x12\x0f\n\x07repo_id\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x0c\n\x04rank\x18\x08 \x01(\r\x12\r\n\x05\x61lpha\x18\t \x01(\x02\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x12\n\nsize_bytes\x18\x0b \x01(\x04\x12\'\n\x05state\x18\x0c \x01(\x0e\x32\x18.loramux.v1.AdapterState\x12\x0e\n\x06public\x18\r \x01(\x08\x12\x12\n\ncreated_at\x18\x0e \x01(\x03\x12\x12\n\nuse_rslora\x18\x0f \x01(\x08\"7\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"B\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x15.loramux.v1.FileEntry\"\'\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"r\n\x14UploadAdapterRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.loramux.v1.UploadHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.loramux.v1.FileChunkH\x00\x42\x06\n\x04part\"E\n\x12PullAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07repo_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"\x1a\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"b\n\x0bTenantQuota\x12\x16\n\x0emax_concurrent\x18\x01 \x01(\r\x12\x12\n\nmax_queued\x18\x02 \x01(\r\x12\x14\n\x0cmax_adapters\x18\x03 \x01(\r\x12\x11\n\tmax_bytes\x18\x04 \x01(\x04\"M\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12&\n\x05quota\x18\x03 \x01(\x0b\x32\x17.loramux.v1.TenantQuota\"Z\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12&\n\x05quota\x18\x03 \x01(\x0b\x32\x17.loramux.v1.TenantQuota\"\x14\n\x12ListTenantsRequest\":\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.loramux.v1.Tenant\"\"\n\x10\x43reateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"0\n\x11\x43reateKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x13\n\x11RevokeKeyResponse\"F\n\x17SetAdapterPublicRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06public\x18\x03 \x01(\x08*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03*b\n\rAdapterSource\x12\x1e\n\x1a\x41\x44\x41PTER_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_SOURCE_UPLOAD\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_SOURCE_HUB\x10\x02*x\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x44\x41PTER_STATE_STORED\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_STATE_CPU\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x32\xbf\x02\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.loramux.v1.ModelInfoRequest\x1a\x1d.loramux.v1.ModelInfoResponse\x12\x45\n\x08Tokenize\x12\x1b.loramux.v1.TokenizeRequest\x1a\x1c.loramux.v1.TokenizeResponse2\x86\x04\n\x0e\x41\x64\x61pterService\x12L\n\rUploadAdapter\x12 .loramux.v1.UploadAdapterRequest\x1a\x17.loramux.v1.AdapterInfo(\x01\x12\x46\n\x0bPullAdapter\x12\x1e.loramux.v1.PullAdapterRequest\x1a\x17.loramux.v1.AdapterInfo\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12=\n\nGetAdapter\x12\x16.loramux.v1.AdapterRef\x1a\x17.loramux.v1.AdapterInfo\x12J\n\rDeleteAdapter\x12\x16.loramux.v1.AdapterRef\x1a!.loramux.v1.DeleteAdapterResponse\x12>\n\x0bLoadAdapter\x12\x16.loramux.v1.AdapterRef\x1a\x17.loramux.v1.AdapterInfo\x12@\n\rUnloadAdapter\x12\x16.loramux.v1.AdapterRef\x1a\x17.loramux.v1.AdapterInfo2\x89\x03\n\x0c\x41\x64minService\x12\x43\n\x0c\x43reateTenant\x12\x1f.loramux.v1.CreateTenantRequest\x1a\x12.loramux.v1.Tenant\x12N\n\x0bListTenants\x12\x1e.loramux.v1.ListTenantsRequest\x1a\x1f.loramux.v1.ListTenantsResponse\x12H\n\tCreateKey\x12\x1c.loramux.v1.CreateKeyRequest\x1a\x1d.loramux.v1.CreateKeyResponse\x12H\n\tRevokeKey\x12\x1c.loramux.v1.RevokeKeyRequest\x1a\x1d.loramux.v1.RevokeKeyResponse\x12P\n\x10SetAdapterPublic\x12#.loramux.v1.SetAdapterPublicRequest\x1a\x17.loramux.v1.AdapterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\"\xaa\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x97\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.loramux.v1.ChatMessagesH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.loramux.v1.SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\tB\x07\n\x05inputB\x11\n\x0f_max_new_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x9a\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\"\xa0\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\"\x12\n\x10ModelInfoRequest\"\x96\x02\n\x11ModelInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1c\n\x14\x62\x61se_model_reference\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x10\n\x08max_rank\x18\x06 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1b\n\x13max_loaded_adapters\x18\t \x01(\r\x12\x18\n\x10max_upload_bytes\x18\n \x01(\x04\x12\x12\n\nvocab_size\x18\x0b \x01(\r\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.loramux.v1.ChatMessagesH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xbe\x02\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12)\n\x06source\x18\x04 \x01(\x0e\x32\x19.loramux.v1.AdapterSource\x12\x0f\n\x07repo_id\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x0c\n\x04rank\x18\x08 \x01(\r\x12\r\n\x05\x61lpha\x18\t \x01(\x02\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x12\n\nsize_bytes\x18\x0b \x01(\x04\x12\'\n\x05state\x18\x0c \x01(\x0e\x32\x18.loramux.v1.AdapterState\x12\x0e\n\x06public\x18\r \x01(\x08\x12\x12\n\ncreated_at\x18\x0e \x01(\x03\x12\x12\n\nuse_rslora\x18\x0f \x01(\x08\"7\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"B\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x15.loramux.v1.FileEntry\"\'\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"r\n\x14UploadAdapterRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.loramux.v1.UploadHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.loramux.v1.FileChunkH\x00\x42\x06\n\x04part\"X\n\x12PullAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07repo_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x11\n\thub_token\x18\x04 \x01(\t\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo\"\x1a\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"b\n\x0bTenantQuota\x12\x16\n\x0emax_concurrent\x18\x01 \x01(\r\x12\x12\n\nmax_queued\x18\x02 \x01(\r\x12\x14\n\x0cmax_adapters\x18\x03 \x01(\r\x12\x11\n\tmax_bytes\x18\x04 \x01(\x04\"M\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12&\n\x05quota\x18\x03 \x01(\x0b\x32\x17.loramux.v1.TenantQuota\"Z\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12&\n\x05quota\x18\x03 \x01(\x0b\x32\x17.loramux.v1.TenantQuota\"\x14\n\x12ListTenantsRequest\":\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.loramux.v1.Tenant\"\"\n\x10\x43reateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"0\n\x11\x43reateKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x13\n\x11RevokeKeyResponse\"F\n\x17SetAdapterPublicRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06public\x18\x03 \x01(\x08*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03*b\n\rAdapterSource\x12\x1e\n\x1a\x41\x44\x41PTER_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_SOURCE_UPLOAD\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_SOURCE_HUB\x10\x02*x\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x44\x41PTER_STATE_STORED\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_STATE_CPU\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x32\xbf\x02\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.loramux.v1.ModelInfoRequest\x1a\x1d.loramux.v1.ModelInfoResponse\x12\x45\n\x08Tokenize\x12\x1b.loramux.v1.TokenizeRequest\x1a\x1c.loramux.v1.TokenizeResponse2\x86\x04\n\x0e\x41\x64\x61pterService\x12L\n\rUploadAdapter\x12 .loramux.v1.UploadAdapterRequest\x1a\x17.loramux.v1.AdapterInfo(\x01\x12\x46\n\x0bPullAdapter\x12\x1e.loramux.v1.PullAdapterRequest\x1a\x17.loramux.v1.AdapterInfo\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12=\n\nGetAdapter\x12\x16.loramux.v1.AdapterRef\x1a\x17.loramux.v1.AdapterInfo\x12J\n\rDeleteAdapter\x12\x16.loramux.v1.AdapterRef\x1a!.loramux.v1.DeleteAdapterResponse\x12>\n\x0bLoadAdapter\x12\x16.loramux.v1.AdapterRef\x1a\x17.loramux.v1.AdapterInfo\x12@\n\rUnloadAdapter\x12\x16.loramux.v1.AdapterRef\x1a\x17.loramux.v1.AdapterInfo2\x89\x03\n\x0c\x41\x64minService\x12\x43\n\x0c\x43reateTenant\x12\x1f.loramux.v1.CreateTenantRequest\x1a\x12.loramux.v1.Tenant\x12N\n\x0bListTenants\x12\x1e.loramux.v1.ListTenantsRequest\x1a\x1f.loramux.v1.ListTenantsResponse\x12H\n\tCreateKey\x12\x1c.loramux.v1.CreateKeyRequest\x1a\x1d.loramux.v1.CreateKeyResponse\x12H\n\tRevokeKey\x12\x1c.loramux.v1.RevokeKeyRequest\x1a\x1d.loramux.v1.RevokeKeyResponse\x12P\n\x10SetAdapterPublic\x12#.loramux.v1.SetAdapterPublicRequest\x1a\x17.loramux.v1.AdapterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramux.v1.loramux_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2790
-  _globals['_FINISHREASON']._serialized_end=2908
-  _globals['_ADAPTERSOURCE']._serialized_start=2910
-  _globals['_ADAPTERSOURCE']._serialized_end=3008
-  _globals['_ADAPTERSTATE']._serialized_start=3010
-  _globals['_ADAPTERSTATE']._serialized_end=3130
+  _globals['_FINISHREASON']._serialized_start=2809
+  _globals['_FINISHREASON']._serialized_end=2927
+  _globals['_ADAPTERSOURCE']._serialized_start=2929
+  _globals['_ADAPTERSOURCE']._serialized_end=3027
+  _globals['_ADAPTERSTATE']._serialized_start=3029
+  _globals['_ADAPTERSTATE']._serialized_end=3149
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHATMESSAGES']._serialized_start=86
@@ -70,39 +70,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADADAPTERREQUEST']._serialized_start=1892
   _globals['_UPLOADADAPTERREQUEST']._serialized_end=2006
   _globals['_PULLADAPTERREQUEST']._serialized_start=2008
-  _globals['_PULLADAPTERREQUEST']._serialized_end=2077
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2079
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2100
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2102
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2167
-  _globals['_ADAPTERREF']._serialized_start=2169
-  _globals['_ADAPTERREF']._serialized_end=2195
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=2197
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=2220
-  _globals['_TENANTQUOTA']._serialized_start=2222
-  _globals['_TENANTQUOTA']._serialized_end=2320
-  _globals['_TENANT']._serialized_start=2322
-  _globals['_TENANT']._serialized_end=2399
-  _globals['_CREATETENANTREQUEST']._serialized_start=2401
-  _globals['_CREATETENANTREQUEST']._serialized_end=2491
-  _globals['_LISTTENANTSREQUEST']._serialized_start=2493
-  _globals['_LISTTENANTSREQUEST']._serialized_end=2513
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=2515
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=2573
-  _globals['_CREATEKEYREQUEST']._serialized_start=2575
-  _globals['_CREATEKEYREQUEST']._serialized_end=2609
-  _globals['_CREATEKEYRESPONSE']._serialized_start=2611
-  _globals['_CREATEKEYRESPONSE']._serialized_end=2659
-  _globals['_REVOKEKEYREQUEST']._serialized_start=2661
-  _globals['_REVOKEKEYREQUEST']._serialized_end=2695
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=2697
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=2716
-  _globals['_SETADAPTERPUBLICREQUEST']._serialized_start=2718
-  _globals['_SETADAPTERPUBLICREQUEST']._serialized_end=2788
-  _globals['_INFERENCESERVICE']._serialized_start=3133
-  _globals['_INFERENCESERVICE']._serialized_end=3452
-  _globals['_ADAPTERSERVICE']._serialized_start=3455
-  _globals['_ADAPTERSERVICE']._serialized_end=3973
-  _globals['_ADMINSERVICE']._serialized_start=3976
-  _globals['_ADMINSERVICE']._serialized_end=4369
+  _globals['_PULLADAPTERREQUEST']._serialized_end=2096
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2098
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2119
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2121
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2186
+  _globals['_ADAPTERREF']._serialized_start=2188
+  _globals['_ADAPTERREF']._serialized_end=2214
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=2216
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=2239
+  _globals['_TENANTQUOTA']._serialized_start=2241
+  _globals['_TENANTQUOTA']._serialized_end=2339
+  _globals['_TENANT']._serialized_start=2341
+  _globals['_TENANT']._serialized_end=2418
+  _globals['_CREATETENANTREQUEST']._serialized_start=2420
+  _globals['_CREATETENANTREQUEST']._serialized_end=2510
+  _globals['_LISTTENANTSREQUEST']._serialized_start=2512
+  _globals['_LISTTENANTSREQUEST']._serialized_end=2532
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=2534
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=2592
+  _globals['_CREATEKEYREQUEST']._serialized_start=2594
+  _globals['_CREATEKEYREQUEST']._serialized_end=2628
+  _globals['_CREATEKEYRESPONSE']._serialized_start=2630
+  _globals['_CREATEKEYRESPONSE']._serialized_end=2678
+  _globals['_REVOKEKEYREQUEST']._serialized_start=2680
+  _globals['_REVOKEKEYREQUEST']._serialized_end=2714
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=2716
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=2735
+  _globals['_SETADAPTERPUBLICREQUEST']._serialized_start=2737
+  _globals['_SETADAPTERPUBLICREQUEST']._serialized_end=2807
+  _globals['_INFERENCESERVICE']._serialized_start=3152
+  _globals['_INFERENCESERVICE']._serialized_end=3471
+  _globals['_ADAPTERSERVICE']._serialized_start=3474
+  _globals['_ADAPTERSERVICE']._serialized_end=3992
+  _globals['_ADMINSERVICE']._serialized_start=3995
+  _globals['_ADMINSERVICE']._serialized_end=4388
 # @@protoc_insertion_point(module_scope)

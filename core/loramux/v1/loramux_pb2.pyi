@@ -237,14 +237,16 @@ class UploadAdapterRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class PullAdapterRequest(_message.Message):
-    __slots__ = ("name", "repo_id", "revision")
+    __slots__ = ("name", "repo_id", "revision", "hub_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REPO_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    HUB_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     repo_id: str
     revision: str
-    def __init__(self, name: _Optional[str] = ..., repo_id: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
+    hub_token: str
+    def __init__(self, name: _Optional[str] = ..., repo_id: _Optional[str] = ..., revision: _Optional[str] = ..., hub_token: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()

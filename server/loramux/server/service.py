@@ -549,6 +549,7 @@ class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
                     staged,
                     self.state.settings.max_upload_bytes,
                     self.state.settings.hub_endpoint,
+                    token=request.hub_token or None,
                 )
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
@@ -623,9 +624,20 @@ class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):
 
 
 def download_from_hub(
-    repo_id: str, revision: str, staged: Path, max_bytes: int, endpoint: str | None = None
+    repo_id: str,
+    revision: str,
+    staged: Path,
+    max_bytes: int,
+    endpoint: str | None = None,
+    *,
+    token: str | None = None,
 ) -> str:
-    """Fetch an adapter's files pinned to the commit `revision` resolves to; return the sha."""
+    """Fetch an adapter's files pinned to the commit `revision` resolves to; return the sha.
+
+    Only the caller's `token` is sent; without one the pull is anonymous, so a tenant can
+    never reach private repos through credentials the server process happens to hold.
+    """
+    credential: str | bool = token or False
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -635,9 +647,9 @@ def download_from_hub(
         RevisionNotFoundError,
     )
 
-    api = HfApi(endpoint=endpoint)
+    api = HfApi(endpoint=endpoint, token=credential)
     try:
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        info = api.model_info(repo_id, revision=revision, files_metadata=True, token=credential)
         sha = info.sha
         if not sha:
             raise Unavailable("repo_id", "the Hub did not report a commit for this revision")
@@ -656,6 +668,7 @@ def download_from_hub(
             allow_patterns=list(ALLOWED_FILES),
             local_dir=str(staged),
             endpoint=endpoint,
+            token=credential,
         )
     except LoramuxError:
         raise

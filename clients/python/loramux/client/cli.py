@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pull.add_argument("repo_id")
     pull.add_argument("--revision", default="main")
     pull.add_argument("--name", default=None, help="adapter name (default: the repo's name)")
+    pull.add_argument(
+        "--hub-token",
+        default=None,
+        help="your Hub token, for a private repo (used by the server for this pull only)",
+    )
     actions.add_parser(
         "list", help="list visible adapters", description="List your adapters and public ones."
     )
@@ -162,7 +167,9 @@ def _adapters(args: argparse.Namespace) -> int:
         if args.action == "upload":
             adapter = client.upload_adapter(args.folder, args.name or args.folder.resolve().name)
         elif args.action == "pull":
-            adapter = client.pull_adapter(args.repo_id, args.revision, args.name)
+            adapter = client.pull_adapter(
+                args.repo_id, args.revision, args.name, hub_token=args.hub_token
+            )
         elif args.action == "list":
             adapters = client.list_adapters()
             if args.json:

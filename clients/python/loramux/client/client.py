@@ -211,9 +211,14 @@ def _tokenize_request(
     return request
 
 
-def _pull_request(repo_id: str, revision: str, name: str | None) -> pb.PullAdapterRequest:
+def _pull_request(
+    repo_id: str, revision: str, name: str | None, hub_token: str | None
+) -> pb.PullAdapterRequest:
     return pb.PullAdapterRequest(
-        repo_id=repo_id, revision=revision, name=name or repo_id.rsplit("/", 1)[-1]
+        repo_id=repo_id,
+        revision=revision,
+        name=name or repo_id.rsplit("/", 1)[-1],
+        hub_token=hub_token or "",
     )
 
 
@@ -351,10 +356,14 @@ class LoramuxClient:
         revision: str = "main",
         name: str | None = None,
         *,
+        hub_token: str | None = None,
         timeout: float | None = None,
     ) -> Adapter:
-        """Have the server fetch `repo_id` from the Hub, pinned to the commit of `revision`."""
-        request = _pull_request(repo_id, revision, name)
+        """Have the server fetch `repo_id` from the Hub, pinned to the commit of `revision`.
+
+        `hub_token` (for private repos) is used by the server for this pull only.
+        """
+        request = _pull_request(repo_id, revision, name, hub_token)
         return Adapter.from_pb(self._unary(self.adapters.PullAdapter, request, timeout))
 
     def list_adapters(self) -> list[Adapter]:
@@ -497,9 +506,10 @@ class AsyncLoramuxClient:
         revision: str = "main",
         name: str | None = None,
         *,
+        hub_token: str | None = None,
         timeout: float | None = None,
     ) -> Adapter:
-        request = _pull_request(repo_id, revision, name)
+        request = _pull_request(repo_id, revision, name, hub_token)
         return Adapter.from_pb(await self._unary(self.adapters.PullAdapter, request, timeout))
 
     async def list_adapters(self) -> list[Adapter]:
