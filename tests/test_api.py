@@ -382,7 +382,7 @@ def test_concurrent_quota_is_resource_exhausted(
             target=lambda: errors.append(_capture(lambda: tiny.generate("a", max_new_tokens=1)))
         )
         waiter.start()  # waits in the tenant's queue (one allowed)
-        assert eventually(lambda: server.state.gate._waiting.get("tiny", 0) == 1)
+        assert eventually(lambda: server.state.gate.waiting().get("tiny", 0) == 1)
         with pytest.raises(ResourceExhausted):
             tiny.generate("b", max_new_tokens=1)
         first.close()
