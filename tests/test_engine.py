@@ -190,6 +190,21 @@ def test_mixed_batch_matches_peft_token_for_token(engine: Engine, peft: PeftRefe
     assert differs_from_base >= 3, "adapters too weak to tell apart from the base model"
 
 
+def test_single_adapter_batches_match_peft(engine: Engine, peft: PeftReference) -> None:
+    """Every row on one adapter (and a lone request): the plain-GEMM path."""
+    alone = engine.submit(_request(engine, 0, PROMPTS[2], "mlp32"))
+    tokens, _, _ = _collect(alone)
+    expected = peft.generate(alone_ids := engine.render_chat([("user", PROMPTS[2])]), "mlp32")
+    assert _without_eos(tokens, engine) == _without_eos(expected[: len(tokens)], engine)
+    assert alone_ids
+    requests = [_request(engine, i, p, "all16") for i, p in enumerate(PROMPTS[:4])]
+    streams = [engine.submit(r) for r in requests]
+    for request, stream in zip(requests, streams, strict=True):
+        tokens, _, _ = _collect(stream)
+        expected = peft.generate(request.prompt_token_ids, "all16")
+        assert _without_eos(tokens, engine) == _without_eos(expected[: len(tokens)], engine)
+
+
 def test_mixed_batch_logits_close_to_peft(engine: Engine, peft: PeftReference) -> None:
     """One prefill pass mixing four adapters and a base row, against PEFT row by row.
 

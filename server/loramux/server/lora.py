@@ -45,6 +45,12 @@ class LoraBatchMetadata:
     tokens_per_row: int  # 1 for decode, T for a (right-padded) prefill
     unique_slots: torch.Tensor  # [U] int64: the distinct slots of row_slots (0 included if present)
     token_onehot: torch.Tensor | None  # [rows * tokens_per_row, U] float32; None: U too large
+    unique_key: tuple[int, ...] = ()  # the same distinct slots, sorted, as a hashable key
+
+    @property
+    def single_slot(self) -> int | None:
+        """The one adapter every row uses, if so (plain GEMMs, no masks)."""
+        return self.unique_key[0] if len(self.unique_key) == 1 else None
 
     @classmethod
     def build(
@@ -62,6 +68,7 @@ class LoraBatchMetadata:
             tokens_per_row=tokens_per_row,
             unique_slots=unique,
             token_onehot=onehot,
+            unique_key=tuple(sorted(set(slots))),
         )
 
 
@@ -103,27 +110,6 @@ def segmented_lora(
     return torch.bmm(shrunk, bt).to(x.dtype)
 
 
-def dense_lora(
-    x: torch.Tensor,  # [tokens, in]
-    lora_a: torch.Tensor,  # [slots, R, in]
-    lora_bt: torch.Tensor,  # [slots, R, out]
-    scalings: torch.Tensor,  # [slots] float32
-    unique_slots: torch.Tensor,  # [U] int64
-    token_onehot: torch.Tensor,  # [tokens, U] float32
-) -> torch.Tensor:  # [tokens, out]
-    """Few distinct adapters: two GEMMs over just those adapters' stacked weights.
-
-    Every token is multiplied by all U adapters' A; the one-hot mask (times each
-    adapter's scaling) keeps its own block before the B GEMM. No loop over adapters.
-    """
-    count, width = unique_slots.shape[0], lora_a.shape[1]
-    a = lora_a.index_select(0, unique_slots).reshape(count * width, -1).float()
-    bt = lora_bt.index_select(0, unique_slots).reshape(count * width, -1).float()
-    weight = token_onehot * scalings.index_select(0, unique_slots)[None, :]  # [tokens, U]
-    shrunk = (x.float() @ a.t()).view(-1, count, width) * weight[:, :, None]
-    return (shrunk.view(-1, count * width) @ bt).to(x.dtype)
-
-
 def make_decode_kernel(mode: str) -> Callable[..., torch.Tensor]:
     """`compiled` fuses the gathers (needs a C++ compiler on CPU, Triton on CUDA)."""
     if mode == "eager":
@@ -155,6 +141,11 @@ class MultiLoraLinear(nn.Module):
         self.context = context
         self.rank_width = 0
         self.occupied: set[int] = set()  # slots holding weights for this layer
+        self.scaling_values = [0.0] * num_slots  # host copy of `scalings` (no device sync)
+        # float32 gathers of the few slots a batch uses, reused while the batch keeps them.
+        self._gathered: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = (
+            None
+        )
         # Buffers, not parameters: never trained, never saved with the model.
         self.register_buffer(
             "lora_a",
@@ -189,20 +180,35 @@ class MultiLoraLinear(nn.Module):
         bt[:, : self.rank_width] = self.lora_bt
         self.lora_a, self.lora_bt = a, bt
         self.rank_width = width
+        self._gathered = None
 
     def write_slot(self, slot: int, weights: ModuleWeights | None) -> None:
         """Copy one adapter's matrices into `slot` (None clears it)."""
         self.lora_a[slot].zero_()
         self.lora_bt[slot].zero_()
         self.scalings[slot] = 0.0
+        self.scaling_values[slot] = 0.0
         self.occupied.discard(slot)
+        if self._gathered is not None and slot in self._gathered[0]:
+            self._gathered = None
         if weights is None:
             return
         rank = weights.lora_a.shape[0]
         self.lora_a[slot, :rank].copy_(weights.lora_a, non_blocking=True)
         self.lora_bt[slot, :rank].copy_(weights.lora_b.t(), non_blocking=True)
         self.scalings[slot] = weights.scaling
+        self.scaling_values[slot] = weights.scaling
         self.occupied.add(slot)
+
+    def _gather(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float32 (A^T [in, U*R], B^T [U*R, out], scalings [U]) of the slots in `key`."""
+        if self._gathered is None or self._gathered[0] != key:
+            index = torch.tensor(key, dtype=torch.long, device=self.lora_a.device)
+            rows = len(key) * self.rank_width
+            a_t = self.lora_a.index_select(0, index).reshape(rows, -1).float().t().contiguous()
+            bt = self.lora_bt.index_select(0, index).reshape(rows, -1).float()
+            self._gathered = (key, a_t, bt, self.scalings.index_select(0, index))
+        return self._gathered[1], self._gathered[2], self._gathered[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -211,16 +217,24 @@ class MultiLoraLinear(nn.Module):
             return out
         rows = batch.row_slots.shape[0]
         if batch.token_onehot is not None:
-            flat = x.reshape(-1, self.shape.in_features)
-            delta = dense_lora(
-                flat,
-                self.lora_a,
-                self.lora_bt,
-                self.scalings,
-                batch.unique_slots,
-                batch.token_onehot,
-            )
-        elif batch.tokens_per_row == 1 and self.context.decode_kernel is not None:
+            # Few distinct adapters (the batch-1 case among them): two float32 GEMMs over
+            # just their weights; a one-hot mask keeps each token's own block. float32
+            # because small bf16 GEMMs carry ~10 us of fixed cost each on CPU (measured).
+            a_t, bt, scales = self._gather(batch.unique_key)
+            flat = x.reshape(-1, self.shape.in_features).float()
+            shrunk = torch.mm(flat, a_t)  # [tokens, U * R]
+            if batch.single_slot is None:
+                width = self.rank_width
+                weight = (batch.token_onehot * scales[None, :])[:, :, None]  # [tokens, U, 1]
+                shrunk = (shrunk.view(-1, len(batch.unique_key), width) * weight).view(
+                    flat.shape[0], -1
+                )
+                delta = torch.mm(shrunk, bt)
+            else:
+                delta = torch.mm(shrunk, bt).mul_(self.scaling_values[batch.single_slot])
+            # Rounded to the output dtype before the add, as PEFT's 4-bit LoRA layers do.
+            return out.add_(delta.to(out.dtype).view(out.shape))
+        if batch.tokens_per_row == 1 and self.context.decode_kernel is not None:
             flat = x.reshape(rows, self.shape.in_features)
             delta = self.context.decode_kernel(
                 flat, self.lora_a, self.lora_bt, self.scalings, batch.row_slots
