@@ -102,7 +102,13 @@ class AdapterStore:
             spec = self.validate(path)
         with self._lock:
             old = self._entries.get(adapter_id)
-            if old is not None and not old.deleted:
+            if old is not None and old.deleted:
+                # Deleted while requests still hold it, and stored again with the same files
+                # (same id: same owner, name and content). Revive the entry instead of replacing
+                # it, so those requests release the slot they hold, not the new entry's.
+                old.deleted, old.load_error, old.path, old.spec = False, None, Path(path), spec
+                return spec
+            if old is not None:
                 if old.path == Path(path):
                     return old.spec
                 raise FailedPrecondition("adapter", f"{adapter_id} is already registered")
@@ -136,7 +142,11 @@ class AdapterStore:
     def load(self, adapter_id: str, timeout: float = 120.0) -> None:
         """Warm an adapter into a device slot; returns once it is resident."""
         entry = self._mark(adapter_id, want_device=True)
-        self._wait_for(entry, lambda: entry.slot is not None, timeout, "load")
+        try:
+            self._wait_for(entry, lambda: entry.slot is not None, timeout, "load")
+        finally:
+            with self._lock:
+                entry.want_device = False  # from now on an eviction candidate like any other
 
     def unload(self, adapter_id: str, timeout: float = 120.0) -> None:
         """Evict from device and CPU memory; waits for in-flight requests to finish first."""
@@ -221,10 +231,7 @@ class AdapterStore:
                     elif entry.cpu is None:
                         self._schedule_load(entry)
                     else:
-                        self._install(entry)
-                        if entry.slot is not None:
-                            entry.want_device = False
-                            self._notify(entry)
+                        self._install(entry)  # notifies; `load()` clears want_device
 
     @property
     def loading(self) -> bool:
@@ -280,7 +287,11 @@ class AdapterStore:
                 (
                     self._entries[k]
                     for k in self._device_lru
-                    if self._entries[k].refcount == 0 and not self._entries[k].pinned
+                    # Not one that a `load()` caller has not yet seen resident: evicted
+                    # at once by a busier adapter, the caller would wait for nothing.
+                    if self._entries[k].refcount == 0
+                    and not self._entries[k].pinned
+                    and not self._entries[k].want_device
                 ),
                 None,
             )
@@ -330,15 +341,15 @@ class AdapterStore:
             error: LoramuxError | None = None
             try:
                 weights = inspect_adapter(path, self._base_linears, self.max_rank, load=True)
-            except LoramuxError as exc:
-                error = exc
-            except Exception as exc:  # I/O errors, corrupt files safetensors itself rejects
-                error = FailedPrecondition("adapter", f"loading {adapter_id} failed: {exc}")
+            except Exception as exc:  # checked when registered: the files changed since, or I/O
+                log.warning("adapter %s failed to load from %s: %s", adapter_id, path, exc)
+                # Not the caller's argument but the adapter's state; and no server paths.
+                reason = str(exc).replace(str(path), "its folder")
+                error = FailedPrecondition("adapter", f"{adapter_id} cannot be loaded: {reason}")
             seconds = time.perf_counter() - started
             with self._lock:
                 entry.loading = False
                 if error is not None:
-                    log.warning("adapter %s failed to load: %s", adapter_id, error)
                     entry.load_error = error
                 elif not entry.deleted:
                     entry.cpu = weights
