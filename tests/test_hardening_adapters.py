@@ -36,9 +36,21 @@ from hardening_helpers import (
 from safetensors.torch import load_file, save_file
 
 from loramux.core.models import ResolvedModel
-from loramux.server.adapters import CONFIG_FILE, MAX_ABS_VALUE, WEIGHTS_FILE, LinearShape
+from loramux.server.adapters import (
+    CONFIG_FILE,
+    MAX_ABS_VALUE,
+    WEIGHTS_FILE,
+    LinearShape,
+    ModuleWeights,
+)
 from loramux.server.app import RunningServer
-from loramux.server.lora import base_linear_shapes, dense_lora
+from loramux.server.lora import (
+    LoraBatchMetadata,
+    LoraContext,
+    MultiLoraLinear,
+    base_linear_shapes,
+    make_decode_kernel,
+)
 from loramux.server.synthetic import write_random_adapter
 from loramux.v1 import loramux_pb2 as pb
 
@@ -404,29 +416,42 @@ def test_bad_adapter_is_refused_and_nothing_is_stored(
     assert token_ids(call(inference.Generate, generate_request("And mallory too"), keys["mallory"]))
 
 
-def test_largest_accepted_values_cannot_reach_other_rows() -> None:
-    """Why the bound holds: at the extremes it accepts, the dense two-GEMM path (which
-    multiplies every row by every batched adapter's A, then masks with zeros) still gives
-    the other rows exactly what they get without that adapter in the batch."""
-    in_features, out_features, rank, slots = 8192, 64, 8, 3
+@pytest.mark.parametrize("tokens_per_row", [1, 3], ids=["decode", "prefill"])
+@pytest.mark.parametrize("others", [1, 4], ids=["few-adapters", "many-adapters"])
+def test_largest_accepted_values_cannot_reach_other_rows(tokens_per_row: int, others: int) -> None:
+    """Why the bound is enough: an adapter at the extremes it accepts, batched with others,
+    leaves their rows as they are without it, whichever LoRA path the layer takes (the
+    dense one multiplies every row by every batched adapter's A, then masks with zeros)."""
+    in_features, out_features, rank = 8192, 64, 8
     generator = torch.Generator().manual_seed(0)
-    lora_a = torch.zeros(slots, rank, in_features, dtype=torch.bfloat16)
-    lora_bt = torch.zeros(slots, rank, out_features, dtype=torch.bfloat16)
-    lora_a[1] = (torch.randn(rank, in_features, generator=generator) * 0.05).bfloat16()
-    lora_bt[1] = (torch.randn(rank, out_features, generator=generator) * 0.05).bfloat16()
-    lora_a[2] = MAX_ABS_VALUE  # the hostile tenant's adapter, at the limit
-    lora_bt[2] = MAX_ABS_VALUE
-    scalings = torch.tensor([0.0, 2.0, MAX_ABS_VALUE])
+    base = torch.nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
+    context = LoraContext(decode_kernel=make_decode_kernel("eager"))
+    shape = LinearShape(in_features, out_features)
+    cpu = torch.device("cpu")
+    proj = MultiLoraLinear(base, "proj", shape, others + 2, context, torch.bfloat16, cpu)
+    proj.grow_rank(rank)
+    for slot in range(1, others + 1):
+        a = torch.randn(rank, in_features, generator=generator) * 0.05
+        b = torch.randn(out_features, rank, generator=generator) * 0.05
+        proj.write_slot(slot, ModuleWeights(a.bfloat16(), b.bfloat16(), scaling=2.0))
+    hostile = others + 1
+    edge = (
+        torch.full((rank, in_features), MAX_ABS_VALUE),
+        torch.full((out_features, rank), -MAX_ABS_VALUE),
+    )
+    proj.write_slot(hostile, ModuleWeights(edge[0].bfloat16(), edge[1].bfloat16(), MAX_ABS_VALUE))
     # Activations far beyond what a real model feeds a linear layer.
-    x = (torch.randn(3, in_features, generator=generator) * 1e4).bfloat16()
+    rows = list(range(others + 1))  # slot 0 (the base model alone) and every other adapter
+    x = (
+        torch.randn(len(rows) + 1, tokens_per_row, in_features, generator=generator) * 1e4
+    ).bfloat16()
 
-    def run(row_slots: list[int]) -> torch.Tensor:
-        slots_t = torch.tensor(row_slots)
-        unique, groups = torch.unique(slots_t, return_inverse=True)
-        onehot = torch.nn.functional.one_hot(groups, unique.shape[0]).float()
-        return dense_lora(x[: len(row_slots)], lora_a, lora_bt, scalings, unique, onehot)
+    def run(slots: list[int]) -> torch.Tensor:
+        context.batch = LoraBatchMetadata.build(slots, tokens_per_row, cpu)
+        with torch.inference_mode():
+            return proj(x[: len(slots)])
 
-    without = run([0, 1])
-    with_hostile = run([0, 1, 2])
-    assert torch.isfinite(with_hostile[:2]).all()
-    assert torch.equal(with_hostile[:2], without)
+    without = run(rows)
+    with_hostile = run([*rows, hostile])
+    assert torch.isfinite(with_hostile[: len(rows)]).all()
+    torch.testing.assert_close(with_hostile[: len(rows)], without)
