@@ -468,7 +468,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(value).encode(), content_type=content_type)
 
     def _send_error(self, error: HubError) -> None:
-        headers = {"X-Error-Message": error.message.splitlines()[0][:200]}
+        # Header values go out as latin-1: escape the rest (a revision like "Ā" broke the reply).
+        first_line = error.message.splitlines()[0][:200]
+        headers = {"X-Error-Message": first_line.encode("ascii", "backslashreplace").decode()}
         if error.code:
             headers["X-Error-Code"] = error.code
         if error.commit:
