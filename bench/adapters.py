@@ -31,6 +31,7 @@ from typing import Any
 
 from bench.common import (
     MODEL_CHOICES,
+    RESULTS_DIR,
     BaseModel,
     cuda_sync,
     format_table,
@@ -79,6 +80,7 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
     parser.add_argument("--peft-reps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="rank 16, 10 (PEFT 5) repetitions")
     parser.add_argument("--out", default="adapters")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:
         args.ranks, args.reps, args.peft_reps = "16", 10, 5
@@ -202,8 +204,8 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         "samples_ms": {f"{op} (rank {rank})": v for (op, rank), v in samples.items()},
         "seconds": time.perf_counter() - started,
     }
-    print(f"# wrote {write_json(args.out, payload)}")
-    image = plot_path(args.out)
+    print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
+    image = plot_path(args.out, args.results_dir)
     plot(summary, image, title)
     print(f"# wrote {image}")
     return payload

@@ -43,6 +43,7 @@ import torch
 
 from bench.common import (
     MODEL_CHOICES,
+    RESULTS_DIR,
     BaseModel,
     cuda_sync,
     format_table,
@@ -439,6 +440,7 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
     )
     parser.add_argument("--quick", action="store_true", help="batch 8, fewer configs, 2 reps")
     parser.add_argument("--out", default="engine", help="results file name (no suffix)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.configs, args.reps = "8", ",".join(QUICK_CONFIGS), 2
@@ -507,10 +509,18 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
             systems["hf_base"] = lambda c, b, r, rows: plain.run(c, b, r, prompts[:b], rows)
         if need & {"peft_mixed", "peft_sequential"}:
             peft_started = time.perf_counter()
-            peft = HFSystem(base, adapters_a)
+            # Only the adapters some planned run names (PEFT loads each in ~1 s here).
+            used = {
+                name
+                for config in need & {"peft_mixed", "peft_sequential"}
+                for batch in batches
+                for rep in range(-1, args.reps)
+                for name in row_adapters(config, batch, max(rep, 0))
+                if name is not None
+            }
+            peft = HFSystem(base, {k: v for k, v in adapters_a.items() if k in used})
             print(
-                f"# PEFT loaded {len(adapters_a)} adapters in "
-                f"{time.perf_counter() - peft_started:.0f}s",
+                f"# PEFT loaded {len(used)} adapters in {time.perf_counter() - peft_started:.0f}s",
                 flush=True,
             )
             systems["peft_mixed"] = lambda c, b, r, rows: peft.run(c, b, r, prompts[:b], rows)
@@ -562,8 +572,8 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         "seconds": time.perf_counter() - started,
         "dynamo_counters": dynamo_counters(),
     }
-    print(f"# wrote {write_json(args.out, payload)}")
-    image = plot_path(args.out)
+    print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
+    image = plot_path(args.out, args.results_dir)
     plot(summary, image, title)
     print(f"# wrote {image}")
     return payload

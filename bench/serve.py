@@ -1,7 +1,7 @@
 """Open-loop load over gRPC: LoRAMux's server against a naive one-at-a-time PEFT server.
 
     python -m bench.serve                 # 100 adapters, Zipf alpha 1, rate sweep to saturation
-    python -m bench.serve --quick         # 10 adapters, two rates, 10 s each
+    python -m bench.serve --quick         # 10 adapters, one rate (2 req/s) for 8 s
 
 Both servers run as their own processes on this machine, fed the same request sequence by
 the same client code (loramux.v1.InferenceService.GenerateStream):
@@ -41,6 +41,7 @@ from typing import Any
 
 from bench.common import (
     PASSAGE,
+    RESULTS_DIR,
     format_table,
     machine_info,
     percentile,
@@ -312,11 +313,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output-tokens", default="8:32", help="uniform range lo:hi")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="10 adapters, rates 1,4, 10 s")
+    parser.add_argument("--quick", action="store_true", help="10 adapters, 2 req/s, 8 s")
     parser.add_argument("--out", default="serve")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:
-        args.adapters, args.rates, args.duration = 10, "1,4", 10.0
+        args.adapters, args.rates, args.duration = 10, "2", 8.0
     rates = [float(r) for r in args.rates.split(",")]
     systems = [s for s in args.systems.split(",") if s]
     prompt_range, output_range = parse_range(args.prompt_tokens), parse_range(args.output_tokens)
@@ -455,8 +457,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "table": table + "\n\n" + verdict,
         "seconds": time.perf_counter() - started,
     }
-    print(f"# wrote {write_json(args.out, payload)}")
-    image = plot_path(args.out)
+    print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
+    image = plot_path(args.out, args.results_dir)
     plot(results, image, title)
     print(f"# wrote {image}")
     return payload
@@ -465,18 +467,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in SYSTEMS:
+    for name, color in zip(SYSTEMS, ("tab:blue", "tab:orange"), strict=True):
         rows = [r for r in results if r["system"] == name]
         if not rows:
             continue
         offered = [r["offered_rps"] for r in rows]
-        left.plot(offered, [r["achieved_rps"] for r in rows], marker="o", label=name)
-        right.plot(offered, [r["ttft_ms"][50] for r in rows], marker="o", label=f"{name} p50")
+        left.plot(offered, [r["achieved_rps"] for r in rows], marker="o", color=color, label=name)
+        right.plot(
+            offered, [r["ttft_ms"][50] for r in rows], marker="o", color=color, label=f"{name} p50"
+        )
         right.plot(
             offered,
             [r["ttft_ms"][99] for r in rows],
             marker="x",
             linestyle="--",
+            color=color,
             label=f"{name} p99",
         )
     top = max((r["offered_rps"] for r in results), default=1.0)

@@ -1,7 +1,7 @@
 """QLoRA training cost: LoRAMux's trainer against a plain PEFT + transformers Trainer script.
 
-    python -m bench.train              # 40 optimizer steps per run, 2 interleaved repetitions
-    python -m bench.train --quick      # 8 steps, 1 repetition, no bf16 run
+    python -m bench.train              # 30 optimizer steps per run, 2 interleaved repetitions
+    python -m bench.train --quick      # 5 steps, 1 repetition, no bf16 run
 
 Runs, each in its own Python process (so peak memory is that run's alone, read as the
 process's RSS high-water mark with getrusage, plus CUDA's max allocated on a GPU):
@@ -16,7 +16,10 @@ Same data (a generated prompt/completion set, loss on completions only), same Lo
 steps, seed and gradient checkpointing. A step's time is the gap between consecutive
 `Trainer.training_step` calls (forward, backward, optimiser step, logging), timed by
 patching that method in the child process identically for every run; the first two steps
-are left out as warm-up. Tokens/s counts non-padding input tokens.
+are left out as warm-up; medians, so a step slowed by a neighbour's burst does not count.
+Wall time suffers from other processes on a shared machine, so the process's CPU time
+per step is reported too (and compared): it counts only this run's own work. Tokens/s
+counts non-padding input tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import resource
 import subprocess
@@ -36,6 +40,7 @@ from typing import Any
 
 from bench.common import (
     PASSAGE,
+    RESULTS_DIR,
     format_table,
     machine_info,
     median,
@@ -79,12 +84,14 @@ class StepTimer:
         from transformers import Trainer
 
         self.starts: list[float] = []
+        self.cpu_starts: list[float] = []  # process CPU time: less hurt by other processes
         self.tokens: list[int] = []
         original = Trainer.training_step
         timer = self
 
         def training_step(self: Any, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             timer.starts.append(time.perf_counter())
+            timer.cpu_starts.append(time.process_time())
             mask = inputs.get("attention_mask")
             timer.tokens.append(int(mask.sum()) if mask is not None else 0)
             return original(self, model, inputs, *args, **kwargs)
@@ -95,12 +102,16 @@ class StepTimer:
         """Step i lasts from its start to step i+1's (the last step, followed by evaluation
         and saving, is not counted)."""
         periods = [b - a for a, b in itertools.pairwise(self.starts)]
+        cpu = [b - a for a, b in itertools.pairwise(self.cpu_starts)]
         steady = periods[WARMUP_STEPS:] or periods
         steady_tokens = self.tokens[: len(periods)][WARMUP_STEPS:] or self.tokens[: len(periods)]
         return {
             "steps": len(self.starts),
             "step_s": periods,
+            "step_tokens": self.tokens[: len(periods)],
             "step_s_median": median(steady),
+            "step_cpu_s": cpu,
+            "step_cpu_s_median": median(cpu[WARMUP_STEPS:] or cpu),
             "tokens_per_s": sum(steady_tokens) / sum(steady) if steady else float("nan"),
         }
 
@@ -251,6 +262,7 @@ def spawn(run: str, options: dict[str, Any], device: str, log: Path) -> dict[str
         device,
     ]
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]  # a shared machine: say how busy it was
     with log.open("w") as handle:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=handle, text=True)
     lines = [x for x in done.stdout.splitlines() if x.startswith("BENCH-RESULT ")]
@@ -259,20 +271,22 @@ def spawn(run: str, options: dict[str, Any], device: str, log: Path) -> dict[str
         raise RuntimeError(f"{run} failed (exit {done.returncode}); log tail:\n{tail}")
     report: dict[str, Any] = json.loads(lines[-1].removeprefix("BENCH-RESULT "))
     report["process_s"] = time.perf_counter() - started
+    report["load_average_1m"] = [load_before, os.getloadavg()[0]]
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--train-examples", type=int, default=320)
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--runs", default=",".join(RUNS))
-    parser.add_argument("--quick", action="store_true", help="8 steps, 1 rep, NF4 runs only")
+    parser.add_argument("--quick", action="store_true", help="5 steps, 1 rep, NF4 runs only")
     parser.add_argument("--out", default="train")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--options", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -280,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         child(args.child, args.options, args.device)
         return None
     if args.quick:
-        args.steps, args.reps, args.runs = 8, 1, "loramux-nf4,plain-nf4"
-        args.train_examples, args.eval_examples = 64, 16
+        args.steps, args.reps, args.runs = 5, 1, "loramux-nf4,plain-nf4"
+        args.train_examples, args.eval_examples = 40, 8
     runs = [r for r in args.runs.split(",") if r]
 
     info = machine_info()
@@ -319,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                 report["rep"] = rep
                 reports.append(report)
                 print(
-                    f"# {run} rep {rep}: {report['step_s_median']:.2f} s/step, "
+                    f"# {run} rep {rep}: {report['step_s_median']:.2f} s/step "
+                    f"({report['step_cpu_s_median']:.2f} CPU s), "
                     f"{report['tokens_per_s']:.0f} tok/s, peak RSS {report['peak_rss_mb']:.0f} MB, "
                     f"eval loss {report['eval_loss']:.4f}",
                     flush=True,
@@ -332,11 +347,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         [
             "run",
             "s/step p50",
+            "CPU s/step p50",
             "tokens/s",
             "peak RSS MB",
             "CUDA peak MB",
             "eval loss",
             "step time x plain",
+            "CPU time x plain",
             "eval loss x bf16",
             "reps",
         ],
@@ -344,11 +361,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             [
                 s["run"],
                 s["step_s_median"],
+                s["step_cpu_s_median"],
                 s["tokens_per_s"],
                 s["peak_rss_mb"],
                 s["cuda_peak_mb"] if s["cuda_peak_mb"] is not None else float("nan"),
                 s["eval_loss"],
                 s["step_time_vs_plain"],
+                s["step_cpu_vs_plain"],
                 s["eval_loss_vs_bf16"],
                 s["reps"],
             ]
@@ -365,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         "runs": reports,
         "seconds": time.perf_counter() - started,
     }
-    print(f"# wrote {write_json(args.out, payload)}")
-    image = plot_path(args.out)
+    print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
+    image = plot_path(args.out, args.results_dir)
     plot(summary, image, title)
     print(f"# wrote {image}")
     return payload
@@ -385,6 +404,7 @@ def summarise(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "run": run,
                 "reps": sum(r["run"] == run for r in reports),
                 "step_s_median": by_run(run, "step_s_median"),
+                "step_cpu_s_median": by_run(run, "step_cpu_s_median"),
                 "tokens_per_s": by_run(run, "tokens_per_s"),
                 "peak_rss_mb": by_run(run, "peak_rss_mb"),
                 "cuda_peak_mb": median(cuda) if cuda else None,
@@ -396,6 +416,9 @@ def summarise(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in summary:
         s["step_time_vs_plain"] = (
             s["step_s_median"] / plain["step_s_median"] if plain else float("nan")
+        )
+        s["step_cpu_vs_plain"] = (
+            s["step_cpu_s_median"] / plain["step_cpu_s_median"] if plain else float("nan")
         )
         s["eval_loss_vs_bf16"] = s["eval_loss"] / bf16["eval_loss"] if bf16 else float("nan")
     return summary
