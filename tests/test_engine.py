@@ -348,6 +348,10 @@ def test_unload_returns_memory_and_pinned_adapters_stay(narrow_engine: Engine) -
     memory = store.memory()
     assert memory["cpu_bytes"] == 0 and memory["device_used_bytes"] == 0 and cpu_with > 0
     assert all(s.state == "stored" for s in store.stats().values())
+    store.unload("all8")  # already stored: must not leave an evict request behind
+    store.load("all8")
+    _collect(narrow_engine.submit(_request(narrow_engine, 0, PROMPTS[0], None, max_new_tokens=2)))
+    assert store.state("all8") == "device"  # the engine steps above kept it resident
 
 
 def test_adapter_in_use_is_not_evicted_by_unload(narrow_engine: Engine) -> None:

@@ -150,6 +150,10 @@ class AdapterStore:
 
     def unload(self, adapter_id: str, timeout: float = 120.0) -> None:
         """Evict from device and CPU memory; waits for in-flight requests to finish first."""
+        with self._lock:
+            entry = self._get(adapter_id)
+            if entry.state == "stored" and not entry.loading:
+                return  # nothing resident: a lingering evict flag would undo the next load
         entry = self._mark(adapter_id, want_evict=True)
         self._wait_for(entry, lambda: entry.state == "stored", timeout, "unload")
 
