@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 from loramux.core.errors import FailedPrecondition, InvalidArgument
 
@@ -222,28 +223,32 @@ def _read_weights(
     scaling_for: Callable[[str, int], float],
     dtype: torch.dtype,
 ) -> dict[str, ModuleWeights]:
-    """Read checked A/B pairs; safetensors itself may still refuse the file (SafetensorError)."""
+    """Read checked A/B pairs; safetensors itself may still refuse the file (SafetensorError).
+
+    The whole file through `safetensors.torch.load`, not `safe_open(...).get_tensor`: the
+    latter leaks a few small objects per tensor (safetensors 0.8), which a server that
+    loads adapters all day turns into memory that never comes back.
+    """
+    tensors = load_safetensors(path.read_bytes())
     modules: dict[str, ModuleWeights] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        for module, parts in shapes.items():
-            a = handle.get_tensor(parts["A"][1])
-            b = handle.get_tensor(parts["B"][1])
-            for tensor, key in ((a, parts["A"][1]), (b, parts["B"][1])):
-                # min and max in one pass (NaN propagates into both): far cheaper than
-                # isfinite().all() or a float64 sum on bf16, and it bounds the values too.
-                low, high = (float(v) for v in torch.aminmax(tensor))
-                if not (math.isfinite(low) and math.isfinite(high)):
-                    raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
-                if max(-low, high) > MAX_ABS_VALUE:
-                    raise InvalidArgument(
-                        WEIGHTS_FILE,
-                        f"{key} holds values up to {max(-low, high):g}, beyond {MAX_ABS_VALUE:g}",
-                    )
-            modules[module] = ModuleWeights(
-                lora_a=a.to(dtype).contiguous(),
-                lora_b=b.to(dtype).contiguous(),
-                scaling=scaling_for(module, a.shape[0]),
-            )
+    for module, parts in shapes.items():
+        a, b = tensors[parts["A"][1]], tensors[parts["B"][1]]
+        for tensor, key in ((a, parts["A"][1]), (b, parts["B"][1])):
+            # min and max in one pass (NaN propagates into both): far cheaper than
+            # isfinite().all() or a float64 sum on bf16, and it bounds the values too.
+            low, high = (float(v) for v in torch.aminmax(tensor))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
+            if max(-low, high) > MAX_ABS_VALUE:
+                raise InvalidArgument(
+                    WEIGHTS_FILE,
+                    f"{key} holds values up to {max(-low, high):g}, beyond {MAX_ABS_VALUE:g}",
+                )
+        modules[module] = ModuleWeights(
+            lora_a=a.to(dtype).contiguous(),
+            lora_b=b.to(dtype).contiguous(),
+            scaling=scaling_for(module, a.shape[0]),
+        )
     return modules
 
 
