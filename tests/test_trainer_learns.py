@@ -25,7 +25,8 @@ import yaml
 from loramux.core.config import Settings
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 
-pytestmark = pytest.mark.slow
+# Training takes ~95 s on a quiet 2-core machine; allow for a loaded one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 _WORDS = """
 apple river candle mountain pencil garden window rocket violin basket tiger coffee marble
