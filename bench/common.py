@@ -202,8 +202,14 @@ class BaseModel:
     device: torch.device
 
     def fresh_copy(self) -> Any:
-        """An independent copy (the engine wraps layers in place; PEFT injects its own)."""
-        return copy.deepcopy(self.model)
+        """An independent copy (the engine wraps layers in place; PEFT injects its own).
+
+        Copied on a thread of its own, like every parallel torch op of a benchmark outside
+        an engine: see loramux.server.threads.
+        """
+        from loramux.server.threads import in_own_thread
+
+        return in_own_thread(lambda: copy.deepcopy(self.model), "copy-model")
 
     def prompts(self, count: int, length: int) -> list[list[int]]:
         """`count` prompts of exactly `length` tokens: real text for a real model, seeded
@@ -221,6 +227,13 @@ class BaseModel:
 
 
 def load_model(name: str, device: str) -> BaseModel:
+    """Loaded on a thread of its own (see loramux.server.threads)."""
+    from loramux.server.threads import in_own_thread
+
+    return in_own_thread(lambda: _load_model(name, device), "load-model")
+
+
+def _load_model(name: str, device: str) -> BaseModel:
     if name == "smollm2":
         from loramux.core.config import Settings
         from loramux.core.models import load_base_model, load_tokenizer, resolve_base_model

@@ -4,9 +4,11 @@
     python -m bench.engine --quick              # batch 8 only, fewer configurations
     python -m bench.engine --model llama3-8b-random --device cuda   # see bench/gpu.sh
 
-Configurations (every one in this process, on its own copy of the same NF4 base model,
-fed the same prompts; repetitions run round-robin over configurations and batch sizes so
-that a slow spell on this shared machine hits all of them alike):
+Configurations (on the CPU each system runs in a process of its own, as a server would,
+on its own copy of the same NF4 base model, fed the same prompts; repetitions run
+round-robin over configurations and batch sizes so that a slow spell on this shared
+machine hits all of them alike; `--isolation in-process` keeps them in this process, as
+the GPU run does):
 
 * base            the engine with enable_lora=False: the bare base model, no wrappers
 * hf_base         transformers `generate` on the bare model (reference only)
@@ -31,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -301,6 +305,131 @@ class HFSystem:
         return Measurement(config, batch, rep, e2e, tokens, prefill, decode, decode_tokens, steps)
 
 
+@dataclass
+class SystemSpec:
+    """One system under test, built where it runs (this process or its own)."""
+
+    kind: str  # "engine" (LoRAMux, lora on unless enable_lora=False) or "hf" (transformers/PEFT)
+    enable_lora: bool = True
+    adapters: dict[str, Path] = field(default_factory=dict)  # engine: all preloaded
+
+
+class LocalSystem:
+    """A system in this process."""
+
+    def __init__(
+        self, spec: SystemSpec, base: BaseModel, max_batch: int, prompts: list[list[int]]
+    ) -> None:
+        started = time.perf_counter()
+        self.prompts = prompts
+        self.system: EngineSystem | HFSystem
+        if spec.kind == "engine":
+            engine = EngineSystem(
+                base,
+                enable_lora=spec.enable_lora,
+                slots=32,
+                max_batch=max_batch,
+                adapters=spec.adapters,
+            )
+            engine.preload(list(spec.adapters))
+            self.system = engine
+        else:
+            self.system = HFSystem(base, spec.adapters or None)
+        self.setup_s = time.perf_counter() - started
+
+    def run(self, config: str, batch: int, rep: int, rows: list[str | None]) -> Measurement:
+        if isinstance(self.system, EngineSystem):
+            return self.system.run(config, batch, rep, self.prompts[:batch], rows)
+        sequential = config == "peft_sequential"
+        return self.system.run(config, batch, rep, self.prompts[:batch], rows, sequential)
+
+    def close(self) -> dict[str, Any]:
+        if isinstance(self.system, EngineSystem):
+            self.system.shutdown()
+        return dynamo_counters()
+
+
+def _system_process(
+    conn: Any,
+    spec: SystemSpec,
+    model: str,
+    device: str,
+    max_batch: int,
+    prompt_tokens: int,
+) -> None:
+    """A system's own process: build it, then run what the parent asks until told to stop."""
+    try:
+        set_threads()
+        base = load_model(model, device)
+        system = LocalSystem(spec, base, max_batch, base.prompts(max_batch, prompt_tokens))
+        conn.send(("ready", system.setup_s))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while (job := conn.recv()) is not None:
+        try:
+            conn.send(("ok", asdict(system.run(*job))))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+    conn.send(("closed", system.close()))
+
+
+class SystemProcess:
+    """A system in a process of its own.
+
+    Why: on the CPU, every thread that runs parallel torch ops keeps an OpenMP team for
+    life, and with more OpenMP threads than CPUs in one process libgomp nearly stops
+    spin-waiting, which slows every pass that interleaves small ops (the LoRA ones) with
+    large ones (see loramux.server.threads). A server process has one engine thread; so
+    here each system gets a process, and the processes that are not being measured sleep.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        spec: SystemSpec,
+        model: str,
+        device: str,
+        max_batch: int,
+        prompt_tokens: int,
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.name = name
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_system_process,
+            args=(child, spec, model, device, max_batch, prompt_tokens),
+            name=f"bench-{name}",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.setup_s = float("nan")
+
+    def _receive(self, expected: str) -> Any:
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"system {self.name}: its process died") from None
+        if kind == "error":
+            raise RuntimeError(f"system {self.name} failed:\n{value}")
+        assert kind == expected, (kind, expected)
+        return value
+
+    def wait_ready(self) -> None:
+        self.setup_s = self._receive("ready")
+
+    def run(self, config: str, batch: int, rep: int, rows: list[str | None]) -> Measurement:
+        self.conn.send((config, batch, rep, rows))
+        return Measurement(**self._receive("ok"))
+
+    def close(self) -> dict[str, Any]:
+        self.conn.send(None)
+        counters: dict[str, Any] = self._receive("closed")
+        self.process.join(60)
+        return counters
+
+
 def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
     """Which adapter each row names; blocks of K rotate across repetitions."""
     pools = {
@@ -438,6 +567,12 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         default=0,
         help="write N distinct adapter files, hard-link the rest (big models)",
     )
+    parser.add_argument(
+        "--isolation",
+        choices=("auto", "process", "in-process"),
+        default="auto",
+        help="run each system in its own process (auto: on the CPU, unless a model is passed in)",
+    )
     parser.add_argument("--quick", action="store_true", help="batch 8, fewer configs, 2 reps")
     parser.add_argument("--out", default="engine", help="results file name (no suffix)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -456,6 +591,7 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
     info = machine_info()
     print_machine(info)
     started = time.perf_counter()
+    own_base = base is None
     if base is None:
         base = load_model(args.model, args.device)
         print(f"# model {args.model} loaded in {time.perf_counter() - started:.0f}s", flush=True)
@@ -469,46 +605,29 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         adapters_a = write_adapters(
             root, linears, [16] * 32, "a", distinct_files=args.distinct_files
         )
-        systems: dict[str, Callable[[str, int, int, list[str | None]], Measurement]] = {}
-        closers: list[Callable[[], None]] = []
-
-        def engine_system(enable_lora: bool, adapters: dict[str, Path] | None) -> EngineSystem:
-            system = EngineSystem(
-                base, enable_lora=enable_lora, slots=32, max_batch=max_batch, adapters=adapters
-            )
-            closers.append(system.shutdown)
-            return system
-
-        def bind_engine(system: EngineSystem) -> Any:
-            return lambda c, b, r, rows: system.run(c, b, r, prompts[:b], rows)
-
-        bare = engine_system(False, None)
-        systems["base"] = bind_engine(bare)
+        specs: dict[str, SystemSpec] = {"bare": SystemSpec("engine", enable_lora=False)}
+        serves = {"base": "bare"}  # config -> the system that runs it
         if need & {"mux_none", "mux_one", "mux_k8", "mux_k32"}:
-            mux = engine_system(True, adapters_a)
-            mux.preload(list(adapters_a))
-            for c in ("mux_none", "mux_one", "mux_k8", "mux_k32"):
-                systems[c] = bind_engine(mux)
+            specs["mux"] = SystemSpec("engine", adapters=adapters_a)
+            serves.update(dict.fromkeys(("mux_none", "mux_one", "mux_k8", "mux_k32"), "mux"))
         if "mux_k128" in need:
             adapters_c = write_adapters(
                 root, linears, [16] * 128, "c", distinct_files=args.distinct_files, seed_offset=100
             )
-            cycling = engine_system(True, adapters_c)
-            cycling.preload(list(adapters_c))  # all 128 in CPU memory, the last 32 in slots
-            systems["mux_k128"] = bind_engine(cycling)
+            # All 128 in CPU memory, the last 32 in slots.
+            specs["cycling"] = SystemSpec("engine", adapters=adapters_c)
+            serves["mux_k128"] = "cycling"
         if "mux_ranks" in need:
             ranks = [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(32)]
             adapters_r = write_adapters(
                 root, linears, ranks, "r", distinct_files=args.distinct_files, seed_offset=300
             )
-            mixed_ranks = engine_system(True, adapters_r)
-            mixed_ranks.preload(list(adapters_r))
-            systems["mux_ranks"] = bind_engine(mixed_ranks)
+            specs["mixed_ranks"] = SystemSpec("engine", adapters=adapters_r)
+            serves["mux_ranks"] = "mixed_ranks"
         if "hf_base" in need:
-            plain = HFSystem(base)
-            systems["hf_base"] = lambda c, b, r, rows: plain.run(c, b, r, prompts[:b], rows)
+            specs["hf"] = SystemSpec("hf")
+            serves["hf_base"] = "hf"
         if need & {"peft_mixed", "peft_sequential"}:
-            peft_started = time.perf_counter()
             # Only the adapters some planned run names (PEFT loads each in ~1 s here).
             used = {
                 name
@@ -518,15 +637,30 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
                 for name in row_adapters(config, batch, max(rep, 0))
                 if name is not None
             }
-            peft = HFSystem(base, {k: v for k, v in adapters_a.items() if k in used})
-            print(
-                f"# PEFT loaded {len(used)} adapters in {time.perf_counter() - peft_started:.0f}s",
-                flush=True,
+            specs["peft"] = SystemSpec(
+                "hf", adapters={k: v for k, v in adapters_a.items() if k in used}
             )
-            systems["peft_mixed"] = lambda c, b, r, rows: peft.run(c, b, r, prompts[:b], rows)
-            systems["peft_sequential"] = lambda c, b, r, rows: peft.run(
-                c, b, r, prompts[:b], rows, sequential=True
-            )
+            serves.update(peft_mixed="peft", peft_sequential="peft")
+        isolate = args.isolation == "process" or (
+            args.isolation == "auto" and own_base and base.device.type == "cpu"
+        )
+        if isolate:
+            handles: dict[str, Any] = {
+                name: SystemProcess(
+                    name, spec, args.model, args.device, max_batch, args.prompt_tokens
+                )
+                for name, spec in specs.items()
+            }
+            for handle in handles.values():
+                handle.wait_ready()
+        else:
+            handles = {
+                name: LocalSystem(spec, base, max_batch, prompts) for name, spec in specs.items()
+            }
+        for name, handle in handles.items():
+            print(f"# {name}: ready, set up in {handle.setup_s:.0f}s", flush=True)
+        systems = {config: handles[system].run for config, system in serves.items()}
+        closers = [handle.close for handle in handles.values()]
         print(f"# set up in {time.perf_counter() - started:.0f}s", flush=True)
 
         # Warm-up, untimed: every engine configuration at every batch size (allocations,
@@ -549,8 +683,7 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
             if args.budget_s and elapsed + per_rep > args.budget_s and rep + 1 < args.reps:
                 print(f"# stopping: the next repetition would pass --budget-s {args.budget_s}")
                 break
-        for close in closers:
-            close()
+        counters = {name: close() for name, close in zip(handles, closers, strict=True)}
 
     summary = summarise(measurements)
     title = (
@@ -570,7 +703,8 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
             {**asdict(m), "e2e_tps": m.e2e_tps, "decode_tps": m.decode_tps} for m in measurements
         ],
         "seconds": time.perf_counter() - started,
-        "dynamo_counters": dynamo_counters(),
+        "isolation": "process" if isolate else "in-process",
+        "dynamo_counters": counters,
     }
     print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
     image = plot_path(args.out, args.results_dir)

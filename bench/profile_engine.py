@@ -4,10 +4,10 @@
     python -m bench.profile_engine --batch 32 --adapters 0      # wrappers, no adapter
     python -m bench.profile_engine --batch 32 --bare            # enable_lora=False
 
-The runner is driven directly on this thread (the engine loop is idle and its lock held),
-so the profile holds exactly the model passes: one prefill, warm-up decode steps, then
-`--steps` profiled decode steps. Prints the step time and the top operators by self CPU
-time, and writes a Chrome trace to bench/results/profile_<config>.json.
+The runner is driven directly on the engine's own thread between its steps (no request
+is submitted), so the profile holds exactly the model passes: one prefill, warm-up decode
+steps, then `--steps` profiled decode steps. Prints the step time and the top operators by self CPU
+time grouped by input shape, and writes a Chrome trace to bench/results/profile_<config>.json.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import RESULTS_DIR, load_model, machine_info, print_machine, set_threads
@@ -67,29 +67,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts = base.prompts(args.batch, 32)
     config = "bare" if args.bare else f"k{args.adapters}"
     runner = engine.runner
-    with engine._cv, torch.inference_mode():  # the loop thread waits on this lock
-        runner.prefill(PrefillBatch(0, prompts, slots))
-        tokens = [5] * args.batch
+
+    def profile_steps() -> tuple[float, Any]:
         position = 32
+        tokens = [5] * args.batch
 
         def step() -> None:
             nonlocal position
             runner.decode(DecodeBatch(tokens, [position] * args.batch, slots))
             position += 1
 
+        runner.prefill(PrefillBatch(0, prompts, slots))
         for _ in range(3):
             step()
         started = time.perf_counter()
         for _ in range(args.steps):
             step()
         plain_ms = (time.perf_counter() - started) / args.steps * 1000
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(args.steps):
                 step()
         runner.cache.release()
+        return plain_ms, prof
+
+    # On the engine thread, between its steps (no request is running): the passes see the
+    # engine's own torch thread settings, as in serving.
+    plain_ms, prof = engine.run_on_engine_thread(profile_steps)
     engine.shutdown()
     print(f"\n## {config}, batch {args.batch}: {plain_ms:.1f} ms per decode step (unprofiled)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total",
+        row_limit=args.rows,
+        max_name_column_width=30,
+        max_shapes_column_width=60,
+    )
+    print(table)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     trace = RESULTS_DIR / f"profile_{config}_b{args.batch}.json"
     prof.export_chrome_trace(str(trace))

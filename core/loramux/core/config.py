@@ -77,6 +77,9 @@ class Settings:
     max_new_tokens_limit: int = setting(1024, "largest max_new_tokens a request may ask", "engine")
     max_queued_requests: int = setting(1024, "requests waiting for a batch slot", "engine")
     max_rank: int = setting(64, "largest LoRA rank accepted", "engine")
+    compute_threads: int = setting(
+        0, "torch threads of the engine's passes (0: every CPU this process may use)", "engine"
+    )
     max_loaded_adapters: int = setting(32, "adapter slots on the device", "engine")
     max_cpu_adapters: int = setting(256, "adapters kept in CPU memory (LRU)", "engine")
     lora_kernel: str = setting(
@@ -130,6 +133,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.compute_threads < 0:
+            raise ValueError(f"--compute-threads must be >= 0, got {self.compute_threads}")
         if self.max_cpu_adapters < self.max_loaded_adapters:
             raise ValueError("--max-cpu-adapters must be >= --max-loaded-adapters")
         for f in dataclasses.fields(self):

@@ -27,6 +27,7 @@ from pathlib import Path
 from loramux.core.errors import FailedPrecondition, LoramuxError, NotFound, ResourceExhausted
 from loramux.server.adapters import AdapterSpec, AdapterWeights, LinearShape, inspect_adapter
 from loramux.server.lora import RANK_ALIGN, MultiLoraLinear
+from loramux.server.threads import one_thread, use_one_thread
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class AdapterStore:
 
     # ---- API side ----
     def validate(self, path: Path) -> AdapterSpec:
-        return inspect_adapter(path, self._base_linears, self.max_rank, load=True).spec
+        with one_thread():  # called on gRPC handler threads: see threads.py
+            return inspect_adapter(path, self._base_linears, self.max_rank, load=True).spec
 
     def register(
         self, adapter_id: str, path: Path, *, spec: AdapterSpec | None = None
@@ -334,6 +336,7 @@ class AdapterStore:
 
     # ---- loader thread ----
     def _load_loop(self) -> None:
+        use_one_thread()  # the engine thread alone runs parallel torch ops (threads.py)
         while (adapter_id := self._load_queue.get()) is not None:
             with self._lock:
                 entry = self._entries.get(adapter_id)

@@ -20,9 +20,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -50,8 +51,10 @@ from loramux.server.lora import (
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
 from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch
 from loramux.server.sampling import RowSampler, sample_next_tokens
+from loramux.server.threads import compute_thread_count, in_own_thread, use_compute_threads
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -192,6 +195,8 @@ class Engine:
         self._ids = itertools.count()
         self._stopping = False
         self._woken = False
+        self._tasks: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._compute_threads = compute_thread_count(settings.compute_threads)
         self._steps = 0
         self._prompt_tokens = 0
         self._generated_tokens = 0
@@ -204,7 +209,11 @@ class Engine:
         resolved = resolve_base_model(
             settings.base_model, settings.models_dir, settings.base_model_revision
         )
-        model = load_base_model(resolved, settings.quantization, settings.device)
+        # Loaded on a thread of its own: see loramux.server.threads.
+        model = in_own_thread(
+            lambda: load_base_model(resolved, settings.quantization, settings.device),
+            "load-base-model",
+        )
         engine = cls(model, load_tokenizer(resolved), settings, resolved)
         engine.warm_up()
         return engine
@@ -222,10 +231,31 @@ class Engine:
             ids.add(int(tokenizer.eos_token_id))
         return frozenset(ids)
 
+    def run_on_engine_thread(self, work: Callable[[], R]) -> R:
+        """Run `work` on the engine thread between steps, and return its result.
+
+        For work that must see the engine's torch thread settings or own its tensors while
+        no pass runs: kernel compilation (the thread count is baked into compiled CPU
+        kernels), profiling and benchmarks that drive the runner directly.
+        """
+        if threading.current_thread() is self._thread:
+            return work()
+        future: Future[R] = Future()
+        with self._cv:
+            if self._stopping:
+                raise Unavailable(None, "the engine is shutting down")
+            self._tasks.append((work, future))
+            self._cv.notify()
+        return future.result()
+
     def warm_up(self) -> None:
         """Compile the LoRA kernels now, so the first adapter request is not the slow one."""
         if self._lora is None or self._lora.decode_kernel is None:
             return
+        self.run_on_engine_thread(self._compile_kernels)
+
+    def _compile_kernels(self) -> None:
+        assert self._lora is not None and self._lora.decode_kernel is not None
         started = time.monotonic()
         device = self.runner.device
         seen: set[tuple[int, int]] = set()
@@ -333,10 +363,11 @@ class Engine:
             self._cv.notify()
 
     def _loop(self) -> None:
+        use_compute_threads(self._compute_threads)
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._stopping and not self._running and not self._woken:
+                    while not (self._stopping or self._running or self._woken or self._tasks):
                         self._cv.wait(self._idle_timeout())
                         if self._deadline_passed():
                             break
@@ -344,11 +375,23 @@ class Engine:
                         break
                     self._woken = False
                     newcomers = list(self._waiting)
+                    tasks = list(self._tasks)
+                    self._tasks.clear()
+                for work, future in tasks:
+                    try:
+                        future.set_result(work())
+                    except BaseException as exc:  # handed to the caller waiting on it
+                        future.set_exception(exc)
                 try:
                     self._step(newcomers)
                 except Exception as exc:  # keep serving: fail what was in flight, reset the batch
                     log.exception("engine step failed")
                     self._fail_running(Internal(None, f"engine step failed: {exc}"))
+        with self._cv:
+            tasks = list(self._tasks)
+            self._tasks.clear()
+        for _, future in tasks:
+            future.set_exception(Unavailable(None, "the engine is shutting down"))
         for active in [*self._running, *self._waiting]:
             self._finish(active, FinishReason.CANCELLED)
         self._running.clear()
