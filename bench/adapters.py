@@ -45,6 +45,7 @@ from bench.common import (
     write_adapters,
     write_json,
 )
+from loramux.server.threads import in_own_thread
 
 OPS = (
     "loramux cold load",
@@ -70,6 +71,21 @@ def peft_load(model: Any, name: str, folder: Path, device: Any) -> None:
     cuda_sync(device)
 
 
+def peft_model(model: Any, folder: Path) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder), adapter_name="resident").eval()
+
+
+def peft_round(model: Any, name: str, folder: Path, device: Any) -> tuple[float, float]:
+    """PEFT load_adapter then set_adapter of one adapter (seconds each), then delete it."""
+    load = timed(partial(peft_load, model, name, folder, device))
+    switch = timed(partial(model.set_adapter, name))
+    model.set_adapter("resident")
+    model.delete_adapter(name)
+    return load, switch
+
+
 def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> dict[str, Any]:
     """Run the benchmark; `base` lets a caller share one loaded model between benchmarks."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -85,8 +101,6 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
     if args.quick:
         args.ranks, args.reps, args.peft_reps = "16", 10, 5
     ranks = [int(r) for r in args.ranks.split(",")]
-
-    from peft import PeftModel
 
     from loramux.core.config import Settings
     from loramux.server.engine import Engine
@@ -136,17 +150,17 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
             for adapter_id, folder in folders.items():
                 store.register(adapter_id, folder)
             adapter_bytes[rank] = sum(f.stat().st_size for f in folders[subject].iterdir())
-            peft = PeftModel.from_pretrained(
-                base.fresh_copy(), str(folders[other]), adapter_name="resident"
+            # PEFT's work runs on threads that end (here and below), so that the engine
+            # thread is the only one keeping OpenMP workers (loramux.server.threads); the
+            # times are taken inside those threads.
+            peft = in_own_thread(
+                partial(peft_model, base.fresh_copy(), folders[other]), "peft-load"
             )
-            peft.eval()
             store.load(other)
             ttft(None)  # warm the request path (allocations, compiled kernels)
             ttft(other)
 
             for rep in range(args.reps):
-                # Only unload what is loaded: unloading a "stored" adapter returns at once but
-                # leaves a pending evict that swallows the next load (store bug, reported).
                 if store.state(subject) != "stored":
                     store.unload(subject)
                 note("loramux cold load", rank, timed(partial(store.load, subject)))
@@ -159,15 +173,10 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
                 store.unload(subject)
                 note("request TTFT, cold adapter", rank, ttft(subject))
                 if rep < args.peft_reps:
-                    name = f"p{rep}"
-                    note(
-                        "peft load_adapter",
-                        rank,
-                        timed(partial(peft_load, peft, name, folders[subject], base.device)),
-                    )
-                    note("peft set_adapter", rank, timed(partial(peft.set_adapter, name)))
-                    peft.set_adapter("resident")
-                    peft.delete_adapter(name)
+                    round_ = partial(peft_round, peft, f"p{rep}", folders[subject], base.device)
+                    load_s, switch_s = in_own_thread(round_, "peft-round")
+                    note("peft load_adapter", rank, load_s)
+                    note("peft set_adapter", rank, switch_s)
             del peft
     engine.shutdown()
 

@@ -159,15 +159,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from peft import PeftModel
 
     from bench.common import load_model, set_threads
+    from loramux.server.threads import in_own_thread
 
     set_threads()
     started = time.perf_counter()
     base = load_model("smollm2", args.device)
     folders = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
-    model = PeftModel.from_pretrained(base.model, str(folders[0]), adapter_name=folders[0].name)
-    for folder in folders[1:]:
-        model.load_adapter(str(folder), adapter_name=folder.name)
-    model.eval()
+
+    def load_adapters() -> Any:
+        model = PeftModel.from_pretrained(base.model, str(folders[0]), adapter_name=folders[0].name)
+        for folder in folders[1:]:
+            model.load_adapter(str(folder), adapter_name=folder.name)
+        return model.eval()
+
+    # On a thread that ends, as LoRAMux loads its model: only the thread generating keeps
+    # OpenMP workers (loramux.server.threads), so the baseline is not slowed by our setup.
+    model = in_own_thread(load_adapters, "load-adapters")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
     servicer = NaiveInference(model, base.tokenizer, {f.name for f in folders}, args.device)
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
