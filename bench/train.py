@@ -116,7 +116,9 @@ class StepTimer:
         }
 
 
-def run_loramux(options: dict[str, Any], quantization: str, device: str) -> float | None:
+def run_loramux(
+    options: dict[str, Any], quantization: str, device: str
+) -> tuple[float | None, float | None]:
     from loramux.core.config import Settings
     from loramux.trainer.options import TrainOptions
     from loramux.trainer.train import train
@@ -126,7 +128,7 @@ def run_loramux(options: dict[str, Any], quantization: str, device: str) -> floa
         Settings(quantization=quantization, device=device),
         echo=None,
     )
-    return result.eval_loss
+    return result.eval_loss, result.initial_eval_loss
 
 
 def run_plain(options: dict[str, Any], device: str) -> float | None:
@@ -232,13 +234,16 @@ def child(run: str, options_json: str, device: str) -> None:
     options = json.loads(options_json)
     timer = StepTimer()
     started = time.perf_counter()
+    initial_eval_loss = None
     if run == "plain-nf4":
         eval_loss = run_plain(options, device)
     else:
-        eval_loss = run_loramux(options, "nf4" if run == "loramux-nf4" else "none", device)
+        quantization = "nf4" if run == "loramux-nf4" else "none"
+        eval_loss, initial_eval_loss = run_loramux(options, quantization, device)
     report = {
         "run": run,
         "eval_loss": eval_loss,
+        "initial_eval_loss": initial_eval_loss,
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cuda_peak_mb": (
@@ -326,8 +331,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                     "logging_steps": args.steps,
                 }
                 if run != "plain-nf4":
+                    # The eval before training (outside the timed steps) shows how much of
+                    # an NF4-vs-bf16 gap is the quantised base itself rather than learning.
                     options.update(
-                        eval_steps=args.steps, eval_before_training=False, progress_bar=False
+                        eval_steps=args.steps, eval_before_training=True, progress_bar=False
                     )
                 report = spawn(run, options, args.device, root / f"{run}-{rep}.log")
                 report["rep"] = rep
@@ -351,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             "tokens/s",
             "peak RSS MB",
             "CUDA peak MB",
+            "eval loss before",
             "eval loss",
             "step time x plain",
             "CPU time x plain",
@@ -365,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                 s["tokens_per_s"],
                 s["peak_rss_mb"],
                 s["cuda_peak_mb"] if s["cuda_peak_mb"] is not None else float("nan"),
+                s["initial_eval_loss"],
                 s["eval_loss"],
                 s["step_time_vs_plain"],
                 s["step_cpu_vs_plain"],
@@ -409,6 +418,7 @@ def summarise(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "peak_rss_mb": by_run(run, "peak_rss_mb"),
                 "cuda_peak_mb": median(cuda) if cuda else None,
                 "eval_loss": by_run(run, "eval_loss"),
+                "initial_eval_loss": by_run(run, "initial_eval_loss"),
             }
         )
     plain = next((s for s in summary if s["run"] == "plain-nf4"), None)
