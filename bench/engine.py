@@ -18,6 +18,7 @@ the GPU run does):
 * mux_k128        128 adapters through 32 device slots: every repetition uses the next
                   block of adapters, so slots are evicted and refilled from CPU memory
 * mux_ranks       32 adapters of ranks 8/16/32/64 (the stacked slots widen to 64)
+* mux_k32_int8    mux_k32 with int8 adapter slots (`--lora-slot-dtype int8`)
 * peft_mixed      PEFT, the same 32 adapters, `generate(adapter_names=[...])`
 * peft_sequential PEFT, one adapter at a time: `set_adapter` + `generate` per group of rows
 
@@ -71,6 +72,7 @@ ALL_CONFIGS = (
     "mux_k32",
     "mux_k128",
     "mux_ranks",
+    "mux_k32_int8",
     "peft_mixed",
     "peft_sequential",
 )
@@ -177,6 +179,7 @@ class EngineSystem:
         slots: int,
         max_batch: int,
         adapters: dict[str, Path] | None = None,
+        slot_dtype: str = "bf16",
     ) -> None:
         from loramux.core.config import Settings
         from loramux.server.engine import Engine
@@ -187,6 +190,7 @@ class EngineSystem:
             max_loaded_adapters=slots,
             max_cpu_adapters=256,
             max_batch_tokens=max(2048, max_batch * 160),
+            lora_slot_dtype=slot_dtype,
         )
         self.engine = Engine(
             base.fresh_copy(), base.tokenizer, settings, base.resolved, enable_lora=enable_lora
@@ -312,6 +316,7 @@ class SystemSpec:
     kind: str  # "engine" (LoRAMux, lora on unless enable_lora=False) or "hf" (transformers/PEFT)
     enable_lora: bool = True
     adapters: dict[str, Path] = field(default_factory=dict)  # engine: all preloaded
+    slot_dtype: str = "bf16"  # engine: --lora-slot-dtype
 
 
 class LocalSystem:
@@ -330,6 +335,7 @@ class LocalSystem:
                 slots=32,
                 max_batch=max_batch,
                 adapters=spec.adapters,
+                slot_dtype=spec.slot_dtype,
             )
             engine.preload(list(spec.adapters))
             self.system = engine
@@ -435,6 +441,7 @@ def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
     pools = {
         "mux_k8": ("a", 8),
         "mux_k32": ("a", 32),
+        "mux_k32_int8": ("a", 32),
         "peft_mixed": ("a", 32),
         "peft_sequential": ("a", 32),
         "mux_k128": ("c", 128),
@@ -610,6 +617,9 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         if need & {"mux_none", "mux_one", "mux_k8", "mux_k32"}:
             specs["mux"] = SystemSpec("engine", adapters=adapters_a)
             serves.update(dict.fromkeys(("mux_none", "mux_one", "mux_k8", "mux_k32"), "mux"))
+        if "mux_k32_int8" in need:
+            specs["mux_int8"] = SystemSpec("engine", adapters=adapters_a, slot_dtype="int8")
+            serves["mux_k32_int8"] = "mux_int8"
         if "mux_k128" in need:
             adapters_c = write_adapters(
                 root, linears, [16] * 128, "c", distinct_files=args.distinct_files, seed_offset=100

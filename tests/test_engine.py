@@ -70,7 +70,7 @@ def adapter_dirs(
     }
 
 
-def _engine(smollm2: ResolvedModel, dirs: dict[str, Path], **settings: int) -> Engine:
+def _engine(smollm2: ResolvedModel, dirs: dict[str, Path], **settings: int | str) -> Engine:
     engine = Engine(
         load_base_model(smollm2, "nf4", "cpu"),
         load_tokenizer(smollm2),
@@ -86,6 +86,16 @@ def _engine(smollm2: ResolvedModel, dirs: dict[str, Path], **settings: int) -> E
 @pytest.fixture(scope="module")
 def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
     engine = _engine(smollm2, adapter_dirs, max_loaded_adapters=8, max_batch_size=16)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def int8_engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
+    """Adapter slots in int8 with per-row scales (--lora-slot-dtype int8)."""
+    engine = _engine(
+        smollm2, adapter_dirs, max_loaded_adapters=8, max_batch_size=16, lora_slot_dtype="int8"
+    )
     yield engine
     engine.shutdown()
 
@@ -167,7 +177,8 @@ def _without_eos(tokens: list[int], engine: Engine) -> list[int]:
     return [t for t in tokens if t not in engine.eos_token_ids]
 
 
-def test_mixed_batch_matches_peft_token_for_token(engine: Engine, peft: PeftReference) -> None:
+def _mixed_batch_against_peft(engine: Engine, peft: PeftReference) -> list[tuple[bool, int]]:
+    """One batch of six adapters and base rows; per request: (equal to PEFT, tokens equal)."""
     plan = [
         (p, a)
         for p, a in zip(PROMPTS, ["all8", "qv16rs", "mlp32", "ko4", None, "all16"], strict=True)
@@ -177,17 +188,33 @@ def test_mixed_batch_matches_peft_token_for_token(engine: Engine, peft: PeftRefe
     streams = [engine.submit(r) for r in requests]  # submitted together: one batch
     results = [_collect(s) for s in streams]
     differs_from_base = 0
+    outcome = []
     for request, (tokens, text, reason) in zip(requests, results, strict=True):
         expected = peft.generate(request.prompt_token_ids, request.adapter_id)
-        assert _without_eos(tokens, engine) == _without_eos(expected[: len(tokens)], engine), (
-            request.adapter_id,
-            text,
-        )
+        got, want = _without_eos(tokens, engine), _without_eos(expected[: len(tokens)], engine)
+        pairs = enumerate(zip(got, want, strict=False))
+        same_prefix = next((i for i, (g, w) in pairs if g != w), len(got))
+        outcome.append((got == want, same_prefix))
         assert reason in (FinishReason.LENGTH, FinishReason.EOS)
         assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
         if request.adapter_id is not None:
             differs_from_base += expected != peft.generate(request.prompt_token_ids, None)
     assert differs_from_base >= 3, "adapters too weak to tell apart from the base model"
+    return outcome
+
+
+def test_mixed_batch_matches_peft_token_for_token(engine: Engine, peft: PeftReference) -> None:
+    outcome = _mixed_batch_against_peft(engine, peft)
+    assert all(equal for equal, _ in outcome), outcome
+
+
+def test_int8_slots_mixed_batch_follows_peft(int8_engine: Engine, peft: PeftReference) -> None:
+    """int8 slots move each LoRA delta by a fraction of a percent, which can flip a near-tied
+    token (seen once here: one request of eight parted from PEFT at its 7th token). A wrong
+    scale or slot would part every adapter row from PEFT within the first tokens."""
+    outcome = _mixed_batch_against_peft(int8_engine, peft)
+    assert sum(equal for equal, _ in outcome) >= 6, outcome
+    assert min(prefix for _, prefix in outcome) >= 3, outcome
 
 
 def test_single_adapter_batches_match_peft(engine: Engine, peft: PeftReference) -> None:
@@ -205,13 +232,10 @@ def test_single_adapter_batches_match_peft(engine: Engine, peft: PeftReference) 
         assert _without_eos(tokens, engine) == _without_eos(expected[: len(tokens)], engine)
 
 
-def test_mixed_batch_logits_close_to_peft(engine: Engine, peft: PeftReference) -> None:
-    """One prefill pass mixing four adapters and a base row, against PEFT row by row.
-
-    Tolerance: max |logit difference| <= 4% of the row's logit range, same argmax. For
-    scale, batching alone (right padding, bf16) moves the bare base model's logits by up
-    to ~1% of the range on this model.
-    """
+def _prefill_logit_errors(engine: Engine, peft: PeftReference, tie: float = 0.0) -> list[float]:
+    """One prefill pass mixing four adapters and a base row, against PEFT row by row:
+    max |logit difference| / the row's logit range. The engine's top token must be PEFT's
+    top token (or within `tie` of PEFT's top logit)."""
     plan = [
         ("all8", PROMPTS[0]),
         (None, PROMPTS[1]),
@@ -225,15 +249,32 @@ def test_mixed_batch_logits_close_to_peft(engine: Engine, peft: PeftReference) -
     prompts = [engine.render_chat([("user", p)]) for _, p in plan]
     slots = [engine.adapters._entries[n].slot or 0 if n else 0 for n, _ in plan]
     assert len({s for s in slots if s}) == 4
-    # The engine loop is idle; holding its lock keeps any request from starting meanwhile.
-    with engine._cv, torch.inference_mode():
-        logits = engine.runner.prefill(PrefillBatch(0, prompts, slots))
+    # On the engine thread between steps: no request can start meanwhile.
+    logits = engine.run_on_engine_thread(
+        lambda: engine.runner.prefill(PrefillBatch(0, prompts, slots))
+    )
     ratios = []
     for row, (name, _) in enumerate(plan):
         expected = peft.logits(prompts[row], name)
         spread = float(expected.max() - expected.min())
         ratios.append(float((logits[row] - expected).abs().max()) / spread)
-        assert int(logits[row].argmax()) == int(expected.argmax()), name
+        top = int(logits[row].argmax())
+        assert float(expected[top]) >= float(expected.max()) - tie, (name, top)
+    return ratios
+
+
+def test_mixed_batch_logits_close_to_peft(engine: Engine, peft: PeftReference) -> None:
+    """Tolerance: 4% of the row's logit range. For scale, batching alone (right padding,
+    bf16) moves the bare base model's logits by up to ~1% of the range on this model."""
+    ratios = _prefill_logit_errors(engine, peft)
+    assert max(ratios) <= 0.04, ratios
+
+
+def test_int8_slots_logits_close_to_peft(int8_engine: Engine, peft: PeftReference) -> None:
+    """Same tolerance; the top token may be one PEFT ties within two bf16 steps (0.25 at
+    logits of 32-64): for qv16rs the bf16 engine's top two logits are equal (30.75), and
+    int8 slots put the other one first."""
+    ratios = _prefill_logit_errors(int8_engine, peft, tie=0.25)
     assert max(ratios) <= 0.04, ratios
 
 

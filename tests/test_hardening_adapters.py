@@ -476,4 +476,8 @@ def test_repeated_loads_do_not_grow_memory(linears: Linears, tmp_path: Path) -> 
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert grown < 16 << 10, f"{grown} bytes more after 300 loads"
+    # The safe_open leak grew 7 MB over 300 loads of this adapter (420 tensors); what stays
+    # behind without it is 4-25 KB of interpreter and library bookkeeping, depending on
+    # which tests ran before (threads and servers still alive), and it does not grow with
+    # the number of loads (measured: 17 KB after 300, 25 KB after 1,200).
+    assert grown < 64 << 10, f"{grown} bytes more after 300 loads"

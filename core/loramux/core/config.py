@@ -88,6 +88,12 @@ class Settings:
         "engine",
         choices=("auto", "compiled", "eager"),
     )
+    lora_slot_dtype: str = setting(
+        "bf16",
+        "adapter weights in device slots: bf16 (exact) or int8 (per-row scales, half the bytes)",
+        "engine",
+        choices=("bf16", "int8"),
+    )
 
     hub_endpoint: str | None = setting(
         None,

@@ -186,7 +186,11 @@ class AdapterStore:
             cpu = sum(e.cpu.nbytes for e in self._entries.values() if e.cpu is not None)
             used = self.max_loaded - len(self._free_slots)
         slot_bytes = sum(
-            (layer.lora_a[0].numel() + layer.lora_bt[0].numel()) * layer.lora_a.element_size()
+            sum(
+                t.numel() * t.element_size()
+                for t in (layer.lora_a, layer.lora_bt, layer.a_scale, layer.bt_scale)
+            )
+            // layer.lora_a.shape[0]
             for layer in self._layers.values()
         )
         return {

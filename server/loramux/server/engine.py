@@ -46,6 +46,7 @@ from loramux.server.lora import (
     LoraContext,
     base_linear_shapes,
     make_decode_kernel,
+    warm_decode_kernel,
     wrap_linear_layers,
 )
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
@@ -156,7 +157,10 @@ class Engine:
             kernel = lora_kernel or settings.lora_kernel
             if kernel == "auto":
                 kernel = "compiled"
-            self._lora = LoraContext(decode_kernel=make_decode_kernel(kernel))
+            quantized = settings.lora_slot_dtype == "int8"
+            self._lora = LoraContext(
+                decode_kernel=make_decode_kernel(kernel, quantized), quantized=quantized
+            )
             layers = wrap_linear_layers(
                 model, settings.max_loaded_adapters + 1, self._lora, torch.bfloat16, device
             )
@@ -257,23 +261,18 @@ class Engine:
     def _compile_kernels(self) -> None:
         assert self._lora is not None and self._lora.decode_kernel is not None
         started = time.monotonic()
-        device = self.runner.device
         seen: set[tuple[int, int]] = set()
         for layer in self.adapters._layers.values():
             key = (layer.shape.in_features, layer.shape.out_features)
-            if key in seen:
-                continue
-            seen.add(key)
-            slots = layer.lora_a.shape[0]
-            a = torch.zeros(slots, 8, key[0], dtype=torch.bfloat16, device=device)
-            bt = torch.zeros(slots, 8, key[1], dtype=torch.bfloat16, device=device)
-            scalings = torch.zeros(slots, device=device)
-            for rows in (1, 2):
-                x = torch.zeros(rows, key[0], dtype=torch.bfloat16, device=device)
-                with torch.inference_mode():
-                    self._lora.decode_kernel(
-                        x, a, bt, scalings, torch.zeros(rows, dtype=torch.long, device=device)
-                    )
+            if key not in seen:
+                seen.add(key)
+                warm_decode_kernel(
+                    self._lora.decode_kernel,
+                    *key,
+                    slots=layer.lora_a.shape[0],
+                    device=self.runner.device,
+                    quantized=self._lora.quantized,
+                )
         log.info("LoRA kernels ready in %.1fs", time.monotonic() - started)
 
     # ---- caller side ----

@@ -77,7 +77,8 @@ class LoraContext:
     """Shared by every MultiLoraLinear: the engine sets `batch` before each forward."""
 
     batch: LoraBatchMetadata | None = None
-    decode_kernel: Callable[..., torch.Tensor] | None = None
+    decode_kernel: Callable[..., torch.Tensor] | None = None  # bgmv_int8 when `quantized`
+    quantized: bool = False  # int8 slots with per-row scales (--lora-slot-dtype int8)
     stats: dict[str, int] = field(default_factory=dict)
 
 
@@ -94,34 +95,80 @@ def bgmv_reference(
     return (lora_bt[token_slots].float() * shrunk[:, :, None]).sum(1).to(x.dtype)
 
 
+def bgmv_int8(
+    x: torch.Tensor,  # [tokens, in]
+    lora_a: torch.Tensor,  # [slots, R, in] int8
+    a_scale: torch.Tensor,  # [slots, R] float32: A row r = lora_a[., r] * a_scale[., r]
+    lora_bt: torch.Tensor,  # [slots, R, out] int8
+    bt_scale: torch.Tensor,  # [slots, R] float32
+    scalings: torch.Tensor,  # [slots] float32
+    token_slots: torch.Tensor,  # [tokens] int64
+) -> torch.Tensor:  # [tokens, out], x.dtype
+    """`bgmv_reference` on int8 slots: half the bytes read; every scale folds into [tokens, R]."""
+    shrunk = (lora_a[token_slots].float() * x[:, None, :].float()).sum(-1)
+    scale = a_scale[token_slots] * bt_scale[token_slots] * scalings[token_slots][:, None]
+    shrunk = shrunk * scale
+    return (lora_bt[token_slots].float() * shrunk[:, :, None]).sum(1).to(x.dtype)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (int8 [R, n], float32 scale [R]); an all-zero row scales by 1."""
+    w = weight.float()
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
 def segmented_lora(
     x: torch.Tensor,  # [rows, T, in]
-    lora_a: torch.Tensor,  # [slots, R, in]
-    lora_bt: torch.Tensor,  # [slots, R, out]
-    scalings: torch.Tensor,  # [slots] float32
-    row_slots: torch.Tensor,  # [rows] int64
+    a: torch.Tensor,  # [rows, R, in] float32: each row's own A (gathered, dequantised)
+    bt: torch.Tensor,  # [rows, R, out] float32
+    row_scalings: torch.Tensor,  # [rows] float32
 ) -> torch.Tensor:  # [rows, T, out]
     """One batched matmul per projection, a segment per row (prefill)."""
-    a = lora_a.index_select(0, row_slots).float()  # [rows, R, in]
-    bt = lora_bt.index_select(0, row_slots).float()  # [rows, R, out]
-    shrunk = (
-        torch.bmm(x.float(), a.transpose(1, 2)) * scalings.index_select(0, row_slots)[:, None, None]
-    )
+    shrunk = torch.bmm(x.float(), a.transpose(1, 2)) * row_scalings[:, None, None]
     return torch.bmm(shrunk, bt).to(x.dtype)
 
 
-def make_decode_kernel(mode: str) -> Callable[..., torch.Tensor]:
+def make_decode_kernel(mode: str, quantized: bool = False) -> Callable[..., torch.Tensor]:
     """`compiled` fuses the gathers (needs a C++ compiler on CPU, Triton on CUDA)."""
+    kernel = bgmv_int8 if quantized else bgmv_reference
     if mode == "eager":
-        return bgmv_reference
-    return torch.compile(bgmv_reference, dynamic=True)  # type: ignore[return-value]
+        return kernel
+    return torch.compile(kernel, dynamic=True)  # type: ignore[return-value]
+
+
+def warm_decode_kernel(
+    kernel: Callable[..., torch.Tensor],
+    in_features: int,
+    out_features: int,
+    slots: int,
+    device: torch.device,
+    quantized: bool,
+) -> None:
+    """Call the kernel once per batch-size class on zeros, so it is compiled before use."""
+    weight_dtype = torch.int8 if quantized else torch.bfloat16
+    a = torch.zeros(slots, RANK_ALIGN, in_features, dtype=weight_dtype, device=device)
+    bt = torch.zeros(slots, RANK_ALIGN, out_features, dtype=weight_dtype, device=device)
+    scale = torch.zeros(slots, RANK_ALIGN, device=device)
+    scalings = torch.zeros(slots, device=device)
+    for rows in (1, 2):
+        x = torch.zeros(rows, in_features, dtype=torch.bfloat16, device=device)
+        token_slots = torch.zeros(rows, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            if quantized:
+                kernel(x, a, scale, bt, scale, scalings, token_slots)
+            else:
+                kernel(x, a, bt, scalings, token_slots)
 
 
 class MultiLoraLinear(nn.Module):
     """A frozen base linear layer plus stacked adapter slots, routed per batch row."""
 
-    lora_a: torch.Tensor  # [slots, R, in_features]
+    lora_a: torch.Tensor  # [slots, R, in_features] bf16, or int8 when quantized
     lora_bt: torch.Tensor  # [slots, R, out_features] (B transposed: rows read contiguously)
+    a_scale: torch.Tensor  # [slots, R] float32 row scales of lora_a (quantized only, else [0])
+    bt_scale: torch.Tensor  # [slots, R] float32 row scales of lora_bt (quantized only, else [0])
     scalings: torch.Tensor  # [slots] float32
 
     def __init__(
@@ -139,6 +186,9 @@ class MultiLoraLinear(nn.Module):
         self.name = name
         self.shape = shape
         self.context = context
+        self.quantized = context.quantized
+        if self.quantized:
+            dtype = torch.int8
         self.rank_width = 0
         self.occupied: set[int] = set()  # slots holding weights for this layer
         self.scaling_values = [0.0] * num_slots  # host copy of `scalings` (no device sync)
@@ -160,6 +210,12 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer(
             "scalings", torch.zeros(num_slots, dtype=torch.float32, device=device), persistent=False
         )
+        for name in ("a_scale", "bt_scale"):
+            self.register_buffer(
+                name,
+                torch.zeros(num_slots if self.quantized else 0, 0, device=device),
+                persistent=False,
+            )
 
     def grow_rank(self, width: int) -> None:
         """Widen the stacked rank dimension (zero-padded); slots keep their weights."""
@@ -179,6 +235,12 @@ class MultiLoraLinear(nn.Module):
         a[:, : self.rank_width] = self.lora_a
         bt[:, : self.rank_width] = self.lora_bt
         self.lora_a, self.lora_bt = a, bt
+        if self.quantized:
+            for name in ("a_scale", "bt_scale"):
+                old = getattr(self, name)
+                wider = torch.zeros(slots, width, dtype=old.dtype, device=old.device)
+                wider[:, : self.rank_width] = old
+                setattr(self, name, wider)
         self.rank_width = width
         self._gathered = None
 
@@ -186,6 +248,9 @@ class MultiLoraLinear(nn.Module):
         """Copy one adapter's matrices into `slot` (None clears it)."""
         self.lora_a[slot].zero_()
         self.lora_bt[slot].zero_()
+        if self.quantized:
+            self.a_scale[slot].zero_()
+            self.bt_scale[slot].zero_()
         self.scalings[slot] = 0.0
         self.scaling_values[slot] = 0.0
         self.occupied.discard(slot)
@@ -194,20 +259,38 @@ class MultiLoraLinear(nn.Module):
         if weights is None:
             return
         rank = weights.lora_a.shape[0]
-        self.lora_a[slot, :rank].copy_(weights.lora_a, non_blocking=True)
-        self.lora_bt[slot, :rank].copy_(weights.lora_b.t(), non_blocking=True)
+        if self.quantized:
+            for target, scale, weight in (
+                (self.lora_a, self.a_scale, weights.lora_a),
+                (self.lora_bt, self.bt_scale, weights.lora_b.t()),
+            ):
+                q, row_scale = quantize_rows(weight)
+                target[slot, :rank].copy_(q, non_blocking=True)
+                scale[slot, :rank].copy_(row_scale, non_blocking=True)
+        else:
+            self.lora_a[slot, :rank].copy_(weights.lora_a, non_blocking=True)
+            self.lora_bt[slot, :rank].copy_(weights.lora_b.t(), non_blocking=True)
         self.scalings[slot] = weights.scaling
         self.scaling_values[slot] = weights.scaling
         self.occupied.add(slot)
+
+    def _slot_weights(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 A [n, R, in] and B^T [n, R, out] of the slots in `index` [n] (dequantised)."""
+        a = self.lora_a.index_select(0, index).float()
+        bt = self.lora_bt.index_select(0, index).float()
+        if self.quantized:
+            a.mul_(self.a_scale.index_select(0, index)[:, :, None])
+            bt.mul_(self.bt_scale.index_select(0, index)[:, :, None])
+        return a, bt
 
     def _gather(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """float32 (A^T [in, U*R], B^T [U*R, out], scalings [U]) of the slots in `key`."""
         if self._gathered is None or self._gathered[0] != key:
             index = torch.tensor(key, dtype=torch.long, device=self.lora_a.device)
             rows = len(key) * self.rank_width
-            a_t = self.lora_a.index_select(0, index).reshape(rows, -1).float().t().contiguous()
-            bt = self.lora_bt.index_select(0, index).reshape(rows, -1).float()
-            self._gathered = (key, a_t, bt, self.scalings.index_select(0, index))
+            a, bt = self._slot_weights(index)
+            a_t = a.reshape(rows, -1).t().contiguous()
+            self._gathered = (key, a_t, bt.reshape(rows, -1), self.scalings.index_select(0, index))
         return self._gathered[1], self._gathered[2], self._gathered[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,16 +317,25 @@ class MultiLoraLinear(nn.Module):
                 delta = torch.mm(shrunk, bt).mul_(self.scaling_values[batch.single_slot])
             # Rounded to the output dtype before the add, as PEFT's 4-bit LoRA layers do.
             return out.add_(delta.to(out.dtype).view(out.shape))
-        if batch.tokens_per_row == 1 and self.context.decode_kernel is not None:
+        kernel = self.context.decode_kernel
+        if batch.tokens_per_row == 1 and kernel is not None:
             flat = x.reshape(rows, self.shape.in_features)
-            delta = self.context.decode_kernel(
-                flat, self.lora_a, self.lora_bt, self.scalings, batch.row_slots
-            )
+            if self.quantized:
+                delta = kernel(
+                    flat,
+                    self.lora_a,
+                    self.a_scale,
+                    self.lora_bt,
+                    self.bt_scale,
+                    self.scalings,
+                    batch.row_slots,
+                )
+            else:
+                delta = kernel(flat, self.lora_a, self.lora_bt, self.scalings, batch.row_slots)
         else:
             grouped = x.reshape(rows, -1, self.shape.in_features)
-            delta = segmented_lora(
-                grouped, self.lora_a, self.lora_bt, self.scalings, batch.row_slots
-            )
+            a, bt = self._slot_weights(batch.row_slots)
+            delta = segmented_lora(grouped, a, bt, self.scalings.index_select(0, batch.row_slots))
         return out + delta.reshape(out.shape)
 
 
