@@ -57,6 +57,7 @@ class _Entry:
     deleted: bool = False
     want_device: bool = False  # a `load()` call is waiting for a slot
     want_evict: bool = False  # an `unload()` call is waiting for eviction
+    generation: int = 0  # bumped when a deleted entry is stored again (stale loads are dropped)
     stats: AdapterStats = field(default_factory=AdapterStats)
 
     @property
@@ -109,6 +110,7 @@ class AdapterStore:
                 # (same id: same owner, name and content). Revive the entry instead of replacing
                 # it, so those requests release the slot they hold, not the new entry's.
                 old.deleted, old.load_error, old.path, old.spec = False, None, Path(path), spec
+                old.generation += 1
                 return spec
             if old is not None:
                 if old.path == Path(path):
@@ -345,6 +347,7 @@ class AdapterStore:
             with self._lock:
                 entry = self._entries.get(adapter_id)
                 path = entry.path if entry is not None else None
+                generation = entry.generation if entry is not None else 0
             if entry is None or path is None:
                 continue
             started = time.perf_counter()
@@ -360,9 +363,13 @@ class AdapterStore:
             seconds = time.perf_counter() - started
             with self._lock:
                 entry.loading = False
-                if error is not None:
+                if entry.deleted or entry.generation != generation:
+                    # Deleted meanwhile (its files may be gone: not an error of the adapter),
+                    # or deleted and stored again: a waiting request schedules a fresh load.
+                    pass
+                elif error is not None:
                     entry.load_error = error
-                elif not entry.deleted:
+                else:
                     entry.cpu = weights
                     self._cpu_lru[adapter_id] = None
                     entry.stats = replace(
