@@ -55,6 +55,8 @@ def test_valid_adapter_is_read(adapter: Path, linears: dict[str, LinearShape]) -
     }
     module = next(iter(weights.modules.values()))
     assert module.lora_a.dtype == torch.bfloat16 and module.lora_a.shape[0] == 8
+    # B as the slots hold it (B^T, [rank, out]) is one contiguous block: a plain copy.
+    assert module.lora_b.shape[1] == 8 and module.lora_b.t().is_contiguous()
 
 
 def test_rslora_and_patterns_set_scaling(tmp_path: Path, linears: dict[str, LinearShape]) -> None:

@@ -77,7 +77,7 @@ class ModuleWeights:
     """One adapted linear layer, ready to copy into a slot."""
 
     lora_a: torch.Tensor  # [rank, in_features]
-    lora_b: torch.Tensor  # [out_features, rank]
+    lora_b: torch.Tensor  # [out_features, rank], column-major (its .t() is contiguous)
     scaling: float
 
 
@@ -246,7 +246,9 @@ def _read_weights(
                 )
         modules[module] = ModuleWeights(
             lora_a=a.to(dtype).contiguous(),
-            lora_b=b.to(dtype).contiguous(),
+            # Laid out so that lora_b.t() ([rank, out], as the slots hold B) is contiguous:
+            # the loader thread pays for the transpose, not the engine thread's slot copy.
+            lora_b=b.to(dtype).t().contiguous().t(),
             scaling=scaling_for(module, a.shape[0]),
         )
     return modules
