@@ -359,8 +359,25 @@ def write_adapters(
 
     With distinct_files = N > 0, adapter i >= N hard-links adapter i % N's files (same
     rank): a separate adapter to the server (its own id, load and slot), but cheap to
-    write for an 8B model whose rank-16 adapter is 84 MB.
+    write for an 8B model whose rank-16 adapter is 84 MB. Written on a thread that ends
+    (large random tensors are parallel torch ops: see loramux.server.threads).
     """
+    from loramux.server.threads import in_own_thread
+
+    return in_own_thread(
+        lambda: _write_adapters(root, linears, ranks, prefix, distinct_files, seed_offset),
+        "write-adapters",
+    )
+
+
+def _write_adapters(
+    root: Path,
+    linears: Mapping[str, Any],
+    ranks: Sequence[int],
+    prefix: str,
+    distinct_files: int,
+    seed_offset: int,
+) -> dict[str, Path]:
     from loramux.server.synthetic import write_random_adapter
 
     folders: dict[str, Path] = {}

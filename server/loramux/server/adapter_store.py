@@ -312,9 +312,10 @@ class AdapterStore:
             self._release_slot(victim)
         slot = self._free_slots.pop()
         width = -(-entry.spec.rank // RANK_ALIGN) * RANK_ALIGN
-        for name, layer in self._layers.items():
-            layer.grow_rank(width)
-            layer.write_slot(slot, entry.cpu.modules.get(name))
+        with one_thread():  # hundreds of 10-400 KB copies: OpenMP fork/join costs more
+            for name, layer in self._layers.items():
+                layer.grow_rank(width)
+                layer.write_slot(slot, entry.cpu.modules.get(name))
         entry.slot = slot
         self._device_lru[entry.adapter_id] = None
         self._cpu_lru.move_to_end(entry.adapter_id) if entry.adapter_id in self._cpu_lru else None
@@ -323,9 +324,10 @@ class AdapterStore:
     def _release_slot(self, entry: _Entry) -> None:
         if entry.slot is None:
             return
-        for layer in self._layers.values():
-            if entry.slot in layer.occupied:
-                layer.write_slot(entry.slot, None)
+        with one_thread():
+            for layer in self._layers.values():
+                if entry.slot in layer.occupied:
+                    layer.write_slot(entry.slot, None)
         self._free_slots.append(entry.slot)
         entry.slot = None
         self._device_lru.pop(entry.adapter_id, None)

@@ -55,7 +55,12 @@ def use_one_thread() -> None:
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """Run a block's torch ops serially on a thread that is not ours (a gRPC handler)."""
+    """Run a block's torch ops serially, then restore this thread's count.
+
+    On a thread that is not ours (a gRPC handler validating an upload), so it never starts
+    OpenMP workers; and on the engine thread for adapter slot writes, hundreds of copies
+    of 10-400 KB each, which run 2-5x faster without OpenMP's fork/join (measured: a
+    rank-64 SmolLM2 adapter's install 16 -> 6.7 ms)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
