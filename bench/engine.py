@@ -355,19 +355,24 @@ class LocalSystem:
         return dynamo_counters()
 
 
-def _system_process(
-    conn: Any,
-    spec: SystemSpec,
-    model: str,
-    device: str,
-    max_batch: int,
-    prompt_tokens: int,
-) -> None:
+@dataclass
+class Launch:
+    """What a system's own process needs to build it (picklable: sent to the child)."""
+
+    spec: SystemSpec
+    model: str
+    device: str
+    max_batch: int
+    prompt_tokens: int
+
+
+def _system_process(conn: Any, launch: Launch) -> None:
     """A system's own process: build it, then run what the parent asks until told to stop."""
     try:
         set_threads()
-        base = load_model(model, device)
-        system = LocalSystem(spec, base, max_batch, base.prompts(max_batch, prompt_tokens))
+        base = load_model(launch.model, launch.device)
+        prompts = base.prompts(launch.max_batch, launch.prompt_tokens)
+        system = LocalSystem(launch.spec, base, launch.max_batch, prompts)
         conn.send(("ready", system.setup_s))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -390,23 +395,12 @@ class SystemProcess:
     here each system gets a process, and the processes that are not being measured sleep.
     """
 
-    def __init__(
-        self,
-        name: str,
-        spec: SystemSpec,
-        model: str,
-        device: str,
-        max_batch: int,
-        prompt_tokens: int,
-    ) -> None:
+    def __init__(self, name: str, launch: Launch) -> None:
         context = multiprocessing.get_context("spawn")
         self.name = name
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_system_process,
-            args=(child, spec, model, device, max_batch, prompt_tokens),
-            name=f"bench-{name}",
-            daemon=True,
+            target=_system_process, args=(child, launch), name=f"bench-{name}", daemon=True
         )
         self.process.start()
         child.close()
@@ -657,7 +651,7 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         if isolate:
             handles: dict[str, Any] = {
                 name: SystemProcess(
-                    name, spec, args.model, args.device, max_batch, args.prompt_tokens
+                    name, Launch(spec, args.model, args.device, max_batch, args.prompt_tokens)
                 )
                 for name, spec in specs.items()
             }

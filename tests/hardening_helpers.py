@@ -94,6 +94,17 @@ def stubs(address: str) -> tuple[grpc.Channel, Any, Any, Any]:
     )
 
 
+def create_tenants(admin: Any, names: Iterable[str]) -> dict[str, str]:
+    """Create each tenant with one API key (as the admin); tenant -> key."""
+    keys = {}
+    for tenant in names:
+        call(admin.CreateTenant, pb.CreateTenantRequest(name=tenant), ADMIN_KEY)
+        keys[tenant] = call(
+            admin.CreateKey, pb.CreateKeyRequest(tenant=tenant), ADMIN_KEY
+        ).response.key
+    return keys
+
+
 def entry(path: str, data: bytes) -> pb.FileEntry:
     return pb.FileEntry(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 

@@ -38,7 +38,7 @@ import re
 import secrets
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -917,3 +917,14 @@ def _front_matter(text: str) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(metadata, dict):
         return None, "the YAML block must be a mapping"
     return metadata, None
+
+
+@contextlib.contextmanager
+def local_hub(token: str | None = None) -> Iterator[HubServer]:
+    """A running HubServer for huggingface_hub clients in this process (Xet transfers off:
+    this Hub speaks the plain HTTP protocol)."""
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_DISABLE_XET = True
+    with HubServer(token=token) as server:
+        yield server

@@ -17,7 +17,7 @@ import pytest
 from api_helpers import ServerProcess, eventually, free_port, health_status, linear_shapes
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from hub_server import HubServer
+from hub_server import HubServer, local_hub
 
 from loramux.cli import main as loramux_main
 from loramux.client import (
@@ -63,10 +63,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, linears: dict) -> dict[st
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[HubServer]:
-    import huggingface_hub.constants
-
-    huggingface_hub.constants.HF_HUB_DISABLE_XET = True
-    with HubServer(token=HUB_TOKEN) as server:  # public repos readable by anyone
+    with local_hub(HUB_TOKEN) as server:  # public repos readable by anyone
         yield server
 
 

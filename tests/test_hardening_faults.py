@@ -28,9 +28,9 @@ import hub_server
 import pytest
 from api_helpers import ServerProcess, eventually
 from hardening_helpers import (
-    ADMIN_KEY,
     assert_consistent,
     call,
+    create_tenants,
     generate_request,
     read_folder,
     registry_rows,
@@ -78,12 +78,7 @@ def linears(server: RunningServer) -> dict[str, LinearShape]:
 @pytest.fixture(scope="module")
 def api(server: RunningServer) -> Iterator[Api]:
     channel, inference, adapters, admin = stubs(f"127.0.0.1:{server.port}")
-    keys = {}
-    for tenant in ("alice", "bob"):
-        call(admin.CreateTenant, pb.CreateTenantRequest(name=tenant), ADMIN_KEY)
-        keys[tenant] = call(
-            admin.CreateKey, pb.CreateKeyRequest(tenant=tenant), ADMIN_KEY
-        ).response.key
+    keys = create_tenants(admin, ("alice", "bob"))
     yield inference, adapters, keys
     channel.close()
 

@@ -23,6 +23,7 @@ from hardening_helpers import (
     Answer,
     assert_consistent,
     call,
+    create_tenants,
     generate_request,
     read_folder,
     stream_call,
@@ -31,7 +32,7 @@ from hardening_helpers import (
     token_ids,
     upload_requests,
 )
-from hub_server import HubServer
+from hub_server import HubServer, local_hub
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -196,10 +197,7 @@ upload_messages = st.lists(
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[HubServer]:
-    import huggingface_hub.constants
-
-    huggingface_hub.constants.HF_HUB_DISABLE_XET = True
-    with HubServer(token=None) as server:
+    with local_hub() as server:
         yield server
 
 
@@ -233,12 +231,7 @@ def api(
 ) -> Iterator[tuple[Any, Any, str]]:
     """(inference stub, adapter stub, the fuzzing tenant's key); adapters for names to hit."""
     channel, inference, adapters, admin = stubs(f"127.0.0.1:{server.port}")
-    keys = {}
-    for tenant in ("fuzz", "owner"):
-        call(admin.CreateTenant, pb.CreateTenantRequest(name=tenant), ADMIN_KEY)
-        keys[tenant] = call(
-            admin.CreateKey, pb.CreateKeyRequest(tenant=tenant), ADMIN_KEY
-        ).response.key
+    keys = create_tenants(admin, ("fuzz", "owner"))
     for tenant, name in (("fuzz", "mine"), ("owner", "pub"), ("owner", "private")):
         answer = call(adapters.UploadAdapter, iter(upload_requests(name, good_files)), keys[tenant])
         assert answer.code == S.OK, answer.details

@@ -20,6 +20,7 @@ from hardening_helpers import (
     Answer,
     assert_consistent,
     call,
+    create_tenants,
     files_outside,
     generate_request,
     read_folder,
@@ -29,7 +30,7 @@ from hardening_helpers import (
     token_ids,
     upload_requests,
 )
-from hub_server import HubServer
+from hub_server import HubServer, local_hub
 
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer
@@ -78,10 +79,7 @@ HOSTILE_REPO_IDS = [
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[HubServer]:
-    import huggingface_hub.constants
-
-    huggingface_hub.constants.HF_HUB_DISABLE_XET = True
-    with HubServer(token=None) as server:
+    with local_hub() as server:
         yield server
 
 
@@ -106,12 +104,7 @@ def server(root: Path, tiny_llama: ResolvedModel, hub: HubServer) -> Iterator[Ru
 @pytest.fixture(scope="module")
 def api(server: RunningServer) -> Iterator[Api]:
     channel, inference, adapters, admin = stubs(f"127.0.0.1:{server.port}")
-    keys = {}
-    for tenant in ("alice", "mallory"):
-        call(admin.CreateTenant, pb.CreateTenantRequest(name=tenant), ADMIN_KEY)
-        keys[tenant] = call(
-            admin.CreateKey, pb.CreateKeyRequest(tenant=tenant), ADMIN_KEY
-        ).response.key
+    keys = create_tenants(admin, ("alice", "mallory"))
     yield inference, adapters, admin, keys
     channel.close()
 
