@@ -74,6 +74,16 @@ class Settings:
     # -- engine --
     max_batch_size: int = setting(32, "most requests decoding together", "engine")
     max_batch_tokens: int = setting(2048, "most tokens (prefill + decode) in one step", "engine")
+    kv_cache_bytes: int = setting(
+        0,
+        "KV cache pool, preallocated at start (0: auto, 1 GiB on the CPU capped at what "
+        "--max-batch-size full context windows need, 90%% of free memory on CUDA)",
+        "engine",
+    )
+    kv_block_size: int = setting(16, "token positions per KV cache block", "engine")
+    prefix_caching: bool = setting(
+        True, "keep full KV blocks after a request ends and reuse them for equal prefixes", "engine"
+    )
     max_new_tokens_limit: int = setting(1024, "largest max_new_tokens a request may ask", "engine")
     max_queued_requests: int = setting(1024, "requests waiting for a batch slot", "engine")
     max_rank: int = setting(64, "largest LoRA rank accepted", "engine")
@@ -132,6 +142,7 @@ class Settings:
             "max_batch_tokens",
             "max_new_tokens_limit",
             "max_rank",
+            "kv_block_size",
             "max_loaded_adapters",
             "max_cpu_adapters",
             "grpc_workers",
@@ -139,6 +150,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_bytes < 0:
+            raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
         if self.compute_threads < 0:
             raise ValueError(f"--compute-threads must be >= 0, got {self.compute_threads}")
         if self.max_cpu_adapters < self.max_loaded_adapters:
