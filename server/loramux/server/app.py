@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from loramux.core.config import Settings
 from loramux.core.errors import FailedPrecondition
+from loramux.server.changes import RegistryWatcher, forget_removed_adapters
 from loramux.server.engine import Engine
 from loramux.server.metrics import Metrics
 from loramux.server.registry import Quota, Registry
@@ -47,6 +48,7 @@ class RunningServer:
     port: int
     metrics_port: int
     metrics_http: object | None
+    watcher: RegistryWatcher
     drain_started: threading.Event = field(default_factory=threading.Event)
     _closed: bool = False
 
@@ -76,6 +78,7 @@ class RunningServer:
             return
         self._closed = True
         self.server.stop(0)
+        self.watcher.stop()
         self.state.engine.shutdown()
         self.state.registry.close()
         if self.metrics_http is not None:
@@ -128,6 +131,11 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
         engine = engine or Engine.create(settings)
         metrics.attach(engine)
         state, health_servicer = _build_services(server, settings, engine, metrics)
+        watcher = RegistryWatcher(
+            state.registry,
+            lambda: forget_removed_adapters(state.registry, state.engine.adapters),
+            settings.registry_poll_seconds,
+        ).start()
         server.start()
     except BaseException:
         server.stop(0)
@@ -144,7 +152,7 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
         settings.host,
         metrics_port,
     )
-    return RunningServer(state, server, health_servicer, port, metrics_port, metrics_http)
+    return RunningServer(state, server, health_servicer, port, metrics_port, metrics_http, watcher)
 
 
 def _build_services(
@@ -159,7 +167,9 @@ def _build_services(
             settings.tenant_max_adapters,
             settings.tenant_max_bytes,
         ),
+        settings.registry,
     )
+    log.info("registry: %s", registry.describe())
     auth = Authenticator(registry, settings.admin_keys)
     if auth.dev_mode:
         log.warning(
