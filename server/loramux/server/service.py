@@ -36,6 +36,7 @@ from loramux.core.errors import (
     Unavailable,
 )
 from loramux.server.adapters import AdapterSpec
+from loramux.server.affinity import requested_adapter
 from loramux.server.engine import Engine, RequestStream
 from loramux.server.metrics import Metrics
 from loramux.server.registry import (
@@ -300,10 +301,17 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
         finally:
             self.state.metrics.request_done(call.tenant, call.adapter, status)
 
+    @staticmethod
+    def _resolve_affinity(request: pb.GenerateRequest, context: grpc.ServicerContext) -> None:
+        """The adapter named by metadata (affinity.py) into a message that names none."""
+        metadata = dict(context.invocation_metadata())
+        request.adapter = requested_adapter(request.adapter, metadata)
+
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> pb.GenerateResponse:
         def handle(principal: Principal) -> pb.GenerateResponse:
+            self._resolve_affinity(request, context)
             with (
                 self._recorded(principal, request) as call,
                 self._generation(request, context, principal, call) as stream,
@@ -332,6 +340,7 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
         try:
             with self.state.tracked():
                 principal = self._authenticate(context)
+                self._resolve_affinity(request, context)
                 with (
                     self._recorded(principal, request) as call,
                     self._generation(request, context, principal, call) as stream,
