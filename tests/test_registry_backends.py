@@ -81,6 +81,22 @@ def store(registry: Registry, owner: str, name: str, payload: bytes, quota: Quot
     )
 
 
+def two_replicas(tmp_path: Path, database: str) -> tuple[list[Registry], Path, Path]:
+    """Two replicas' registries: on SQLite one data dir; on PostgreSQL a data dir each and
+    one shared --adapter-dir. Also the adapter folder and the staging folder they share."""
+    if database == "sqlite":
+        replicas = [Registry(tmp_path, QUOTA, database) for _ in range(2)]
+        return replicas, tmp_path / "adapters", tmp_path / "tmp"
+    shared = tmp_path / "shared"
+    replicas = [Registry(tmp_path / f"home{i}", QUOTA, database, shared) for i in range(2)]
+    return replicas, shared, shared / ".staging"
+
+
+def staged_marker(staging: Path) -> list[str]:
+    """The staging folder's name when it lives inside the adapter folder."""
+    return [staging.name] if staging.name.startswith(".") else []
+
+
 def applied(registry: Registry) -> list[int]:
     return [
         int(r["version"])
@@ -171,7 +187,7 @@ def race(count: int, work: Callable[[int], object]) -> list[object]:
 @needs_postgres
 def test_quota_holds_across_replicas(tmp_path: Path, pg_url: str) -> None:
     """Eight uploads at once through two replicas; a quota of three adapters admits three."""
-    replicas = [Registry(tmp_path, QUOTA, pg_url) for _ in range(2)]
+    replicas, folders, _ = two_replicas(tmp_path, pg_url)
     try:
         replicas[0].ensure_tenant("bob")
         quota = Quota(max_concurrent=1, max_queued=1, max_adapters=3, max_bytes=10**9)
@@ -182,7 +198,7 @@ def test_quota_holds_across_replicas(tmp_path: Path, pg_url: str) -> None:
         assert len(refused) == 5, outcomes
         assert len(replicas[1].all_adapters()) == 3
         stored = {r.digest for r in replicas[0].all_adapters()}
-        assert {p.name for p in (tmp_path / "adapters").iterdir()} == stored  # refused: no files
+        assert {p.name for p in folders.iterdir()} - {".staging"} == stored  # refused: no files
     finally:
         for registry in replicas:
             registry.close()
@@ -191,7 +207,7 @@ def test_quota_holds_across_replicas(tmp_path: Path, pg_url: str) -> None:
 def test_one_folder_for_a_digest_two_replicas_store(tmp_path: Path, database: str) -> None:
     """Replicas store the same files at once, then delete them while others store them again:
     one folder per digest, and it exists exactly while a row names it."""
-    replicas = [Registry(tmp_path, QUOTA, database) for _ in range(2)]
+    replicas, folders, staging = two_replicas(tmp_path, database)
     try:
         replicas[0].ensure_tenant("carol")
         payload = b"same bytes" * 1000
@@ -199,7 +215,9 @@ def test_one_folder_for_a_digest_two_replicas_store(tmp_path: Path, database: st
         assert not [o for o in outcomes if isinstance(o, Exception)], outcomes
         digests = {r.digest for r in replicas[1].all_adapters()}
         assert len(digests) == 1
-        assert [p.name for p in (tmp_path / "adapters").iterdir()] == list(digests)
+        assert sorted(p.name for p in folders.iterdir()) == sorted(
+            [*digests, *staged_marker(staging)]
+        )
 
         def churn(i: int) -> object:
             registry = replicas[i % 2]
@@ -212,11 +230,13 @@ def test_one_folder_for_a_digest_two_replicas_store(tmp_path: Path, database: st
         assert not [o for o in outcomes if isinstance(o, Exception)], outcomes
         rows = replicas[0].all_adapters()
         assert sorted(r.name for r in rows) == [f"m{i}" for i in range(6, 10)]
-        assert [p.name for p in (tmp_path / "adapters").iterdir()] == list(digests)
+        assert sorted(p.name for p in folders.iterdir()) == sorted(
+            [*digests, *staged_marker(staging)]
+        )
         for record in rows:
             replicas[1].delete(record)
-        assert not any((tmp_path / "adapters").iterdir())
-        assert not any((tmp_path / "tmp").iterdir())
+        assert [p.name for p in folders.iterdir()] == staged_marker(staging)
+        assert not any(staging.iterdir())
     finally:
         for registry in replicas:
             registry.close()
@@ -224,27 +244,29 @@ def test_one_folder_for_a_digest_two_replicas_store(tmp_path: Path, database: st
 
 def test_a_replica_starting_leaves_others_uploads_alone(tmp_path: Path, database: str) -> None:
     """Start-up sweeps leftovers of dead uploads, not the staging folder of a live replica."""
-    running = Registry(tmp_path, QUOTA, database)
+    (running, second), folders, staging = two_replicas(tmp_path, database)
+    second.close()
     try:
         running.ensure_tenant("dave")
         staged = stage(running, b"half an upload")
         host = staged.name.split("~")[0]
         # As if another live process on this host (our parent) were writing it.
         in_progress = staged.rename(staged.with_name(f"{host}~{os.getppid()}-upload"))
-        dead = tmp_path / "tmp" / "0123abcd"  # from before staging folders named their writer
+        dead = staging / "0123abcd"  # from before staging folders named their writer
         dead.mkdir()
-        crashed = tmp_path / "tmp" / f"{host}~999999999-ab"  # no such process
+        crashed = staging / f"{host}~999999999-ab"  # no such process
         crashed.mkdir()
-        elsewhere = tmp_path / "tmp" / "other-host~1-cd"  # another host's: young, kept
+        elsewhere = staging / "other-host~1-cd"  # another host's: young, kept
         elsewhere.mkdir()
-        Registry(tmp_path, QUOTA, database).close()  # a second replica starts
+        for started in two_replicas(tmp_path, database)[0]:  # replicas start (again)
+            started.close()
         assert in_progress.is_dir() and elsewhere.is_dir()
         assert not dead.exists() and not crashed.exists()
         record = running.commit(
             "dave", "late", in_progress, source="upload", rank=4, alpha=8.0,
             use_rslora=False, target_modules=("q_proj",),
         )  # fmt: skip
-        assert (tmp_path / "adapters" / record.digest / "adapter_model.safetensors").is_file()
+        assert (folders / record.digest / "adapter_model.safetensors").is_file()
         elsewhere.rmdir()
     finally:
         running.close()

@@ -73,7 +73,13 @@ class Settings:
     registry: str = setting(
         "sqlite",
         "adapter registry database: sqlite (a file in the data dir) or a postgresql:// URL "
-        "that replicas share (their data dirs then share adapters/ and tmp/, a shared volume)",
+        "that replicas share (with one --adapter-dir on a shared volume)",
+        "server",
+    )
+    adapter_dir: Path | None = setting(
+        None,
+        "folder of stored adapter files, which replicas share (a shared volume); "
+        "default: adapters/ in the data dir",
         "server",
     )
     registry_poll_seconds: float = setting(
@@ -132,6 +138,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
+        if self.adapter_dir is not None:
+            self.adapter_dir = Path(self.adapter_dir).expanduser()
 
     @property
     def models_dir(self) -> Path:

@@ -168,6 +168,7 @@ def _build_services(
             settings.tenant_max_bytes,
         ),
         settings.registry,
+        settings.adapter_dir,
     )
     log.info("registry: %s", registry.describe())
     auth = Authenticator(registry, settings.admin_keys)

@@ -37,6 +37,7 @@ REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # A staging folder of another replica (or host) is swept only when it is this old: the
 # longest upload or pull there is (512 MiB over a slow link) takes far less.
 STALE_STAGING_SECONDS = 24 * 3600
+STAGING = ".staging"  # uploads in progress, inside an --adapter-dir (never a digest)
 
 
 def check_name(name: str, field: str = "name") -> str:
@@ -123,12 +124,25 @@ def fsync_dir(path: Path) -> None:
 
 
 class Registry:
-    def __init__(self, home: Path, default_quota: Quota, database: str = "sqlite") -> None:
-        """`database`: "sqlite" (a file in `home`) or a postgresql:// URL (see db/)."""
+    def __init__(
+        self,
+        home: Path,
+        default_quota: Quota,
+        database: str = "sqlite",
+        adapter_dir: Path | None = None,
+    ) -> None:
+        """`database`: "sqlite" (a file in `home`) or a postgresql:// URL (see db/).
+
+        `adapter_dir`: where adapter folders live, with uploads in progress in its `.staging`
+        (one file system, so publishing is a rename); replicas share it on a shared
+        volume. By default `home/adapters`, with uploads in progress in `home/tmp`.
+        """
         self.home = Path(home)
         self.default_quota = default_quota
-        self.files_dir = self.home / "adapters"
-        self.tmp_dir = self.home / "tmp"
+        if adapter_dir is None:
+            self.files_dir, self.tmp_dir = self.home / "adapters", self.home / "tmp"
+        else:
+            self.files_dir, self.tmp_dir = Path(adapter_dir), Path(adapter_dir) / STAGING
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._db: Database = open_database(database, self.home)
@@ -152,7 +166,7 @@ class Registry:
                 ) if leftover.is_dir() else leftover.unlink()
         referenced = {r.digest for r in self.all_adapters()}
         for folder in self.files_dir.iterdir():
-            if folder.name not in referenced:
+            if folder.name not in referenced and not folder.name.startswith("."):
                 with self._db.digest_lock(folder.name):
                     self._drop_unreferenced(folder.name)
         broken = [
