@@ -131,7 +131,7 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
         if settings.metrics_port:
             metrics_http, metrics_port = _serve_metrics(metrics, settings)
         engine = engine or Engine.create(settings)
-        metrics.attach(engine)
+        metrics.attach(engine, settings.served_model_name)
         state, health_servicer = _build_services(server, settings, engine, metrics)
         server.start()
         if http_socket is not None:
