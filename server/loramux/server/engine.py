@@ -51,8 +51,8 @@ from loramux.server.kv_cache import PagedKVCache
 from loramux.server.lora import (
     LoraContext,
     base_linear_shapes,
-    make_decode_kernel,
-    warm_decode_kernel,
+    lora_groups,
+    make_context,
     wrap_linear_layers,
 )
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
@@ -182,16 +182,14 @@ class Engine:
         self._lora: LoraContext | None = None
         layers = {}
         if enable_lora:
-            kernel = lora_kernel or settings.lora_kernel
-            if kernel == "auto":
-                kernel = "compiled"
-            quantized = settings.lora_slot_dtype == "int8"
-            self._lora = LoraContext(
-                decode_kernel=make_decode_kernel(kernel, quantized), quantized=quantized
+            # The backend for this platform and the slot format, chosen once here.
+            self._lora = make_context(
+                device,
+                settings.max_loaded_adapters + 1,
+                settings.lora_slot_dtype,
+                lora_kernel or settings.lora_kernel,
             )
-            layers = wrap_linear_layers(
-                model, settings.max_loaded_adapters + 1, self._lora, torch.bfloat16, device
-            )
+            layers = wrap_linear_layers(model, self._lora, device)
         self._cv = threading.Condition()
         self.adapters = AdapterStore(
             layers,
@@ -200,6 +198,7 @@ class Engine:
             max_cpu=settings.max_cpu_adapters,
             max_rank=settings.max_rank,
             wake_engine=self._wake,
+            table=self._lora.table if self._lora is not None else None,
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         config = model.config
@@ -320,25 +319,19 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile the LoRA kernels now, so the first adapter request is not the slow one."""
-        if self._lora is None or self._lora.decode_kernel is None:
+        if self._lora is None:
             return
         self.run_on_engine_thread(self._compile_kernels)
 
     def _compile_kernels(self) -> None:
-        assert self._lora is not None and self._lora.decode_kernel is not None
+        assert self._lora is not None
         started = time.monotonic()
-        seen: set[tuple[int, int]] = set()
-        for layer in self.adapters._layers.values():
-            key = (layer.shape.in_features, layer.shape.out_features)
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for group in lora_groups(self.adapters._layers):
+            key = (group.in_features, tuple(group.outs))
             if key not in seen:
                 seen.add(key)
-                warm_decode_kernel(
-                    self._lora.decode_kernel,
-                    *key,
-                    slots=layer.lora_a.shape[0],
-                    device=self.runner.device,
-                    quantized=self._lora.quantized,
-                )
+                self._lora.backend.warm(group)
         log.info("LoRA kernels ready in %.1fs", time.monotonic() - started)
 
     # ---- caller side ----
@@ -427,6 +420,13 @@ class Engine:
             prefill_tokens_total=self._prefill_tokens,
         )
 
+    def adapter_demand(self) -> tuple[list[str], list[str]]:
+        """Adapter ids of the running requests and of the queued ones (None: base only)."""
+        with self._cv:
+            running = [a.request.adapter_id for a in self._running]
+            waiting = [a.request.adapter_id for a in self._waiting]
+        return [a for a in running if a], [a for a in waiting if a]
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still queued or running end CANCELLED."""
         with self._cv:
@@ -465,7 +465,7 @@ class Engine:
                     self._step(newcomers)
                 except Exception as exc:  # keep serving: fail what was in flight, reset the batch
                     log.exception("engine step failed")
-                    self._fail_running(Internal(None, f"engine step failed: {exc}"))
+                    self._fail_step(step_error("step", exc))
         with self._cv:
             tasks = list(self._tasks)
             self._tasks.clear()
@@ -538,15 +538,28 @@ class Engine:
         return chunks
 
     def _prefill(self, chunks: list[tuple[_Active, int]]) -> None:
+        """Run one chunk of each prefilling row; sample for the rows whose prompt is done.
+
+        A failure here (out of memory, a bad adapter tensor) touched only these rows: they
+        end with an error and give their blocks and adapter slots back (at the step's
+        retire); the decoding rows go on.
+        """
         rows = [a for a, _ in chunks]
-        logits = self.runner.prefill(
-            PrefillBatch(
-                prompts=[a.tokens[a.cached : a.cached + n] for a, n in chunks],
-                slots=[a.slot for a in rows],
-                block_tables=[a.blocks for a in rows],
-                starts=[a.cached for a in rows],
+        try:
+            logits = self.runner.prefill(
+                PrefillBatch(
+                    prompts=[a.tokens[a.cached : a.cached + n] for a, n in chunks],
+                    slots=[a.slot for a in rows],
+                    block_tables=[a.blocks for a in rows],
+                    starts=[a.cached for a in rows],
+                )
             )
-        )
+        except Exception as exc:
+            log.exception("prefill of %d requests failed", len(rows))
+            error = step_error("prefill", exc)
+            for active in rows:
+                self._finish(active, FinishReason.ERROR, error=error)
+            return
         finished = []
         for index, (active, n) in enumerate(chunks):
             active.cached += n
@@ -701,9 +714,11 @@ class Engine:
             if adapter_id is not None:
                 try:
                     slot = self.adapters.acquire(adapter_id, active.acquire_attempts == 0)
-                except LoramuxError as exc:
+                except Exception as exc:  # this request only; the others go ahead
+                    if not isinstance(exc, LoramuxError):
+                        log.exception("adapter %s could not be acquired", adapter_id)
                     self.blocks.release(hits)
-                    self._finish(active, FinishReason.ERROR, error=exc)
+                    self._finish(active, FinishReason.ERROR, error=step_error("adapter load", exc))
                     self._dequeue(active)
                     continue
                 active.acquire_attempts += 1
@@ -782,7 +797,19 @@ class Engine:
             for active in finished:
                 self._release_resources(active)
 
-    def _fail_running(self, error: LoramuxError) -> None:
+    def _fail_step(self, error: LoramuxError) -> None:
+        """After a failed step: fail the rows it touched (every running request, the ones
+        admitted this step included), returning their blocks and slots."""
         for active in self._running:
             self._finish(active, FinishReason.ERROR, error=error)
         self._retire()
+
+
+def step_error(stage: str, exc: Exception) -> LoramuxError:
+    """The status a request failed by an engine step gets: out of memory is exhausted
+    resources (retry later, or with a shorter prompt), anything else a server error."""
+    if isinstance(exc, LoramuxError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return ResourceExhausted(None, f"out of memory during {stage}; retry later")
+    return Internal(None, f"engine {stage} failed ({type(exc).__name__}: {exc})")

@@ -71,7 +71,7 @@ class ModelRunner:
     def _routing(self, slots: list[int], tokens_per_row: int) -> LoraBatchMetadata | None:
         if self.lora is None or not any(slots):
             return None
-        return LoraBatchMetadata.build(slots, tokens_per_row, self.device)
+        return self.lora.route(slots, tokens_per_row, self.device)
 
     def _tables(self, tables: list[list[int]], blocks: int) -> torch.Tensor:  # [rows, blocks]
         padded = [table[:blocks] + [0] * (blocks - len(table[:blocks])) for table in tables]
