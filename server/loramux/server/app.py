@@ -19,13 +19,8 @@ from loramux.core.errors import FailedPrecondition
 from loramux.server.engine import Engine
 from loramux.server.metrics import Metrics
 from loramux.server.registry import Quota, Registry
-from loramux.server.service import (
-    AdapterServicer,
-    AdminServicer,
-    InferenceServicer,
-    ServerState,
-    register_record,
-)
+from loramux.server.rpc import AdapterServicer, AdminServicer, InferenceServicer
+from loramux.server.state import ServerState, register_record
 from loramux.server.tenants import Authenticator, ConcurrencyGate
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
