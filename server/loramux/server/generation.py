@@ -1,150 +1,115 @@
-"""One generation call, transport-neutral: resolve, admit, submit, stream, count.
+"""One generation call, whatever the transport carried it.
 
-A front end (the gRPC servicer; an HTTP front next) turns its wire fields into plain
-values, then uses these pieces in the same order:
-
-    call = CallRecord.start(principal, adapter_named=bool(name))
-    with recorded(state.metrics, call):
-        adapter_id = resolve_adapter(state, principal, name, call)
-        request = build_request(state, adapter_id=..., prompt=..., params=..., deadline=...)
-        generation = Generation(state, principal)  # call generation.abandon() on disconnect
-        with generation.submitted(request, timeout) as stream:
-            for event in events(stream, call, state.metrics): ...
-
-so tenant admission, cancellation and metrics are the same whatever the transport.
+Both the gRPC servicer and the OpenAI-compatible HTTP front run a generation the same
+way: resolve the adapter within the caller's tenant (another tenant's private adapter is
+NOT_FOUND), wait for one of the tenant's concurrency slots, submit to the engine, read the
+token events while timing them for the latency histograms, and count the call with its
+final status. A transport only turns its request into a `GenerationRequest` and the events
+back into its own messages, and calls `cancel()` when its client goes away.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from loramux.core.errors import Cancelled, LoramuxError
 from loramux.server.engine import RequestStream
-from loramux.server.metrics import Metrics
-from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
 from loramux.server.state import ServerState, register_record
 from loramux.server.tenants import Principal
 
-
-@dataclass
-class CallRecord:
-    """Per-call bookkeeping for metrics: labels and token timing."""
-
-    tenant: str
-    adapter: str  # "base", "owner/name" once resolved, "unknown" when it was not found
-    started: float = field(default_factory=time.monotonic)
-    last_token: float | None = None
-
-    @classmethod
-    def start(cls, principal: Principal, *, adapter_named: bool) -> CallRecord:
-        return cls(tenant=principal.tenant, adapter="unknown" if adapter_named else "base")
+BASE_LABEL = "base"
+UNKNOWN_LABEL = "unknown"
 
 
-def resolve_adapter(
-    state: ServerState, principal: Principal, name: str, call: CallRecord
-) -> str | None:
-    """The engine id of the adapter `name` as the caller sees it (None: the base model).
+class GenerationCall:
+    """One caller's generation: adapter, tenant slot, engine stream, metrics.
 
-    Another tenant's private adapter is NOT_FOUND, exactly like a missing one.
-    """
-    if not name:
-        return None
-    record = state.registry.find(principal.tenant, name)
-    call.adapter = f"{record.owner}/{record.name}"
-    if record.engine_id not in state.engine.adapters:
-        register_record(state, record)
-    return record.engine_id
-
-
-def build_request(
-    state: ServerState,
-    *,
-    adapter_id: str | None,
-    prompt: list[int],
-    params: SamplingParams,
-    deadline: float | None,
-    request_id: str = "",
-) -> GenerationRequest:
-    """Fields in (adapter already resolved for the caller), the engine's request out."""
-    params.validate(state.settings.max_new_tokens_limit)
-    return GenerationRequest(
-        request_id=request_id or uuid.uuid4().hex,
-        prompt_token_ids=prompt,
-        params=params,
-        adapter_id=adapter_id,
-        deadline=deadline,
-    )
-
-
-class Generation:
-    """Waits for the tenant's slot and submits; `abandon()` when the caller goes away.
-
-    A caller that cancels or disconnects at any point frees what it holds: its place in
-    the tenant's wait line at once, its engine row at the next engine step.
+    `cancel()` may come from any thread at any point (client gone): it frees the caller's
+    place in the tenant's wait line at once and its engine row at the next engine step.
     """
 
     def __init__(self, state: ServerState, principal: Principal) -> None:
         self.state = state
         self.principal = principal
-        self.gone = threading.Event()
+        self.adapter_label = BASE_LABEL  # "owner/name" once resolved, "unknown" if not found
+        self.started = time.monotonic()
+        self.last_token: float | None = None
+        self._gone = threading.Event()
         self._streams: list[RequestStream] = []
 
-    def abandon(self) -> None:
-        self.gone.set()
+    def resolve(self, ref: str | None) -> str | None:
+        """The engine id of adapter `ref` (own name or `owner/name`); None for the base."""
+        if not ref:
+            return None
+        self.adapter_label = UNKNOWN_LABEL
+        record = self.state.registry.find(self.principal.tenant, ref)
+        self.adapter_label = f"{record.owner}/{record.name}"
+        if record.engine_id not in self.state.engine.adapters:
+            register_record(self.state, record)
+        return record.engine_id
+
+    def cancel(self) -> None:
+        self._gone.set()
         self.state.gate.wake()
-        for submitted in self._streams:
-            submitted.cancel()
+        for stream in list(self._streams):
+            stream.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._gone.is_set()
+
+    @contextmanager
+    def recorded(self) -> Iterator[None]:
+        """Count the call in `loramux_requests_total` with its final status."""
+        status = "INTERNAL"
+        try:
+            yield
+            status = "OK"
+        except LoramuxError as error:
+            status = error.code
+            raise
+        except GeneratorExit:  # the transport closed the response: the client went away
+            status = "CANCELLED"
+            raise
+        finally:
+            self.state.metrics.request_done(self.principal.tenant, self.adapter_label, status)
 
     @contextmanager
     def submitted(
-        self, request: GenerationRequest, timeout: float | None
+        self, request: GenerationRequest, wait_timeout: float | None
     ) -> Iterator[RequestStream]:
-        """Hold a tenant slot while the request runs."""
-        state = self.state
-        with state.gate.slot(self.principal, timeout, self.gone):
-            stream = state.engine.submit(request)
+        """Wait up to `wait_timeout` s for a tenant slot, submit; cancelled when left."""
+        if self._gone.is_set():
+            raise Cancelled(None, "the call ended before generation started")
+        with self.state.gate.slot(self.principal, wait_timeout, self._gone):
+            stream = self.state.engine.submit(request)
             self._streams.append(stream)
-            if self.gone.is_set():  # ended between the slot and the submit
-                stream.cancel()
-            yield stream
+            try:
+                if self._gone.is_set():  # ended between the slot and the submit
+                    stream.cancel()
+                yield stream
+            finally:
+                stream.cancel()  # a no-op once finished; frees the row if the caller left
 
-
-def events(stream: RequestStream, call: CallRecord, metrics: Metrics) -> Iterator[TokenEvent]:
-    """The stream's events, timing first and later tokens; raises on a failed finish."""
-    for event in stream:
-        if event.token_ids:
-            now = time.monotonic()
-            if call.last_token is None:
-                metrics.ttft.observe(now - call.started)
-            else:
-                metrics.itl.observe(now - call.last_token)
-            call.last_token = now
-        if event.finished:
-            metrics.tokens(call.tenant, event.prompt_tokens, event.completion_tokens)
-            if event.error is not None:
-                raise event.error
-            if event.finish_reason is FinishReason.CANCELLED:
-                raise Cancelled(None, "the request was cancelled")
-        yield event
-
-
-@contextmanager
-def recorded(metrics: Metrics, call: CallRecord) -> Iterator[CallRecord]:
-    """Count the call in `loramux_requests_total` with its final status."""
-    status = "INTERNAL"
-    try:
-        yield call
-        status = "OK"
-    except LoramuxError as error:
-        status = error.code
-        raise
-    except GeneratorExit:  # the transport closed the response stream: the caller went away
-        status = "CANCELLED"
-        raise
-    finally:
-        metrics.request_done(call.tenant, call.adapter, status)
+    def events(self, stream: RequestStream) -> Iterator[TokenEvent]:
+        """The stream's events, timing first and later tokens; raises on a failed finish."""
+        metrics = self.state.metrics
+        for event in stream:
+            if event.token_ids:
+                now = time.monotonic()
+                if self.last_token is None:
+                    metrics.ttft.observe(now - self.started)
+                else:
+                    metrics.itl.observe(now - self.last_token)
+                self.last_token = now
+            if event.finished:
+                metrics.tokens(self.principal.tenant, event.prompt_tokens, event.completion_tokens)
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is FinishReason.CANCELLED:
+                    raise Cancelled(None, "the request was cancelled")
+            yield event

@@ -1,6 +1,8 @@
-"""What every front end (gRPC today, HTTP next) shares: the parts, and the calls in flight.
+"""What every transport's handlers share: settings, engine, registry, keys, gate, metrics.
 
-Transport-neutral: no grpc here, so another front end can serve the same state.
+The gRPC servicers and the OpenAI-compatible HTTP front both hold one `ServerState`, so a
+tenant's quota, its concurrency slots and the drain switch are the same whichever way a
+request arrives.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from loramux.server.tenants import Authenticator, ConcurrencyGate
 
 @dataclass
 class ServerState:
-    """What the servicers share, and the count of calls in flight (for draining)."""
+    """What the handlers share, and the count of calls in flight (for draining)."""
 
     settings: Settings
     engine: Engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,15 +11,8 @@ import grpc
 
 from loramux.core.errors import Cancelled, InvalidArgument
 from loramux.server.engine import RequestStream
-from loramux.server.generation import (
-    CallRecord,
-    Generation,
-    build_request,
-    events,
-    recorded,
-    resolve_adapter,
-)
-from loramux.server.requests import FinishReason, SamplingParams, TokenEvent
+from loramux.server.generation import GenerationCall
+from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.rpc.wrapper import Servicer, rpc, time_left
 from loramux.server.tenants import Principal
 from loramux.v1 import loramux_pb2 as pb
@@ -74,45 +68,39 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
 
     @contextmanager
     def _generation(
-        self,
-        request: pb.GenerateRequest,
-        context: grpc.ServicerContext,
-        principal: Principal,
-        call: CallRecord,
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext, call: GenerationCall
     ) -> Iterator[RequestStream]:
-        """Validate, wait for a tenant slot, submit; the stream is cancelled when the call ends."""
-        state = self.state
-        adapter_id = resolve_adapter(state, principal, request.adapter, call)
+        """Validate, wait for a tenant slot, submit; the stream is cancelled when the call ends.
+
+        A client that cancels or disconnects at any point frees what it holds: its place in
+        the tenant's wait line at once, its engine row at the next engine step.
+        """
+        adapter_id = call.resolve(request.adapter)
         params = sampling_params(request)
-        params.validate(state.settings.max_new_tokens_limit)
+        params.validate(self.state.settings.max_new_tokens_limit)
         prompt = self._prompt(request)
         remaining = time_left(context)
-        generation_request = build_request(
-            state,
-            adapter_id=adapter_id,
-            prompt=prompt,
-            params=params,
-            deadline=time.monotonic() + remaining if remaining is not None else None,
-            request_id=request.request_id,
-        )
-        generation = Generation(state, principal)
-        if not context.add_callback(generation.abandon):
+        if not context.add_callback(call.cancel):
             raise Cancelled(None, "the call ended before generation started")
-        with generation.submitted(generation_request, remaining) as stream:
+        generation = GenerationRequest(
+            request_id=request.request_id or uuid.uuid4().hex,
+            prompt_token_ids=prompt,
+            params=params,
+            adapter_id=adapter_id,
+            deadline=time.monotonic() + remaining if remaining is not None else None,
+        )
+        with call.submitted(generation, remaining) as stream:
             yield stream
 
     @rpc
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
     ) -> pb.GenerateResponse:
-        call = CallRecord.start(principal, adapter_named=bool(request.adapter))
-        with (
-            recorded(self.state.metrics, call),
-            self._generation(request, context, principal, call) as stream,
-        ):
+        call = GenerationCall(self.state, principal)
+        with call.recorded(), self._generation(request, context, call) as stream:
             text: list[str] = []
             tokens: list[int] = []
-            for event in events(stream, call, self.state.metrics):
+            for event in call.events(stream):
                 text.append(event.text)
                 tokens.extend(event.token_ids)
             return pb.GenerateResponse(
@@ -130,12 +118,9 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
     ) -> Iterator[pb.GenerateStreamResponse]:
-        call = CallRecord.start(principal, adapter_named=bool(request.adapter))
-        with (
-            recorded(self.state.metrics, call),
-            self._generation(request, context, principal, call) as stream,
-        ):
-            for event in events(stream, call, self.state.metrics):
+        call = GenerationCall(self.state, principal)
+        with call.recorded(), self._generation(request, context, call) as stream:
+            for event in call.events(stream):
                 message = pb.GenerateStreamResponse(
                     request_id=stream.request_id,
                     text=event.text,
