@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import grpc
 
 from loramux.core.errors import Cancelled, InvalidArgument
+from loramux.server.affinity import requested_adapter
 from loramux.server.engine import RequestStream
 from loramux.server.generation import GenerationCall
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
@@ -75,7 +76,9 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         A client that cancels or disconnects at any point frees what it holds: its place in
         the tenant's wait line at once, its engine row at the next engine step.
         """
-        adapter_id = call.resolve(request.adapter)
+        # The message's adapter, or the one its metadata names for balancers (affinity.py).
+        metadata = dict(context.invocation_metadata())
+        adapter_id = call.resolve(requested_adapter(request.adapter, metadata))
         params = sampling_params(request)
         params.validate(self.state.settings.max_new_tokens_limit)
         prompt = self._prompt(request)
