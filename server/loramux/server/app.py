@@ -21,7 +21,7 @@ from loramux.server.engine import Engine
 from loramux.server.http.server import HttpServer, bind
 from loramux.server.metrics import Metrics
 from loramux.server.registry import Quota, Registry
-from loramux.server.service import AdapterServicer, AdminServicer, InferenceServicer
+from loramux.server.rpc import AdapterServicer, AdminServicer, InferenceServicer
 from loramux.server.state import ServerState, register_record
 from loramux.server.tenants import Authenticator, ConcurrencyGate
 from loramux.v1 import loramux_pb2 as pb
