@@ -124,7 +124,7 @@ def worker_memory(base: Any, tokens: int) -> dict[str, Any]:
     }
 
 
-def worker_decode(base: Any, adapter_dir: str | None, reps: int) -> dict[str, Any]:
+def worker_decode(base: Any, adapter_dir: str | None, reps: int, new: int) -> dict[str, Any]:
     engine = _engine(base, max_batch_size=32, lora_kernel="eager")
     adapter = None
     if adapter_dir:
@@ -132,7 +132,6 @@ def worker_decode(base: Any, adapter_dir: str | None, reps: int) -> dict[str, An
         engine.adapters.load("a")
         adapter = "a"
     prompts = base.prompts(32, 32)
-    new = 64
     rates = []
     for rep in range(reps + 1):
         times = _run_streams(
@@ -197,14 +196,16 @@ def worker_itl(base: Any, max_batch_tokens: int, long_tokens: int) -> dict[str, 
     }
 
 
-def worker_prefix(base: Any, adapter_dir: str, caching: bool, requests: int) -> dict[str, Any]:
+def worker_prefix(
+    base: Any, adapter_dir: str, caching: bool, requests: int, tokens: int
+) -> dict[str, Any]:
     settings: dict[str, Any] = {"max_batch_size": 32, "lora_kernel": "eager"}
     if caching is False:
         settings["prefix_caching"] = False
     engine = _engine(base, **settings)
     engine.adapters.register("a", Path(adapter_dir))
     engine.adapters.load("a")
-    system = base.prompts(1, 1000)[0]
+    system = base.prompts(1, tokens)[0]
     users = base.prompts(requests, 16)
     before = engine.stats()
     times = _run_streams(
@@ -263,6 +264,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", default=["memory", "decode", "itl", "prefix"])
     parser.add_argument("--itl-batch-tokens", type=int, nargs="*", default=[128, 2048])
+    parser.add_argument("--memory-tokens", type=int, nargs="*", default=[4000, 8000])
+    parser.add_argument("--long-tokens", type=int, default=6000, help="the itl long prompt")
+    parser.add_argument("--prefix-requests", type=int, default=32)
+    parser.add_argument("--prefix-tokens", type=int, default=1000)
+    parser.add_argument("--decode-rounds", type=int, default=2)
+    parser.add_argument("--decode-new", type=int, default=64)
+    parser.add_argument(
+        "--decode-adapter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also decode with every row on one adapter",
+    )
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -290,23 +303,30 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result), flush=True)
         results["runs"].append(result)
 
-    long = 1000 if args.quick else 4000
+    if args.quick:
+        args.memory_tokens, args.long_tokens, args.prefix_requests = [1000, 2000], 1500, 8
+        args.decode_rounds, args.decode_new = 1, 16
     if "memory" in args.only:
-        for name, src in systems:
-            record(name, {"kind": "memory", "tokens": long}, src)
-        record("paged", {"kind": "memory", "tokens": 2 * long}, None)
+        for i, tokens in enumerate(args.memory_tokens):
+            for name, src in systems if i == 0 else systems[-1:]:
+                record(name, {"kind": "memory", "tokens": tokens}, src)
     if "decode" in args.only:
-        for _ in range(1 if args.quick else 2):
-            for adapter_dir in (None, adapter):
+        for _ in range(args.decode_rounds):
+            for adapter_dir in (None, adapter) if args.decode_adapter else (None,):
                 for name, src in systems:
-                    spec = {"kind": "decode", "adapter_dir": adapter_dir, "reps": 3}
+                    spec = {
+                        "kind": "decode",
+                        "adapter_dir": adapter_dir,
+                        "reps": 3,
+                        "new": args.decode_new,
+                    }
                     record(name, spec, src)
     if "itl" in args.only:
         for tokens in args.itl_batch_tokens:
             spec = {
                 "kind": "itl",
                 "max_batch_tokens": tokens,
-                "long_tokens": 1500 if args.quick else 6000,
+                "long_tokens": args.long_tokens,
             }
             record("paged", spec, None)
     if "prefix" in args.only:
@@ -315,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
                 "kind": "prefix",
                 "adapter_dir": adapter,
                 "caching": caching,
-                "requests": 8 if args.quick else 32,
+                "requests": args.prefix_requests,
+                "tokens": args.prefix_tokens,
             }
             record("paged", spec, None)
     path = write_json("kv", results, args.results_dir)

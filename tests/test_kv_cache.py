@@ -27,6 +27,7 @@ from loramux.server.runner import kv_geometry
 from loramux.server.synthetic import write_random_adapter
 
 BLOCK = 16
+POOL_BLOCKS = 10
 SYSTEM = (
     "You are a careful assistant for a shipping company. Answer in plain words, name the "
     "port of origin and the port of arrival, give weights in tonnes and never guess a date."
@@ -80,9 +81,9 @@ def adapter_dirs(
     linears = base_linear_shapes(skeleton)
     root = tmp_path_factory.mktemp("kv-adapters")
     return {
-        "kv": write_random_adapter(root / "kv", linears, rank=8, targets=None, seed=1, scale=0.06),
+        "kv": write_random_adapter(root / "kv", linears, rank=8, targets=None, seed=1, scale=0.02),
         "kv2": write_random_adapter(
-            root / "kv2", linears, rank=8, targets=None, seed=2, scale=0.06
+            root / "kv2", linears, rank=8, targets=None, seed=2, scale=0.02
         ),
     }
 
@@ -151,11 +152,11 @@ def _block_bytes(smollm2: ResolvedModel) -> int:
 
 @pytest.fixture(scope="module")
 def small_pool(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
-    """16 blocks (256 tokens): three 40-token requests growing to 100 tokens do not fit."""
+    """10 blocks (160 tokens): three ~45-token requests growing by 12 tokens do not fit."""
     engine = _engine(
         smollm2,
         adapter_dirs,
-        kv_cache_bytes=16 * _block_bytes(smollm2),
+        kv_cache_bytes=POOL_BLOCKS * _block_bytes(smollm2),
         kv_block_size=BLOCK,
         max_batch_size=8,
     )
@@ -217,9 +218,9 @@ class PassLog:
 
 def test_model_info_and_stats_report_the_pool(small_pool: Engine, smollm2: ResolvedModel) -> None:
     info, stats = small_pool.info, small_pool.stats()
-    assert info.kv_blocks_total == stats.kv_blocks_total == 16
+    assert info.kv_blocks_total == stats.kv_blocks_total == POOL_BLOCKS
     assert info.kv_block_size == BLOCK
-    assert info.kv_cache_bytes == stats.kv_cache_bytes == 16 * _block_bytes(smollm2)
+    assert info.kv_cache_bytes == stats.kv_cache_bytes == POOL_BLOCKS * _block_bytes(smollm2)
     assert stats.kv_blocks_used == 0
 
 
@@ -232,7 +233,8 @@ def test_request_that_can_never_fit_is_refused_up_front(small_pool: Engine) -> N
     with pytest.raises(ResourceExhausted) as caught:
         small_pool.submit(_request(ids, None, 300 - len(ids), "too-long"))
     assert caught.value.field == "max_new_tokens"
-    assert "--kv-cache-bytes" in caught.value.message and "16 blocks" in caught.value.message
+    message = caught.value.message
+    assert "--kv-cache-bytes" in message and f"{POOL_BLOCKS} blocks" in message
 
 
 def test_preempted_requests_resume_with_the_tokens_they_would_have_had_alone(
@@ -243,9 +245,12 @@ def test_preempted_requests_resume_with_the_tokens_they_would_have_had_alone(
         ("Describe a busy harbour at dawn in detail.", "kv"),
         ("Tell me about the history of sailing ships.", "kv2"),
     ]
-    new_tokens = 60
+    # Few new tokens: each is a chance for a near-tie to flip between batched and alone
+    # (docs/engine.md, Correctness); 12 are enough to overflow the pool.
+    new_tokens = 12
     prompts = [_chat(small_pool, user) for user, _ in plan]
-    assert all(len(p) + new_tokens > 4 * BLOCK for p in prompts)  # 3 x 5+ blocks > 16
+    blocks = [-(-(len(p) + new_tokens) // BLOCK) for p in prompts]
+    assert sum(blocks) > POOL_BLOCKS and max(blocks) <= POOL_BLOCKS
     before = small_pool.stats()
     streams = [
         small_pool.submit(_request(ids, adapter, new_tokens, f"pre{i}"))
@@ -270,7 +275,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_interleaves_with_decode(
         first = next(iter(running))  # decoding before the long prompt arrives
         log.passes.clear()
         long_ids = _chat(chunked, STORY, system=SYSTEM * 2)
-        assert len(long_ids) > 5 * 24
+        assert len(long_ids) > 4 * 24  # five chunks or more
         long = chunked.submit(_request(long_ids, "kv", 8, "long"))
         long_tokens, _ = _tokens(long)
         rest, _ = _tokens(running)
@@ -323,7 +328,12 @@ def test_requests_arriving_together_prefill_their_shared_prefix_once(
     chunked: Engine, reference: Reference
 ) -> None:
     users = ["Which port is busiest?", "What does a tonne weigh?", "Name a cargo ship."]
-    prompts = [_chat(chunked, user, system=SYSTEM + " Be brief.") for user in users]
+    # A system prompt no earlier test sent: nothing of it is cached yet.
+    system = (
+        "You route freight trains across the Alps for a Swiss operator; answer with the "
+        "names of the stations on the route, in order, and nothing else."
+    )
+    prompts = [_chat(chunked, user, system=system) for user in users]
     shared = min(
         next(i for i, (a, b) in enumerate(zip(prompts[0], p, strict=False)) if a != b)
         for p in prompts[1:]
