@@ -63,7 +63,9 @@ class Settings:
     metrics_port: int = setting(
         DEFAULT_METRICS_PORT, "HTTP port of the Prometheus /metrics endpoint (0 disables)", "server"
     )
-    grpc_workers: int = setting(64, "threads serving gRPC calls", "server")
+    grpc_workers: int = setting(
+        192, "threads serving gRPC calls (each call, also a queued one, holds one)", "server"
+    )
     http_port: int = setting(
         0, "port of the OpenAI-compatible HTTP API (/v1/..., /health, /ready; 0 disables)", "server"
     )
@@ -133,6 +135,12 @@ class Settings:
 
     # -- tenants and limits --
     max_upload_bytes: int = setting(512 * 1024 * 1024, "largest adapter upload", "server")
+    tenant_max_calls: int = setting(
+        0,
+        "most gRPC calls one tenant may have in flight, any method (0: half of --grpc-workers); "
+        "below the worker pool, so one tenant's flood leaves threads for the others and health",
+        "server",
+    )
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
     tenant_max_queued: int = setting(64, "default per-tenant queued requests", "server")
     tenant_max_adapters: int = setting(100, "default per-tenant stored adapters", "server")
@@ -157,6 +165,11 @@ class Settings:
     def models_dir(self) -> Path:
         return self.home / "models"
 
+    @property
+    def calls_per_tenant(self) -> int:
+        """The effective --tenant-max-calls: below the gRPC worker pool, always."""
+        return self.tenant_max_calls or max(1, self.grpc_workers // 2)
+
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the flag."""
         positive = (
@@ -172,6 +185,11 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.tenant_max_calls < self.grpc_workers:
+            raise ValueError(
+                f"--tenant-max-calls must be in 0..{self.grpc_workers - 1} (below --grpc-workers, "
+                f"so one tenant cannot take every thread), got {self.tenant_max_calls}"
+            )
         if self.compute_threads < 0:
             raise ValueError(f"--compute-threads must be >= 0, got {self.compute_threads}")
         if self.max_cpu_adapters < self.max_loaded_adapters:

@@ -481,15 +481,20 @@ class Engine:
         rows_free = self.settings.max_batch_size - len(self._running)
         token_budget = self.settings.max_batch_tokens - len(self._running)
         widest = 0
+        full = False  # no rows or tokens left this step: later waiters are only checked
         for active in waiting:
+            # Every waiter is checked, also behind a full batch: a cancelled or expired
+            # request leaves the queue (and ends its stream) now, not when rows free up.
             if self._check_abandoned(active, now):
                 self._dequeue(active)
                 continue
-            if len(admitted) >= rows_free:
-                break
+            if full or len(admitted) >= rows_free:
+                full = True
+                continue
             prompt_len = len(active.request.prompt_token_ids)
             if admitted and max(widest, prompt_len) * (len(admitted) + 1) > token_budget:
-                break
+                full = True
+                continue
             adapter_id = active.request.adapter_id
             if adapter_id is not None:
                 try:
