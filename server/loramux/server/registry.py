@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -26,6 +27,10 @@ from pathlib import Path
 
 from loramux.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+LEGACY_DEV_TENANT = "default"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" accepts a final "\n"
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -168,7 +173,30 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self.recover()
+
+    def _migrate(self) -> None:
+        """Bring an older registry up to SCHEMA_VERSION (SQLite's user_version).
+
+        1: development mode used to create tenant `default` as an admin, so a key later made
+        for it (as the docs advised, to keep its adapters) was an admin key. It is a plain
+        tenant now; an operator who wants an admin creates one.
+        """
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version < 1:
+                demoted = db.execute(
+                    "UPDATE tenants SET admin=0 WHERE name=? AND admin=1", (LEGACY_DEV_TENANT,)
+                ).rowcount
+                if demoted:
+                    log.warning(
+                        "registry: tenant %r was an admin (made by an older development "
+                        "mode); it is a plain tenant now",
+                        LEGACY_DEV_TENANT,
+                    )
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # ---- start-up consistency ----
     def recover(self) -> None:
@@ -274,8 +302,15 @@ class Registry:
         )
         return self.tenant(rows[0]["tenant"]) if rows else None
 
-    def has_keys(self) -> bool:
-        return bool(self._rows("SELECT 1 FROM api_keys WHERE revoked=0 LIMIT 1", ()))
+    def has_admin_keys(self) -> bool:
+        """Whether some admin tenant holds a key that is not revoked."""
+        return bool(
+            self._rows(
+                "SELECT 1 FROM api_keys k JOIN tenants t ON t.name = k.tenant "
+                "WHERE k.revoked=0 AND t.admin=1 LIMIT 1",
+                (),
+            )
+        )
 
     # ---- adapters ----
     def _adapters(self, sql: str, args: tuple[object, ...]) -> list[AdapterRecord]:

@@ -16,7 +16,14 @@ def _client(args: argparse.Namespace) -> Any:
     from loramux.client import LoramuxClient
 
     settings = load_settings(args)
-    return LoramuxClient(settings.address, settings.api_key)
+    return LoramuxClient(
+        settings.address,
+        settings.api_key,
+        tls=settings.client_tls,
+        ca_file=settings.tls_ca_file,
+        client_cert=settings.tls_client_cert,
+        client_key=settings.tls_client_key,
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

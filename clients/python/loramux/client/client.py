@@ -247,8 +247,39 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def _read(path: Path | str | None) -> bytes | None:
+    return None if path is None else Path(path).expanduser().read_bytes()
+
+
+def channel_credentials(
+    tls: bool = False,
+    ca_file: Path | str | None = None,
+    client_cert: Path | str | None = None,
+    client_key: Path | str | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for plaintext.
+
+    `tls=True` trusts the system's CAs; `ca_file` (a PEM bundle, e.g. of a private CA or a
+    self-signed server certificate) trusts those instead. `client_cert` + `client_key`
+    (PEM) answer a server that asks for a client certificate (mutual TLS). Giving any file
+    implies TLS.
+    """
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together")
+    if not (tls or ca_file is not None or client_cert is not None):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file),
+        private_key=_read(client_key),
+        certificate_chain=_read(client_cert),
+    )
+
+
 class LoramuxClient:
     """Blocking client. `LoramuxClient("127.0.0.1:50051", api_key="lmx_...")`.
+
+    Over TLS: `LoramuxClient("host:50051", api_key=..., tls=True)` (system CAs), or
+    `ca_file="ca.pem"` for a private CA; `client_cert=`/`client_key=` for mutual TLS.
 
     `timeout` is the default deadline of each call in seconds (None: no deadline); every
     call also takes its own `timeout=`. UNAVAILABLE answers (a draining or restarting
@@ -262,9 +293,18 @@ class LoramuxClient:
         *,
         timeout: float | None = 300.0,
         retries: int = 3,
+        tls: bool = False,
+        ca_file: Path | str | None = None,
+        client_cert: Path | str | None = None,
+        client_key: Path | str | None = None,
     ) -> None:
         self._cfg = _Settings(address, api_key, timeout, retries)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = channel_credentials(tls, ca_file, client_cert, client_key)
+        self._channel = (
+            grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if credentials is None
+            else grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        )
         self.inference = pb_grpc.InferenceServiceStub(self._channel)
         self.adapters = pb_grpc.AdapterServiceStub(self._channel)
         self.admin = pb_grpc.AdminServiceStub(self._channel)
@@ -413,9 +453,18 @@ class AsyncLoramuxClient:
         *,
         timeout: float | None = 300.0,
         retries: int = 3,
+        tls: bool = False,
+        ca_file: Path | str | None = None,
+        client_cert: Path | str | None = None,
+        client_key: Path | str | None = None,
     ) -> None:
         self._cfg = _Settings(address, api_key, timeout, retries)
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = channel_credentials(tls, ca_file, client_cert, client_key)
+        self._channel = (
+            grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if credentials is None
+            else grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        )
         self.inference = pb_grpc.InferenceServiceStub(self._channel)
         self.adapters = pb_grpc.AdapterServiceStub(self._channel)
         self.admin = pb_grpc.AdminServiceStub(self._channel)
