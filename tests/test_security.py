@@ -298,6 +298,23 @@ def test_tls_clients_reach_a_tls_server(tls_server: RunningServer, pki: Pki) -> 
     env = dict(os.environ, LORAMUX_API_KEY=ADMIN_KEY)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    # The image's HEALTHCHECK, over TLS configured by env vars alone (no key needed).
+    health = [sys.executable, "-m", "loramux.cli", "health", "--address", address]
+    env = dict(os.environ, LORAMUX_TLS_CA_FILE=str(pki.ca))
+    done = subprocess.run(health, env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "SERVING"), done.stderr
+
+
+def test_the_certificate_must_name_the_server(tls_server: RunningServer, pki: Pki) -> None:
+    address = f"127.0.0.1:{tls_server.port}"
+    for name, works in (("localhost", True), ("loramux.example.com", False)):
+        client = LoramuxClient(address, ca_file=pki.ca, server_name=name, retries=0)
+        with client:
+            if works:
+                assert client.health() == "SERVING"
+            else:
+                with pytest.raises(Unavailable):
+                    client.health()
 
 
 def test_plaintext_or_untrusting_clients_fail_against_a_tls_server(
@@ -313,6 +330,9 @@ def test_plaintext_or_untrusting_clients_fail_against_a_tls_server(
     env = dict(os.environ, LORAMUX_API_KEY=ADMIN_KEY)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "error" in done.stderr, done.stderr
+    health = [sys.executable, "-m", "loramux.cli", "health", "--address", address]
+    done = subprocess.run(health, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout  # unhealthy, as Docker reads it
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(

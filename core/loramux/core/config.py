@@ -171,6 +171,11 @@ class Settings:
         None, "PEM client certificate for mutual TLS (implies --tls)", "client"
     )
     tls_client_key: Path | None = setting(None, "PEM private key of --tls-client-cert", "client")
+    tls_server_name: str | None = setting(
+        None,
+        "name the server's certificate must carry (default: the host of --address)",
+        "client",
+    )
 
     log_level: str = setting(
         "INFO", "log level", "common", choices=("DEBUG", "INFO", "WARNING", "ERROR")
