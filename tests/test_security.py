@@ -305,6 +305,19 @@ def test_tls_clients_reach_a_tls_server(tls_server: RunningServer, pki: Pki) -> 
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING"), done.stderr
 
 
+def test_publishing_to_a_tls_server(
+    tls_server: RunningServer, pki: Pki, tiny_adapter: Path
+) -> None:
+    address = f"127.0.0.1:{tls_server.port}"
+    command = [sys.executable, "-m", "loramux.cli", "publish", str(tiny_adapter)]
+    command += ["--publish-to", address, "--adapter-name", "published-over-tls"]
+    env = dict(os.environ, LORAMUX_API_KEY=ADMIN_KEY, LORAMUX_TLS_CA_FILE=str(pki.ca))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with LoramuxClient(address, ADMIN_KEY, ca_file=pki.ca, retries=0) as client:
+        assert "published-over-tls" in [a.name for a in client.list_adapters()]
+
+
 def test_the_certificate_must_name_the_server(tls_server: RunningServer, pki: Pki) -> None:
     address = f"127.0.0.1:{tls_server.port}"
     for name, works in (("localhost", True), ("loramux.example.com", False)):
