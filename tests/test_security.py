@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import sqlite3
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -19,10 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from api_helpers import ServerProcess, free_port, linear_shapes
 from prometheus_client.parser import text_string_to_metric_families
-from security_helpers import ANY, Pki, listening_addresses, make_pki
+from security_helpers import ANY, Pem, Pki, listening_addresses, make_pki
 
 from loramux.client import (
     AsyncLoramuxClient,
@@ -35,7 +37,8 @@ from loramux.core.config import Settings, load_settings
 from loramux.core.errors import FailedPrecondition
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer, start_server
-from loramux.server.registry import Quota, Registry
+from loramux.server.db.migrations import MIGRATIONS
+from loramux.server.registry import Quota, Registry, hash_key
 from loramux.server.synthetic import write_random_adapter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,12 +194,14 @@ def test_a_registry_from_older_development_mode_loses_its_admin_default(
     tiny_llama: ResolvedModel, home: Path
 ) -> None:
     """Older versions made `default` an admin tenant; a key made for it must not stay admin."""
-    registry = Registry(home, QUOTA)
-    registry.ensure_tenant("default", admin=True)
-    _, default_key = registry.create_key("default")
-    registry.close()
-    with sqlite3.connect(home / "registry.sqlite3") as db:
-        db.execute("PRAGMA user_version=0")  # as an older registry
+    default_key = "lmx_made-for-default-by-an-older-version"
+    db = sqlite3.connect(home / "registry.sqlite3")  # the schema before migrations existed
+    for statement in MIGRATIONS[0].statements:
+        db.execute(statement)
+    db.execute("INSERT INTO tenants VALUES ('default', 1, 4, 4, 10, 1000000000, 0)")
+    db.execute("INSERT INTO api_keys VALUES ('k1', 'default', ?, 0, 0)", (hash_key(default_key),))
+    db.commit()
+    db.close()
     with pytest.raises(FailedPrecondition, match="no admin API key"):
         _start(home, tiny_llama)  # its only key is no admin key any more
     server = _start(home, tiny_llama, admin_keys=[ADMIN_KEY])
@@ -275,6 +280,7 @@ def tls_server(
         admin_keys=[ADMIN_KEY],
         tls_cert=pki.server.cert,
         tls_key=pki.server.key,
+        http_port=free_port(),
     )
     yield server
     server.close()
@@ -303,6 +309,17 @@ def test_tls_clients_reach_a_tls_server(tls_server: RunningServer, pki: Pki) -> 
     env = dict(os.environ, LORAMUX_TLS_CA_FILE=str(pki.ca))
     done = subprocess.run(health, env=env, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING"), done.stderr
+
+
+def test_the_http_api_is_served_over_tls_too(tls_server: RunningServer, pki: Pki) -> None:
+    assert tls_server.http is not None
+    port, auth = tls_server.http.port, {"authorization": f"Bearer {ADMIN_KEY}"}
+    reply = httpx.get(f"https://127.0.0.1:{port}/v1/models", headers=auth, verify=str(pki.ca))
+    assert reply.status_code == 200 and reply.json()["data"]
+    with pytest.raises(httpx.TransportError):  # the key never crosses the wire in plaintext
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=auth)
+    with pytest.raises(httpx.TransportError):  # nor to a client that does not trust the CA
+        httpx.get(f"https://127.0.0.1:{port}/v1/models", headers=auth)
 
 
 def test_publishing_to_a_tls_server(
@@ -348,6 +365,13 @@ def test_plaintext_or_untrusting_clients_fail_against_a_tls_server(
     assert done.returncode == 1, done.stdout  # unhealthy, as Docker reads it
 
 
+def _tls_context(pki: Pki, client: Pem | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client is not None:
+        context.load_cert_chain(str(client.cert), str(client.key))
+    return context
+
+
 def test_mutual_tls_refuses_a_client_without_a_certificate(
     tiny_llama: ResolvedModel, home: Path, pki: Pki, tmp_path: Path
 ) -> None:
@@ -359,6 +383,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(
         tls_cert=pki.server.cert,
         tls_key=pki.server.key,
         tls_client_ca=pki.ca,
+        http_port=free_port(),
     )
     try:
         address = f"127.0.0.1:{server.port}"
@@ -370,6 +395,12 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(
             client = LoramuxClient(address, ADMIN_KEY, ca_file=pki.ca, retries=0, **options)
             with client, pytest.raises(Unavailable):
                 client.model_info()
+        assert server.http is not None  # the HTTP API asks for the certificate too
+        url = f"https://127.0.0.1:{server.http.port}/health"
+        assert httpx.get(url, verify=_tls_context(pki, pki.client)).status_code == 200
+        for wrong in (None, other.client):
+            with pytest.raises(httpx.TransportError):
+                httpx.get(url, verify=_tls_context(pki, wrong))
     finally:
         server.close()
 

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from loramux.core.config import MetricsLabels
 from loramux.server.engine import Engine
+from loramux.server.picker_metrics import PickerCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OTHER = "other"
@@ -208,8 +209,20 @@ class Metrics:
         if engine is not None:
             self.attach(engine)
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine, model_name: str | None = None) -> None:
+        """Add the engine's series and the llm-d picker's `vllm:*` series (picker_metrics)."""
         self.registry.register(EngineCollector(engine))
+        self.registry.register(
+            PickerCollector(engine, model_name or engine.info.base_model, self._adapter_names)
+        )
+
+    def _adapter_names(self, names: list[str]) -> list[str]:
+        """Adapter names in label values that are lists (the picker's series), per mode."""
+        if self.mode is MetricsLabels.OFF:
+            return []
+        if isinstance(self.adapter_label, HashedLabels):
+            return [self.adapter_label.label_for(n) for n in names]
+        return names
 
     def request_done(self, tenant: str, adapter: str, status: str) -> None:
         if self.mode is MetricsLabels.OFF:
