@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tomllib
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,3 +112,22 @@ def test_client_alone_talks_to_a_server(client_python: Path, server: RunningServ
     assert result["tokens"] == expected.token_ids and result["text"] == expected.text
     assert result["error_field"] == "adapter"  # NOT_FOUND came back as loramux.errors.NotFound
     assert result["server_modules"] == []
+
+
+def test_every_package_folder_is_listed_for_a_non_editable_install() -> None:
+    """The image installs the server without -e: a subpackage missing from the list is gone."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {
+        ".".join(init.parent.relative_to(REPO / top).parts)
+        for top in ("core", "server", "trainer")
+        for init in (REPO / top).rglob("__init__.py")
+    }
+    assert found == listed
+    client = tomllib.loads((REPO / "clients" / "python" / "pyproject.toml").read_text())
+    in_client = {
+        ".".join(init.parent.relative_to(REPO / "clients" / "python").parts)
+        for init in (REPO / "clients" / "python").rglob("__init__.py")
+        if "build" not in init.parts
+    }
+    assert in_client == set(client["tool"]["setuptools"]["packages"])
