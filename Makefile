@@ -13,7 +13,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loramux-installed
-SERVE_ARGS ?= --host 0.0.0.0
+SERVE_ARGS ?= --host 0.0.0.0 --http-port 8000
 
 .PHONY: install serve test lint typecheck proto bench clean
 

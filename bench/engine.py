@@ -17,7 +17,7 @@ the GPU run does):
 * mux_k8/k32      rows spread over 8 / 32 distinct rank-16 all-linear adapters
 * mux_k128        128 adapters through 32 device slots: every repetition uses the next
                   block of adapters, so slots are evicted and refilled from CPU memory
-* mux_ranks       32 adapters of ranks 8/16/32/64 (the stacked slots widen to 64)
+* mux_ranks       32 adapters of ranks 8/16/32/64 (each in its own rank class stack)
 * mux_k32_int8    mux_k32 with int8 adapter slots (`--lora-slot-dtype int8`)
 * peft_mixed      PEFT, the same 32 adapters, `generate(adapter_names=[...])`
 * peft_sequential PEFT, one adapter at a time: `set_adapter` + `generate` per group of rows

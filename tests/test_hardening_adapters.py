@@ -48,11 +48,10 @@ from loramux.server.adapters import (
 )
 from loramux.server.app import RunningServer
 from loramux.server.lora import (
-    LoraBatchMetadata,
-    LoraContext,
+    LoraGroup,
     MultiLoraLinear,
     base_linear_shapes,
-    make_decode_kernel,
+    make_context,
 )
 from loramux.server.synthetic import write_random_adapter
 from loramux.v1 import loramux_pb2 as pb
@@ -428,11 +427,13 @@ def test_largest_accepted_values_cannot_reach_other_rows(tokens_per_row: int, ot
     in_features, out_features, rank = 8192, 64, 8
     generator = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
-    context = LoraContext(decode_kernel=make_decode_kernel("eager"))
-    shape = LinearShape(in_features, out_features)
     cpu = torch.device("cpu")
-    proj = MultiLoraLinear(base, "proj", shape, others + 2, context, torch.bfloat16, cpu)
-    proj.grow_rank(rank)
+    context = make_context(cpu, others + 2, kernel="eager")
+    shape = LinearShape(in_features, out_features)
+    group = LoraGroup(in_features, [out_features], context, cpu)
+    proj = MultiLoraLinear(base, "proj", shape, group, 0)
+    for slot in range(1, others + 2):
+        context.table.place(slot, rank)
     for slot in range(1, others + 1):
         a = torch.randn(rank, in_features, generator=generator) * 0.05
         b = torch.randn(out_features, rank, generator=generator) * 0.05
@@ -450,7 +451,7 @@ def test_largest_accepted_values_cannot_reach_other_rows(tokens_per_row: int, ot
     ).bfloat16()
 
     def run(slots: list[int]) -> torch.Tensor:
-        context.batch = LoraBatchMetadata.build(slots, tokens_per_row, cpu)
+        context.batch = context.route(slots, tokens_per_row, cpu)
         with torch.inference_mode():
             return proj(x[: len(slots)])
 

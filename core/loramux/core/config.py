@@ -64,6 +64,18 @@ class Settings:
         DEFAULT_METRICS_PORT, "HTTP port of the Prometheus /metrics endpoint (0 disables)", "server"
     )
     grpc_workers: int = setting(64, "threads serving gRPC calls", "server")
+    http_port: int = setting(
+        0, "port of the OpenAI-compatible HTTP API (/v1/..., /health, /ready; 0 disables)", "server"
+    )
+    http_workers: int = setting(
+        64, "threads running HTTP generations (each holds one while it waits and streams)", "server"
+    )
+    served_model_name: str | None = setting(
+        None,
+        "the base model's id in the HTTP API's `model` field and /v1/models "
+        "(default: the base model's name)",
+        "server",
+    )
     drain_seconds: float = setting(
         30.0, "on SIGTERM, how long in-flight requests may run before exit", "server"
     )
@@ -135,6 +147,7 @@ class Settings:
             "max_loaded_adapters",
             "max_cpu_adapters",
             "grpc_workers",
+            "http_workers",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -150,7 +163,7 @@ class Settings:
                     f"--{_flag(f.name)} must be one of {', '.join(allowed)}, "
                     f"got {getattr(self, f.name)!r}"
                 )
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{_flag(name)} must be a TCP port, got {getattr(self, name)}")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loramux.core.errors import FailedPrecondition, LoramuxError, NotFound, ResourceExhausted
 from loramux.server.adapters import AdapterSpec, AdapterWeights, LinearShape, inspect_adapter
-from loramux.server.lora import RANK_ALIGN, MultiLoraLinear
+from loramux.server.lora import MultiLoraLinear, SlotTable, lora_groups
 from loramux.server.threads import one_thread, use_one_thread
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,12 @@ class AdapterStore:
         max_cpu: int,
         max_rank: int,
         wake_engine: Callable[[], None],
+        table: SlotTable | None = None,
     ) -> None:
         self._layers = layers
+        self._groups = lora_groups(dict(layers))
+        # The layers' shared slot placement (rank classes); its own when there are none.
+        self._table = table if table is not None else SlotTable(max_loaded + 1)
         self._base_linears = base_linears
         self.max_loaded = max_loaded
         self.max_cpu = max_cpu
@@ -187,18 +191,22 @@ class AdapterStore:
         with self._lock:
             cpu = sum(e.cpu.nbytes for e in self._entries.values() if e.cpu is not None)
             used = self.max_loaded - len(self._free_slots)
-        slot_bytes = sum(
-            sum(
-                t.numel() * t.element_size()
-                for t in (layer.lora_a, layer.lora_bt, layer.a_scale, layer.bt_scale)
-            )
-            // layer.lora_a.shape[0]
-            for layer in self._layers.values()
-        )
+            # Bytes of one slot in each rank class stack; the rank classes of used slots.
+            per_slot = {
+                width: sum(g.stacks[width].nbytes // capacity for g in self._groups)
+                for width, capacity in self._table.capacities().items()
+            }
+            used_bytes = 0
+            for slot in range(1, self.max_loaded + 1):
+                placement = self._table.placement(slot)
+                if placement is not None:
+                    used_bytes += per_slot[placement.width]
+            allocated = sum(g.nbytes for g in self._groups)
         return {
             "cpu_bytes": cpu,
-            "device_slot_bytes": slot_bytes * (self.max_loaded + 1),
-            "device_used_bytes": slot_bytes * used,
+            "device_slot_bytes": allocated,  # allocated for the rank class stacks in use
+            "device_used_bytes": used_bytes,
+            "device_slots_used": used,
         }
 
     def close(self) -> None:
@@ -311,10 +319,11 @@ class AdapterStore:
                 return  # every slot serves a running request: wait for one to finish
             self._release_slot(victim)
         slot = self._free_slots.pop()
-        width = -(-entry.spec.rank // RANK_ALIGN) * RANK_ALIGN
+        self._table.place(slot, entry.spec.rank)  # its rank class: no padding to the widest
         with one_thread():  # hundreds of 10-400 KB copies: OpenMP fork/join costs more
+            for group in self._groups:
+                group.fit()
             for name, layer in self._layers.items():
-                layer.grow_rank(width)
                 layer.write_slot(slot, entry.cpu.modules.get(name))
         entry.slot = slot
         self._device_lru[entry.adapter_id] = None
@@ -326,8 +335,10 @@ class AdapterStore:
             return
         with one_thread():
             for layer in self._layers.values():
-                if entry.slot in layer.occupied:
-                    layer.write_slot(entry.slot, None)
+                layer.write_slot(entry.slot, None)
+            self._table.remove(entry.slot)
+            for group in self._groups:
+                group.fit()  # an emptied rank class gives its memory back
         self._free_slots.append(entry.slot)
         entry.slot = None
         self._device_lru.pop(entry.adapter_id, None)

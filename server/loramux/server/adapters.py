@@ -79,6 +79,8 @@ class ModuleWeights:
     lora_a: torch.Tensor  # [rank, in_features]
     lora_b: torch.Tensor  # [out_features, rank], column-major (its .t() is contiguous)
     scaling: float
+    # [rank] float32 scaling per rank row, when they differ (composed adapters); else None
+    row_scaling: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ from loramux.server.detokenize import IncrementalText
 from loramux.server.lora import (
     LoraContext,
     base_linear_shapes,
-    make_decode_kernel,
-    warm_decode_kernel,
+    lora_groups,
+    make_context,
     wrap_linear_layers,
 )
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
@@ -156,16 +156,14 @@ class Engine:
         self._lora: LoraContext | None = None
         layers = {}
         if enable_lora:
-            kernel = lora_kernel or settings.lora_kernel
-            if kernel == "auto":
-                kernel = "compiled"
-            quantized = settings.lora_slot_dtype == "int8"
-            self._lora = LoraContext(
-                decode_kernel=make_decode_kernel(kernel, quantized), quantized=quantized
+            # The backend for this platform and the slot format, chosen once here.
+            self._lora = make_context(
+                device,
+                settings.max_loaded_adapters + 1,
+                settings.lora_slot_dtype,
+                lora_kernel or settings.lora_kernel,
             )
-            layers = wrap_linear_layers(
-                model, settings.max_loaded_adapters + 1, self._lora, torch.bfloat16, device
-            )
+            layers = wrap_linear_layers(model, self._lora, device)
         self._cv = threading.Condition()
         self.adapters = AdapterStore(
             layers,
@@ -174,6 +172,7 @@ class Engine:
             max_cpu=settings.max_cpu_adapters,
             max_rank=settings.max_rank,
             wake_engine=self._wake,
+            table=self._lora.table if self._lora is not None else None,
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.runner = ModelRunner(model, self._lora, settings.max_batch_size, pad)
@@ -256,25 +255,19 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile the LoRA kernels now, so the first adapter request is not the slow one."""
-        if self._lora is None or self._lora.decode_kernel is None:
+        if self._lora is None:
             return
         self.run_on_engine_thread(self._compile_kernels)
 
     def _compile_kernels(self) -> None:
-        assert self._lora is not None and self._lora.decode_kernel is not None
+        assert self._lora is not None
         started = time.monotonic()
-        seen: set[tuple[int, int]] = set()
-        for layer in self.adapters._layers.values():
-            key = (layer.shape.in_features, layer.shape.out_features)
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for group in lora_groups(self.adapters._layers):
+            key = (group.in_features, tuple(group.outs))
             if key not in seen:
                 seen.add(key)
-                warm_decode_kernel(
-                    self._lora.decode_kernel,
-                    *key,
-                    slots=layer.lora_a.shape[0],
-                    device=self.runner.device,
-                    quantized=self._lora.quantized,
-                )
+                self._lora.backend.warm(group)
         log.info("LoRA kernels ready in %.1fs", time.monotonic() - started)
 
     # ---- caller side ----
@@ -342,6 +335,13 @@ class Engine:
             base_memory_bytes=self.info.base_memory_bytes,
             kv_cache_bytes=self.runner.cache.nbytes,
         )
+
+    def adapter_demand(self) -> tuple[list[str], list[str]]:
+        """Adapter ids of the running requests and of the queued ones (None: base only)."""
+        with self._cv:
+            running = [a.request.adapter_id for a in self._running]
+            waiting = [a.request.adapter_id for a in self._waiting]
+        return [a for a in running if a], [a for a in waiting if a]
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still queued or running end CANCELLED."""

@@ -70,7 +70,7 @@ class ModelRunner:
     def _routing(self, slots: list[int], tokens_per_row: int) -> LoraBatchMetadata | None:
         if self.lora is None or not any(slots):
             return None
-        return LoraBatchMetadata.build(slots, tokens_per_row, self.device)
+        return self.lora.route(slots, tokens_per_row, self.device)
 
     def _forward(
         self,

@@ -1,0 +1,332 @@
+"""Multi-LoRA linear layers: every row of a batch may use a different adapter.
+
+Each adapted base layer keeps its adapters in preallocated stacked slot tensors (as
+vLLM's ``lora_a_stacked``/``lora_b_stacked``), one stack per rank class
+(`slots.SlotTable`); a batch carries one slot per row and each layer computes
+
+    y = W4(x) + ((x @ A[slot].T) * row_scale[slot]) @ B[slot].T
+
+without merging anything into the shared 4-bit weights. `row_scale` holds, per rank row,
+the LoRA scaling times the slot format's factors (and a request's weight, for composed
+adapters).
+
+Projections that read the same input (q/k/v of an attention block, gate/up of an MLP)
+form one `LoraGroup`: their A matrices are stacked along the rank, so one shrink serves
+all of them and one backend call computes every member's delta; the first member called
+computes them, the others take theirs. The layers own the tensors and the routing; the
+backend (`backend/`) does the arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from loramux.server.adapters import LinearShape, ModuleWeights
+from loramux.server.lora.metadata import DenseRoute, LoraBatchMetadata, LoraContext
+
+log = logging.getLogger(__name__)
+
+# Sibling projections that read the same input tensor in the HF decoders we serve
+# (Llama, Mistral, Qwen2, ...): their LoRA shrinks are fused.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass
+class ClassStack:
+    """One rank class's slots for every member of a group."""
+
+    a: torch.Tensor  # [C, M * W, in] slot format dtype: member m's A at rows [m*W, (m+1)*W)
+    row_scale: torch.Tensor  # [C, M * W] float32: scaling x format factors per rank row
+    bts: tuple[torch.Tensor, ...]  # M x [C, W, out_m]: B transposed (rank rows contiguous)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.a, self.row_scale, *self.bts)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class DenseWeights:
+    """float32 weights of the few slots a batch uses (dense path), reused while it keeps them."""
+
+    key: tuple[int, ...]
+    a_t: torch.Tensor  # [in, K] A^T of every (member, slot), member-major, row_scale folded in
+    bts: tuple[torch.Tensor, ...]  # M x [K_m, out_m]
+    offsets: tuple[int, ...]  # member m's columns of a_t: [offsets[m], offsets[m + 1])
+    column_slot: torch.Tensor  # [K] int64: which of `key` each column belongs to
+
+
+class LoraGroup:
+    """The adapter slots of one or more projections that share their input."""
+
+    def __init__(
+        self, in_features: int, outs: list[int], context: LoraContext, device: torch.device
+    ) -> None:
+        self.in_features = in_features
+        self.outs = outs  # out_features per member
+        self.context = context
+        self.device = device
+        self.stacks: dict[int, ClassStack] = {}  # rank class width -> stack
+        self.ranks: list[dict[int, int]] = [{} for _ in outs]  # member -> slot -> real rank
+        self.occupied: set[int] = set()  # slots holding weights for any member
+        self._version = -1  # the SlotTable version the stacks were fitted to
+        self._dense: DenseWeights | None = None
+        # (input, batch, deltas, members not yet served) of the current fused computation
+        self._pending: tuple[torch.Tensor, LoraBatchMetadata, list[torch.Tensor], set[int]] | None
+        self._pending = None
+
+    @property
+    def members(self) -> int:
+        return len(self.outs)
+
+    def fit(self) -> None:
+        """Resize the class stacks to the slot table (new classes, grown or emptied ones)."""
+        table = self.context.table
+        if table.version == self._version:
+            return
+        capacities = table.capacities()
+        for width in [w for w in self.stacks if w not in capacities]:
+            del self.stacks[width]  # an emptied class gives its memory back
+        for width, capacity in capacities.items():
+            old = self.stacks.get(width)
+            if old is not None and old.a.shape[0] >= capacity:
+                continue
+            new = self._empty_stack(width, capacity)
+            if old is not None:
+                kept = old.a.shape[0]
+                new.a[:kept] = old.a
+                new.row_scale[:kept] = old.row_scale
+                for target, source in zip(new.bts, old.bts, strict=True):
+                    target[:kept] = source
+            self.stacks[width] = new
+        self._version = table.version
+        self._dense = None
+
+    def _empty_stack(self, width: int, capacity: int) -> ClassStack:
+        dtype = self.context.slot_format.dtype
+        rows = self.members * width
+        return ClassStack(
+            a=torch.zeros(capacity, rows, self.in_features, dtype=dtype, device=self.device),
+            row_scale=torch.zeros(capacity, rows, dtype=torch.float32, device=self.device),
+            bts=tuple(
+                torch.zeros(capacity, width, out, dtype=dtype, device=self.device)
+                for out in self.outs
+            ),
+        )
+
+    def write(self, member: int, slot: int, weights: ModuleWeights | None) -> None:
+        """Copy one member's matrices of an adapter into `slot` (None clears them)."""
+        self.fit()
+        self._dense = None
+        self._pending = None
+        placement = self.context.table.placement(slot)
+        if placement is not None:
+            stack, width, i = self.stacks[placement.width], placement.width, placement.index
+            rows = slice(member * width, (member + 1) * width)
+            stack.a[i, rows].zero_()
+            stack.row_scale[i, rows].zero_()
+            stack.bts[member][i].zero_()
+        self.ranks[member].pop(slot, None)
+        if weights is None:
+            self.occupied = {s for ranks in self.ranks for s in ranks}
+            return
+        if placement is None:
+            raise ValueError(f"slot {slot} has no placement in the slot table")
+        rank = weights.lora_a.shape[0]
+        if rank > placement.width:
+            raise ValueError(f"rank {rank} exceeds slot {slot}'s rank class {placement.width}")
+        fmt = self.context.slot_format
+        a, a_factor = fmt.encode(weights.lora_a)
+        bt, bt_factor = fmt.encode(weights.lora_b.t())
+        scaling = (
+            weights.row_scaling.float()
+            if weights.row_scaling is not None
+            else torch.full((rank,), weights.scaling, dtype=torch.float32)
+        )
+        start = member * placement.width
+        stack.a[i, start : start + rank].copy_(a, non_blocking=True)
+        stack.bts[member][i, :rank].copy_(bt, non_blocking=True)
+        stack.row_scale[i, start : start + rank].copy_(a_factor * bt_factor * scaling)
+        self.ranks[member][slot] = rank
+        self.occupied.add(slot)
+
+    def dense_weights(self, route: DenseRoute) -> DenseWeights:
+        """float32 A^T (row_scale folded in) and B^T of `route.key`'s slots at their real ranks."""
+        if self._dense is not None and self._dense.key == route.key:
+            return self._dense
+        a_rows: list[torch.Tensor] = []
+        bts: list[torch.Tensor] = []
+        offsets = [0]
+        column_slot: list[int] = []
+        for member in range(self.members):
+            member_bts = []
+            for u, (slot, placement) in enumerate(zip(route.key, route.placements, strict=True)):
+                rank = self.ranks[member].get(slot, 0)
+                if rank == 0:
+                    continue
+                stack, i = self.stacks[placement.width], placement.index
+                start = member * placement.width
+                scale = stack.row_scale[i, start : start + rank]
+                a_rows.append(stack.a[i, start : start + rank].float() * scale[:, None])
+                member_bts.append(stack.bts[member][i, :rank].float())
+                column_slot.extend([u] * rank)
+            bts.append(
+                torch.cat(member_bts)
+                if member_bts
+                else torch.zeros(0, self.outs[member], device=self.device)
+            )
+            offsets.append(offsets[-1] + bts[-1].shape[0])
+        a_t = (
+            torch.cat(a_rows).t().contiguous()
+            if a_rows
+            else torch.zeros(self.in_features, 0, device=self.device)
+        )
+        self._dense = DenseWeights(
+            key=route.key,
+            a_t=a_t,
+            bts=tuple(bts),
+            offsets=tuple(offsets),
+            column_slot=torch.tensor(column_slot, dtype=torch.long, device=self.device),
+        )
+        return self._dense
+
+    def delta(self, member: int, x: torch.Tensor, batch: LoraBatchMetadata) -> torch.Tensor:
+        """This member's LoRA delta for input `x` [..., in] (computed once for all members)."""
+        pending = self._pending
+        if pending is None or pending[0] is not x or pending[1] is not batch:
+            flat = x.reshape(-1, self.in_features)
+            deltas = self.context.backend.deltas(self, flat, batch)
+            pending = (x, batch, deltas, set(range(self.members)))
+            self._pending = pending
+        pending[3].discard(member)
+        if not pending[3]:
+            self._pending = None  # every member served: don't keep the input alive
+        return pending[2][member]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(stack.nbytes for stack in self.stacks.values())
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen base linear layer plus its share of a `LoraGroup`, routed per batch row."""
+
+    def __init__(
+        self, base: nn.Module, name: str, shape: LinearShape, group: LoraGroup, member: int
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.shape = shape
+        self.member = member
+        self.group = group  # shared with the sibling projections; holds the slot tensors
+
+    @property
+    def occupied(self) -> set[int]:
+        """Slots holding weights for this layer."""
+        return set(self.group.ranks[self.member])
+
+    def write_slot(self, slot: int, weights: ModuleWeights | None) -> None:
+        self.group.write(self.member, slot, weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        batch = self.group.context.batch
+        if batch is None or not (self.group.occupied & batch.slots_in_batch):
+            return out
+        delta = self.group.delta(self.member, x, batch)
+        # Rounded to the output dtype before the add, as PEFT's 4-bit LoRA layers do.
+        return out.add_(delta.to(out.dtype).view(out.shape))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+
+        linear_types: tuple[type, ...] = (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        linear_types = (nn.Linear,)
+    return isinstance(module, linear_types)
+
+
+def base_linear_shapes(model: Any) -> dict[str, LinearShape]:
+    """The linear layers adapters may target: all but the output head.
+
+    On a model already wrapped, reports the wrapped layers (not their inner base layers).
+    """
+    output = model.get_output_embeddings()
+    shapes: dict[str, LinearShape] = {}
+    inside_wrapper: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside_wrapper and name.startswith(inside_wrapper):
+            continue
+        if isinstance(module, MultiLoraLinear):
+            shapes[name] = module.shape
+            inside_wrapper = (*inside_wrapper, name + ".")
+        elif _is_linear(module) and module is not output and not name.endswith("lm_head"):
+            shapes[name] = LinearShape(module.in_features, module.out_features)
+    return shapes
+
+
+def _groups(shapes: dict[str, LinearShape]) -> list[list[str]]:
+    """Layer names grouped for fused shrinks: siblings in FUSED_SIBLINGS, else alone."""
+    grouped: set[str] = set()
+    groups: list[list[str]] = []
+    for name in shapes:
+        if name in grouped:
+            continue
+        parent, _, child = name.rpartition(".")
+        prefix = f"{parent}." if parent else ""
+        for siblings in FUSED_SIBLINGS:
+            if child in siblings:
+                names = [prefix + s for s in siblings]
+                if all(
+                    n in shapes and shapes[n].in_features == shapes[name].in_features for n in names
+                ):
+                    groups.append(names)
+                    grouped.update(names)
+                break
+        if name not in grouped:
+            groups.append([name])
+            grouped.add(name)
+    return groups
+
+
+def wrap_linear_layers(
+    model: Any, context: LoraContext, device: torch.device, fuse: bool = True
+) -> dict[str, MultiLoraLinear]:
+    """Replace every adaptable linear layer with a MultiLoraLinear, once, at start."""
+    shapes = base_linear_shapes(model)
+    wrapped: dict[str, MultiLoraLinear] = {}
+    groups = _groups(shapes) if fuse else [[name] for name in shapes]
+    for names in groups:
+        group = LoraGroup(
+            shapes[names[0]].in_features, [shapes[n].out_features for n in names], context, device
+        )
+        for member, name in enumerate(names):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = MultiLoraLinear(getattr(parent, child), name, shapes[name], group, member)
+            setattr(parent, child, layer)
+            wrapped[name] = layer
+    return dict(sorted(wrapped.items(), key=lambda kv: list(shapes).index(kv[0])))
+
+
+def iter_lora_layers(model: nn.Module) -> Iterator[MultiLoraLinear]:
+    for module in model.modules():
+        if isinstance(module, MultiLoraLinear):
+            yield module
+
+
+def lora_groups(layers: Mapping[str, MultiLoraLinear]) -> list[LoraGroup]:
+    """The distinct groups of these layers, in order."""
+    seen: dict[int, LoraGroup] = {}
+    for layer in layers.values():
+        seen.setdefault(id(layer.group), layer.group)
+    return list(seen.values())

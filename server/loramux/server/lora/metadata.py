@@ -1,0 +1,121 @@
+"""Adapter routing for one forward pass, built once and shared by every layer.
+
+cf. LoRAX's AdapterBatchMetadata and vLLM's punica wrapper metadata: the rows of the
+batch grouped by rank class (`ClassRoute`), and for batches with only a few distinct
+adapters the one-hot mask of the dense path (`DenseRoute`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from loramux.server.lora.slots import Placement, SlotTable
+
+if TYPE_CHECKING:
+    from loramux.server.lora.backend.base import LoraBackend
+    from loramux.server.lora.slots import SlotFormat
+
+
+@dataclass(frozen=True)
+class ClassRoute:
+    """The rows of the batch whose adapter sits in one rank class."""
+
+    width: int  # the class's rank rows
+    rows: torch.Tensor  # [n] int64: batch rows served from this class
+    index: torch.Tensor  # [n] int64: each row's adapter's index in the class stack
+    all_rows: bool  # every row of the batch is in this class (no gather, no scatter)
+
+
+@dataclass(frozen=True)
+class DenseRoute:
+    """Few distinct adapters: GEMMs over just their weights, a mask per token."""
+
+    key: tuple[int, ...]  # the distinct non-zero slots, sorted
+    placements: tuple[Placement, ...]  # where each of them sits
+    token_mask: torch.Tensor | None  # [tokens, U] float32 one-hot; None: every row uses key[0]
+
+
+@dataclass(frozen=True)
+class LoraBatchMetadata:
+    row_slots: tuple[int, ...]  # device slot per batch row, 0 = base model only
+    slots_in_batch: frozenset[int]  # distinct non-zero slots (layers skip what they don't hold)
+    tokens_per_row: int  # 1 for decode, T for a (right-padded) prefill
+    routes: tuple[ClassRoute, ...]  # per rank class present
+    dense: DenseRoute | None  # set when the backend takes the dense path for this batch
+
+    @classmethod
+    def build(
+        cls,
+        slots: list[int],
+        tokens_per_row: int,
+        table: SlotTable,
+        device: torch.device,
+        dense_max_adapters: int,
+    ) -> LoraBatchMetadata:
+        distinct = sorted({s for s in slots if s})
+        placements = {s: table.placement(s) for s in distinct}
+        missing = [s for s, p in placements.items() if p is None]
+        if missing:
+            raise ValueError(f"slots {missing} hold no adapter")
+        by_width: dict[int, tuple[list[int], list[int]]] = {}
+        for row, slot in enumerate(slots):
+            if slot:
+                placement = placements[slot]
+                assert placement is not None
+                rows, index = by_width.setdefault(placement.width, ([], []))
+                rows.append(row)
+                index.append(placement.index)
+        routes = tuple(
+            ClassRoute(
+                width=width,
+                rows=torch.tensor(rows, dtype=torch.long, device=device),
+                index=torch.tensor(index, dtype=torch.long, device=device),
+                all_rows=len(rows) == len(slots),
+            )
+            for width, (rows, index) in sorted(by_width.items())
+        )
+        dense = None
+        if 0 < len(distinct) <= dense_max_adapters:
+            mask = None
+            if len(distinct) > 1 or 0 in slots:
+                groups = torch.tensor(
+                    [distinct.index(s) if s else len(distinct) for s in slots], device=device
+                ).repeat_interleave(tokens_per_row)
+                # One extra column for base-only rows, dropped: their mask rows are zero.
+                mask = torch.nn.functional.one_hot(groups, len(distinct) + 1)[:, :-1].float()
+            dense = DenseRoute(
+                key=tuple(distinct),
+                placements=tuple(p for p in placements.values() if p is not None),
+                token_mask=mask,
+            )
+        return cls(
+            row_slots=tuple(slots),
+            slots_in_batch=frozenset(distinct),
+            tokens_per_row=tokens_per_row,
+            routes=routes,
+            dense=dense,
+        )
+
+
+@dataclass
+class LoraContext:
+    """Shared by every layer: the backend, the slot format and placement, the current batch.
+
+    The runner sets `batch` before each forward pass and clears it after.
+    """
+
+    backend: LoraBackend
+    slot_format: SlotFormat
+    table: SlotTable
+    batch: LoraBatchMetadata | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def route(
+        self, slots: list[int], tokens_per_row: int, device: torch.device
+    ) -> LoraBatchMetadata:
+        return LoraBatchMetadata.build(
+            slots, tokens_per_row, self.table, device, self.backend.dense_max_adapters
+        )
