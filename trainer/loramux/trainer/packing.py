@@ -9,6 +9,7 @@ as few rows of at most ``row_len`` tokens as fit (first fit, longest first), and
   find_packed_sequence_indices``) and keeps attention inside each (a block-diagonal causal
   mask for sdpa/eager, varlen kernels for flash attention), so an example sees exactly
   what it would see alone, at the same positions;
+* no KV cache is made (``use_cache=False``): transformers skips that detection when one is;
 * the first label of every example is ignored, so no token is trained to predict the next
   example's first token; every other label is the example's own (its loss mask intact).
 
@@ -81,4 +82,7 @@ class PackingCollator:
             "input_ids": torch.tensor(ids_rows, dtype=torch.long),  # [rows, width]
             "labels": torch.tensor(label_rows, dtype=torch.long),  # [rows, width]
             "position_ids": torch.tensor(position_rows, dtype=torch.long),  # [rows, width]
+            # With a KV cache transformers does not look for packed segments (it would let
+            # the examples attend to each other); training never needs a cache.
+            "use_cache": False,
         }

@@ -250,7 +250,7 @@ def build_peft_model(
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if options.gradient_checkpointing:
         base.enable_input_require_grads()
-        base.config.use_cache = False
+    base.config.use_cache = False  # training never reuses a KV cache
     config = LoraConfig(
         r=options.rank,
         lora_alpha=options.lora_alpha,
