@@ -125,10 +125,13 @@ def launch_processes(nproc: int, argv: Sequence[str]) -> int:
         raise ValueError("--nproc: run it as `loramux train ... --nproc N`")
     command = [sys.executable, "-m", "loramux.cli", *without_nproc(argv)]
     port = _free_port()
+    # torchrun's rule: without a setting, share the cores rather than oversubscribe them.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
     procs: list[subprocess.Popen[bytes]] = []
     for rank in range(nproc):
         env = dict(
             os.environ,
+            OMP_NUM_THREADS=threads,
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(nproc),
