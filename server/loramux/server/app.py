@@ -16,11 +16,12 @@ from grpc_reflection.v1alpha import reflection
 
 from loramux.core.config import Settings
 from loramux.core.errors import FailedPrecondition
+from loramux.server.changes import RegistryWatcher, forget_removed_adapters
 from loramux.server.engine import Engine
 from loramux.server.http.server import HttpServer, bind
 from loramux.server.metrics import Metrics
 from loramux.server.registry import Quota, Registry
-from loramux.server.service import AdapterServicer, AdminServicer, InferenceServicer
+from loramux.server.rpc import AdapterServicer, AdminServicer, InferenceServicer
 from loramux.server.state import ServerState, register_record
 from loramux.server.tenants import Authenticator, ConcurrencyGate
 from loramux.v1 import loramux_pb2 as pb
@@ -43,6 +44,7 @@ class RunningServer:
     port: int
     metrics_port: int
     metrics_http: object | None
+    watcher: RegistryWatcher
     http: HttpServer | None = None
     drain_started: threading.Event = field(default_factory=threading.Event)
     _closed: bool = False
@@ -76,6 +78,7 @@ class RunningServer:
             return
         self._closed = True
         self.server.stop(0)
+        self.watcher.stop()
         if self.http is not None:
             self.http.stop(0)
         self.state.engine.shutdown()
@@ -133,6 +136,11 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
         engine = engine or Engine.create(settings)
         metrics.attach(engine, settings.served_model_name)
         state, health_servicer = _build_services(server, settings, engine, metrics)
+        watcher = RegistryWatcher(
+            state.registry,
+            lambda: forget_removed_adapters(state.registry, state.engine.adapters),
+            settings.registry_poll_seconds,
+        ).start()
         server.start()
         if http_socket is not None:
             http = HttpServer(state, http_socket)
@@ -158,7 +166,9 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
     )
     if http is not None:
         log.info("OpenAI-compatible API on http://%s:%d/v1", settings.host, http.port)
-    return RunningServer(state, server, health_servicer, port, metrics_port, metrics_http, http)
+    return RunningServer(
+        state, server, health_servicer, port, metrics_port, metrics_http, watcher, http
+    )
 
 
 def _build_services(
@@ -173,7 +183,10 @@ def _build_services(
             settings.tenant_max_adapters,
             settings.tenant_max_bytes,
         ),
+        settings.registry,
+        settings.adapter_dir,
     )
+    log.info("registry: %s", registry.describe())
     auth = Authenticator(registry, settings.admin_keys)
     if auth.dev_mode:
         log.warning(
