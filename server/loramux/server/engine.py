@@ -151,6 +151,7 @@ class Engine:
         self.model = model
         device = next(model.parameters()).device
         base_linears: dict[str, LinearShape] = base_linear_shapes(model)
+        module_names = [name for name, _ in model.named_modules()]  # before wrapping
         self._lora: LoraContext | None = None
         layers = {}
         if enable_lora:
@@ -171,6 +172,7 @@ class Engine:
             max_rank=settings.max_rank,
             wake_engine=self._wake,
             table=self._lora.table if self._lora is not None else None,
+            module_names=module_names,
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.runner = ModelRunner(model, self._lora, settings.max_batch_size, pad)
