@@ -260,16 +260,21 @@ def test_a_replica_starting_leaves_others_uploads_alone(tmp_path: Path, database
         crashed.mkdir()
         elsewhere = staging / "other-host~1-cd"  # another host's: young, kept
         elsewhere.mkdir()
+        unreferenced = folders / ("ab" * 32)  # a digest no row names: removed
+        unreferenced.mkdir()
+        not_ours = folders / "lost+found"  # a volume's own: not a digest, kept
+        not_ours.mkdir()
         for started in two_replicas(tmp_path, database)[0]:  # replicas start (again)
             started.close()
-        assert in_progress.is_dir() and elsewhere.is_dir()
-        assert not dead.exists() and not crashed.exists()
+        assert in_progress.is_dir() and elsewhere.is_dir() and not_ours.is_dir()
+        assert not dead.exists() and not crashed.exists() and not unreferenced.exists()
         record = running.commit(
             "dave", "late", in_progress, source="upload", rank=4, alpha=8.0,
             use_rslora=False, target_modules=("q_proj",),
         )  # fmt: skip
         assert (folders / record.digest / "adapter_model.safetensors").is_file()
         elsewhere.rmdir()
+        not_ours.rmdir()
     finally:
         running.close()
 
