@@ -344,6 +344,12 @@ def string_offsets(files: Files, folder: Path, linears: Linears) -> Files:
     return _raw_header_entry(files, '{"dtype": "F32", "shape": [4, 4], "data_offsets": "0,64"}')
 
 
+def string_offset_items(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(
+        files, '{"dtype": "F32", "shape": [4, 4], "data_offsets": ["0", "64"]}'
+    )
+
+
 def list_dtype(files: Files, folder: Path, linears: Linears) -> Files:
     return _raw_header_entry(files, '{"dtype": ["F32"], "shape": [4, 4], "data_offsets": [0, 64]}')
 
@@ -403,6 +409,7 @@ def weights_excluded(files: Files, folder: Path, linears: Linears) -> Files:
 CASES = {
     "shape-1e400": (shape_1e400, INVALID, WEIGHTS_FILE, r"corrupt"),
     "string-data-offsets": (string_offsets, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "string-offset-items": (string_offset_items, INVALID, WEIGHTS_FILE, r"corrupt"),
     "list-as-dtype": (list_dtype, INVALID, WEIGHTS_FILE, r"corrupt"),
     "object-as-dtype": (dtype_object, INVALID, WEIGHTS_FILE, r"corrupt"),
     "bool-in-shape": (bool_shape, INVALID, WEIGHTS_FILE, r"corrupt"),
