@@ -32,7 +32,7 @@ COPY trainer ./trainer
 COPY clients ./clients
 COPY proto ./proto
 # PyPI's default Linux torch wheel is the CUDA build (with Triton for the compiled LoRA kernels).
-RUN pip install torch==2.13.0 && pip install .
+RUN pip install torch==2.13.0 && pip install ./clients/python .
 
 RUN useradd --create-home --uid 10001 loramux
 USER 10001

@@ -35,10 +35,11 @@ system-deps:
 		fi; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ./clients/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -54,9 +55,9 @@ lint: install
 	$(BIN)/hadolint Dockerfile
 
 typecheck: install
-	$(BIN)/mypy -p loramux.core -p loramux.cli -p loramux.server -p loramux.trainer -p loramux.client
+	$(BIN)/mypy -p loramux.core -p loramux.cli -p loramux.server -p loramux.trainer -p loramux.client -m loramux.errors
 
-# Regenerate core/loramux/v1 from proto/ (a test fails when the checked-in code is stale).
+# Regenerate clients/python/loramux/v1 from proto/ (a test fails when the checked-in code is stale).
 proto: install
 	$(BIN)/python -m loramux.core.protogen
 

@@ -1,7 +1,7 @@
 """Synchronous and asyncio clients for a LoRAMux server.
 
 Failures come back as the same exception classes the server raises
-(`loramux.core.errors`), with the offending request field in `.field`. Calls that a
+(`loramux.errors`), with the offending request field in `.field`. Calls that a
 draining or restarting server answers with UNAVAILABLE are retried with backoff.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from loramux.core.errors import ERRORS_BY_CODE, Internal, LoramuxError
+from loramux.errors import ERRORS_BY_CODE, Internal, LoramuxError
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 

@@ -53,6 +53,17 @@ class _Connection:
             self._connection = connect(self._url)
         return self._connection
 
+    def checked(self) -> psycopg.Connection[Any]:
+        """`get()`, after a round trip: a connection the server dropped (a restart, a
+        failover) shows as broken only when used, and a write must not be the first use."""
+        connection = self.get()
+        try:
+            connection.execute("SELECT 1")
+        except psycopg.OperationalError:
+            connection.close()
+            connection = self.get()
+        return connection
+
     def close(self) -> None:
         with self.lock:
             if self._connection is not None:
@@ -105,7 +116,7 @@ class PostgresDatabase(Database):
     @contextmanager
     def transaction(self, *, bump: bool = True) -> Iterator[_PostgresTransaction]:
         with self._writer.lock:
-            connection = self._writer.get()
+            connection = self._writer.checked()
             try:
                 with connection.transaction():
                     tx = _PostgresTransaction(connection)
