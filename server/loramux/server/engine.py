@@ -39,6 +39,7 @@ from loramux.core.errors import (
     Unavailable,
 )
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer, resolve_base_model
+from loramux.core.prompts import PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.detokenize import IncrementalText
@@ -148,9 +149,11 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer)  # the trainer tokenises with the same rules
         self.model = model
         device = next(model.parameters()).device
         base_linears: dict[str, LinearShape] = base_linear_shapes(model)
+        module_names = [name for name, _ in model.named_modules()]  # before wrapping
         self._lora: LoraContext | None = None
         layers = {}
         if enable_lora:
@@ -171,6 +174,7 @@ class Engine:
             max_rank=settings.max_rank,
             wake_engine=self._wake,
             table=self._lora.table if self._lora is not None else None,
+            module_names=module_names,
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.runner = ModelRunner(model, self._lora, settings.max_batch_size, pad)
@@ -271,7 +275,7 @@ class Engine:
 
     # ---- caller side ----
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.prompts.text(text)
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         if not messages:
@@ -283,13 +287,7 @@ class Engine:
                 )
             if not isinstance(content, str):
                 raise InvalidArgument(f"messages[{i}].content", "must be text")
-        rendered: Any = self.tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-        )
-        return list(rendered["input_ids"])
+        return self.prompts.chat(messages, add_generation_prompt=True)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         params = request.params
