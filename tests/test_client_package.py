@@ -76,8 +76,9 @@ def server(
         port=0,
         metrics_port=0,
         lora_kernel="eager",
+        dev=True,
     )
-    running = start_server(settings)  # development mode: no key needed
+    running = start_server(settings)  # --dev: no key needed
     yield running
     running.close()
 
