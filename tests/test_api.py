@@ -346,9 +346,10 @@ def test_restart_keeps_adapters_and_sigterm_drains(
     home = tmp_path / "home"
     home.mkdir()
     (home / "models").symlink_to(default_models_dir, target_is_directory=True)
-    server = ServerProcess(home, "--lora-kernel", "eager", "--drain-seconds", "60").start()
+    args = ("--dev", "--lora-kernel", "eager", "--drain-seconds", "60")
+    server = ServerProcess(home, *args).start()
     try:
-        with LoramuxClient(server.address) as client:  # no keys: development mode
+        with LoramuxClient(server.address) as client:  # --dev: no keys
             client.upload_adapter(adapters["alpha"], "kept")
             expected = client.generate(messages=QUESTION, adapter="kept", max_new_tokens=8)
             stream = client.generate_stream(messages=QUESTION, max_new_tokens=40, ignore_eos=True)
@@ -358,7 +359,7 @@ def test_restart_keeps_adapters_and_sigterm_drains(
             assert rest[-1].finish_reason == "length"
             assert first.token_ids and sum(len(c.token_ids) for c in rest) == 39
         assert server.wait() == 0
-        assert "SINGLE-TENANT DEVELOPMENT MODE" in server.log.read_text()
+        assert "--dev: DEVELOPMENT MODE, every caller is an admin" in server.log.read_text()
         server.start()
         with LoramuxClient(server.address) as client:
             names = [a.name for a in client.list_adapters()]

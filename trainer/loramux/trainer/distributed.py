@@ -123,7 +123,12 @@ def launch_processes(nproc: int, argv: Sequence[str]) -> int:
     """
     if not argv or argv[0] != "train":
         raise ValueError("--nproc: run it as `loramux train ... --nproc N`")
-    command = [sys.executable, "-m", "loramux.cli", *without_nproc(argv)]
+    return launch(nproc, [sys.executable, "-m", "loramux.cli", *without_nproc(argv)])
+
+
+def launch(nproc: int, command: Sequence[str]) -> int:
+    """Run `command` as `nproc` data-parallel processes on this machine (see
+    `launch_processes`); their worst exit status."""
     port = _free_port()
     # torchrun's rule: without a setting, share the cores rather than oversubscribe them.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
@@ -139,7 +144,7 @@ def launch_processes(nproc: int, argv: Sequence[str]) -> int:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
-        procs.append(subprocess.Popen(command, env=env))
+        procs.append(subprocess.Popen(list(command), env=env))
 
     def forward(signum: int, frame: object) -> None:
         for proc in procs:
