@@ -135,9 +135,9 @@ def match_modules(
         pattern = _compile("target_modules", target)
         exact = {n for n in names if pattern.fullmatch(n)}
     else:
-        keys = frozenset(target)
-        exact = {n for n in names if n in keys}
-        by_suffix = {n for n in names if n not in exact and _suffix_match(n, keys)}
+        target_keys = frozenset(target)
+        exact = {n for n in names if n in target_keys}
+        by_suffix = {n for n in names if n not in exact and _suffix_match(n, target_keys)}
     excluded_targets = sorted((exact | by_suffix) & excluded)
     exact -= excluded
     by_suffix -= excluded
