@@ -51,7 +51,10 @@ _SAFETENSORS_DTYPE_BYTES = {
 }
 _MAX_DIMS = 8  # LoRA weights have 2; the bound keeps math.prod of a crafted shape small
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# The adapter name PeftModel.from_pretrained loads a key carrying one under; any other name
+# leaves the layer as initialised (PEFT warns of missing keys), so such a key is refused.
+_PEFT_ADAPTER_NAME = "default"
 
 
 @dataclass(frozen=True)
@@ -432,9 +435,19 @@ def _module_name(key: str) -> tuple[str, str]:
         if "lora_magnitude_vector" in key:
             raise InvalidArgument("use_dora", "DoRA magnitude vectors are not supported")
         raise InvalidArgument(WEIGHTS_FILE, f"unexpected tensor {key!r} (not a LoRA A/B weight)")
-    module = match["module"]
-    module = module.removeprefix(PEFT_PREFIX)
-    return module, match["part"]
+    if not key.startswith(PEFT_PREFIX):
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{key[:200]!r}: tensor names start with {PEFT_PREFIX!r} as PEFT saves them; "
+            "PEFT would not load this one",
+        )
+    if match["adapter"] not in (None, _PEFT_ADAPTER_NAME):
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{key[:200]!r}: adapter name {match['adapter'][:40]!r} in the tensor name; PEFT "
+            "loads only keys without one (or with 'default'): save with save_pretrained",
+        )
+    return match["module"].removeprefix(PEFT_PREFIX), match["part"]
 
 
 def _read_weights(
