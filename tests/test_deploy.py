@@ -138,7 +138,6 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert source["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert pod["spec"]["securityContext"]["fsGroup"] == 10001  # the image's user
-    assert settings.metrics_host == "0.0.0.0"  # the picker and Prometheus scrape the pod
 
     args = container["args"]
     assert int(args[args.index("--http-port") + 1]) == ports["http"]
