@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import os
 import types
 import typing
@@ -312,6 +313,7 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(Settings)
 

@@ -183,7 +183,7 @@ class Metrics:
         named = self.mode is not MetricsLabels.OFF
         self.requests = Counter(
             "loramux_requests",
-            "gRPC generation requests",
+            "Generation requests (gRPC and the HTTP API)",
             ["tenant", "adapter", "status"] if named else ["status"],
             registry=self.registry,
         )
