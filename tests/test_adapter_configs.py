@@ -402,3 +402,32 @@ def test_catastrophic_patterns_are_refused_in_bounded_time(
     assert "too long" in str(error)
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert len(ticks) >= 5 and max(gaps) < 0.5, gaps
+
+
+def _rename_tensors(folder: Path, rename: object) -> None:
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    renamed = {rename(k): v for k, v in tensors.items()}  # type: ignore[operator]
+    save_file(renamed, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def test_tensor_names_peft_would_not_load_are_refused(adapter: Path, model_modules) -> None:  # type: ignore[no-untyped-def]
+    """PeftModel.from_pretrained loads `base_model.model.<module>.lora_A.weight` (and the same
+    with `.default.`); without the prefix, or with another adapter name in the key, it warns
+    of missing keys and leaves those layers as initialised: the server must not apply them."""
+    original = load_file(str(adapter / WEIGHTS_FILE))
+    _rename_tensors(adapter, lambda k: k.removeprefix(PEFT_PREFIX))
+    error = refused(adapter, model_modules)
+    assert error.field == WEIGHTS_FILE and PEFT_PREFIX in str(error)
+    save_file(original, str(adapter / WEIGHTS_FILE), metadata={"format": "pt"})
+    _rename_tensors(
+        adapter,
+        lambda k: k.replace(".lora_A.", ".lora_A.other.").replace(".lora_B.", ".lora_B.other."),
+    )
+    error = refused(adapter, model_modules)
+    assert error.field == WEIGHTS_FILE and "'other'" in str(error)
+    save_file(original, str(adapter / WEIGHTS_FILE), metadata={"format": "pt"})
+    _rename_tensors(
+        adapter,
+        lambda k: k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."),
+    )
+    assert inspect(adapter, model_modules).spec.modules == 14

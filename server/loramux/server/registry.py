@@ -279,8 +279,15 @@ class Registry:
         )
         return self.tenant(rows[0]["tenant"]) if rows else None
 
-    def has_keys(self) -> bool:
-        return bool(self._rows("SELECT 1 FROM api_keys WHERE revoked=0 LIMIT 1", ()))
+    def has_admin_keys(self) -> bool:
+        """Whether some admin tenant holds a key that is not revoked."""
+        return bool(
+            self._rows(
+                "SELECT 1 FROM api_keys k JOIN tenants t ON t.name = k.tenant "
+                "WHERE k.revoked = 0 AND t.admin = 1 LIMIT 1",
+                (),
+            )
+        )
 
     # ---- adapters ----
     def _adapters(self, sql: str, args: tuple[object, ...]) -> list[AdapterRecord]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loramux.core.config import add_settings_arguments, load_settings
+from loramux.core.config import Settings, add_settings_arguments, load_settings
 
 if TYPE_CHECKING:
     from loramux.trainer.options import TrainOptions
@@ -319,7 +319,7 @@ def _train(args: argparse.Namespace) -> int:
     if result.interrupted:
         return EXIT_INTERRUPTED
     if ranks.is_main:  # one upload, not one per process
-        _publish_folder(args, result.output_dir, args.push_to_hub, settings.api_key)
+        _publish_folder(args, result.output_dir, args.push_to_hub, settings)
     return 0
 
 
@@ -328,7 +328,7 @@ def _publish(args: argparse.Namespace) -> int:
     if not args.repo_id and not args.publish_to:
         raise ValueError("give a Hub REPO_ID and/or --publish-to HOST:PORT")
     _check_publish_args(args, hub_target=args.repo_id)
-    _publish_folder(args, args.folder, args.repo_id, settings.api_key)
+    _publish_folder(args, args.folder, args.repo_id, settings)
     return 0
 
 
@@ -339,7 +339,7 @@ def _check_publish_args(args: argparse.Namespace, *, hub_target: str | None) -> 
 
 
 def _publish_folder(
-    args: argparse.Namespace, folder: Path, repo_id: str | None, api_key: str | None
+    args: argparse.Namespace, folder: Path, repo_id: str | None, settings: Settings
 ) -> None:
     from loramux.trainer.publish import publish_to_server, push_to_hub
 
@@ -353,7 +353,17 @@ def _publish_folder(
         print(published.url)
     if args.publish_to:
         name = args.adapter_name or Path(folder).resolve().name
-        stored = publish_to_server(folder, args.publish_to, name=name, api_key=api_key)
+        stored = publish_to_server(  # TLS from LORAMUX_TLS, LORAMUX_TLS_CA_FILE, ...
+            folder,
+            args.publish_to,
+            name=name,
+            api_key=settings.api_key,
+            tls=settings.client_tls,
+            ca_file=settings.tls_ca_file,
+            client_cert=settings.tls_client_cert,
+            client_key=settings.tls_client_key,
+            server_name=settings.tls_server_name,
+        )
         details = ", ".join(
             f"{key} {getattr(stored, key)}" for key in ("id", "rank") if hasattr(stored, key)
         )
