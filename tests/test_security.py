@@ -294,9 +294,9 @@ def test_tls_clients_reach_a_tls_server(tls_server: RunningServer, pki: Pki) -> 
 
     async def async_call() -> int:
         async with AsyncLoramuxClient(address, ADMIN_KEY, ca_file=pki.ca, retries=0) as client:
-            return (
-                await client.generate("Hi", max_new_tokens=2, ignore_eos=True)
-            ).completion_tokens
+            assert await client.health() == "SERVING"
+            reply = await client.generate("Hi", max_new_tokens=2, ignore_eos=True)
+            return reply.completion_tokens
 
     assert asyncio.run(async_call()) == 2
     command = [sys.executable, "-m", "loramux.cli", "generate", "Hi", "--max-new-tokens", "2"]

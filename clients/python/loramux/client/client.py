@@ -583,6 +583,15 @@ class AsyncLoramuxClient:
     async def model_info(self) -> pb.ModelInfoResponse:
         return await self._unary(self.inference.ModelInfo, pb.ModelInfoRequest())
 
+    async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...); needs no key."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._unary(stub.Check, request, timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
     async def tokenize(
         self, text: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None
     ) -> list[int]:
