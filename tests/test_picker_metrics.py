@@ -45,8 +45,9 @@ def server(
         max_batch_size=1,
         max_loaded_adapters=1,
         max_cpu_adapters=2,
+        dev=True,
     )
-    running = start_server(settings)  # development mode: every caller is tenant `default`
+    running = start_server(settings)  # --dev: every caller is tenant `default`
     shapes = linear_shapes(tiny_llama.path)
     with LoramuxClient(f"127.0.0.1:{running.port}") as client:
         for seed, name in enumerate(("a", "b")):

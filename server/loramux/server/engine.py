@@ -43,6 +43,7 @@ from loramux.core.errors import (
     Unavailable,
 )
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer, resolve_base_model
+from loramux.core.prompts import PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.detokenize import IncrementalText
@@ -176,9 +177,11 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer)  # the trainer tokenises with the same rules
         self.model = model
         device = next(model.parameters()).device
         base_linears: dict[str, LinearShape] = base_linear_shapes(model)
+        module_names = [name for name, _ in model.named_modules()]  # before wrapping
         self._lora: LoraContext | None = None
         layers = {}
         if enable_lora:
@@ -199,6 +202,7 @@ class Engine:
             max_rank=settings.max_rank,
             wake_engine=self._wake,
             table=self._lora.table if self._lora is not None else None,
+            module_names=module_names,
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         config = model.config
@@ -336,7 +340,7 @@ class Engine:
 
     # ---- caller side ----
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.prompts.text(text)
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         if not messages:
@@ -348,13 +352,7 @@ class Engine:
                 )
             if not isinstance(content, str):
                 raise InvalidArgument(f"messages[{i}].content", "must be text")
-        rendered: Any = self.tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-        )
-        return list(rendered["input_ids"])
+        return self.prompts.chat(messages, add_generation_prompt=True)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         params = request.params
@@ -688,12 +686,16 @@ class Engine:
         """
         rows_free = self.settings.max_batch_size - len(self._running)
         computing = {d for a in self._running for d in a.digests[a.registered :]}
+        full = False  # no rows or blocks left this step: later waiters are only checked
         for active in waiting:
+            # Every waiter is checked, also behind a full batch: a cancelled or expired
+            # request leaves the queue (and ends its stream) now, not when rows free up.
             if self._check_abandoned(active, now):
                 self._dequeue(active)
                 continue
-            if rows_free <= 0:
-                break
+            if full or rows_free <= 0:
+                full = True
+                continue
             try:
                 if not active.kv_identity:
                     active.kv_identity = self._kv_identity(active)
@@ -709,7 +711,8 @@ class Engine:
             needed = self.blocks.blocks_for(len(active.tokens)) - len(hits)
             if needed > self.blocks.available:
                 self.blocks.release(hits)
-                break
+                full = True
+                continue
             adapter_id = active.request.adapter_id
             if adapter_id is not None:
                 try:

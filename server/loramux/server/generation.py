@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
 from loramux.core.errors import Cancelled, LoramuxError
 from loramux.server.engine import RequestStream
-from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
+from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.state import ServerState, register_record
 from loramux.server.tenants import Principal
 
@@ -52,6 +52,33 @@ class GenerationCall:
         if record.engine_id not in self.state.engine.adapters:
             register_record(self.state, record)
         return record.engine_id
+
+    def request(
+        self,
+        adapter: str | None,
+        prompt: Callable[[], list[int]],
+        params: Callable[[list[int]], SamplingParams],
+        *,
+        request_id: str,
+        deadline: float | None = None,
+    ) -> GenerationRequest:
+        """The engine request both transports build: adapter, prompt, checked parameters.
+
+        In this order: the adapter resolved within the caller's tenant (an unknown one is
+        refused before any tokenising), the prompt tokenised, then the decoding parameters
+        (which may depend on the prompt's length) checked against the server's limits.
+        """
+        adapter_id = self.resolve(adapter)
+        token_ids = prompt()
+        checked = params(token_ids)
+        checked.validate(self.state.settings.max_new_tokens_limit)
+        return GenerationRequest(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=checked,
+            adapter_id=adapter_id,
+            deadline=deadline,
+        )
 
     def cancel(self) -> None:
         self._gone.set()

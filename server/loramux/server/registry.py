@@ -22,8 +22,11 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # A staging folder of another replica (or host) is swept only when it is this old: the
 # longest upload or pull there is (512 MiB over a slow link) takes far less.
 STALE_STAGING_SECONDS = 24 * 3600
+DIGEST_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 STAGING = ".staging"  # uploads in progress, inside an --adapter-dir (never a digest)
 
 
@@ -146,6 +150,8 @@ class Registry:
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._db: Database = open_database(database, self.home)
+        self._staging_lock = threading.Lock()
+        self._staged: dict[str, int] = {}  # tenant -> bytes of its uploads/pulls in progress
         self.recover()
 
     def describe(self) -> str:
@@ -160,13 +166,16 @@ class Registry:
         removed only under its digest lock, so never while another replica publishes it.
         """
         for leftover in self.tmp_dir.iterdir():
-            if self._abandoned(leftover):
-                shutil.rmtree(
-                    leftover, ignore_errors=True
-                ) if leftover.is_dir() else leftover.unlink()
+            if not self._abandoned(leftover):
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         referenced = {r.digest for r in self.all_adapters()}
         for folder in self.files_dir.iterdir():
-            if folder.name not in referenced and not folder.name.startswith("."):
+            # Only digests: a shared volume's root may hold other things (lost+found).
+            if folder.name not in referenced and DIGEST_PATTERN.match(folder.name):
                 with self._db.digest_lock(folder.name):
                     self._drop_unreferenced(folder.name)
         broken = [
@@ -275,8 +284,15 @@ class Registry:
         )
         return self.tenant(rows[0]["tenant"]) if rows else None
 
-    def has_keys(self) -> bool:
-        return bool(self._rows("SELECT 1 FROM api_keys WHERE revoked=0 LIMIT 1", ()))
+    def has_admin_keys(self) -> bool:
+        """Whether some admin tenant holds a key that is not revoked."""
+        return bool(
+            self._rows(
+                "SELECT 1 FROM api_keys k JOIN tenants t ON t.name = k.tenant "
+                "WHERE k.revoked = 0 AND t.admin = 1 LIMIT 1",
+                (),
+            )
+        )
 
     # ---- adapters ----
     def _adapters(self, sql: str, args: tuple[object, ...]) -> list[AdapterRecord]:
@@ -327,6 +343,35 @@ class Registry:
             (tenant,),
         )
         return int(rows[0]["n"]), int(rows[0]["b"])
+
+    @contextmanager
+    def staged_bytes(self, tenant: str, nbytes: int, quota: Quota) -> Iterator[None]:
+        """Hold `nbytes` of the tenant's byte quota while an upload or pull is staged.
+
+        Bytes on their way in count with the stored ones, so uploads and pulls running at
+        once cannot together stage more than the quota on disk; the first over it is
+        RESOURCE_EXHAUSTED before any byte moves. The publishing transaction still checks
+        the stored bytes (the fleet-wide figure). Counted per process: replicas sharing a
+        registry each hold their own tenant's staging to the quota.
+        """
+        with self._staging_lock:
+            count, used = self.usage(tenant)
+            pending = self._staged.get(tenant, 0)
+            if used + pending + nbytes > quota.max_bytes:
+                raise ResourceExhausted(
+                    None,
+                    f"tenant quota: at most {quota.max_bytes} adapter bytes ({used} stored, "
+                    f"{pending} being uploaded or pulled, {nbytes} more asked)",
+                )
+            check_quota(quota, count, used + pending, nbytes)
+            self._staged[tenant] = pending + nbytes
+        try:
+            yield
+        finally:
+            with self._staging_lock:
+                self._staged[tenant] -= nbytes
+                if not self._staged[tenant]:
+                    del self._staged[tenant]
 
     def staging_dir(self) -> Path:
         """A private folder for an upload or pull in progress (swept at start if abandoned)."""

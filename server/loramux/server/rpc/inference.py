@@ -13,7 +13,7 @@ from loramux.core.errors import Cancelled, InvalidArgument
 from loramux.server.affinity import requested_adapter
 from loramux.server.engine import RequestStream
 from loramux.server.generation import GenerationCall
-from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from loramux.server.requests import FinishReason, SamplingParams, TokenEvent
 from loramux.server.rpc.wrapper import Servicer, rpc, time_left
 from loramux.server.tenants import Principal
 from loramux.v1 import loramux_pb2 as pb
@@ -78,20 +78,16 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         """
         # The message's adapter, or the one its metadata names for balancers (affinity.py).
         metadata = dict(context.invocation_metadata())
-        adapter_id = call.resolve(requested_adapter(request.adapter, metadata))
-        params = sampling_params(request)
-        params.validate(self.state.settings.max_new_tokens_limit)
-        prompt = self._prompt(request)
         remaining = time_left(context)
-        if not context.add_callback(call.cancel):
-            raise Cancelled(None, "the call ended before generation started")
-        generation = GenerationRequest(
+        generation = call.request(
+            requested_adapter(request.adapter, metadata),
+            lambda: self._prompt(request),
+            lambda _: sampling_params(request),
             request_id=request.request_id or uuid.uuid4().hex,
-            prompt_token_ids=prompt,
-            params=params,
-            adapter_id=adapter_id,
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
+        if not context.add_callback(call.cancel):
+            raise Cancelled(None, "the call ended before generation started")
         with call.submitted(generation, remaining) as stream:
             yield stream
 
