@@ -13,9 +13,26 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loramux-installed
-SERVE_ARGS ?= --host 0.0.0.0
+SERVE_ARGS ?= --host 0.0.0.0 --http-port 8000
 
-.PHONY: install serve test lint typecheck proto bench clean
+.PHONY: install system-deps serve test lint typecheck proto bench clean
+
+# Debian packages the fleet tests start for real (tests/test_fleet.py): PostgreSQL and
+# nginx. Installed only when missing, and only where apt-get can (root on Debian); the
+# tests that need them are skipped, saying so, where they are absent.
+system-deps:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing$$missing (apt-get)"; \
+			apt-get update -qq >/dev/null && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else \
+			echo "not installed:$$missing (the fleet tests will be skipped)"; \
+		fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +60,7 @@ proto: install
 	$(BIN)/python -m loramux.core.protogen
 
 # pytest exits 5 when it collects no test; that is not a failure of the code under test.
-test: install lint typecheck
+test: install system-deps lint typecheck
 	$(BIN)/loramux models prepare
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS) || [ $$? -eq 5 ]
 

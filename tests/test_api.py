@@ -186,8 +186,11 @@ def test_public_adapters_are_usable_but_not_writable(
     admin.set_adapter_public("acme", "public-one")
     seen = {(a.owner, a.name) for a in globex.list_adapters()}
     assert ("acme", "public-one") in seen
-    result = globex.generate("Hello", adapter="acme/public-one", max_new_tokens=3)
-    assert result.completion_tokens >= 1
+    shared = globex.generate(messages=QUESTION, adapter="acme/public-one", max_new_tokens=12)
+    # The owner's adapter really applies: the owner's own greedy output, not the base model's.
+    owner = acme.generate(messages=QUESTION, adapter="public-one", max_new_tokens=12)
+    assert shared.text == owner.text
+    assert shared.text != globex.generate(messages=QUESTION, max_new_tokens=12).text
     with pytest.raises(NotFound):
         globex.delete_adapter("acme/public-one")
     admin.set_adapter_public("acme", "public-one", False)

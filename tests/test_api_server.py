@@ -136,17 +136,53 @@ def test_identical_files_are_stored_once_and_freed_with_the_last_row(tmp_path: P
 
 
 def test_quota_is_checked_in_the_publishing_transaction(tmp_path: Path) -> None:
+    """Eight uploads race for a one-adapter quota: exactly one is published.
+
+    The uploads start together (a barrier) and each hashes and fsyncs its files before
+    publishing, so a quota checked anywhere before the inserting transaction lets several
+    through; the byte quota is raced the same way.
+    """
     registry = Registry(tmp_path, QUOTA)
     try:
         registry.ensure_tenant("acme")
+        registry.ensure_tenant("globex")
         one = Quota(max_concurrent=1, max_queued=1, max_adapters=1, max_bytes=10**6)
-        _commit(registry, "acme", "first", b"a", quota=one)
-        with pytest.raises(ResourceExhausted):
-            _commit(registry, "acme", "second", b"b", quota=one)
-        with pytest.raises(ResourceExhausted):
-            _commit(registry, "acme", "big", b"c" * 200, quota=Quota(1, 1, 5, 100))
-        assert [r.name for r in registry.all_adapters()] == ["first"]
-        assert len(list(registry.files_dir.iterdir())) == 1
+        bytes_only = Quota(max_concurrent=1, max_queued=1, max_adapters=50, max_bytes=250)
+        racers = 8
+
+        def race(owner: str, quota: Quota) -> list[BaseException | None]:
+            weights = [f"{owner} weights {i} ".encode() * 10 for i in range(racers)]
+            staged = [_stage(registry, w) for w in weights]
+            barrier = threading.Barrier(racers)
+            outcomes: list[BaseException | None] = [None] * racers
+
+            def publish(i: int) -> None:
+                barrier.wait()
+                try:
+                    registry.commit(
+                        owner, f"racer{i}", staged[i], source="upload", rank=4, alpha=8.0,
+                        use_rslora=False, target_modules=("q_proj",), quota=quota,
+                    )  # fmt: skip
+                except BaseException as exc:  # collected and checked below
+                    outcomes[i] = exc
+
+            threads = [threading.Thread(target=publish, args=(i,)) for i in range(racers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            return outcomes
+
+        outcomes = race("acme", one)
+        assert sum(o is None for o in outcomes) == 1
+        assert all(isinstance(o, ResourceExhausted) for o in outcomes if o is not None)
+        # 8 uploads of ~160-170 bytes against 250 bytes: one fits, never two together.
+        outcomes = race("globex", bytes_only)
+        assert sum(o is None for o in outcomes) == 1
+        assert all(isinstance(o, ResourceExhausted) for o in outcomes if o is not None)
+        owners = sorted(r.owner for r in registry.all_adapters())
+        assert owners == ["acme", "globex"]
+        assert len(list(registry.files_dir.iterdir())) == 2  # refused uploads left no files
         assert not any(registry.tmp_dir.iterdir())
     finally:
         registry.close()

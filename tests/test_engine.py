@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from api_helpers import eventually
 
 from loramux.core.config import Settings
 from loramux.core.errors import NotFound
@@ -410,7 +411,13 @@ def test_adapter_in_use_is_not_evicted_by_unload(narrow_engine: Engine) -> None:
 
     worker = threading.Thread(target=unload)
     worker.start()
-    assert not done.wait(0.2)  # still generating: the unload waits
+    # Synchronise on the store's own record of the unload request, not on a sleep: once it
+    # is registered, three more tokens generated prove the unload waits for the request.
+    entry = engine.adapters._entries["all16"]
+    assert eventually(lambda: entry.want_evict)
+    for _ in range(3):
+        assert not next(events).finished
+    assert not done.is_set()
     assert engine.adapters.state("all16") == "device"
     stream.cancel()
     rest = list(events)

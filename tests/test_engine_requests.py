@@ -116,6 +116,36 @@ def test_sampling_is_seeded_and_respects_top_k() -> None:
     assert sample_next_tokens(row, [RowSampler(greedy, [4])]) == [7]  # 4 was seen: penalised
 
 
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, 0, 0.9), (0.7, 0, 0.5), (1.3, 0, 0.99), (1.0, 20, 0.8), (0.5, 5, 0.3), (1.0, 0, 0.05)],
+)
+def test_filtered_distribution_equals_transformers_warpers(
+    temperature: float, top_k: int, top_p: float
+) -> None:
+    """Temperature, top-k and top-p give the distribution transformers' warpers give."""
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from loramux.server.sampling import filtered_logits
+
+    torch.manual_seed(7)
+    logits = torch.randn(64, 200) * 3  # no ties: the kept set is unambiguous
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    warpers.append(TopPLogitsWarper(top_p))
+    expected = torch.softmax(warpers(torch.zeros(64, 1, dtype=torch.long), logits.clone()), -1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+    ours = torch.stack([torch.softmax(filtered_logits(row, params), -1) for row in logits])
+    assert torch.equal(ours > 0, expected > 0)  # exactly the same tokens kept
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_queue_limit_is_resource_exhausted(tiny_llama: ResolvedModel) -> None:
     from loramux.core.errors import ResourceExhausted
 

@@ -11,7 +11,7 @@ from loramux.core.config import Settings
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 from loramux.server.engine import Engine
 from loramux.server.lora import base_linear_shapes
-from loramux.server.requests import GenerationRequest, SamplingParams
+from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.synthetic import write_random_adapter
 
 pytestmark = pytest.mark.gpu
@@ -39,14 +39,16 @@ def test_cuda_engine_matches_peft(smollm2: ResolvedModel, tmp_path: Path) -> Non
             engine.submit(GenerationRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=8), n))
             for i, n in enumerate(names)
         ]
-        outputs = [[t for e in s for t in e.token_ids] for s in streams]
+        events: list[list[TokenEvent]] = [list(s) for s in streams]
+        outputs = [[t for e in row for t in e.token_ids] for row in events]
         reference = PeftModel.from_pretrained(
             load_base_model(smollm2, "nf4", "cuda"), str(folders[0]), adapter_name="a0"
         )
         for i in (1, 2):
             reference.load_adapter(str(folders[i]), adapter_name=f"a{i}")
         ids = torch.tensor([prompt], device="cuda")
-        for name, tokens in zip(names, outputs, strict=True):
+        eos = set(engine.eos_token_ids)
+        for name, tokens, row in zip(names, outputs, events, strict=True):
             with torch.inference_mode():
                 if name is None:
                     with reference.disable_adapter():
@@ -55,6 +57,11 @@ def test_cuda_engine_matches_peft(smollm2: ResolvedModel, tmp_path: Path) -> Non
                     reference.set_adapter(name)
                     out = reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
             expected = out[0, len(prompt) :].tolist()
-            assert tokens == expected[: len(tokens)], name
+            # The whole output and why it ended: at the EOS where PEFT's generate stopped
+            # too (the EOS is the last token of both), or after all 8 tokens. A prefix
+            # check would pass an engine that stopped early.
+            assert tokens == expected, name
+            want = FinishReason.EOS if expected[-1] in eos else FinishReason.LENGTH
+            assert row[-1].finish_reason is want, name
     finally:
         engine.shutdown()

@@ -64,11 +64,41 @@ class Settings:
         DEFAULT_METRICS_PORT, "HTTP port of the Prometheus /metrics endpoint (0 disables)", "server"
     )
     grpc_workers: int = setting(64, "threads serving gRPC calls", "server")
+    http_port: int = setting(
+        0, "port of the OpenAI-compatible HTTP API (/v1/..., /health, /ready; 0 disables)", "server"
+    )
+    http_workers: int = setting(
+        64, "threads running HTTP generations (each holds one while it waits and streams)", "server"
+    )
+    served_model_name: str | None = setting(
+        None,
+        "the base model's id in the HTTP API's `model` field and /v1/models "
+        "(default: the base model's name)",
+        "server",
+    )
     drain_seconds: float = setting(
         30.0, "on SIGTERM, how long in-flight requests may run before exit", "server"
     )
     admin_keys: list[str] = setting(
         [], "bootstrap admin API keys (comma separated in the env var)", "server"
+    )
+    registry: str = setting(
+        "sqlite",
+        "adapter registry database: sqlite (a file in the data dir) or a postgresql:// URL "
+        "that replicas share (with one --adapter-dir on a shared volume)",
+        "server",
+    )
+    adapter_dir: Path | None = setting(
+        None,
+        "folder of stored adapter files, which replicas share (a shared volume); "
+        "default: adapters/ in the data dir",
+        "server",
+    )
+    registry_poll_seconds: float = setting(
+        0.5,
+        "how often a replica checks the registry for other replicas' changes "
+        "(PostgreSQL also notifies at once)",
+        "server",
     )
 
     # -- engine --
@@ -126,6 +156,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
+        if self.adapter_dir is not None:
+            self.adapter_dir = Path(self.adapter_dir).expanduser()
 
     @property
     def models_dir(self) -> Path:
@@ -142,6 +174,7 @@ class Settings:
             "max_cpu_adapters",
             "max_composed_adapters",
             "grpc_workers",
+            "http_workers",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -161,7 +194,17 @@ class Settings:
                     f"--{_flag(f.name)} must be one of {', '.join(allowed)}, "
                     f"got {getattr(self, f.name)!r}"
                 )
-        for name in ("port", "metrics_port"):
+        if self.registry != "sqlite" and not self.registry.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError(
+                f"--registry must be sqlite or a postgresql:// URL, got {self.registry!r}"
+            )
+        if not 0 < self.registry_poll_seconds <= 60:
+            raise ValueError(
+                f"--registry-poll-seconds must be in (0, 60], got {self.registry_poll_seconds}"
+            )
+        for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{_flag(name)} must be a TCP port, got {getattr(self, name)}")
 

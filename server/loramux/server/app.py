@@ -16,16 +16,13 @@ from grpc_reflection.v1alpha import reflection
 
 from loramux.core.config import Settings
 from loramux.core.errors import FailedPrecondition
+from loramux.server.changes import RegistryWatcher, forget_removed_adapters
 from loramux.server.engine import Engine
+from loramux.server.http.server import HttpServer, bind
 from loramux.server.metrics import Metrics
 from loramux.server.registry import Quota, Registry
-from loramux.server.service import (
-    AdapterServicer,
-    AdminServicer,
-    InferenceServicer,
-    ServerState,
-    register_record,
-)
+from loramux.server.service import AdapterServicer, AdminServicer, InferenceServicer
+from loramux.server.state import ServerState, register_record
 from loramux.server.tenants import Authenticator, ConcurrencyGate
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
@@ -47,6 +44,8 @@ class RunningServer:
     port: int
     metrics_port: int
     metrics_http: object | None
+    watcher: RegistryWatcher
+    http: HttpServer | None = None
     drain_started: threading.Event = field(default_factory=threading.Event)
     _closed: bool = False
 
@@ -67,7 +66,10 @@ class RunningServer:
             log.warning("drain: %d calls still running after %.0fs", self.state.inflight, grace)
         # Calls that just returned may still be sending their last message: a short grace.
         left = max(grace - (time.monotonic() - started), 0.0)
-        self.server.stop(min(left, 5.0)).wait()
+        stopped = self.server.stop(min(left, 5.0))
+        if self.http is not None:
+            self.http.stop(min(left, 5.0))
+        stopped.wait()
         self.close()
 
     def close(self) -> None:
@@ -76,6 +78,9 @@ class RunningServer:
             return
         self._closed = True
         self.server.stop(0)
+        self.watcher.stop()
+        if self.http is not None:
+            self.http.stop(0)
         self.state.engine.shutdown()
         self.state.registry.close()
         if self.metrics_http is not None:
@@ -122,17 +127,32 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
     port = _bind(server, settings)
     metrics = Metrics()
     metrics_http, metrics_port = None, 0
+    http_socket = http = None
     try:
+        if settings.http_port:
+            http_socket = bind(settings.host, settings.http_port)
         if settings.metrics_port:
             metrics_http, metrics_port = _serve_metrics(metrics, settings)
         engine = engine or Engine.create(settings)
-        metrics.attach(engine)
+        metrics.attach(engine, settings.served_model_name)
         state, health_servicer = _build_services(server, settings, engine, metrics)
+        watcher = RegistryWatcher(
+            state.registry,
+            lambda: forget_removed_adapters(state.registry, state.engine.adapters),
+            settings.registry_poll_seconds,
+        ).start()
         server.start()
+        if http_socket is not None:
+            http = HttpServer(state, http_socket)
+            http.start()
     except BaseException:
         server.stop(0)
         if metrics_http is not None:
             metrics_http.shutdown()  # type: ignore[attr-defined]
+        if http is not None:
+            http.stop(0)
+        elif http_socket is not None:
+            http_socket.close()
         raise
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -144,7 +164,11 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
         settings.host,
         metrics_port,
     )
-    return RunningServer(state, server, health_servicer, port, metrics_port, metrics_http)
+    if http is not None:
+        log.info("OpenAI-compatible API on http://%s:%d/v1", settings.host, http.port)
+    return RunningServer(
+        state, server, health_servicer, port, metrics_port, metrics_http, watcher, http
+    )
 
 
 def _build_services(
@@ -159,7 +183,10 @@ def _build_services(
             settings.tenant_max_adapters,
             settings.tenant_max_bytes,
         ),
+        settings.registry,
+        settings.adapter_dir,
     )
+    log.info("registry: %s", registry.describe())
     auth = Authenticator(registry, settings.admin_keys)
     if auth.dev_mode:
         log.warning(

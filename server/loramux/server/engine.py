@@ -340,6 +340,13 @@ class Engine:
             kv_cache_bytes=self.runner.cache.nbytes,
         )
 
+    def adapter_demand(self) -> tuple[list[str], list[str]]:
+        """Adapter ids of the running requests and of the queued ones (None: base only)."""
+        with self._cv:
+            running = [a.request.adapter_id for a in self._running]
+            waiting = [a.request.adapter_id for a in self._waiting]
+        return [a for a in running if a], [a for a in waiting if a]
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still queued or running end CANCELLED."""
         with self._cv:

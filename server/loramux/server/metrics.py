@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from loramux.server.engine import Engine
+from loramux.server.picker_metrics import PickerCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OTHER = "other"
@@ -141,8 +142,10 @@ class Metrics:
         if engine is not None:
             self.attach(engine)
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine, model_name: str | None = None) -> None:
+        """Add the engine's series and the llm-d picker's `vllm:*` series (picker_metrics)."""
         self.registry.register(EngineCollector(engine))
+        self.registry.register(PickerCollector(engine, model_name or engine.info.base_model))
 
     def request_done(self, tenant: str, adapter: str, status: str) -> None:
         self.requests.labels(self.tenant_label(tenant), self.adapter_label(adapter), status).inc()

@@ -1,10 +1,16 @@
 """The adapter registry: which tenant owns which adapter, and where its files are.
 
-SQLite under the data dir holds tenants, hashed API keys and adapter rows; adapter
-files live content-addressed under ``adapters/<digest>/``. An adapter becomes visible
-in one order only: files written to a private temporary folder and fsynced, checked,
-renamed into place atomically, and then the row inserted in one transaction. A crash at
-any point leaves either no trace (temp folders are swept at start) or a complete adapter.
+A database (`loramux.server.db`: the SQLite file in the data dir by default, or a
+PostgreSQL shared by replicas) holds tenants, hashed API keys and adapter rows; adapter
+files live content-addressed under ``adapters/<digest>/`` in the data dir, which replicas
+may share (a shared volume). An adapter becomes visible in one order only: files written
+to a private temporary folder and fsynced, checked, renamed into place atomically, and
+then the row inserted in one transaction. A crash at any point leaves either no trace
+(temp folders are swept at start) or a complete adapter.
+
+Replicas sharing the folder change a digest's folder and the rows naming it only while
+holding the database's lock for that digest, so one replica never removes a folder that
+another is about to reference, and two writing the same digest store it once.
 """
 
 from __future__ import annotations
@@ -15,56 +21,23 @@ import os
 import re
 import secrets
 import shutil
-import sqlite3
-import threading
+import socket
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from loramux.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from loramux.server.db import Database, Row, open_database
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" accepts a final "\n"
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-    name TEXT PRIMARY KEY,
-    admin INTEGER NOT NULL DEFAULT 0,
-    max_concurrent INTEGER NOT NULL,
-    max_queued INTEGER NOT NULL,
-    max_adapters INTEGER NOT NULL,
-    max_bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL REFERENCES tenants(name),
-    key_hash TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS adapters (
-    owner TEXT NOT NULL,
-    name TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    source TEXT NOT NULL,
-    repo_id TEXT,
-    revision TEXT,
-    sha256 TEXT NOT NULL,
-    rank INTEGER NOT NULL,
-    alpha REAL NOT NULL,
-    use_rslora INTEGER NOT NULL,
-    target_modules TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    public INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL,
-    PRIMARY KEY (owner, name)
-);
-"""
+# A staging folder of another replica (or host) is swept only when it is this old: the
+# longest upload or pull there is (512 MiB over a slow link) takes far less.
+STALE_STAGING_SECONDS = 24 * 3600
+STAGING = ".staging"  # uploads in progress, inside an --adapter-dir (never a digest)
 
 
 def check_name(name: str, field: str = "name") -> str:
@@ -151,60 +124,86 @@ def fsync_dir(path: Path) -> None:
 
 
 class Registry:
-    def __init__(self, home: Path, default_quota: Quota) -> None:
+    def __init__(
+        self,
+        home: Path,
+        default_quota: Quota,
+        database: str = "sqlite",
+        adapter_dir: Path | None = None,
+    ) -> None:
+        """`database`: "sqlite" (a file in `home`) or a postgresql:// URL (see db/).
+
+        `adapter_dir`: where adapter folders live, with uploads in progress in its `.staging`
+        (one file system, so publishing is a rename); replicas share it on a shared
+        volume. By default `home/adapters`, with uploads in progress in `home/tmp`.
+        """
         self.home = Path(home)
         self.default_quota = default_quota
-        self.files_dir = self.home / "adapters"
-        self.tmp_dir = self.home / "tmp"
+        if adapter_dir is None:
+            self.files_dir, self.tmp_dir = self.home / "adapters", self.home / "tmp"
+        else:
+            self.files_dir, self.tmp_dir = Path(adapter_dir), Path(adapter_dir) / STAGING
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        # Serialises changes to the content-addressed folders: publishing a digest must not
-        # race with dropping the same digest when another tenant deletes identical files.
-        self._files_lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.home / "registry.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db: Database = open_database(database, self.home)
         self.recover()
+
+    def describe(self) -> str:
+        return self._db.describe()
 
     # ---- start-up consistency ----
     def recover(self) -> None:
-        """Drop leftovers of interrupted uploads and pulls; keep every complete adapter."""
+        """Drop leftovers of interrupted uploads and pulls; keep every complete adapter.
+
+        Other replicas may share the folder: their staging folders are left alone while
+        their process lives (or, on another host, for a day), and a folder no row names is
+        removed only under its digest lock, so never while another replica publishes it.
+        """
         for leftover in self.tmp_dir.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
-        records = self._adapters("SELECT * FROM adapters", ())
-        referenced = {r.digest for r in records}
+            if self._abandoned(leftover):
+                shutil.rmtree(
+                    leftover, ignore_errors=True
+                ) if leftover.is_dir() else leftover.unlink()
+        referenced = {r.digest for r in self.all_adapters()}
         for folder in self.files_dir.iterdir():
-            if folder.name not in referenced:
-                shutil.rmtree(folder, ignore_errors=True)
+            if folder.name not in referenced and not folder.name.startswith("."):
+                with self._db.digest_lock(folder.name):
+                    self._drop_unreferenced(folder.name)
         broken = [
-            r for r in records if not all((self.path_of(r) / f).is_file() for f in REQUIRED_FILES)
+            r
+            for r in self.all_adapters()
+            if not all((self.path_of(r) / f).is_file() for f in REQUIRED_FILES)
         ]
-        with self._tx() as db:
-            for record in broken:
-                db.execute(
-                    "DELETE FROM adapters WHERE owner=? AND name=?", (record.owner, record.name)
-                )
+        if broken:
+            with self._db.transaction() as tx:
+                for record in broken:
+                    tx.execute(
+                        "DELETE FROM adapters WHERE owner=? AND name=? AND digest=?",
+                        (record.owner, record.name, record.digest),
+                    )
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    @staticmethod
+    def _abandoned(leftover: Path) -> bool:
+        """A staging entry that no live upload or pull of any replica still writes."""
+        host, _, rest = leftover.name.rpartition("~")
+        pid = int(rest.split("-", 1)[0]) if rest.split("-", 1)[0].isdigit() else None
+        if host == socket.gethostname() and pid is not None:
+            return pid == os.getpid() or not _process_alive(pid)
+        try:
+            age = time.time() - leftover.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return not host or age > STALE_STAGING_SECONDS
 
-    def _rows(self, sql: str, args: tuple[object, ...]) -> list[sqlite3.Row]:
-        with self._lock:
-            cursor = self._db.execute(sql, args)
-            cursor.row_factory = sqlite3.Row
-            return list(cursor.fetchall())
+    def _rows(self, sql: str, args: tuple[object, ...]) -> list[Row]:
+        return self._db.rows(sql, args)
+
+    def version(self) -> int:
+        """The change counter: goes up with every change any replica commits."""
+        return int(self._rows("SELECT version FROM registry_state WHERE id = 1", ())[0]["version"])
+
+    def wait_for_change(self, timeout: float) -> None:
+        self._db.wait_for_change(timeout)
 
     # ---- tenants and keys ----
     def ensure_tenant(
@@ -212,9 +211,11 @@ class Registry:
     ) -> TenantRecord:
         check_name(name, "tenant")
         quota = quota or self.default_quota
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)",
+        if self._rows("SELECT name FROM tenants WHERE name=?", (name,)):
+            return self.tenant(name)
+        with self._db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (
                     name,
                     int(admin),
@@ -256,16 +257,16 @@ class Registry:
         self.tenant(tenant)
         key_id = uuid.uuid4().hex[:12]
         key = f"lmx_{secrets.token_urlsafe(32)}"
-        with self._tx() as db:
-            db.execute(
+        with self._db.transaction() as tx:
+            tx.execute(
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, 0)",
                 (key_id, tenant, hash_key(key), int(time.time())),
             )
         return key_id, key
 
     def revoke_key(self, key_id: str) -> None:
-        with self._tx() as db:
-            if db.execute("UPDATE api_keys SET revoked=1 WHERE key_id=?", (key_id,)).rowcount == 0:
+        with self._db.transaction() as tx:
+            if tx.execute("UPDATE api_keys SET revoked=1 WHERE key_id=?", (key_id,)) == 0:
                 raise NotFound("key_id", "no such key")
 
     def tenant_for_key(self, key: str) -> TenantRecord | None:
@@ -329,7 +330,7 @@ class Registry:
 
     def staging_dir(self) -> Path:
         """A private folder for an upload or pull in progress (swept at start if abandoned)."""
-        path = self.tmp_dir / uuid.uuid4().hex
+        path = self.tmp_dir / f"{socket.gethostname()}~{os.getpid()}-{uuid.uuid4().hex}"
         path.mkdir()
         return path
 
@@ -362,7 +363,7 @@ class Registry:
         size = sum(p.stat().st_size for p in staged.iterdir() if p.is_file())
         target = self.files_dir / digest
         now = int(time.time())
-        with self._files_lock:
+        with self._db.digest_lock(digest):
             if target.exists():
                 shutil.rmtree(staged)  # identical files already stored (deduplicated)
             else:
@@ -397,14 +398,15 @@ class Registry:
     ) -> None:
         """The row that makes an adapter visible, in one transaction with the quota check."""
         try:
-            with self._tx() as db:
+            with self._db.transaction() as tx:  # every replica's writes, one at a time
                 if quota is not None:
-                    count, used = db.execute(
-                        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE owner=?",
+                    row = tx.fetch(
+                        "SELECT COUNT(*) AS n, COALESCE(SUM(size_bytes), 0) AS b "
+                        "FROM adapters WHERE owner=?",
                         (owner,),
-                    ).fetchone()
-                    check_quota(quota, count, used, size)
-                db.execute(
+                    )[0]
+                    check_quota(quota, int(row["n"]), int(row["b"]), size)
+                tx.execute(
                     "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
                     (
                         owner,
@@ -422,31 +424,41 @@ class Registry:
                         now,
                     ),
                 )
-        except sqlite3.IntegrityError as exc:
+        except self._db.integrity_errors as exc:
             raise AlreadyExists("name", f"adapter {name!r} exists") from exc
 
     def delete(self, record: AdapterRecord) -> None:
-        with self._files_lock:
-            with self._tx() as db:
-                db.execute(
-                    "DELETE FROM adapters WHERE owner=? AND name=?", (record.owner, record.name)
+        with self._db.digest_lock(record.digest):
+            with self._db.transaction() as tx:
+                tx.execute(
+                    "DELETE FROM adapters WHERE owner=? AND name=? AND digest=?",
+                    (record.owner, record.name, record.digest),
                 )
             self._drop_unreferenced(record.digest)
 
     def set_public(self, owner: str, name: str, public: bool) -> AdapterRecord:
-        with self._tx() as db:
-            changed = db.execute(
+        with self._db.transaction() as tx:
+            changed = tx.execute(
                 "UPDATE adapters SET public=? WHERE owner=? AND name=?", (int(public), owner, name)
-            ).rowcount
+            )
         if not changed:
             raise NotFound("adapter", f"no adapter {owner}/{name}")
         return self.find(owner, name)
 
     def _drop_unreferenced(self, digest: str) -> None:
-        """Remove a digest's folder once no row names it (caller holds `_files_lock`)."""
+        """Remove a digest's folder once no row names it (caller holds its digest lock)."""
         if not self._rows("SELECT 1 FROM adapters WHERE digest=? LIMIT 1", (digest,)):
             shutil.rmtree(self.files_dir / digest, ignore_errors=True)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True

@@ -41,25 +41,35 @@ def _penalise(row: torch.Tensor, seen: set[int], penalty: float) -> None:
     row.index_copy_(0, ids, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
-def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def filtered_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[vocab] logits with a finite max -> [vocab] logits after temperature, top-k, top-p.
+
+    The same distribution as transformers' TemperatureLogitsWarper, TopKLogitsWarper and
+    TopPLogitsWarper applied in that order (tests/test_engine_requests.py compares them):
+    top-p keeps the smallest set of most likely tokens whose mass reaches `top_p`.
+    """
     # Relative to the best logit before dividing: a tiny temperature then tends to greedy
-    # instead of overflowing to inf - inf = NaN, and NaN logits (a broken adapter) cannot
-    # reach torch.multinomial, whose error would fail every request in the batch.
-    row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
-    best = row.max()
-    if not torch.isfinite(best):  # nothing but NaN and -inf: no distribution to draw from
-        return int(row.argmax())
-    logits = (row - best) / params.temperature
+    # instead of overflowing to inf - inf = NaN.
+    logits = (row - row.max()) / params.temperature
     if params.top_k and params.top_k < logits.shape[0]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # the mass before it already suffices
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1).cpu()
+    return logits
+
+
+def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    # NaN logits (a broken adapter) never reach torch.multinomial, whose error would fail
+    # every request in the batch.
+    row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
+    if not torch.isfinite(row.max()):  # nothing but NaN and -inf: no distribution to draw from
+        return int(row.argmax())
+    probs = torch.softmax(filtered_logits(row, params), dim=-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 

@@ -11,18 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import grpc
 
-from loramux.core.config import Settings
 from loramux.core.errors import (
     AlreadyExists,
     Cancelled,
@@ -35,20 +32,20 @@ from loramux.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from loramux.server.adapters import AdapterSpec
-from loramux.server.engine import Engine, RequestStream
-from loramux.server.metrics import Metrics
+from loramux.server.affinity import requested_adapter
+from loramux.server.engine import RequestStream
+from loramux.server.generation import GenerationCall
 from loramux.server.registry import (
     ALLOWED_FILES,
     REQUIRED_FILES,
     AdapterRecord,
     Quota,
-    Registry,
     check_name,
     check_quota,
 )
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
-from loramux.server.tenants import Authenticator, ConcurrencyGate, Principal
+from loramux.server.state import ServerState, register_record
+from loramux.server.tenants import Authenticator, Principal
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -92,44 +89,6 @@ def abort(context: grpc.ServicerContext, error: LoramuxError) -> None:
     if error.field:
         context.set_trailing_metadata(((FIELD_METADATA, error.field),))
     context.abort(grpc.StatusCode[error.code], str(error))
-
-
-@dataclass
-class ServerState:
-    """What the servicers share, and the count of calls in flight (for draining)."""
-
-    settings: Settings
-    engine: Engine
-    registry: Registry
-    auth: Authenticator
-    gate: ConcurrencyGate
-    metrics: Metrics
-    draining: bool = False
-    inflight: int = 0
-    _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)
-
-    @contextmanager
-    def tracked(self) -> Iterator[None]:
-        """Count one LoRAMux call while it runs; refuse new ones once draining started."""
-        with self._idle:
-            if self.draining:
-                raise Unavailable(None, "the server is draining; retry on another replica")
-            self.inflight += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self.inflight -= 1
-                self._idle.notify_all()
-
-    def start_draining(self) -> None:
-        with self._idle:
-            self.draining = True
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no call is in flight; False when `timeout` passed first."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self.inflight == 0, timeout)
 
 
 class _Base:
@@ -213,104 +172,40 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
 
     @contextmanager
     def _generation(
-        self,
-        request: pb.GenerateRequest,
-        context: grpc.ServicerContext,
-        principal: Principal,
-        call: _CallRecord,
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext, call: GenerationCall
     ) -> Iterator[RequestStream]:
         """Validate, wait for a tenant slot, submit; the stream is cancelled when the call ends.
 
         A client that cancels or disconnects at any point frees what it holds: its place in
         the tenant's wait line at once, its engine row at the next engine step.
         """
-        state = self.state
-        adapter_id = None
-        if request.adapter:
-            record = state.registry.find(principal.tenant, request.adapter)
-            call.adapter = f"{record.owner}/{record.name}"
-            adapter_id = record.engine_id
-            if adapter_id not in state.engine.adapters:
-                register_record(state, record)
+        # The message's adapter, or the one its metadata names for balancers (affinity.py).
+        metadata = dict(context.invocation_metadata())
+        adapter_id = call.resolve(requested_adapter(request.adapter, metadata))
         params = self._params(request)
         prompt = self._prompt(request)
         remaining = time_left(context)
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        gone = threading.Event()
-        streams: list[RequestStream] = []
-
-        def on_call_end() -> None:
-            gone.set()
-            state.gate.wake()
-            for submitted in streams:
-                submitted.cancel()
-
-        if not context.add_callback(on_call_end):
+        if not context.add_callback(call.cancel):
             raise Cancelled(None, "the call ended before generation started")
-        with state.gate.slot(principal, remaining, gone):
-            stream = state.engine.submit(
-                GenerationRequest(
-                    request_id=request.request_id or uuid.uuid4().hex,
-                    prompt_token_ids=prompt,
-                    params=params,
-                    adapter_id=adapter_id,
-                    deadline=deadline,
-                )
-            )
-            streams.append(stream)
-            if gone.is_set():  # ended between the slot and the submit
-                stream.cancel()
-            yield stream
-
-    def _events(self, stream: RequestStream, call: _CallRecord) -> Iterator[TokenEvent]:
-        """The stream's events, timing first and later tokens; raises on a failed finish."""
-        metrics = self.state.metrics
-        for event in stream:
-            if event.token_ids:
-                now = time.monotonic()
-                if call.last_token is None:
-                    metrics.ttft.observe(now - call.started)
-                else:
-                    metrics.itl.observe(now - call.last_token)
-                call.last_token = now
-            if event.finished:
-                metrics.tokens(call.tenant, event.prompt_tokens, event.completion_tokens)
-                if event.error is not None:
-                    raise event.error
-                if event.finish_reason is FinishReason.CANCELLED:
-                    raise Cancelled(None, "the request was cancelled")
-            yield event
-
-    @contextmanager
-    def _recorded(self, principal: Principal, request: pb.GenerateRequest) -> Iterator[_CallRecord]:
-        """Count the call in `loramux_requests_total` with its final status."""
-        call = _CallRecord(
-            tenant=principal.tenant, adapter="unknown" if request.adapter else "base"
+        generation = GenerationRequest(
+            request_id=request.request_id or uuid.uuid4().hex,
+            prompt_token_ids=prompt,
+            params=params,
+            adapter_id=adapter_id,
+            deadline=time.monotonic() + remaining if remaining is not None else None,
         )
-        status = "INTERNAL"
-        try:
-            yield call
-            status = "OK"
-        except LoramuxError as error:
-            status = error.code
-            raise
-        except GeneratorExit:  # gRPC closed the response stream: the client went away
-            status = "CANCELLED"
-            raise
-        finally:
-            self.state.metrics.request_done(call.tenant, call.adapter, status)
+        with call.submitted(generation, remaining) as stream:
+            yield stream
 
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> pb.GenerateResponse:
         def handle(principal: Principal) -> pb.GenerateResponse:
-            with (
-                self._recorded(principal, request) as call,
-                self._generation(request, context, principal, call) as stream,
-            ):
+            call = GenerationCall(self.state, principal)
+            with call.recorded(), self._generation(request, context, call) as stream:
                 text: list[str] = []
                 tokens: list[int] = []
-                for event in self._events(stream, call):
+                for event in call.events(stream):
                     text.append(event.text)
                     tokens.extend(event.token_ids)
                 return pb.GenerateResponse(
@@ -331,12 +226,9 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
     ) -> Iterator[pb.GenerateStreamResponse]:
         try:
             with self.state.tracked():
-                principal = self._authenticate(context)
-                with (
-                    self._recorded(principal, request) as call,
-                    self._generation(request, context, principal, call) as stream,
-                ):
-                    for event in self._events(stream, call):
+                call = GenerationCall(self.state, self._authenticate(context))
+                with call.recorded(), self._generation(request, context, call) as stream:
+                    for event in call.events(stream):
                         message = pb.GenerateStreamResponse(
                             request_id=stream.request_id,
                             text=event.text,
@@ -378,36 +270,6 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
         self, request: pb.TokenizeRequest, context: grpc.ServicerContext
     ) -> pb.TokenizeResponse:
         return self._run(context, lambda _: pb.TokenizeResponse(token_ids=self._prompt(request)))
-
-
-@dataclass
-class _CallRecord:
-    """Per-call bookkeeping for metrics: labels and token timing."""
-
-    tenant: str
-    adapter: str  # "base", "owner/name" once resolved, "unknown" when it was not found
-    started: float = field(default_factory=time.monotonic)
-    last_token: float | None = None
-
-
-def spec_from_record(record: AdapterRecord) -> AdapterSpec:
-    return AdapterSpec(
-        rank=record.rank,
-        alpha=record.alpha,
-        use_rslora=record.use_rslora,
-        target_modules=record.target_modules,
-        size_bytes=record.size_bytes,
-        base_model_name_or_path=None,
-        scaling=0.0,
-        modules=0,
-    )
-
-
-def register_record(state: ServerState, record: AdapterRecord) -> None:
-    """Make a stored adapter known to the engine (files were checked when stored)."""
-    state.engine.adapters.register(
-        record.engine_id, state.registry.path_of(record), spec=spec_from_record(record)
-    )
 
 
 class AdapterServicer(_Base, pb_grpc.AdapterServiceServicer):

@@ -25,6 +25,10 @@ from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 CHUNK_BYTES = 1 << 20
+# The adapter again as metadata, for balancers that route by header (nginx
+# `hash $http_loramux_adapter consistent`, Envoy ring_hash): one adapter stays on few
+# replicas and keeps its device slot warm there.
+ADAPTER_METADATA = "loramux-adapter"
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 FINISH_REASONS = {
     pb.FINISH_REASON_LENGTH: "length",
@@ -237,6 +241,13 @@ class _Settings:
         """Exponential with jitter, so clients of a restarting server do not return in step."""
         return min(5.0, 0.2 * 2**attempt) * (0.5 + random.random() / 2)
 
+    def for_request(self, request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: the key, and the adapter for header-hashing balancers."""
+        adapter = request.adapter
+        if adapter and adapter.isascii() and adapter.isprintable():
+            return (*self.metadata, (ADAPTER_METADATA, adapter))
+        return self.metadata  # the base model, or a name the server will refuse anyway
+
     def should_retry(self, error: grpc.RpcError, attempt: int) -> bool:
         return bool(error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries)
 
@@ -279,14 +290,20 @@ class LoramuxClient:
         self.close()
 
     def _call(
-        self, method: Callable[..., T], request: Callable[[], Any], timeout: float | None = None
+        self,
+        method: Callable[..., T],
+        request: Callable[[], Any],
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> T:
         """One call with retries; `request` builds the request (again for each attempt)."""
         attempt = 0
         while True:
             try:
                 return method(
-                    request(), metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+                    request(),
+                    metadata=self._cfg.metadata if metadata is None else metadata,
+                    timeout=timeout or self._cfg.timeout,
                 )
             except grpc.RpcError as error:
                 if self._cfg.should_retry(error, attempt):
@@ -304,7 +321,8 @@ class LoramuxClient:
     ) -> Completion:
         """Generate a whole completion: give `prompt` (raw text) or `messages` (chat)."""
         request = build_request(prompt, **kwargs)
-        return _completion(self._unary(self.inference.Generate, request, timeout))
+        metadata = self._cfg.for_request(request)
+        return _completion(self._call(self.inference.Generate, lambda: request, timeout, metadata))
 
     def generate_stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
@@ -314,7 +332,9 @@ class LoramuxClient:
         attempt = 0
         while True:
             call = self.inference.GenerateStream(
-                request, metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+                request,
+                metadata=self._cfg.for_request(request),
+                timeout=timeout or self._cfg.timeout,
             )
             received = False
             try:
@@ -430,13 +450,19 @@ class AsyncLoramuxClient:
         await self.close()
 
     async def _call(
-        self, method: Callable[..., Any], request: Callable[[], Any], timeout: float | None = None
+        self,
+        method: Callable[..., Any],
+        request: Callable[[], Any],
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Any:
         attempt = 0
         while True:
             try:
                 return await method(
-                    request(), metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+                    request(),
+                    metadata=self._cfg.metadata if metadata is None else metadata,
+                    timeout=timeout or self._cfg.timeout,
                 )
             except grpc.aio.AioRpcError as error:
                 if self._cfg.should_retry(error, attempt):
@@ -455,7 +481,10 @@ class AsyncLoramuxClient:
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> Completion:
         request = build_request(prompt, **kwargs)
-        return _completion(await self._unary(self.inference.Generate, request, timeout))
+        metadata = self._cfg.for_request(request)
+        return _completion(
+            await self._call(self.inference.Generate, lambda: request, timeout, metadata)
+        )
 
     async def generate_stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
@@ -465,7 +494,9 @@ class AsyncLoramuxClient:
         attempt = 0
         while True:
             call = self.inference.GenerateStream(
-                request, metadata=self._cfg.metadata, timeout=timeout or self._cfg.timeout
+                request,
+                metadata=self._cfg.for_request(request),
+                timeout=timeout or self._cfg.timeout,
             )
             received = False
             try:

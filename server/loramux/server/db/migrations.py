@@ -1,0 +1,121 @@
+"""Versioned schema migrations: one list for every backend, applied in order at start.
+
+Each migration is a numbered tuple of statements in the SQL both SQLite and PostgreSQL
+accept (BIGINT and DOUBLE PRECISION are SQLite integer and real columns; booleans are 0/1
+integers). `schema_migrations` records which have run. A replica takes the schema lock
+first, so two replicas starting together migrate once; a database migrated by a newer
+LoRAMux is refused rather than misread.
+
+Migration 1 uses IF NOT EXISTS so a data dir from before migrations (same tables, no
+`schema_migrations`) is adopted as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from loramux.core.errors import FailedPrecondition
+from loramux.server.db import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "tenants, API keys and adapters",
+        (
+            """CREATE TABLE IF NOT EXISTS tenants (
+                name TEXT PRIMARY KEY,
+                admin INTEGER NOT NULL DEFAULT 0,
+                max_concurrent BIGINT NOT NULL,
+                max_queued BIGINT NOT NULL,
+                max_adapters BIGINT NOT NULL,
+                max_bytes BIGINT NOT NULL,
+                created_at BIGINT NOT NULL
+            )""",
+            """CREATE TABLE IF NOT EXISTS api_keys (
+                key_id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL REFERENCES tenants(name),
+                key_hash TEXT NOT NULL UNIQUE,
+                created_at BIGINT NOT NULL,
+                revoked INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE IF NOT EXISTS adapters (
+                owner TEXT NOT NULL,
+                name TEXT NOT NULL,
+                digest TEXT NOT NULL,
+                source TEXT NOT NULL,
+                repo_id TEXT,
+                revision TEXT,
+                sha256 TEXT NOT NULL,
+                rank BIGINT NOT NULL,
+                alpha DOUBLE PRECISION NOT NULL,
+                use_rslora INTEGER NOT NULL,
+                target_modules TEXT NOT NULL,
+                size_bytes BIGINT NOT NULL,
+                public INTEGER NOT NULL DEFAULT 0,
+                created_at BIGINT NOT NULL,
+                PRIMARY KEY (owner, name)
+            )""",
+        ),
+    ),
+    Migration(
+        2,
+        "change counter watched by every replica; index for digest lookups",
+        (
+            """CREATE TABLE registry_state (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                version BIGINT NOT NULL
+            )""",
+            "INSERT INTO registry_state (id, version) VALUES (1, 0)",
+            "CREATE INDEX adapters_digest ON adapters (digest)",
+        ),
+    ),
+)
+LATEST = MIGRATIONS[-1].version
+
+
+def migrate(database: Database) -> int:
+    """Bring the schema to `LATEST`; the version it had before."""
+    with database.schema_transaction() as tx:
+        tx.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY,
+                description TEXT NOT NULL,
+                applied_at BIGINT NOT NULL
+            )"""
+        )
+        row = tx.fetch("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")[0]
+        current = int(row["v"])
+        if current > LATEST:
+            raise FailedPrecondition(
+                "registry",
+                f"the registry's schema is at version {current}, newer than this LoRAMux "
+                f"knows ({LATEST}); upgrade LoRAMux",
+            )
+        for migration in MIGRATIONS:
+            if migration.version <= current:
+                continue
+            for statement in migration.statements:
+                tx.execute(statement)
+            tx.execute(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.description, int(time.time())),
+            )
+            log.info(
+                "registry (%s): migrated to schema %d: %s",
+                database.kind,
+                migration.version,
+                migration.description,
+            )
+    return current

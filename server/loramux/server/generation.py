@@ -1,0 +1,115 @@
+"""One generation call, whatever the transport carried it.
+
+Both the gRPC servicer and the OpenAI-compatible HTTP front run a generation the same
+way: resolve the adapter within the caller's tenant (another tenant's private adapter is
+NOT_FOUND), wait for one of the tenant's concurrency slots, submit to the engine, read the
+token events while timing them for the latency histograms, and count the call with its
+final status. A transport only turns its request into a `GenerationRequest` and the events
+back into its own messages, and calls `cancel()` when its client goes away.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from loramux.core.errors import Cancelled, LoramuxError
+from loramux.server.engine import RequestStream
+from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
+from loramux.server.state import ServerState, register_record
+from loramux.server.tenants import Principal
+
+BASE_LABEL = "base"
+UNKNOWN_LABEL = "unknown"
+
+
+class GenerationCall:
+    """One caller's generation: adapter, tenant slot, engine stream, metrics.
+
+    `cancel()` may come from any thread at any point (client gone): it frees the caller's
+    place in the tenant's wait line at once and its engine row at the next engine step.
+    """
+
+    def __init__(self, state: ServerState, principal: Principal) -> None:
+        self.state = state
+        self.principal = principal
+        self.adapter_label = BASE_LABEL  # "owner/name" once resolved, "unknown" if not found
+        self.started = time.monotonic()
+        self.last_token: float | None = None
+        self._gone = threading.Event()
+        self._streams: list[RequestStream] = []
+
+    def resolve(self, ref: str | None) -> str | None:
+        """The engine id of adapter `ref` (own name or `owner/name`); None for the base."""
+        if not ref:
+            return None
+        self.adapter_label = UNKNOWN_LABEL
+        record = self.state.registry.find(self.principal.tenant, ref)
+        self.adapter_label = f"{record.owner}/{record.name}"
+        if record.engine_id not in self.state.engine.adapters:
+            register_record(self.state, record)
+        return record.engine_id
+
+    def cancel(self) -> None:
+        self._gone.set()
+        self.state.gate.wake()
+        for stream in list(self._streams):
+            stream.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._gone.is_set()
+
+    @contextmanager
+    def recorded(self) -> Iterator[None]:
+        """Count the call in `loramux_requests_total` with its final status."""
+        status = "INTERNAL"
+        try:
+            yield
+            status = "OK"
+        except LoramuxError as error:
+            status = error.code
+            raise
+        except GeneratorExit:  # the transport closed the response: the client went away
+            status = "CANCELLED"
+            raise
+        finally:
+            self.state.metrics.request_done(self.principal.tenant, self.adapter_label, status)
+
+    @contextmanager
+    def submitted(
+        self, request: GenerationRequest, wait_timeout: float | None
+    ) -> Iterator[RequestStream]:
+        """Wait up to `wait_timeout` s for a tenant slot, submit; cancelled when left."""
+        if self._gone.is_set():
+            raise Cancelled(None, "the call ended before generation started")
+        with self.state.gate.slot(self.principal, wait_timeout, self._gone):
+            stream = self.state.engine.submit(request)
+            self._streams.append(stream)
+            try:
+                if self._gone.is_set():  # ended between the slot and the submit
+                    stream.cancel()
+                yield stream
+            finally:
+                stream.cancel()  # a no-op once finished; frees the row if the caller left
+
+    def events(self, stream: RequestStream) -> Iterator[TokenEvent]:
+        """The stream's events, timing first and later tokens; raises on a failed finish."""
+        metrics = self.state.metrics
+        for event in stream:
+            if event.token_ids:
+                now = time.monotonic()
+                if self.last_token is None:
+                    metrics.ttft.observe(now - self.started)
+                else:
+                    metrics.itl.observe(now - self.last_token)
+                self.last_token = now
+            if event.finished:
+                metrics.tokens(self.principal.tenant, event.prompt_tokens, event.completion_tokens)
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is FinishReason.CANCELLED:
+                    raise Cancelled(None, "the request was cancelled")
+            yield event

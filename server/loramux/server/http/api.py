@@ -1,0 +1,309 @@
+"""The routes: generation, models, health; authentication and errors as the gRPC side has.
+
+Every generation route authenticates with the same keys (`Authorization: Bearer`), picks
+the adapter from `model` within the caller's tenant (an unknown or foreign model is a 404,
+never the base model instead), and runs through `GenerationCall`, the same path the gRPC
+servicer takes: one tenant gate, one set of metrics, one drain switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from loramux.core.errors import InvalidArgument, LoramuxError, NotFound
+from loramux.server.generation import GenerationCall
+from loramux.server.http.bridge import END, GenerationJob
+from loramux.server.http.errors import (
+    error_body,
+    error_response,
+    from_http_exception,
+    from_validation,
+)
+from loramux.server.http.formats import ChatFormat, CompletionFormat, ResponseFormat
+from loramux.server.http.schemas import ChatCompletionBody, CompletionBody, _GenerationBody
+from loramux.server.requests import GenerationRequest, SamplingParams, TokenEvent
+from loramux.server.state import ServerState
+from loramux.server.tenants import Principal
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+class OpenAIFront:
+    """The handlers' shared parts: state, worker pool, the base model's public name."""
+
+    def __init__(self, state: ServerState, executor: Executor) -> None:
+        self.state = state
+        self.executor = executor
+        self.base_name = state.settings.served_model_name or state.engine.info.base_model
+
+    async def authenticate(self, request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        return await anyio.to_thread.run_sync(
+            self.state.auth.authenticate, {"authorization": header}
+        )
+
+    def resolve_model(self, call: GenerationCall, model: str) -> str | None:
+        """The engine id for `model`: None for the base model, else the caller's adapter."""
+        if model == self.base_name:
+            return None
+        try:
+            return call.resolve(model)
+        except NotFound:
+            raise NotFound(
+                "model", f"the model {model!r} does not exist or you have no access to it"
+            ) from None
+
+    def sampling(self, body: _GenerationBody, max_tokens: int) -> SamplingParams:
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=body.stop_strings(),
+            stop_token_ids=tuple(body.stop_token_ids),
+            ignore_eos=body.ignore_eos,
+        )
+        params.validate(self.state.settings.max_new_tokens_limit)
+        return params
+
+    # -- generation --
+
+    async def generate(
+        self,
+        request: Request,
+        body: _GenerationBody,
+        answer: ResponseFormat,
+        build: Callable[[GenerationCall], GenerationRequest],
+        renamed: dict[str, str],
+    ) -> Response:
+        body.refuse_unsupported()
+        call = GenerationCall(self.state, await self.authenticate(request))
+        job = GenerationJob(call, lambda: build(call), renamed)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
+        try:
+            job.start(self.executor)
+            if await job.next() is END:  # pragma: no cover - the worker always says why
+                raise InvalidArgument(None, "the request ended before it started")
+            if body.stream:
+                await _stop(watcher)
+                return StreamingResponse(
+                    _sse(job, answer),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            text: list[str] = []
+            while (item := await job.next()) is not END:
+                assert isinstance(item, TokenEvent)
+                text.append(item.text)
+                last = item
+            return JSONResponse(answer.response("".join(text), last))
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            await _stop(watcher)
+
+    def completion_request(
+        self, body: CompletionBody, request_id: str
+    ) -> Callable[[GenerationCall], GenerationRequest]:
+        def build(call: GenerationCall) -> GenerationRequest:
+            adapter_id = self.resolve_model(call, body.model)
+            prompt = body.single_prompt()
+            ids = self.state.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            max_tokens = (
+                body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
+            )
+            return GenerationRequest(
+                request_id=request_id,
+                prompt_token_ids=ids,
+                params=self.sampling(body, max_tokens),
+                adapter_id=adapter_id,
+            )
+
+        return build
+
+    def chat_request(
+        self, body: ChatCompletionBody, request_id: str
+    ) -> Callable[[GenerationCall], GenerationRequest]:
+        def build(call: GenerationCall) -> GenerationRequest:
+            adapter_id = self.resolve_model(call, body.model)
+            ids = self.state.engine.render_chat(body.chat())
+            max_tokens = body.requested_max_tokens()
+            if max_tokens is None:  # OpenAI: as long as the context allows
+                room = self.state.engine.context_length - len(ids)
+                max_tokens = max(1, min(self.state.settings.max_new_tokens_limit, room))
+            return GenerationRequest(
+                request_id=request_id,
+                prompt_token_ids=ids,
+                params=self.sampling(body, max_tokens),
+                adapter_id=adapter_id,
+            )
+
+        return build
+
+    # -- models --
+
+    def models(self, principal: Principal) -> dict[str, Any]:
+        """The base model and every adapter the caller may use, with its residency."""
+        state = self.state
+        with state.tracked():
+            records = state.registry.visible_adapters(principal.tenant)
+            adapters = state.engine.adapters
+            data: list[dict[str, Any]] = [
+                {
+                    "id": self.base_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "loramux",
+                    "root": self.base_name,
+                    "parent": None,
+                    "loaded": True,
+                    "state": "device",
+                }
+            ]
+            for record in records:
+                resident = (
+                    adapters.state(record.engine_id) if record.engine_id in adapters else "stored"
+                )
+                own = record.owner == principal.tenant
+                data.append(
+                    {
+                        "id": record.name if own else f"{record.owner}/{record.name}",
+                        "object": "model",
+                        "created": record.created_at,
+                        "owned_by": record.owner,
+                        "root": f"{record.owner}/{record.name}",
+                        "parent": self.base_name,
+                        "loaded": resident == "device",
+                        "state": resident,
+                        "public": record.public,
+                    }
+                )
+        return {"object": "list", "data": data}
+
+
+async def _cancel_on_disconnect(request: Request, call: GenerationCall) -> None:
+    """Cancel `call` when the client goes away (the body was read: next comes disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            call.cancel()
+            return
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _sse(job: GenerationJob, answer: ResponseFormat) -> AsyncIterator[bytes]:
+    """Server-sent events: chunks, the usage chunk when asked for, then `[DONE]`.
+
+    An error after the stream began is sent as an event with OpenAI's error body (the
+    status line is already out); a client that goes away closes this generator, and
+    leaving it cancels the engine request.
+    """
+    try:
+        for chunk in answer.first_chunks():
+            yield _event(chunk)
+        last: TokenEvent | None = None
+        while (item := await job.next()) is not END:
+            assert isinstance(item, TokenEvent)
+            last = item
+            for chunk in answer.chunks(item):
+                yield _event(chunk)
+        if answer.include_usage and last is not None:
+            yield _event(answer.usage_chunk(last))
+    except LoramuxError as error:
+        yield _event(error_body(error))
+    finally:
+        job.call.cancel()
+    yield b"data: [DONE]\n\n"
+
+
+def create_app(state: ServerState, executor: Executor) -> FastAPI:
+    front = OpenAIFront(state, executor)
+    app = FastAPI(
+        title="LoRAMux OpenAI-compatible API",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    @app.exception_handler(LoramuxError)
+    async def on_loramux_error(_: Request, error: LoramuxError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(from_validation(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_exception(_: Request, exc: HTTPException) -> JSONResponse:
+        return from_http_exception(exc)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request) -> Response:
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        answer = CompletionFormat(request_id, body.model, body.include_usage)
+        return await front.generate(
+            request,
+            body,
+            answer,
+            front.completion_request(body, request_id),
+            {"max_new_tokens": "max_tokens"},
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        answer = ChatFormat(request_id, body.model, body.include_usage)
+        tokens_field = (
+            "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        )
+        return await front.generate(
+            request,
+            body,
+            answer,
+            front.chat_request(body, request_id),
+            {"max_new_tokens": tokens_field, "prompt": "messages"},
+        )
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        principal = await front.authenticate(request)
+        return JSONResponse(await anyio.to_thread.run_sync(front.models, principal))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: the process answers."""
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: serving and not draining (a load balancer stops sending on 503)."""
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return app

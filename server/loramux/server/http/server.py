@@ -1,0 +1,133 @@
+"""uvicorn serving the HTTP front on a thread of the gRPC server's process.
+
+The listening socket is bound first (`bind`), so a taken port is reported before the
+model loads, as for gRPC; `HttpServer.start` then runs uvicorn's own event loop on a
+thread. uvicorn installs no signal handlers off the main thread: SIGTERM stays with
+`run_server`, which drains both transports.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import uvicorn
+
+from loramux.core.errors import FailedPrecondition
+from loramux.server.http.api import create_app
+from loramux.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024  # as gRPC's largest message
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one)."""
+    try:
+        return socket.create_server((host, port), backlog=1024)
+    except OSError as exc:
+        raise FailedPrecondition(
+            "http_port", f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+        ) from exc
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413, before parsing.
+
+    Checks the declared Content-Length first and counts the bytes as they arrive (chunked
+    bodies declare none), so a hostile body never grows past the limit in memory.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = (
+            b'{"error":{"message":"the request body exceeds %d bytes","type":'
+            b'"invalid_request_error","param":null,"code":"request_too_large"}}' % self.limit
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class HttpServer:
+    """The OpenAI-compatible API on `sock`, served by uvicorn on its own thread."""
+
+    def __init__(self, state: ServerState, sock: socket.socket) -> None:
+        self.sock = sock
+        self.port = int(sock.getsockname()[1])
+        # Each generation holds one worker for its life (slot wait + tokens), as a gRPC call
+        # holds one of the gRPC server's threads.
+        self.executor = ThreadPoolExecutor(
+            max_workers=state.settings.http_workers, thread_name_prefix="http-gen"
+        )
+        app = BodyLimit(create_app(state, self.executor), MAX_BODY_BYTES)
+        config = uvicorn.Config(
+            app,
+            log_config=None,  # keep the process's logging set-up
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException:
+            log.exception("the HTTP server stopped with an error")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let open responses finish (uvicorn's grace), join the thread."""
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.sock.close()
