@@ -34,9 +34,11 @@ ADAPTERS = [
 ]
 # What requests ask: (adapter, weight) lists. The first part of each PEFT composition is
 # not rsLoRA: PEFT's new adapter keeps the first part's use_rslora (see docs/api.md).
+# Weights stay moderate: random adapters at large weights drive this small model into
+# outputs whose top logits are all tied, where no comparison can tell anything.
 REQUESTS: list[list[tuple[str, float]]] = [
     [("all8", 0.7), ("qv16rs", -0.5)],
-    [("mlp32", 1.5), ("all8", 0.4), ("qv16rs", 1.0)],
+    [("mlp32", 0.6), ("all8", 0.4), ("qv16rs", 0.8)],
     [("mlp32", 0.5)],  # one adapter at half strength
     [("all8", 1.0)],  # the adapter itself
     [("all8", 0.0)],  # weight 0: the base model
@@ -86,9 +88,17 @@ def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[En
     engine.shutdown()
 
 
+# A batched bf16 pass moves the 4-bit base's logits by about 1% of their range (see
+# docs/engine.md), so where PEFT's top two logits are closer than this, either token is
+# the model's answer and the sequences may part there.
+NEAR_TIE = 0.015
+
+
 def _peft_outputs(
     smollm2: ResolvedModel, dirs: dict[str, Path], prompts: list[list[int]]
-) -> dict[tuple[int, int], list[int]]:
+) -> dict[tuple[int, int], tuple[list[int], list[tuple[int, int] | None]]]:
+    """Per (request, prompt): PEFT's greedy tokens and, per position, its top two tokens
+    when they are nearly tied (else None)."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(
@@ -97,11 +107,14 @@ def _peft_outputs(
     for name in ("qv16rs", "mlp32"):
         model.load_adapter(str(dirs[name]), adapter_name=name)
     model.eval()
-    outputs: dict[tuple[int, int], list[int]] = {}
+    outputs = {}
     for r, parts in enumerate(REQUESTS):
         names, weights = [n for n, _ in parts], [w for _, w in parts]
         if weights == [0.0]:
             context = model.disable_adapter()
+        elif weights == [1.0]:  # the adapter as is (PEFT's copy would keep rsLoRA's factor)
+            model.set_adapter(names[0])
+            context = torch.inference_mode()
         else:
             model.add_weighted_adapter(names, weights, f"req{r}", combination_type="cat")
             model.set_adapter(f"req{r}")
@@ -109,9 +122,19 @@ def _peft_outputs(
         with context, torch.inference_mode():
             for p, ids in enumerate(prompts):
                 out = model.generate(
-                    input_ids=torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False
+                    input_ids=torch.tensor([ids]),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    output_scores=True,
+                    return_dict_in_generate=True,
                 )
-                outputs[r, p] = out[0, len(ids) :].tolist()
+                ties: list[tuple[int, int] | None] = []
+                for scores in out.scores:
+                    top = torch.topk(scores[0].float(), 2)
+                    span = float(scores[0].max() - scores[0].min())
+                    gap = float(top.values[0] - top.values[1])
+                    ties.append(tuple(top.indices.tolist()) if gap < NEAR_TIE * span else None)  # type: ignore[arg-type]
+                outputs[r, p] = (out.sequences[0, len(ids) :].tolist(), ties)
     return outputs
 
 
@@ -137,8 +160,17 @@ def test_weighted_and_composed_adapters_match_peft_in_one_mixed_batch(
     }
     got = {key: [t for e in stream for t in e.token_ids] for key, stream in streams.items()}
     expected = _peft_outputs(smollm2, adapter_dirs, prompts)
+    compared = 0
     for key, tokens in got.items():
-        assert tokens[: len(expected[key])] == expected[key], (REQUESTS[key[0]], key[1])
+        reference, ties = expected[key]
+        for i, (mine, theirs) in enumerate(zip(tokens, reference, strict=False)):
+            if mine != theirs:
+                # Only where PEFT itself is torn between the two; nothing after is comparable.
+                assert ties[i] is not None and mine in ties[i], (REQUESTS[key[0]], key[1], i)
+                break
+            compared += 1
+    # Nearly all of it was compared (a near-tie cuts a sequence short now and then).
+    assert compared >= 0.8 * len(got) * NEW_TOKENS, compared
     # The same composition asked again is the same slot, not a new one.
     again = engine.adapters.weighted(
         [WeightedAdapter("all8", 0.7), WeightedAdapter("qv16rs", -0.5)]

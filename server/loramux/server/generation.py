@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from loramux.core.errors import Cancelled, LoramuxError
+from loramux.core.errors import Cancelled, LoramuxError, NotFound
+from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.engine import RequestStream
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
 from loramux.server.state import ServerState, register_record
@@ -23,6 +24,7 @@ from loramux.server.tenants import Principal
 
 BASE_LABEL = "base"
 UNKNOWN_LABEL = "unknown"
+COMPOSED_LABEL = "composed"  # several weighted adapters (bounded metric cardinality)
 
 
 class GenerationCall:
@@ -51,6 +53,25 @@ class GenerationCall:
         if record.engine_id not in self.state.engine.adapters:
             register_record(self.state, record)
         return record.engine_id
+
+    def resolve_weighted(self, entries: Sequence[tuple[str, float]], field: str) -> str | None:
+        """The engine id serving adapters with weights (GenerateRequest.adapters): bounded,
+        each name resolved as `resolve` does; None when every weight is 0 (the base)."""
+        settings = self.state.settings
+        check_weights(entries, settings.max_composed_adapters, settings.max_adapter_weight, field)
+        parts, labels = [], []
+        self.adapter_label = UNKNOWN_LABEL
+        for i, (ref, weight) in enumerate(entries):
+            try:
+                record = self.state.registry.find(self.principal.tenant, ref)
+            except NotFound as error:
+                raise NotFound(f"{field}[{i}].name", str(error).split(": ", 1)[-1]) from None
+            if record.engine_id not in self.state.engine.adapters:
+                register_record(self.state, record)
+            parts.append(WeightedAdapter(record.engine_id, weight))
+            labels.append(f"{record.owner}/{record.name}")
+        self.adapter_label = labels[0] if len(labels) == 1 else COMPOSED_LABEL
+        return self.state.engine.adapters.weighted(parts)
 
     def cancel(self) -> None:
         self._gone.set()

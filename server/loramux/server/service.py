@@ -32,7 +32,7 @@ from loramux.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from loramux.server.affinity import requested_adapter
+from loramux.server.affinity import requested_adapter, weighted_adapters
 from loramux.server.engine import RequestStream
 from loramux.server.generation import GenerationCall
 from loramux.server.registry import (
@@ -181,7 +181,10 @@ class InferenceServicer(_Base, pb_grpc.InferenceServiceServicer):
         """
         # The message's adapter, or the one its metadata names for balancers (affinity.py).
         metadata = dict(context.invocation_metadata())
-        adapter_id = call.resolve(requested_adapter(request.adapter, metadata))
+        if request.adapters:
+            adapter_id = call.resolve_weighted(weighted_adapters(request, metadata), "adapters")
+        else:
+            adapter_id = call.resolve(requested_adapter(request.adapter, metadata))
         params = self._params(request)
         prompt = self._prompt(request)
         remaining = time_left(context)
