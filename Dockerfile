@@ -1,6 +1,15 @@
 # LoRAMux server image: CUDA runtime, the default model baked in, non-root.
 #   docker build -t loramux .
-#   docker run --gpus all -p 50051:50051 -p 8000:8000 -p 9090:9090 loramux
+# It needs an admin API key at run time (it refuses to start without one), from a file
+# mounted read-only (readable by uid 10001, not by everyone) or from an env var:
+#   docker run --gpus all -p 50051:50051 -p 8000:8000 \
+#     -v "$PWD/admin-keys:/run/secrets/loramux-admin-keys:ro" \
+#     -e LORAMUX_ADMIN_KEYS_FILE=/run/secrets/loramux-admin-keys loramux
+#   docker run --gpus all -p 50051:50051 -p 8000:8000 -e LORAMUX_ADMIN_KEYS=lmx_... loramux
+# TLS: mount the PEM files and add --tls-cert/--tls-key (LORAMUX_TLS_CERT/LORAMUX_TLS_KEY);
+# the HEALTHCHECK then needs LORAMUX_TLS_CA_FILE (and LORAMUX_TLS_SERVER_NAME if the
+# certificate does not name 127.0.0.1). /metrics listens on 127.0.0.1 inside the container;
+# add -e LORAMUX_METRICS_HOST=0.0.0.0 -p 9090:9090 to scrape it from outside.
 FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -23,7 +32,7 @@ COPY trainer ./trainer
 COPY clients ./clients
 COPY proto ./proto
 # PyPI's default Linux torch wheel is the CUDA build (with Triton for the compiled LoRA kernels).
-RUN pip install torch==2.13.0 && pip install .
+RUN pip install torch==2.13.0 && pip install ./clients/python .
 
 RUN useradd --create-home --uid 10001 loramux
 USER 10001
@@ -39,6 +48,7 @@ ENV LORAMUX_HOME=/home/loramux/.cache/loramux \
 RUN loramux models prepare && mkdir -p /home/loramux/adapters
 
 EXPOSE 50051 8000 9090
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import grpc, sys; from grpc_health.v1 import health_pb2, health_pb2_grpc; ch = grpc.insecure_channel('127.0.0.1:50051'); r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=''), timeout=4); sys.exit(0 if r.status == health_pb2.HealthCheckResponse.SERVING else 1)"]
+# `loramux health` asks the gRPC health service (no key needed; TLS per LORAMUX_TLS_* env).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+    CMD ["loramux", "health", "--address", "127.0.0.1:50051"]
 ENTRYPOINT ["loramux", "serve"]

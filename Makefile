@@ -1,5 +1,6 @@
 # Set-up and checks for LoRAMux. Every target creates and uses the local virtualenv .venv.
-#   make serve   install everything, prepare the default model, start the server
+#   make serve   install everything, prepare the default model, start a development server
+#                (--dev: no keys, 127.0.0.1 only; `make serve SERVE_ARGS="--admin-keys-file F --host 0.0.0.0"`)
 #   make test    install everything, prepare the default model, lint, type-check, run all tests
 #
 # torch: on a machine without a GPU we want the CPU build. TORCH_SPEC is what pip is asked
@@ -13,7 +14,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loramux-installed
-SERVE_ARGS ?= --host 0.0.0.0 --http-port 8000
+SERVE_ARGS ?= --dev --http-port 8000
 
 .PHONY: install system-deps serve test lint typecheck proto bench clean
 
@@ -34,10 +35,11 @@ system-deps:
 		fi; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ./clients/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -53,9 +55,9 @@ lint: install
 	$(BIN)/hadolint Dockerfile
 
 typecheck: install
-	$(BIN)/mypy -p loramux.core -p loramux.cli -p loramux.server -p loramux.trainer -p loramux.client
+	$(BIN)/mypy -p loramux.core -p loramux.cli -p loramux.server -p loramux.trainer -p loramux.client -m loramux.errors
 
-# Regenerate core/loramux/v1 from proto/ (a test fails when the checked-in code is stale).
+# Regenerate clients/python/loramux/v1 from proto/ (a test fails when the checked-in code is stale).
 proto: install
 	$(BIN)/python -m loramux.core.protogen
 

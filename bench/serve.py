@@ -258,6 +258,7 @@ def start_loramux(root: Path, adapters: int) -> ServerProcess:
         "cpu",
         "--log-level",
         "WARNING",
+        "--dev",  # no keys: the benchmark measures serving, on 127.0.0.1
         # One tenant sends all the load: its quotas must not be the bottleneck.
         "--tenant-max-concurrent",
         "4096",

@@ -2,6 +2,8 @@
 
     python -m bench.train              # 30 optimizer steps per run, 2 interleaved repetitions
     python -m bench.train --quick      # 5 steps, 1 repetition, no bf16 run
+    python -m bench.train --suite packing   # padding vs --packing on short chats
+    python -m bench.train --suite nproc     # 1 process vs --nproc 2, same global batch
 
 Runs, each in its own Python process (so peak memory is that run's alone, read as the
 process's RSS high-water mark with getrusage, plus CUDA's max allocated on a GPU):
@@ -20,6 +22,15 @@ are left out as warm-up; medians, so a step slowed by a neighbour's burst does n
 Wall time suffers from other processes on a shared machine, so the process's CPU time
 per step is reported too (and compared): it counts only this run's own work. Tokens/s
 counts non-padding input tokens.
+
+Suite `packing`: LoRAMux's trainer on short chats of varied length (a generated set: a
+user turn of 1-3 sentences, a reply of 1-5), once padded (the default collator) and once
+with `--packing` (each batch's examples in one row, attention kept per example), the same
+batches, steps and seed: training tokens/s and final eval loss side by side.
+
+Suite `nproc`: the same run in 1 process (batch B) and in N data-parallel processes (batch
+B/N each, same global batch; DDP through accelerate, gloo on the CPU), step time compared.
+On a CPU machine the processes share its cores (OMP_NUM_THREADS = cores / N).
 """
 
 from __future__ import annotations
@@ -51,6 +62,11 @@ from bench.common import (
 )
 
 RUNS = ("loramux-nf4", "plain-nf4", "loramux-bf16")
+SUITES = {
+    "qlora": RUNS,
+    "packing": ("loramux-pad", "loramux-pack"),
+    "nproc": ("nproc-1", "nproc-2"),
+}
 WARMUP_STEPS = 2
 
 
@@ -76,6 +92,29 @@ def write_dataset(folder: Path, train: int, eval_: int, seed: int = 0) -> tuple[
     return paths[0], paths[1]
 
 
+def write_chat_dataset(folder: Path, train: int, eval_: int, seed: int = 0) -> tuple[Path, Path]:
+    """Short chats of varied length (about 40 to 250 tokens), as instruction data has."""
+    rng = random.Random(seed)
+    sentences = [s.strip() + "." for s in PASSAGE.split(".") if s.strip()]
+
+    def record() -> dict[str, Any]:
+        context = " ".join(rng.sample(sentences, rng.randint(1, 3)))
+        reply = " ".join(rng.sample(sentences, rng.randint(1, 5)))
+        return {
+            "messages": [
+                {"role": "user", "content": f"{context}\nSay something related."},
+                {"role": "assistant", "content": reply},
+            ]
+        }
+
+    paths = []
+    for name, count in (("chat-train.jsonl", train), ("chat-eval.jsonl", eval_)):
+        path = folder / name
+        path.write_text("".join(json.dumps(record()) + "\n" for _ in range(count)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 # ---- the child process: one training run ----
 class StepTimer:
     """Patches transformers.Trainer.training_step to note when each step starts."""
@@ -93,7 +132,9 @@ class StepTimer:
             timer.starts.append(time.perf_counter())
             timer.cpu_starts.append(time.process_time())
             mask = inputs.get("attention_mask")
-            timer.tokens.append(int(mask.sum()) if mask is not None else 0)
+            # Packed batches carry no mask; in this bench a packed batch is one row, unpadded.
+            tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            timer.tokens.append(tokens)
             return original(self, model, inputs, *args, **kwargs)
 
         Trainer.training_step = training_step  # type: ignore[method-assign]
@@ -230,7 +271,10 @@ def child(run: str, options_json: str, device: str) -> None:
 
     from bench.common import set_threads
 
-    set_threads()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of N processes: its share of cores
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    else:
+        set_threads()
     options = json.loads(options_json)
     timer = StepTimer()
     started = time.perf_counter()
@@ -238,8 +282,10 @@ def child(run: str, options_json: str, device: str) -> None:
     if run == "plain-nf4":
         eval_loss = run_plain(options, device)
     else:
-        quantization = "nf4" if run == "loramux-nf4" else "none"
+        quantization = "none" if run == "loramux-bf16" else "nf4"
         eval_loss, initial_eval_loss = run_loramux(options, quantization, device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports for the run
     report = {
         "run": run,
         "eval_loss": eval_loss,
@@ -254,7 +300,9 @@ def child(run: str, options_json: str, device: str) -> None:
     print("BENCH-RESULT " + json.dumps(report), flush=True)
 
 
-def spawn(run: str, options: dict[str, Any], device: str, log: Path) -> dict[str, Any]:
+def spawn(
+    run: str, options: dict[str, Any], device: str, log: Path, nproc: int = 1
+) -> dict[str, Any]:
     command = [
         sys.executable,
         "-m",
@@ -266,6 +314,8 @@ def spawn(run: str, options: dict[str, Any], device: str, log: Path) -> dict[str
         "--device",
         device,
     ]
+    if nproc > 1:  # N data-parallel children, started as `loramux train --nproc` does
+        command[3:3] = ["--launch", str(nproc)]
     started = time.perf_counter()
     load_before = os.getloadavg()[0]  # a shared machine: say how busy it was
     with log.open("w") as handle:
@@ -294,12 +344,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--options", help=argparse.SUPPRESS)
+    parser.add_argument("--launch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="qlora")
+    parser.add_argument("--nproc", type=int, default=2, help="processes in the nproc suite")
     args = parser.parse_args(argv)
+    if args.child and args.launch > 1:
+        from loramux.trainer.distributed import launch
+
+        command = [sys.executable, "-m", "bench.train", "--child", args.child]
+        command += ["--options", args.options, "--device", args.device]
+        sys.exit(launch(args.launch, command))
     if args.child:
         child(args.child, args.options, args.device)
         return None
+    if args.suite != "qlora":
+        if args.runs == ",".join(RUNS):
+            args.runs = ",".join(SUITES[args.suite])
+        if args.out == "train":
+            args.out = f"train-{args.suite}"
     if args.quick:
-        args.steps, args.reps, args.runs = 5, 1, "loramux-nf4,plain-nf4"
+        args.steps, args.reps = 5, 1
+        if args.suite == "qlora":
+            args.runs = "loramux-nf4,plain-nf4"
         args.train_examples, args.eval_examples = 40, 8
     runs = [r for r in args.runs.split(",") if r]
 
@@ -309,7 +375,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     reports: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="loramux-bench-train-") as tmp:
         root = Path(tmp)
-        train_file, eval_file = write_dataset(root, args.train_examples, args.eval_examples)
+        if args.suite == "packing":
+            train_file, eval_file = write_chat_dataset(
+                root, args.train_examples, args.eval_examples
+            )
+        else:
+            train_file, eval_file = write_dataset(root, args.train_examples, args.eval_examples)
         for rep in range(args.reps):
             order = runs[rep % len(runs) :] + runs[: rep % len(runs)]
             for run in order:
@@ -327,16 +398,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                     "batch_size": args.batch_size,
                     "grad_accum": 1,
                     "seed": 42,
-                    "max_seq_len": 256,
+                    "max_seq_len": 1024 if args.suite == "packing" else 256,
                     "logging_steps": args.steps,
                 }
+                nproc = args.nproc if run == f"nproc-{args.nproc}" else 1
+                if run == "loramux-pack":
+                    options["packing"] = True
+                if run.startswith("nproc-"):
+                    options["batch_size"] = args.batch_size // nproc  # same global batch
                 if run != "plain-nf4":
                     # The eval before training (outside the timed steps) shows how much of
                     # an NF4-vs-bf16 gap is the quantised base itself rather than learning.
                     options.update(
                         eval_steps=args.steps, eval_before_training=True, progress_bar=False
                     )
-                report = spawn(run, options, args.device, root / f"{run}-{rep}.log")
+                report = spawn(run, options, args.device, root / f"{run}-{rep}.log", nproc)
                 report["rep"] = rep
                 reports.append(report)
                 print(
@@ -347,8 +423,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                     flush=True,
                 )
 
-    summary = summarise(reports)
+    summary = summarise(reports, SUITES[args.suite])
     title = f"QLoRA training on {info.get('gpu') or info['cpu_model']}, SmolLM2-135M"
+    if args.suite != "qlora":
+        title += f", suite {args.suite}"
     print(f"\n## train: {title}, {args.steps} steps x batch {args.batch_size}")
     table = format_table(
         [
@@ -360,9 +438,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             "CUDA peak MB",
             "eval loss before",
             "eval loss",
-            "step time x plain",
-            "CPU time x plain",
-            "eval loss x bf16",
+            "step time x ref",
+            "CPU time x ref",
+            "tokens/s x ref",
+            "eval loss x ref",
             "reps",
         ],
         [
@@ -375,9 +454,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                 s["cuda_peak_mb"] if s["cuda_peak_mb"] is not None else float("nan"),
                 s["initial_eval_loss"],
                 s["eval_loss"],
-                s["step_time_vs_plain"],
-                s["step_cpu_vs_plain"],
-                s["eval_loss_vs_bf16"],
+                s["step_time_vs_ref"],
+                s["step_cpu_vs_ref"],
+                s["tokens_per_s_vs_ref"],
+                s["eval_loss_vs_ref"],
                 s["reps"],
             ]
             for s in summary
@@ -400,12 +480,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     return payload
 
 
-def summarise(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(reports: list[dict[str, Any]], order: Sequence[str] = RUNS) -> list[dict[str, Any]]:
+    """Medians per run, and ratios to the suite's reference run: timing against the plain
+    script (qlora), padding (packing) or one process (nproc); eval loss against bf16 (qlora)
+    or the same reference."""
+
     def by_run(run: str, key: str) -> float:
         return median(r[key] for r in reports if r["run"] == run and r[key] is not None)
 
     summary = []
-    names = [r for r in RUNS if any(x["run"] == r for x in reports)]
+    names = [r for r in order if any(x["run"] == r for x in reports)]
     for run in names:
         cuda = [r["cuda_peak_mb"] for r in reports if r["run"] == run and r["cuda_peak_mb"]]
         summary.append(
@@ -421,16 +505,17 @@ def summarise(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "initial_eval_loss": by_run(run, "initial_eval_loss"),
             }
         )
-    plain = next((s for s in summary if s["run"] == "plain-nf4"), None)
-    bf16 = next((s for s in summary if s["run"] == "loramux-bf16"), None)
+    timing_ref = {"plain-nf4", "loramux-pad", "nproc-1"}
+    plain = next((s for s in summary if s["run"] in timing_ref), None)
+    loss_ref = next(
+        (s for s in summary if s["run"] in {"loramux-bf16", "loramux-pad", "nproc-1"}), None
+    )
+    nan = float("nan")
     for s in summary:
-        s["step_time_vs_plain"] = (
-            s["step_s_median"] / plain["step_s_median"] if plain else float("nan")
-        )
-        s["step_cpu_vs_plain"] = (
-            s["step_cpu_s_median"] / plain["step_cpu_s_median"] if plain else float("nan")
-        )
-        s["eval_loss_vs_bf16"] = s["eval_loss"] / bf16["eval_loss"] if bf16 else float("nan")
+        s["step_time_vs_ref"] = s["step_s_median"] / plain["step_s_median"] if plain else nan
+        s["step_cpu_vs_ref"] = s["step_cpu_s_median"] / plain["step_cpu_s_median"] if plain else nan
+        s["tokens_per_s_vs_ref"] = s["tokens_per_s"] / plain["tokens_per_s"] if plain else nan
+        s["eval_loss_vs_ref"] = s["eval_loss"] / loss_ref["eval_loss"] if loss_ref else nan
     return summary
 
 

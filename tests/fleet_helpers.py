@@ -80,6 +80,17 @@ class Postgres:
             self._initdb, "--pgdata", str(self.data), "--username", "loramux",
             "--auth", "trust", "--encoding", "UTF8", "--no-sync",
         )  # fmt: skip
+        self.run_server()
+        import psycopg
+
+        with psycopg.connect(
+            f"postgresql://loramux@127.0.0.1:{self.port}/postgres", autocommit=True
+        ) as connection:
+            connection.execute("CREATE DATABASE loramux")
+        return self
+
+    def run_server(self) -> None:
+        """`pg_ctl start` on the existing data dir (again after `halt`)."""
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} "
             f"-c unix_socket_directories={self.root} -c fsync=off"
@@ -88,13 +99,10 @@ class Postgres:
             self._pg_ctl, "--pgdata", str(self.data), "--log", str(self.log),
             "--options", options, "--wait", "--timeout", "120", "start",
         )  # fmt: skip
-        import psycopg
 
-        with psycopg.connect(
-            f"postgresql://loramux@127.0.0.1:{self.port}/postgres", autocommit=True
-        ) as connection:
-            connection.execute("CREATE DATABASE loramux")
-        return self
+    def halt(self) -> None:
+        """Stop the server at once (as a crash would), keeping its data dir."""
+        self._run(self._pg_ctl, "--pgdata", str(self.data), "--mode", "immediate", "--wait", "stop")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

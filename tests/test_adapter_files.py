@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from loramux.core.errors import FailedPrecondition, InvalidArgument
@@ -185,3 +187,56 @@ def test_truncated_and_lying_headers(adapter: Path, linears: dict[str, LinearSha
     path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(InvalidArgument, match="header length"):
         _check(adapter, linears)
+
+
+# ---- the header parser, fuzzed (issue 11.5: no crafted header gives INTERNAL) -------------
+
+_BIG = ["1e400", "-1e400", "1" + "0" * 5000, "-0", "1e-400", "NaN", "Infinity"]
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+    | st.sampled_from([f"__BIG{i}__" for i in range(len(_BIG))]),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_plausible = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "BF16", "F16", "I8", "BOOL", "X9"]) | _json_values,
+        "shape": st.lists(st.integers(min_value=-2, max_value=1 << 40), max_size=3) | _json_values,
+        "data_offsets": st.lists(st.integers(min_value=-2, max_value=1 << 40), max_size=3)
+        | _json_values,
+    }
+)
+_KEYS = [
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+    "__metadata__",
+    "junk",
+]
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    header=st.dictionaries(st.sampled_from(_KEYS), _plausible | _json_values, max_size=3)
+    | _json_values,
+    body=st.binary(max_size=128),
+)
+def test_fuzzed_headers_never_fail_with_anything_but_a_named_refusal(
+    adapter: Path, linears: dict[str, LinearShape], header: object, body: bytes
+) -> None:
+    raw = json.dumps(header)
+    for i, literal in enumerate(_BIG):
+        raw = raw.replace(f'"__BIG{i}__"', literal)
+    data = raw.encode()
+    (adapter / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(data)) + data + body)
+    try:
+        _check(adapter, linears)
+    except (InvalidArgument, FailedPrecondition) as exc:
+        assert exc.field  # named: never an unnamed INTERNAL

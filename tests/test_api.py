@@ -77,6 +77,7 @@ def server(
         home=home,
         port=0,
         metrics_port=free_port(),
+        http_port=free_port(),
         admin_keys=[ADMIN_KEY],
         max_loaded_adapters=4,
         max_upload_bytes=20_000_000,
@@ -252,6 +253,32 @@ def test_weighted_adapters_strength_and_composition(
         globex.generate("hi", max_new_tokens=1, adapters={"acme/shared-name": 0.0})
 
 
+def test_openai_client_on_the_real_model(
+    server: RunningServer, admin: LoramuxClient, address: str
+) -> None:
+    """The HTTP front on the real NF4 SmolLM2: the same answer as gRPC, and a right one."""
+    import openai
+
+    assert server.http is not None
+    admin.create_tenant("openai-user")
+    _, key = admin.create_key("openai-user")
+    api = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.http.port}/v1", api_key=key, max_retries=0
+    )
+    base = api.models.list().data[0].id
+    assert base == server.state.engine.info.base_model
+    chat = api.chat.completions.create(
+        model=base,
+        messages=[{"role": "user", "content": QUESTION[0][1]}],
+        max_tokens=10,
+        temperature=0,
+    )
+    with LoramuxClient(address, key) as rpc:
+        expected = rpc.generate(messages=QUESTION, max_new_tokens=10)
+    assert chat.choices[0].message.content == expected.text
+    assert "Paris" in expected.text
+
+
 def test_cancel_frees_the_engine_row_and_deadlines_hold(
     server: RunningServer, tenants: dict[str, LoramuxClient]
 ) -> None:
@@ -390,9 +417,10 @@ def test_restart_keeps_adapters_and_sigterm_drains(
     home = tmp_path / "home"
     home.mkdir()
     (home / "models").symlink_to(default_models_dir, target_is_directory=True)
-    server = ServerProcess(home, "--lora-kernel", "eager", "--drain-seconds", "60").start()
+    args = ("--dev", "--lora-kernel", "eager", "--drain-seconds", "60")
+    server = ServerProcess(home, *args).start()
     try:
-        with LoramuxClient(server.address) as client:  # no keys: development mode
+        with LoramuxClient(server.address) as client:  # --dev: no keys
             client.upload_adapter(adapters["alpha"], "kept")
             expected = client.generate(messages=QUESTION, adapter="kept", max_new_tokens=8)
             stream = client.generate_stream(messages=QUESTION, max_new_tokens=40, ignore_eos=True)
@@ -402,7 +430,7 @@ def test_restart_keeps_adapters_and_sigterm_drains(
             assert rest[-1].finish_reason == "length"
             assert first.token_ids and sum(len(c.token_ids) for c in rest) == 39
         assert server.wait() == 0
-        assert "SINGLE-TENANT DEVELOPMENT MODE" in server.log.read_text()
+        assert "--dev: DEVELOPMENT MODE, every caller is an admin" in server.log.read_text()
         server.start()
         with LoramuxClient(server.address) as client:
             names = [a.name for a in client.list_adapters()]

@@ -227,6 +227,7 @@ def _tiny_server(tiny: ResolvedModel, home: Path) -> RunningServer:
         metrics_port=0,
         lora_kernel="eager",
         grpc_workers=8,
+        dev=True,
     )
     return start_server(settings)
 
@@ -313,7 +314,15 @@ def test_cancelled_upload_leaves_nothing(tiny_server: RunningServer, tiny_adapte
 def test_sigkill_during_upload_leaves_no_partial_adapter(
     tiny_llama: ResolvedModel, home: Path, tiny_adapter: Path
 ) -> None:
-    args = ("--base-model", str(tiny_llama.path), "--device", "cpu", "--lora-kernel", "eager")
+    args = (
+        "--dev",
+        "--base-model",
+        str(tiny_llama.path),
+        "--device",
+        "cpu",
+        "--lora-kernel",
+        "eager",
+    )
     server = ServerProcess(home, *args).start()
     release = threading.Event()
     try:
@@ -345,7 +354,9 @@ def test_taken_ports_are_reported_before_the_model_loads(
     tiny_server: RunningServer, tmp_path: Path
 ) -> None:
     # A base model that cannot resolve proves the ports are checked first.
-    unresolvable = dict(home=tmp_path, base_model=str(tmp_path / "no-model"), device="cpu")
+    unresolvable = dict(
+        home=tmp_path, base_model=str(tmp_path / "no-model"), device="cpu", dev=True
+    )
     with pytest.raises(FailedPrecondition) as grpc_port:
         start_server(Settings(port=tiny_server.port, metrics_port=0, **unresolvable))
     assert grpc_port.value.field == "port"

@@ -164,7 +164,9 @@ def test_deployment_args_and_probes_on_a_real_server(home: Path, tiny_llama: Res
         "containers"
     ][0]
     args = list(container["args"])
-    args[args.index("--host") + 1] = "127.0.0.1"  # not 0.0.0.0 on a shared machine
+    assert args[args.index("--metrics-host") + 1] == "0.0.0.0"  # the picker scrapes it
+    for host in ("--host", "--metrics-host"):
+        args[args.index(host) + 1] = "127.0.0.1"  # not 0.0.0.0 on a shared machine
     http_port = free_port()
     args[args.index("--http-port") + 1] = str(http_port)
     args += ["--base-model", str(tiny_llama.path), "--device", "cpu", "--lora-kernel", "eager"]

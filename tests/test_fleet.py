@@ -121,18 +121,26 @@ def test_two_replicas_behind_nginx_share_a_postgres_registry(
             home_of[name] = max(counts, key=lambda p: counts[p])
         assert set(home_of.values()) == {a.port, b.port}  # the hash spreads the adapters
 
-        # The async client sends the header too, and Ray Serve's key routes the same way.
+        # The async client sends the header too: an adapter homed on each replica, so a
+        # call without it (the empty key hashes to one replica) would miss one of them.
+        pair = [next(n for n in names if home_of[n] == s.port) for s in (a, b)]
+
+        def logged(name: str) -> int:
+            lines = nginx.access_log.read_text().splitlines()
+            return sum(1 for line in lines if line.split(" ", 1)[0] == name)
+
+        before = [logged(name) for name in pair]
+
         async def through_async() -> None:
             async with AsyncLoramuxClient(nginx.address, ADMIN_KEY) as aclient:
-                await aclient.generate("Hi", adapter=names[0], max_new_tokens=2)
-                async for _ in aclient.generate_stream("Hi", adapter=names[1], max_new_tokens=2):
+                await aclient.generate("Hi", adapter=pair[0], max_new_tokens=2)
+                async for _ in aclient.generate_stream("Hi", adapter=pair[1], max_new_tokens=2):
                     pass
 
         asyncio.run(through_async())
-        log = nginx.access_log.read_text().splitlines()
-        assert f"{names[0]} " in "\n".join(log) and f"{names[1]} " in "\n".join(log)
+        assert [logged(name) for name in pair] == [n + 1 for n in before]
         after = {s.port: request_counts(scrape(s.metrics_port)) for s in (a, b)}
-        for name in names[:2]:
+        for name in pair:
             assert after[home_of[name]][f"admin/{name}"] == 4.0
 
         # Delete through B an adapter that A serves from a device slot: A refuses it and

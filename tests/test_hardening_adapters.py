@@ -14,6 +14,7 @@ import json
 import pickle
 import re
 import struct
+import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -325,8 +326,107 @@ def no_weights(files: Files, folder: Path, linears: Linears) -> Files:
     return read_folder(folder)
 
 
+def _raw_header_entry(files: Files, entry: str) -> Files:
+    """One tensor whose header entry is the raw JSON text `entry` (safetensors never writes it)."""
+    raw = (
+        '{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": ' + entry + "}"
+    ).encode()
+    return {**files, WEIGHTS_FILE: struct.pack("<Q", len(raw)) + raw + b"\0" * 64}
+
+
+def shape_1e400(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(
+        files, '{"dtype": "F32", "shape": [1e400, 64], "data_offsets": [0, 64]}'
+    )
+
+
+def string_offsets(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(files, '{"dtype": "F32", "shape": [4, 4], "data_offsets": "0,64"}')
+
+
+def string_offset_items(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(
+        files, '{"dtype": "F32", "shape": [4, 4], "data_offsets": ["0", "64"]}'
+    )
+
+
+def list_dtype(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(files, '{"dtype": ["F32"], "shape": [4, 4], "data_offsets": [0, 64]}')
+
+
+def bool_shape(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(
+        files, '{"dtype": "F32", "shape": [true, 16], "data_offsets": [0, 64]}'
+    )
+
+
+def negative_shape(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(files, '{"dtype": "F32", "shape": [-4, -4], "data_offsets": [0, 64]}')
+
+
+def huge_integer(files: Files, folder: Path, linears: Linears) -> Files:
+    digits = "1" + "0" * 5000  # beyond Python's int-from-text limit (ValueError in json)
+    return _raw_header_entry(
+        files, f'{{"dtype": "F32", "shape": [{digits}], "data_offsets": [0, 64]}}'
+    )
+
+
+def entry_not_object(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(files, "[1, 2, 3]")
+
+
+def three_offsets(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(
+        files, '{"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32, 64]}'
+    )
+
+
+def dtype_object(files: Files, folder: Path, linears: Linears) -> Files:
+    return _raw_header_entry(files, '{"dtype": {"a": 1}, "shape": [4, 4], "data_offsets": [0, 64]}')
+
+
+def pissa_unconverted(files: Files, folder: Path, linears: Linears) -> Files:
+    return _edit_config(files, init_lora_weights="pissa")
+
+
+def alora(files: Files, folder: Path, linears: Linears) -> Files:
+    return _edit_config(files, alora_invocation_tokens=[1, 2, 3])
+
+
+def targets_match_nothing(files: Files, folder: Path, linears: Linears) -> Files:
+    return _edit_config(files, target_modules=["c_attn"])
+
+
+def weights_not_targeted(files: Files, folder: Path, linears: Linears) -> Files:
+    return _edit_config(files, target_modules=["q_proj"])
+
+
+def weights_excluded(files: Files, folder: Path, linears: Linears) -> Files:
+    return _edit_config(files, exclude_modules=".*layers\\.1\\..*")
+
+
 # (maker, status, field named in the trailers, what the message must say)
 CASES = {
+    "shape-1e400": (shape_1e400, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "string-data-offsets": (string_offsets, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "string-offset-items": (string_offset_items, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "list-as-dtype": (list_dtype, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "object-as-dtype": (dtype_object, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "bool-in-shape": (bool_shape, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "negative-shape": (negative_shape, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "5000-digit-integer": (huge_integer, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "entry-not-object": (entry_not_object, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "three-data-offsets": (three_offsets, INVALID, WEIGHTS_FILE, r"corrupt"),
+    "pissa-unconverted": (
+        pissa_unconverted,
+        INVALID,
+        "init_lora_weights",
+        r"path_initial_model_for_weight_conversion",
+    ),
+    "alora": (alora, INVALID, "alora_invocation_tokens", r"activated LoRA"),
+    "targets-match-nothing": (targets_match_nothing, INVALID, "target_modules", r"matches no"),
+    "weights-not-targeted": (weights_not_targeted, INVALID, "target_modules", r"would not"),
+    "weights-excluded": (weights_excluded, INVALID, "exclude_modules", r"would not"),
     "truncated": (truncated, INVALID, WEIGHTS_FILE, r"truncated|corrupt"),
     "empty-weights": (empty_weights, INVALID, WEIGHTS_FILE, r"truncated"),
     "corrupt-header": (corrupt_header, INVALID, WEIGHTS_FILE, r"corrupt"),
@@ -416,6 +516,43 @@ def test_bad_adapter_is_refused_and_nothing_is_stored(
     # The server keeps serving everyone else, exactly as before.
     assert token_ids(call(inference.Generate, alice_request, keys["alice"])) == expected
     assert token_ids(call(inference.Generate, generate_request("And mallory too"), keys["mallory"]))
+
+
+def test_catastrophic_pattern_upload_stalls_nobody(
+    server: RunningServer, api: Api, alice_adapter: str, linears: Linears, tmp_path: Path
+) -> None:
+    """`"rank_pattern": {"(.|.)*y": 8}` backtracks 2^n steps on every module name: checked
+    while the health service and another tenant's generation go on; then refused."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    inference, adapters, keys = api
+    good = write_random_adapter(tmp_path / "good", linears, rank=8, alpha=16, seed=1)
+    files = _edit_config(read_folder(good), rank_pattern={"(.|.)*y": 8})
+    answers: list[Answer] = []
+    upload = threading.Thread(
+        target=lambda: answers.append(
+            call(adapters.UploadAdapter, iter(upload_requests("slow", files)), keys["mallory"], 300)
+        )
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    alice_request = generate_request("The bystander asks", adapter=alice_adapter)
+    served_meanwhile = checks = 0
+    upload.start()
+    try:
+        while upload.is_alive():
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            checks += 1
+            token_ids(call(inference.Generate, alice_request, keys["alice"], timeout=10))
+            served_meanwhile += upload.is_alive()
+    finally:
+        upload.join()
+        channel.close()
+    assert served_meanwhile >= 1 and checks >= 1
+    (answer,) = answers
+    assert answer.code == INVALID and answer.field == "rank_pattern", answer
+    assert "too long" in answer.details
 
 
 @pytest.mark.parametrize("tokens_per_row", [1, 3], ids=["decode", "prefill"])

@@ -324,8 +324,9 @@ def test_sigkill_during_pull_and_upload_then_restart(
     with StallingHub(token=None) as hub:
         hub.commit("acme/ok", _adapter(tmp_path, linears, 400))
         hub.commit("acme/slow", _adapter(tmp_path, linears, 401))
-        args = ("--base-model", str(tiny_llama.path), "--device", "cpu", "--lora-kernel", "eager")
-        server = ServerProcess(home, *args, "--hub-endpoint", hub.endpoint, env=hub.env())
+        args = ("--dev", "--base-model", str(tiny_llama.path), "--device", "cpu")
+        args += ("--lora-kernel", "eager", "--hub-endpoint", hub.endpoint)
+        server = ServerProcess(home, *args, env=hub.env())
         server.start()
         release = threading.Event()
         try:

@@ -396,8 +396,9 @@ def test_draining_turns_ready_off_and_refuses_new_requests(
         metrics_port=0,
         http_port=free_port(),
         lora_kernel="eager",
+        dev=True,
     )
-    running = start_server(settings)  # no keys: development mode
+    running = start_server(settings)  # --dev: no keys
     try:
         assert running.http is not None
         url = f"http://127.0.0.1:{running.http.port}"

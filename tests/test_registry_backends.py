@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from api_helpers import free_port
 from fleet_helpers import Postgres, find_postgres_bin
 
-from loramux.core.errors import FailedPrecondition, ResourceExhausted
+from loramux.core.config import load_settings
+from loramux.core.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from loramux.server.db.migrations import LATEST, MIGRATIONS
 from loramux.server.registry import Quota, Registry
 
@@ -258,15 +260,60 @@ def test_a_replica_starting_leaves_others_uploads_alone(tmp_path: Path, database
         crashed.mkdir()
         elsewhere = staging / "other-host~1-cd"  # another host's: young, kept
         elsewhere.mkdir()
+        unreferenced = folders / ("ab" * 32)  # a digest no row names: removed
+        unreferenced.mkdir()
+        not_ours = folders / "lost+found"  # a volume's own: not a digest, kept
+        not_ours.mkdir()
         for started in two_replicas(tmp_path, database)[0]:  # replicas start (again)
             started.close()
-        assert in_progress.is_dir() and elsewhere.is_dir()
-        assert not dead.exists() and not crashed.exists()
+        assert in_progress.is_dir() and elsewhere.is_dir() and not_ours.is_dir()
+        assert not dead.exists() and not crashed.exists() and not unreferenced.exists()
         record = running.commit(
             "dave", "late", in_progress, source="upload", rank=4, alpha=8.0,
             use_rslora=False, target_modules=("q_proj",),
         )  # fmt: skip
         assert (folders / record.digest / "adapter_model.safetensors").is_file()
         elsewhere.rmdir()
+        not_ours.rmdir()
     finally:
         running.close()
+
+
+def test_propagation_benchmark_accounts_for_every_change() -> None:
+    from bench.propagation import measure
+
+    result = measure("sqlite", changes=3, poll_seconds=0.05)
+    assert result["changes"] == 3 and result["backend"] == "sqlite"
+    assert 0 < float(result["median_s"]) <= float(result["max_s"])  # type: ignore[arg-type]
+
+
+def test_registry_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="--registry must be sqlite or a postgresql:// URL"):
+        load_settings(environ={"LORAMUX_REGISTRY": "mysql://db/loramux"})
+    assert load_settings(environ={"LORAMUX_REGISTRY": "postgresql://u@h/d"}).registry
+
+
+@needs_postgres
+def test_an_unreachable_database_is_unavailable_and_recovers(tmp_path: Path) -> None:
+    """Down at start: refused, naming the setting; down later: UNAVAILABLE for each call
+    (never INTERNAL), and the same registry serves again once the database is back."""
+    with pytest.raises(Unavailable) as error:
+        Registry(tmp_path / "x", QUOTA, f"postgresql://loramux@127.0.0.1:{free_port()}/none")
+    assert error.value.field == "registry"
+    server = Postgres().start()
+    try:
+        registry = Registry(tmp_path, QUOTA, server.url)
+        try:
+            registry.ensure_tenant("erin")
+            server.halt()
+            with pytest.raises(Unavailable):
+                registry.tenant("erin")
+            with pytest.raises(Unavailable):
+                registry.create_key("erin")
+            server.run_server()
+            assert registry.tenant("erin").name == "erin"
+            assert registry.create_key("erin")[1].startswith("lmx_")
+        finally:
+            registry.close()
+    finally:
+        server.stop()

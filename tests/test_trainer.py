@@ -62,7 +62,7 @@ def test_output_is_a_standard_peft_folder(trained: TrainResult, tiny_llama: Reso
     assert not trained.interrupted and trained.steps == 6
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
-    assert config["base_model_name_or_path"] == tiny_llama.reference
+    assert config["base_model_name_or_path"] == str(tiny_llama.path)  # no Hub id: the folder
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # B was trained
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))

@@ -89,7 +89,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, default_models_dir: Path) -> I
     home.mkdir()
     (home / "models").symlink_to(default_models_dir, target_is_directory=True)
     server = start_server(
-        Settings(home=home, host="127.0.0.1", port=0, metrics_port=0, device="cpu", grpc_workers=4)
+        Settings(home=home, port=0, metrics_port=0, device="cpu", grpc_workers=4, dev=True)
     )
     address = f"127.0.0.1:{server.port}"
     try:

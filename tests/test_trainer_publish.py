@@ -257,7 +257,9 @@ def test_publish_to_a_running_server(
     from loramux.client import LoramuxClient
     from loramux.server.app import start_server
 
-    settings = tiny_settings(tiny_llama, home=tmp_path, port=0, metrics_port=0, grpc_workers=4)
+    settings = tiny_settings(
+        tiny_llama, home=tmp_path, port=0, metrics_port=0, grpc_workers=4, dev=True
+    )
     server = start_server(settings)
     address = f"127.0.0.1:{server.port}"
     try:

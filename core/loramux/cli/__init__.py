@@ -18,7 +18,7 @@ from loramux.core.errors import LoramuxError
 # Modules exposing `register(subparsers)`, in the order their commands are listed.
 COMMAND_MODULES = (
     "loramux.server.cli",
-    "loramux.client.cli",
+    "loramux.cli.client",
     "loramux.trainer.cli",
     "loramux.cli.models",
 )

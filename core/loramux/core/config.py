@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
+import functools
 import os
 import types
 import typing
@@ -19,9 +21,22 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "LORAMUX_"
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 9090
+
+
+LOOPBACK = "127.0.0.1"
+
+
+class MetricsLabels(enum.StrEnum):
+    """How tenant and adapter names appear as labels of the Prometheus series."""
+
+    PLAIN = "plain"  # the names themselves (first 100 distinct, then "other")
+    HASHED = "hashed"  # a keyed hash per name: series stay apart, names stay private
+    OFF = "off"  # no tenant or adapter label at all
 
 
 def _default_home() -> Path:
@@ -58,10 +73,29 @@ class Settings:
     )
 
     # -- server network --
-    host: str = setting("127.0.0.1", "address the gRPC server binds", "server")
+    host: str = setting(LOOPBACK, "address the gRPC server binds", "server")
     port: int = setting(DEFAULT_GRPC_PORT, "gRPC port", "server")
+    metrics_host: str = setting(
+        LOOPBACK,
+        "address the /metrics endpoint binds (0.0.0.0 exposes it; its labels name tenants "
+        "unless --metrics-labels hashed or off)",
+        "server",
+    )
     metrics_port: int = setting(
         DEFAULT_METRICS_PORT, "HTTP port of the Prometheus /metrics endpoint (0 disables)", "server"
+    )
+    metrics_labels: MetricsLabels = setting(
+        MetricsLabels.PLAIN,
+        "tenant and adapter labels of /metrics: plain names, hashed (keyed, per data dir), off",
+        "server",
+        choices=[m.value for m in MetricsLabels],
+    )
+    tls_cert: Path | None = setting(
+        None, "PEM certificate chain: serve gRPC over TLS (with --tls-key)", "server"
+    )
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert", "server")
+    tls_client_ca: Path | None = setting(
+        None, "PEM CA bundle: require client certificates signed by it (mutual TLS)", "server"
     )
     grpc_workers: int = setting(64, "threads serving gRPC calls", "server")
     http_port: int = setting(
@@ -79,8 +113,23 @@ class Settings:
     drain_seconds: float = setting(
         30.0, "on SIGTERM, how long in-flight requests may run before exit", "server"
     )
+    dev: bool = setting(
+        False,
+        "development mode: no keys, every caller is an admin; binds 127.0.0.1 unless --host "
+        "is given. Never expose it",
+        "server",
+    )
     admin_keys: list[str] = setting(
-        [], "bootstrap admin API keys (comma separated in the env var)", "server"
+        [],
+        "bootstrap admin API keys, comma separated (visible in `ps`: prefer --admin-keys-file "
+        "or the env var)",
+        "server",
+    )
+    admin_keys_file: Path | None = setting(
+        None,
+        "file of bootstrap admin API keys, one per line, '#' comments; must not be readable "
+        "by others (chmod 600)",
+        "server",
     )
     registry: str = setting(
         "sqlite",
@@ -149,6 +198,21 @@ class Settings:
     # -- client --
     address: str = setting(f"127.0.0.1:{DEFAULT_GRPC_PORT}", "server address host:port", "client")
     api_key: str | None = setting(None, "API key sent as `authorization: Bearer <key>`", "client")
+    tls: bool = setting(
+        False, "connect over TLS (trusting the system's CAs unless --tls-ca-file)", "client"
+    )
+    tls_ca_file: Path | None = setting(
+        None, "PEM CA bundle that signed the server's certificate (implies --tls)", "client"
+    )
+    tls_client_cert: Path | None = setting(
+        None, "PEM client certificate for mutual TLS (implies --tls)", "client"
+    )
+    tls_client_key: Path | None = setting(None, "PEM private key of --tls-client-cert", "client")
+    tls_server_name: str | None = setting(
+        None,
+        "name the server's certificate must carry (default: the host of --address)",
+        "client",
+    )
 
     log_level: str = setting(
         "INFO", "log level", "common", choices=("DEBUG", "INFO", "WARNING", "ERROR")
@@ -156,8 +220,12 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
-        if self.adapter_dir is not None:
-            self.adapter_dir = Path(self.adapter_dir).expanduser()
+        for name, annotation in _field_types().items():  # Settings(tls_cert="x.pem") works too
+            value, kind = getattr(self, name), _base_type(annotation)
+            if isinstance(value, str) and kind is Path:
+                setattr(self, name, Path(value).expanduser())
+            elif _is_enum(kind) and value in {m.value for m in kind}:
+                setattr(self, name, kind(value))  # otherwise validate() names the choices
 
     @property
     def models_dir(self) -> Path:
@@ -207,6 +275,27 @@ class Settings:
         for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{_flag(name)} must be a TCP port, got {getattr(self, name)}")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        for name in ("host", "metrics_host"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"--{_flag(name)} must be an address, got an empty string")
+        for first, second in (("tls_cert", "tls_key"), ("tls_client_cert", "tls_client_key")):
+            if (getattr(self, first) is None) != (getattr(self, second) is None):
+                raise ValueError(f"--{_flag(first)} and --{_flag(second)} go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+        if self.dev and (self.admin_keys or self.admin_keys_file is not None):
+            raise ValueError(
+                "--dev serves every caller as an admin without a key; it cannot be combined "
+                "with --admin-keys or --admin-keys-file (drop one of them)"
+            )
+
+    @property
+    def client_tls(self) -> bool:
+        """Whether a client connects over TLS: --tls, or any TLS file given."""
+        return self.tls or self.tls_ca_file is not None or self.tls_client_cert is not None
 
 
 def _flag(name: str) -> str:
@@ -217,6 +306,7 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(Settings)
 
@@ -232,12 +322,21 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+def _is_enum(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, enum.Enum)
+
+
 def _convert(name: str, raw: str) -> Any:
     kind = _base_type(_field_types()[name])
     if kind is list:
         return [p.strip() for p in raw.split(",") if p.strip()]
     if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        word = raw.strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError(f"{name}: cannot read {raw!r} as a switch (1/0, true/false, on/off)")
+        return word in TRUE_WORDS
+    if _is_enum(kind):
+        return raw  # Settings turns a valid value into the enum; validate() names the choices
     if kind is Path:
         return Path(raw)
     try:
@@ -255,6 +354,16 @@ def add_settings_arguments(parser: argparse.ArgumentParser, groups: Iterable[str
             continue
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         shown = ",".join(default) if isinstance(default, list) else default
+        if _base_type(_field_types()[f.name]) is bool:  # a switch: `--dev`, not `--dev true`
+            arg_group.add_argument(
+                f"--{_flag(f.name)}",
+                dest=f.name,
+                default=None,
+                action="store_const",
+                const=True,
+                help=f"{f.metadata['help']} [env {env_name(f.name)}=1]",
+            )
+            continue
         arg_group.add_argument(
             f"--{_flag(f.name)}",
             dest=f.name,

@@ -1,4 +1,4 @@
-"""Generate the Python protobuf/gRPC code in core/loramux/v1 from proto/.
+"""Generate the Python protobuf/gRPC code in clients/python/loramux/v1 from proto/.
 
 `python -m loramux.core.protogen` rewrites the generated files; `--check` only compares
 and exits 1 when the checked-in code is stale (the test suite runs it).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
 PROTO_ROOT = REPO / "proto"
-OUT_ROOT = REPO / "core"
+OUT_ROOT = REPO / "clients" / "python"  # the client package holds the generated code
 PACKAGE_DIR = Path("loramux") / "v1"
 
 
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         for name in stale:
-            print(f"stale: core/{name} (run `make proto`)")
+            print(f"stale: clients/python/{name} (run `make proto`)")
         return 1 if stale else 0
     for rel in generate(OUT_ROOT):
-        print(f"wrote core/{rel}")
+        print(f"wrote clients/python/{rel}")
     return 0
 
 

@@ -11,6 +11,9 @@ Three kinds of thread touch it, with one lock between them:
 
 An adapter with requests in flight (refcount > 0) is never evicted; pinned adapters are
 never evicted either. Concurrent requests for the same cold adapter cause one load.
+A load that fails (an I/O error, files changed) fails the requests waiting for it and
+those that come within a backoff (1 s, doubling to 60 s); the first request after it
+tries again, so a passing error does not break the adapter until someone loads it by hand.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ class _Entry:
     slot: int | None = None
     cpu: AdapterWeights | None = None
     loading: bool = False
-    load_error: LoramuxError | None = None
+    load_error: LoramuxError | None = None  # the last load failed; kept until retry_at
+    failures: int = 0  # loads failed in a row (sets the backoff)
+    retry_at: float = 0.0  # when a request may try a failed load again
     deleted: bool = False
     want_device: bool = False  # a `load()` call is waiting for a slot
     want_evict: bool = False  # an `unload()` call is waiting for eviction
@@ -79,12 +84,19 @@ class AdapterStore:
         max_rank: int,
         wake_engine: Callable[[], None],
         table: SlotTable | None = None,
+        *,
+        module_names: Sequence[str] | None = None,
+        retry_backoff: tuple[float, float] = (1.0, 60.0),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._layers = layers
         self._groups = lora_groups(dict(layers))
         # The layers' shared slot placement (rank classes); its own when there are none.
         self._table = table if table is not None else SlotTable(max_loaded + 1)
         self._base_linears = base_linears
+        self._module_names = list(module_names) if module_names is not None else None
+        self._retry_backoff = retry_backoff  # (first wait, longest wait) after a failed load
+        self._clock = clock
         self.max_loaded = max_loaded
         self.max_cpu = max_cpu
         self.max_rank = max_rank
@@ -103,7 +115,12 @@ class AdapterStore:
     # ---- API side ----
     def validate(self, path: Path) -> AdapterSpec:
         with one_thread():  # called on gRPC handler threads: see threads.py
-            return inspect_adapter(path, self._base_linears, self.max_rank, load=True).spec
+            return self._inspect(path).spec
+
+    def _inspect(self, path: Path) -> AdapterWeights:
+        return inspect_adapter(
+            path, self._base_linears, self.max_rank, module_names=self._module_names, load=True
+        )
 
     def register(
         self, adapter_id: str, path: Path, *, spec: AdapterSpec | None = None
@@ -282,7 +299,9 @@ class AdapterStore:
         with self._lock:
             entry = self._get(adapter_id)
             if entry.load_error is not None:
-                raise entry.load_error
+                if self._clock() < entry.retry_at:
+                    raise entry.load_error  # fail fast while backing off
+                entry.load_error = None  # an I/O error may have passed: this request retries
             if entry.slot is None and entry.cpu is not None:
                 self._install(entry)
             if entry.slot is not None:
@@ -432,10 +451,8 @@ class AdapterStore:
             weights: AdapterWeights | None = None
             error: LoramuxError | None = None
             try:
-                if entry.parts:
-                    weights = self._load_composite(entry.parts)
-                else:
-                    weights = inspect_adapter(path, self._base_linears, self.max_rank, load=True)
+                parts = entry.parts
+                weights = self._load_composite(parts) if parts else self._inspect(path)
             except Exception as exc:  # checked when registered: the files changed since, or I/O
                 log.warning("adapter %s failed to load from %s: %s", adapter_id, path, exc)
                 # Not the caller's argument but the adapter's state; and no server paths.
@@ -449,8 +466,15 @@ class AdapterStore:
                     # or deleted and stored again: a waiting request schedules a fresh load.
                     pass
                 elif error is not None:
-                    entry.load_error = error
+                    first, longest = self._retry_backoff
+                    wait = min(first * 2**entry.failures, longest)
+                    entry.failures += 1
+                    entry.retry_at = self._clock() + wait
+                    entry.load_error = FailedPrecondition(
+                        "adapter", f"{error.message}; retried after {wait:g} s"
+                    )
                 else:
+                    entry.failures = 0
                     entry.cpu = weights
                     self._cpu_lru[adapter_id] = None
                     entry.stats = replace(
@@ -473,7 +497,7 @@ class AdapterStore:
                     raise FileNotFoundError(f"its part {part.adapter_id} was deleted")
                 cpu, path = entry.cpu, entry.path
             if cpu is None:
-                cpu = inspect_adapter(path, self._base_linears, self.max_rank, load=True)
+                cpu = self._inspect(path)
             loaded.append((cpu, part.weight))
         return compose(loaded)
 

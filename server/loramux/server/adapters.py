@@ -12,7 +12,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loramux.core.errors import FailedPrecondition, InvalidArgument
+from loramux.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loramux.server.adapter_targets import Busy, TargetError, plan_targets
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,8 +49,12 @@ _SAFETENSORS_DTYPE_BYTES = {
     "F8_E4M3": 1,
     "F8_E5M2": 1,
 }
+_MAX_DIMS = 8  # LoRA weights have 2; the bound keeps math.prod of a crafted shape small
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# The adapter name PeftModel.from_pretrained loads a key carrying one under; any other name
+# leaves the layer as initialised (PEFT warns of missing keys), so such a key is refused.
+_PEFT_ADAPTER_NAME = "default"
 
 
 @dataclass(frozen=True)
@@ -113,42 +118,231 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _check_config(config: dict[str, Any]) -> None:
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
+# Every field of PEFT 0.21's LoraConfig, by what the server does with it. Each one that
+# changes what an adapter computes is applied as PEFT applies it or refused (see
+# _check_config); the rest describe how it was made or trained.
+_METADATA_FIELDS = frozenset(
+    {
+        "auto_mapping",
+        "base_model_name_or_path",
+        "revision",
+        "peft_version",
+        "inference_mode",
+        "lora_dropout",  # training only
+        "megatron_core",  # a module name, read only with megatron_config (refused)
+        "runtime_config",  # PEFT drops it when reading a file
+        "qalora_group_size",  # read only with use_qalora (refused)
+        "ensure_weight_tying",  # ties embedding/head adapters (refused: not linear layers)
+        # Read only by their init_lora_weights method (refused where that changes the base):
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+    }
+)
+_APPLIED_FIELDS = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "fan_in_fan_out",  # PEFT sets it to False on torch.nn.Linear and bnb 4-bit layers
+        "init_lora_weights",
+        "bias",
+    }
+)
+# Set to anything but their default, these change what the adapter computes in ways the
+# server does not reproduce: refused, with what each one is.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA adapters are not supported (merge or retrain as plain LoRA)",
+    "lora_bias": "LoRA with a bias on lora_B is not supported (train with lora_bias=False)",
+    "modules_to_save": "adapters that replace whole modules (modules_to_save) are not "
+    "supported; only LoRA matrices are",
+    "trainable_token_indices": "trainable tokens (new embedding rows) are not supported",
+    "target_parameters": "LoRA on bare nn.Parameters (target_parameters, e.g. MoE experts) "
+    "is not supported; only linear layers",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported: "
+    "PEFT applies it only after the invocation tokens",
+    "layer_replication": "layer_replication duplicates base layers; not supported",
+    "use_qalora": "QA-LoRA (use_qalora) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+    "kasa_config": "KaSA (kasa_config) changes the base weights; not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+    "velora_config": "VeLoRA (velora_config) is not supported",
+    "megatron_config": "Megatron-sharded adapters are not supported",
+}
+_CONVERT = (
+    "convert it to plain LoRA as PEFT documents: save it with "
+    "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before "
+    "training>), which writes init_lora_weights=true"
+)
+# init_lora_weights values that only choose the starting A/B: the saved weights are plain LoRA.
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+_DEFAULT_RANK = 8  # LoraConfig.r
+_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha: not r (alpha = r would halve a rank-4 delta)
+
+
+# PEFT tests these with `is not None`: even an empty object switches them on.
+_ON_UNLESS_NULL = frozenset({"arrow_config", "kasa_config", "monteclora_config", "velora_config"})
+
+
+def _inert(value: Any, name: str = "") -> bool:
+    """Unset, as a newer or older PEFT writes an option it does not use."""
+    if name in _ON_UNLESS_NULL:
+        return value is None
+    return value is None or value is False or value in ("", [], {})
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The fields of an adapter_config.json that decide what it computes, checked."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool
+    targeting: dict[str, Any]  # the fields that choose modules and their ranks: see adapter_targets
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+
+def _check_config(config: dict[str, Any]) -> LoraSettings:
+    if "peft_type" not in config:
+        raise InvalidArgument("peft_type", "missing (PEFT reads no adapter_config.json without it)")
+    peft_type = config["peft_type"]
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise InvalidArgument("peft_type", f"only LORA adapters are served, got {peft_type!r}")
-    if config.get("use_dora"):
-        raise InvalidArgument("use_dora", "DoRA adapters are not supported")
-    if config.get("modules_to_save"):
+    task_type = config.get("task_type")
+    if task_type not in (None, "CAUSAL_LM"):
         raise InvalidArgument(
-            "modules_to_save",
-            f"adapters that replace whole modules ({config['modules_to_save']}) are not supported; "
-            "only LoRA matrices are",
+            "task_type", f"{task_type!r}: only CAUSAL_LM (text generation) adapters are served"
         )
-    if config.get("trainable_token_indices"):
-        raise InvalidArgument("trainable_token_indices", "trainable tokens are not supported")
+    for name, value in config.items():
+        if name in _UNSUPPORTED_FIELDS:
+            if not _inert(value, name):
+                raise InvalidArgument(name, _UNSUPPORTED_FIELDS[name])
+        elif name not in _METADATA_FIELDS and name not in _APPLIED_FIELDS and not _inert(value):
+            raise InvalidArgument(
+                name,
+                "not a LoraConfig field of PEFT 0.21, and set: what it would change is not "
+                "guessed at (remove it if your PEFT version leaves it unused)",
+            )
+    _check_init(config.get("init_lora_weights", True))
     bias = config.get("bias", "none")
-    if bias not in (None, "none") or config.get("lora_bias"):
-        raise InvalidArgument("bias", "adapters with bias terms are not supported")
-    if config.get("fan_in_fan_out"):
-        raise InvalidArgument("fan_in_fan_out", "Conv1D-style (fan_in_fan_out) weights unsupported")
-    if config.get("megatron_config"):
-        raise InvalidArgument("megatron_config", "Megatron-sharded adapters are not supported")
-    for name in ("r", "lora_alpha"):
-        value = config.get(name)
-        if value is not None and not _positive_number(value):
-            raise InvalidArgument(name, f"must be a positive number, got {value!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(name) or {}
-        if not isinstance(patterns, dict):
-            raise InvalidArgument(name, "must be an object")
-        for key, value in patterns.items():
-            if not _positive_number(value):
-                raise InvalidArgument(name, f"{key!r}: must be a positive number, got {value!r}")
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise InvalidArgument(name, f"{key!r} is not a regular expression ({exc})") from exc
+    if bias not in (None, "none"):
+        raise InvalidArgument("bias", f"{bias!r}: adapters with bias terms are not supported")
+    if not isinstance(config.get("fan_in_fan_out", False), bool):
+        raise InvalidArgument("fan_in_fan_out", "must be true or false")
+
+    rank = config.get("r", _DEFAULT_RANK)
+    if not _positive_int(rank):
+        raise InvalidArgument("r", f"must be a positive integer, got {rank!r}")
+    alpha = config.get("lora_alpha", _DEFAULT_ALPHA)
+    if not _positive_number(alpha):
+        raise InvalidArgument("lora_alpha", f"must be a positive number, got {alpha!r}")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise InvalidArgument("use_rslora", f"must be true or false, got {use_rslora!r}")
+    patterns: dict[str, dict[str, Any]] = {}
+    for name, valid, kind in (
+        ("rank_pattern", _positive_int, "integer"),
+        ("alpha_pattern", _positive_number, "number"),
+    ):
+        value = config.get(name) or {}
+        if not isinstance(value, dict):
+            raise InvalidArgument(name, "must be an object (module name pattern -> value)")
+        for key, item in value.items():
+            if not valid(item):
+                raise InvalidArgument(name, f"{key!r}: must be a positive {kind}, got {item!r}")
+        patterns[name] = value
+    return LoraSettings(
+        rank=int(rank),
+        alpha=float(alpha),
+        use_rslora=use_rslora,
+        targeting=_check_targeting(config),
+        rank_pattern=patterns["rank_pattern"],
+        alpha_pattern=patterns["alpha_pattern"],
+    )
+
+
+def _check_init(init: Any) -> None:
+    if any(init is plain or (isinstance(plain, str) and init == plain) for plain in _PLAIN_INITS):
+        return
+    text = str(init).lower()
+    if isinstance(init, str) and text.startswith(("pissa", "olora", "corda", "lora_ga")):
+        raise InvalidArgument(
+            "init_lora_weights",
+            f"{init!r}: this adapter is only right on the base model its initialisation "
+            f"changed; {_CONVERT}",
+        )
+    if init == "loftq":
+        raise InvalidArgument(
+            "init_lora_weights",
+            "'loftq': this adapter is only right on LoftQ's replacement base weights; make it "
+            "on the 4-bit base with plain LoRA and peft's replace_lora_weights_loftq instead",
+        )
+    raise InvalidArgument("init_lora_weights", f"{init!r} is not supported")
+
+
+def _str_or_names(field: str, value: Any) -> None:
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(field, "must be a string (a regular expression) or a list of strings")
+
+
+def _check_targeting(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields PEFT matches module names with, type-checked as LoraConfig does."""
+    target = config.get("target_modules")
+    if target is None:
+        raise InvalidArgument(
+            "target_modules",
+            "missing: list the modules the adapter wraps (PEFT would guess from the model type)",
+        )
+    _str_or_names("target_modules", target)
+    exclude = config.get("exclude_modules")
+    if exclude is not None:
+        _str_or_names("exclude_modules", exclude)
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        items = layers if isinstance(layers, list) else [layers]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise InvalidArgument("layers_to_transform", "must be an integer or a list of integers")
+        if isinstance(target, str):
+            raise InvalidArgument(
+                "layers_to_transform",
+                "cannot be used when target_modules is a string (PEFT refuses)",
+            )
+    pattern = config.get("layers_pattern")
+    if pattern is not None:
+        _str_or_names("layers_pattern", pattern)
+        if isinstance(target, str):
+            raise InvalidArgument(
+                "layers_pattern", "cannot be used when target_modules is a string (PEFT refuses)"
+            )
+        if pattern and layers is None:
+            raise InvalidArgument(
+                "layers_pattern", "needs layers_to_transform as well (PEFT refuses)"
+            )
+    return {
+        "target_modules": target,
+        "exclude_modules": exclude,
+        "layers_to_transform": layers,
+        "layers_pattern": pattern,
+        "rank_pattern": config.get("rank_pattern") or {},
+        "alpha_pattern": config.get("alpha_pattern") or {},
+    }
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _positive_number(value: Any) -> bool:
@@ -162,7 +356,12 @@ def _positive_number(value: Any) -> bool:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
-    """Parse and bounds-check a safetensors header before safetensors maps the file."""
+    """Parse and bounds-check a safetensors header before safetensors maps the file.
+
+    Every entry is checked for the exact types safetensors writes (a dtype string, a list of
+    non-negative integers, two integer offsets), so no crafted value (1e400, a string, a
+    list as dtype, a bool) reaches arithmetic that would fail with anything but this error.
+    """
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
@@ -174,36 +373,58 @@ def _read_header(path: Path) -> dict[str, Any]:
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, digits
         raise InvalidArgument(WEIGHTS_FILE, "corrupt: header is not JSON") from exc
     if not isinstance(header, dict):
         raise InvalidArgument(WEIGHTS_FILE, "corrupt: header is not an object")
     data_len = size - 8 - header_len
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise InvalidArgument(
+                    WEIGHTS_FILE, "corrupt: __metadata__ must map strings to strings"
+                )
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            count = math.prod(int(d) for d in shape)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgument(WEIGHTS_FILE, f"corrupt: bad header entry for {name}") from exc
-        width = _SAFETENSORS_DTYPE_BYTES.get(dtype)
-        if width is None:
-            raise InvalidArgument(WEIGHTS_FILE, f"{name}: unsupported dtype {dtype}")
-        if not (0 <= start <= end <= data_len) or end - start != count * width:
-            raise InvalidArgument(
-                WEIGHTS_FILE,
-                f"{name}: header claims {count * width} bytes at [{start}, {end}) but the file "
-                f"holds {data_len} data bytes (truncated or corrupt)",
-            )
+        _check_entry(name[:200], info, data_len)
     return header
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def _check_entry(shown: str, info: Any, data_len: int) -> None:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise InvalidArgument(
+            WEIGHTS_FILE, f"corrupt: header entry {shown} must hold dtype, shape, data_offsets"
+        )
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise InvalidArgument(WEIGHTS_FILE, f"corrupt: {shown}: dtype is not a string")
+    width = _SAFETENSORS_DTYPE_BYTES.get(dtype)
+    if width is None:
+        raise InvalidArgument(WEIGHTS_FILE, f"{shown}: unsupported dtype {dtype[:40]}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_DIMS
+        or not all(_natural(d) and d < 1 << 63 for d in shape)
+    ):
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"corrupt: {shown}: shape must be a list of at most {_MAX_DIMS} integers in [0, 2^63)",
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_natural, offsets)):
+        raise InvalidArgument(
+            WEIGHTS_FILE, f"corrupt: {shown}: data_offsets must be two non-negative integers"
+        )
+    start, end = offsets
+    count = math.prod(shape)
+    if not (start <= end <= data_len) or end - start != count * width:
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{shown}: header claims {count * width} bytes at [{start}, {end}) but the file "
+            f"holds {data_len} data bytes (truncated or corrupt)",
+        )
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _module_name(key: str) -> tuple[str, str]:
@@ -214,15 +435,25 @@ def _module_name(key: str) -> tuple[str, str]:
         if "lora_magnitude_vector" in key:
             raise InvalidArgument("use_dora", "DoRA magnitude vectors are not supported")
         raise InvalidArgument(WEIGHTS_FILE, f"unexpected tensor {key!r} (not a LoRA A/B weight)")
-    module = match["module"]
-    module = module.removeprefix(PEFT_PREFIX)
-    return module, match["part"]
+    if not key.startswith(PEFT_PREFIX):
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{key[:200]!r}: tensor names start with {PEFT_PREFIX!r} as PEFT saves them; "
+            "PEFT would not load this one",
+        )
+    if match["adapter"] not in (None, _PEFT_ADAPTER_NAME):
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{key[:200]!r}: adapter name {match['adapter'][:40]!r} in the tensor name; PEFT "
+            "loads only keys without one (or with 'default'): save with save_pretrained",
+        )
+    return match["module"].removeprefix(PEFT_PREFIX), match["part"]
 
 
 def _read_weights(
     path: Path,
     shapes: Mapping[str, Mapping[str, tuple[list[int], str]]],
-    scaling_for: Callable[[str, int], float],
+    scalings: Mapping[str, float],
     dtype: torch.dtype,
 ) -> dict[str, ModuleWeights]:
     """Read checked A/B pairs; safetensors itself may still refuse the file (SafetensorError).
@@ -251,7 +482,7 @@ def _read_weights(
             # Laid out so that lora_b.t() ([rank, out], as the slots hold B) is contiguous:
             # the loader thread pays for the transpose, not the engine thread's slot copy.
             lora_b=b.to(dtype).t().contiguous().t(),
-            scaling=scaling_for(module, a.shape[0]),
+            scaling=scalings[module],
         )
     return modules
 
@@ -261,11 +492,14 @@ def inspect_adapter(
     base_linears: Mapping[str, LinearShape],
     max_rank: int,
     *,
+    module_names: Sequence[str] | None = None,
     load: bool = True,
     dtype: torch.dtype = torch.bfloat16,
 ) -> AdapterWeights:
     """Check a PEFT adapter folder against the base model and (optionally) read its weights.
 
+    `module_names`: every module of the base model (`named_modules()` before wrapping), for
+    matching target_modules as PEFT does; without it, the linear layers and their parents.
     Raises InvalidArgument for malformed or unsupported files and FailedPrecondition for
     adapters that are well-formed but do not fit this base model or the server's limits.
     """
@@ -283,20 +517,70 @@ def inspect_adapter(
             )
         raise InvalidArgument(WEIGHTS_FILE, "missing")
     config = read_config(folder)
-    _check_config(config)
+    settings = _check_config(config)
     header = _read_header(weights_path)
+    shapes = _weight_shapes(header)
+    ranks = _check_shapes(shapes, base_linears, max_rank)
+    wrapped = _wrapped_modules(settings, shapes, base_linears, module_names)
 
-    default_rank = int(config.get("r") or 8)
-    default_alpha = float(config.get("lora_alpha") or default_rank)
-    use_rslora = bool(config.get("use_rslora"))
-    rank_pattern: dict[str, Any] = config.get("rank_pattern") or {}
-    alpha_pattern: dict[str, Any] = config.get("alpha_pattern") or {}
+    scalings: dict[str, float] = {}
+    for module, rank in ranks.items():
+        rank_key, alpha_key = wrapped[module]
+        declared = (
+            settings.rank
+            if rank_key is None
+            else settings.rank_pattern[list(settings.rank_pattern)[rank_key]]
+        )
+        if declared != rank:
+            raise InvalidArgument(
+                "r", f"{module}: adapter_config.json says rank {declared}, weights have rank {rank}"
+            )
+        alpha = (
+            settings.alpha
+            if alpha_key is None
+            else float(settings.alpha_pattern[list(settings.alpha_pattern)[alpha_key]])
+        )
+        scaling = _scaling(alpha, rank, settings.use_rslora)
+        if scaling > MAX_ABS_VALUE:
+            raise InvalidArgument(
+                "lora_alpha", f"{module}: scaling {scaling:g} is beyond {MAX_ABS_VALUE:g}"
+            )
+        scalings[module] = scaling
 
-    def scaling_for(module: str, rank: int) -> float:
-        alpha = float(_pattern_value(alpha_pattern, module, default_alpha))
-        return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    modules: dict[str, ModuleWeights] = {}
+    if load:
+        try:
+            modules = _read_weights(weights_path, shapes, scalings, dtype)
+        except SafetensorError as exc:  # what safetensors checks beyond _read_header
+            raise InvalidArgument(WEIGHTS_FILE, f"corrupt: {exc}") from exc
 
-    shapes: dict[str, dict[str, tuple[list[int], str]]] = {}
+    spec = AdapterSpec(
+        rank=max(ranks.values()),
+        alpha=settings.alpha,
+        use_rslora=settings.use_rslora,
+        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in shapes})),
+        size_bytes=weights_path.stat().st_size,
+        base_model_name_or_path=_text_or_none(config.get("base_model_name_or_path")),
+        scaling=_scaling(settings.alpha, settings.rank, settings.use_rslora),
+        modules=len(shapes),
+    )
+    return AdapterWeights(spec=spec, modules=modules)
+
+
+def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """LoraLayer.update_layer: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+Shapes = dict[str, dict[str, tuple[list[int], str]]]  # module -> "A"/"B" -> (shape, tensor key)
+
+
+def _weight_shapes(header: Mapping[str, Any]) -> Shapes:
+    shapes: Shapes = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -308,8 +592,14 @@ def inspect_adapter(
         shapes[module][part] = (list(info["shape"]), key)
     if not shapes:
         raise InvalidArgument(WEIGHTS_FILE, "holds no LoRA weights")
+    return shapes
 
-    max_seen = 0
+
+def _check_shapes(
+    shapes: Shapes, base_linears: Mapping[str, LinearShape], max_rank: int
+) -> dict[str, int]:
+    """Each module's A/B pair against the base layer; returns each module's rank."""
+    ranks: dict[str, int] = {}
     for module, parts in shapes.items():
         if "A" not in parts or "B" not in parts:
             raise InvalidArgument(WEIGHTS_FILE, f"{module}: lora_A and lora_B must come in pairs")
@@ -339,33 +629,85 @@ def inspect_adapter(
             raise InvalidArgument("r", f"{module}: rank 0")
         if rank > max_rank:
             raise FailedPrecondition("r", f"rank {rank} exceeds this server's max_rank {max_rank}")
-        declared = int(_pattern_value(rank_pattern, module, default_rank))
-        if declared != rank:
-            raise InvalidArgument(
-                "r", f"{module}: adapter_config.json says rank {declared}, weights have rank {rank}"
-            )
-        scaling = scaling_for(module, rank)
-        if scaling > MAX_ABS_VALUE:
-            raise InvalidArgument(
-                "lora_alpha", f"{module}: scaling {scaling:g} is beyond {MAX_ABS_VALUE:g}"
-            )
-        max_seen = max(max_seen, rank)
+        ranks[module] = rank
+    return ranks
 
-    modules: dict[str, ModuleWeights] = {}
-    if load:
-        try:
-            modules = _read_weights(weights_path, shapes, scaling_for, dtype)
-        except SafetensorError as exc:  # what safetensors checks beyond _read_header
-            raise InvalidArgument(WEIGHTS_FILE, f"corrupt: {exc}") from exc
 
-    spec = AdapterSpec(
-        rank=max_seen,
-        alpha=default_alpha,
-        use_rslora=use_rslora,
-        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in shapes})),
-        size_bytes=weights_path.stat().st_size,
-        base_model_name_or_path=config.get("base_model_name_or_path"),
-        scaling=scaling_for("", default_rank),
-        modules=len(shapes),
-    )
-    return AdapterWeights(spec=spec, modules=modules)
+def _all_module_names(base_linears: Mapping[str, LinearShape]) -> list[str]:
+    names = {""}
+    for name in base_linears:
+        parts = name.split(".")
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(names)
+
+
+def _listed(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _wrapped_modules(
+    settings: LoraSettings,
+    shapes: Shapes,
+    base_linears: Mapping[str, LinearShape],
+    module_names: Sequence[str] | None,
+) -> dict[str, tuple[int | None, int | None]]:
+    """The modules PEFT would wrap (-> their rank/alpha pattern key), which must be exactly
+    the modules the weights file holds: PEFT ignores weights of modules it does not wrap,
+    and wraps modules without weights with freshly initialised (maybe random) A and B."""
+    names = list(module_names) if module_names is not None else _all_module_names(base_linears)
+    try:
+        plan = plan_targets(settings.targeting, names, list(base_linears))
+    except TargetError as exc:
+        raise InvalidArgument(exc.field, str(exc)) from exc
+    except Busy as exc:
+        raise ResourceExhausted(
+            CONFIG_FILE, "too many adapter configs with patterns are being checked; retry"
+        ) from exc
+    wrapped: dict[str, tuple[int | None, int | None]] = {
+        name: (keys[0], keys[1]) for name, keys in plan["wrapped"].items()
+    }
+    if not wrapped:
+        raise InvalidArgument(
+            "target_modules",
+            f"{settings.targeting['target_modules']!r} matches no module of the base model "
+            "(after exclude_modules and layers_to_transform); PEFT refuses such a config",
+        )
+    for name in wrapped:
+        if name not in base_linears:
+            short = name.rsplit(".", 1)[-1]
+            if short in ("lm_head", "embed_tokens", "wte", "embed_out"):
+                raise FailedPrecondition(
+                    "target_modules",
+                    f"matches {name}: LoRA on {short} is not supported (linear layers only)",
+                )
+            raise InvalidArgument(
+                "target_modules",
+                f"matches {name}, which is not a linear layer (PEFT refuses to wrap it)",
+            )
+    extra = [m for m in shapes if m not in wrapped]
+    for field, names_of_field in (
+        ("exclude_modules", set(plan["excluded"])),
+        ("layers_to_transform", set(plan["other_layers"])),
+    ):
+        refused = [m for m in extra if m in names_of_field]
+        if refused:
+            raise InvalidArgument(
+                field,
+                f"the weights file holds {_listed(refused)}, which {field} leaves out: PEFT "
+                "would not load them",
+            )
+    if extra:
+        raise InvalidArgument(
+            "target_modules",
+            f"the weights file holds {_listed(extra)}, which target_modules does not match: "
+            "PEFT would not load them",
+        )
+    missing = [m for m in wrapped if m not in shapes]
+    if missing:
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"holds no weights for {_listed(missing)}, which target_modules wraps (PEFT would "
+            "give them freshly initialised A and B)",
+        )
+    return wrapped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -19,11 +20,12 @@ from loramux.core.errors import FailedPrecondition
 from loramux.server.changes import RegistryWatcher, forget_removed_adapters
 from loramux.server.engine import Engine
 from loramux.server.http.server import HttpServer, bind
-from loramux.server.metrics import Metrics
+from loramux.server.metrics import METRICS_SALT, Metrics
 from loramux.server.registry import Quota, Registry
-from loramux.server.service import AdapterServicer, AdminServicer, InferenceServicer
+from loramux.server.rpc import AdapterServicer, AdminServicer, InferenceServicer
 from loramux.server.state import ServerState, register_record
-from loramux.server.tenants import Authenticator, ConcurrencyGate
+from loramux.server.tenants import Authenticator, ConcurrencyGate, bootstrap_admin_keys
+from loramux.server.tls import TlsFiles
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -87,10 +89,31 @@ class RunningServer:
             self.metrics_http.shutdown()  # type: ignore[attr-defined]
 
 
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca: mutual TLS), or None.
+
+    The files are read again when they change (checked at each new connection), so a
+    rotated certificate (cert-manager, certbot) is served without a restart.
+    """
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    files = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    return grpc.dynamic_ssl_server_credentials(
+        files.configuration(),
+        files.changed_configuration,
+        require_client_authentication=settings.tls_client_ca is not None,
+    )
+
+
 def _bind(server: grpc.Server, settings: Settings) -> int:
     """Listen on host:port, alone (no SO_REUSEPORT sharing with a second server)."""
+    address = f"{settings.host}:{settings.port}"
+    credentials = _server_credentials(settings)
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -101,80 +124,19 @@ def _bind(server: grpc.Server, settings: Settings) -> int:
 
 
 def _serve_metrics(metrics: Metrics, settings: Settings) -> tuple[object, int]:
+    host = settings.metrics_host
     try:
-        http = metrics.serve(settings.host, settings.metrics_port)
+        http = metrics.serve(host, settings.metrics_port)
     except OSError as exc:
         raise FailedPrecondition(
             "metrics_port",
-            f"cannot serve metrics on {settings.host}:{settings.metrics_port} ({exc.strerror})",
+            f"cannot serve metrics on {host}:{settings.metrics_port} ({exc.strerror})",
         ) from exc
     return http, int(http.server_port)  # type: ignore[attr-defined]
 
 
-def start_server(settings: Settings, engine: Engine | None = None) -> RunningServer:
-    """Build everything and start serving; returns at once (port 0 picks a free port).
-
-    The ports are bound first, so a taken port is reported before the model loads.
-    """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    port = _bind(server, settings)
-    metrics = Metrics()
-    metrics_http, metrics_port = None, 0
-    http_socket = http = None
-    try:
-        if settings.http_port:
-            http_socket = bind(settings.host, settings.http_port)
-        if settings.metrics_port:
-            metrics_http, metrics_port = _serve_metrics(metrics, settings)
-        engine = engine or Engine.create(settings)
-        metrics.attach(engine, settings.served_model_name)
-        state, health_servicer = _build_services(server, settings, engine, metrics)
-        watcher = RegistryWatcher(
-            state.registry,
-            lambda: forget_removed_adapters(state.registry, state.engine.adapters),
-            settings.registry_poll_seconds,
-        ).start()
-        server.start()
-        if http_socket is not None:
-            http = HttpServer(state, http_socket)
-            http.start()
-    except BaseException:
-        server.stop(0)
-        if metrics_http is not None:
-            metrics_http.shutdown()  # type: ignore[attr-defined]
-        if http is not None:
-            http.stop(0)
-        elif http_socket is not None:
-            http_socket.close()
-        raise
-    for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "serving %s on %s:%d (gRPC), metrics on http://%s:%d/metrics",
-        engine.info.base_model,
-        settings.host,
-        port,
-        settings.host,
-        metrics_port,
-    )
-    if http is not None:
-        log.info("OpenAI-compatible API on http://%s:%d/v1", settings.host, http.port)
-    return RunningServer(
-        state, server, health_servicer, port, metrics_port, metrics_http, watcher, http
-    )
-
-
-def _build_services(
-    server: grpc.Server, settings: Settings, engine: Engine, metrics: Metrics
-) -> tuple[ServerState, health.HealthServicer]:
-    """Registry, tenants and every servicer; stored adapters registered with the engine."""
+def _open_registry(settings: Settings) -> tuple[Registry, Authenticator]:
+    """The registry and who may call: refused here, before any port or model, without a key."""
     registry = Registry(
         settings.home,
         Quota(
@@ -187,12 +149,102 @@ def _build_services(
         settings.adapter_dir,
     )
     log.info("registry: %s", registry.describe())
-    auth = Authenticator(registry, settings.admin_keys)
+    try:
+        auth = Authenticator(registry, bootstrap_admin_keys(settings), dev=settings.dev)
+    except BaseException:
+        registry.close()
+        raise
     if auth.dev_mode:
+        exposed = "" if is_loopback(settings.host) else f" ON {settings.host}, NOT LOOPBACK"
         log.warning(
-            "no API keys configured: SINGLE-TENANT DEVELOPMENT MODE, every caller is the admin "
-            "tenant 'default'; start with --admin-keys to require keys"
+            "--dev: DEVELOPMENT MODE%s, every caller is an admin (tenant 'default') without "
+            "a key; never expose it",
+            exposed,
         )
+    return registry, auth
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def start_server(settings: Settings, engine: Engine | None = None) -> RunningServer:
+    """Build everything and start serving; returns at once (port 0 picks a free port).
+
+    Keys are checked first, then the ports are bound, so a missing admin key or a taken
+    port is reported before the model loads.
+    """
+    registry, auth = _open_registry(settings)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    metrics = Metrics(labels=settings.metrics_labels, salt_file=settings.home / METRICS_SALT)
+    metrics_http, metrics_port = None, 0
+    http_socket = http = None
+    try:
+        port = _bind(server, settings)
+        if settings.http_port:
+            http_socket = bind(settings.host, settings.http_port)
+        if settings.metrics_port:
+            metrics_http, metrics_port = _serve_metrics(metrics, settings)
+        engine = engine or Engine.create(settings)
+        metrics.attach(engine, settings.served_model_name)
+        state, health_servicer = _build_services(server, settings, engine, metrics, registry, auth)
+        watcher = RegistryWatcher(
+            state.registry,
+            lambda: forget_removed_adapters(state.registry, state.engine.adapters),
+            settings.registry_poll_seconds,
+        ).start()
+        server.start()
+        if http_socket is not None:
+            http = HttpServer(state, http_socket)
+            http.start()
+    except BaseException:
+        server.stop(0)
+        registry.close()
+        if metrics_http is not None:
+            metrics_http.shutdown()  # type: ignore[attr-defined]
+        if http is not None:
+            http.stop(0)
+        elif http_socket is not None:
+            http_socket.close()
+        raise
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving %s on %s:%d (gRPC%s), metrics on http://%s:%d/metrics (labels %s)",
+        engine.info.base_model,
+        settings.host,
+        port,
+        " over TLS" if settings.tls_cert else ", plaintext",
+        settings.metrics_host,
+        metrics_port,
+        settings.metrics_labels.value,
+    )
+    if http is not None:
+        log.info("OpenAI-compatible API on http://%s:%d/v1", settings.host, http.port)
+    return RunningServer(
+        state, server, health_servicer, port, metrics_port, metrics_http, watcher, http
+    )
+
+
+def _build_services(
+    server: grpc.Server,
+    settings: Settings,
+    engine: Engine,
+    metrics: Metrics,
+    registry: Registry,
+    auth: Authenticator,
+) -> tuple[ServerState, health.HealthServicer]:
+    """Tenants and every servicer; stored adapters registered with the engine."""
     state = ServerState(
         settings=settings,
         engine=engine,

@@ -14,8 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=(
             "Load the base model once (4-bit NF4 by default) and serve generation requests for "
             f"many LoRA adapters over gRPC (default port {DEFAULT_GRPC_PORT}), with Prometheus "
-            f"metrics over HTTP (default port {DEFAULT_METRICS_PORT}). SIGTERM drains in-flight "
-            "requests, then exits 0."
+            f"metrics over HTTP (default port {DEFAULT_METRICS_PORT}), on 127.0.0.1 unless "
+            "--host / --metrics-host say otherwise. It needs an admin API key "
+            "(--admin-keys-file, LORAMUX_ADMIN_KEYS) and refuses to start without one, unless "
+            "--dev asks for a keyless development server. --tls-cert/--tls-key serve over TLS. "
+            "SIGTERM drains in-flight requests, then exits 0."
         ),
     )
     add_settings_arguments(serve, ["model", "server", "engine"])

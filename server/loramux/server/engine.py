@@ -39,6 +39,7 @@ from loramux.core.errors import (
     Unavailable,
 )
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer, resolve_base_model
+from loramux.core.prompts import PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.detokenize import IncrementalText
@@ -148,9 +149,11 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer)  # the trainer tokenises with the same rules
         self.model = model
         device = next(model.parameters()).device
         base_linears: dict[str, LinearShape] = base_linear_shapes(model)
+        module_names = [name for name, _ in model.named_modules()]  # before wrapping
         self._lora: LoraContext | None = None
         layers = {}
         if enable_lora:
@@ -171,6 +174,7 @@ class Engine:
             max_rank=settings.max_rank,
             wake_engine=self._wake,
             table=self._lora.table if self._lora is not None else None,
+            module_names=module_names,
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.runner = ModelRunner(model, self._lora, settings.max_batch_size, pad)
@@ -195,6 +199,7 @@ class Engine:
         )
         self._waiting: collections.deque[_Active] = collections.deque()
         self._running: list[_Active] = []
+        self._admitting: list[_Active] = []  # taken off the queue this step, not yet running
         self._ids = itertools.count()
         self._stopping = False
         self._woken = False
@@ -270,7 +275,7 @@ class Engine:
 
     # ---- caller side ----
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.prompts.text(text)
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         if not messages:
@@ -282,13 +287,7 @@ class Engine:
                 )
             if not isinstance(content, str):
                 raise InvalidArgument(f"messages[{i}].content", "must be text")
-        rendered: Any = self.tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-        )
-        return list(rendered["input_ids"])
+        return self.prompts.chat(messages, add_generation_prompt=True)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         params = request.params
@@ -385,7 +384,7 @@ class Engine:
                     self._step(newcomers)
                 except Exception as exc:  # keep serving: fail what was in flight, reset the batch
                     log.exception("engine step failed")
-                    self._fail_running(Internal(None, f"engine step failed: {exc}"))
+                    self._fail_step(step_error("step", exc))
         with self._cv:
             tasks = list(self._tasks)
             self._tasks.clear()
@@ -414,23 +413,9 @@ class Engine:
         self._retire()
 
         admitted = self._admit(waiting, now)
+        decoding = list(self._running)
         if admitted:
-            row_start = len(self._running)
-            logits = self.runner.prefill(
-                PrefillBatch(
-                    row_start=row_start,
-                    prompts=[a.request.prompt_token_ids for a in admitted],
-                    slots=[a.slot for a in admitted],
-                )
-            )
-            for active in admitted:
-                active.cached = len(active.request.prompt_token_ids)
-                self._prompt_tokens += active.cached
-            decoding = list(self._running)
-            self._running.extend(admitted)
-            self._advance(admitted, logits)
-        else:
-            decoding = list(self._running)
+            self._prefill(admitted)
         if decoding:  # rows [0, len(decoding)): all still running (retired above)
             logits = self.runner.decode(
                 DecodeBatch(
@@ -449,6 +434,35 @@ class Engine:
                 if not self._waiting:
                     self.runner.cache.release()
 
+    def _prefill(self, admitted: list[_Active]) -> None:
+        """Prefill newcomers into the rows after the running ones, and sample their first token.
+
+        A failure here (out of memory, a bad adapter tensor) touched only these rows: they
+        end with an error and give their adapter slots back; the running rows go on.
+        """
+        try:
+            logits = self.runner.prefill(
+                PrefillBatch(
+                    row_start=len(self._running),
+                    prompts=[a.request.prompt_token_ids for a in admitted],
+                    slots=[a.slot for a in admitted],
+                )
+            )
+        except Exception as exc:
+            log.exception("prefill of %d requests failed", len(admitted))
+            error = step_error("prefill", exc)
+            for active in admitted:
+                self._finish(active, FinishReason.ERROR, error=error)
+                self._release_slot(active)
+            self._admitting = []
+            return
+        for active in admitted:
+            active.cached = len(active.request.prompt_token_ids)
+            self._prompt_tokens += active.cached
+        self._running.extend(admitted)
+        self._admitting = []
+        self._advance(admitted, logits)
+
     def _check_abandoned(self, active: _Active, now: float) -> bool:
         if active.done:
             return True
@@ -461,6 +475,7 @@ class Engine:
     def _admit(self, waiting: list[_Active], now: float) -> list[_Active]:
         """Pick waiting requests for this step: adapters resident, rows and tokens to spare."""
         admitted: list[_Active] = []
+        self._admitting = admitted  # off the queue, not yet running: failed with the step
         rows_free = self.settings.max_batch_size - len(self._running)
         token_budget = self.settings.max_batch_tokens - len(self._running)
         widest = 0
@@ -477,8 +492,10 @@ class Engine:
             if adapter_id is not None:
                 try:
                     slot = self.adapters.acquire(adapter_id, active.acquire_attempts == 0)
-                except LoramuxError as exc:
-                    self._finish(active, FinishReason.ERROR, error=exc)
+                except Exception as exc:  # this request only; the others go ahead
+                    if not isinstance(exc, LoramuxError):
+                        log.exception("adapter %s could not be acquired", adapter_id)
+                    self._finish(active, FinishReason.ERROR, error=step_error("adapter load", exc))
                     self._dequeue(active)
                     continue
                 active.acquire_attempts += 1
@@ -551,14 +568,33 @@ class Engine:
                     self.runner.cache.move_row(last, index, moved.cached)
                     self._running[index] = moved
                 self._running.pop()
-                if active.request.adapter_id is not None and active.slot:
-                    self.adapters.release(active.request.adapter_id)
-                    with self._cv:
-                        self._woken = True  # a slot may have freed up for a waiting request
+                self._release_slot(active)
             index -= 1
 
-    def _fail_running(self, error: LoramuxError) -> None:
-        for active in self._running:
+    def _release_slot(self, active: _Active) -> None:
+        """Give a finished request's adapter slot back (once)."""
+        if active.request.adapter_id is not None and active.slot:
+            active.slot = 0
+            self.adapters.release(active.request.adapter_id)
+            with self._cv:
+                self._woken = True  # a slot may have freed up for a waiting request
+
+    def _fail_step(self, error: LoramuxError) -> None:
+        """After a failed step: fail the rows it touched (all running, and any newcomers)."""
+        for active in [*self._running, *self._admitting]:
             self._finish(active, FinishReason.ERROR, error=error)
+        for active in self._admitting:
+            self._release_slot(active)
+        self._admitting = []
         self._retire()
         self.runner.cache.release()
+
+
+def step_error(stage: str, exc: Exception) -> LoramuxError:
+    """The status a request failed by an engine step gets: out of memory is exhausted
+    resources (retry later, or with a shorter prompt), anything else a server error."""
+    if isinstance(exc, LoramuxError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return ResourceExhausted(None, f"out of memory during {stage}; retry later")
+    return Internal(None, f"engine {stage} failed ({type(exc).__name__}: {exc})")

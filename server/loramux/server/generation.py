@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from loramux.core.errors import Cancelled, LoramuxError, NotFound
 from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.engine import RequestStream
-from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
+from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.state import ServerState, register_record
 from loramux.server.tenants import Principal
 
@@ -72,6 +72,38 @@ class GenerationCall:
             labels.append(f"{record.owner}/{record.name}")
         self.adapter_label = labels[0] if len(labels) == 1 else COMPOSED_LABEL
         return self.state.engine.adapters.weighted(parts)
+
+    def request(
+        self,
+        adapter: str | None,
+        prompt: Callable[[], list[int]],
+        params: Callable[[list[int]], SamplingParams],
+        *,
+        request_id: str,
+        deadline: float | None = None,
+        weighted: Sequence[tuple[str, float]] | None = None,
+    ) -> GenerationRequest:
+        """The engine request both transports build: adapter, prompt, checked parameters.
+
+        In this order: the adapter resolved within the caller's tenant (an unknown one is
+        refused before any tokenising), the prompt tokenised, then the decoding parameters
+        (which may depend on the prompt's length) checked against the server's limits.
+        `weighted` (adapters with weights, GenerateRequest.adapters) replaces `adapter`.
+        """
+        if weighted is not None:
+            adapter_id = self.resolve_weighted(weighted, "adapters")
+        else:
+            adapter_id = self.resolve(adapter)
+        token_ids = prompt()
+        checked = params(token_ids)
+        checked.validate(self.state.settings.max_new_tokens_limit)
+        return GenerationRequest(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=checked,
+            adapter_id=adapter_id,
+            deadline=deadline,
+        )
 
     def cancel(self) -> None:
         self._gone.set()

@@ -2,25 +2,34 @@
 
 Request series are labelled by tenant, adapter and status; with thousands of adapters
 that would be thousands of series, so the first `max_labels` distinct adapters (and
-tenants) keep their names and later ones are counted under "other". Engine and adapter
+tenants) keep their names and later ones are counted under "other"; `--metrics-labels`
+hashes those names or drops the labels. Engine and adapter
 cache figures are read from the engine at scrape time by a custom collector, so the
 engine itself never touches prometheus_client.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import secrets
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loramux.core.config import MetricsLabels
 from loramux.server.engine import Engine
 from loramux.server.picker_metrics import PickerCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OTHER = "other"
+METRICS_SALT = "metrics-label-salt"  # in the data dir: the key of hashed labels
+HASH_HEX_CHARS = 12
 
 
 class BoundedLabels:
@@ -45,6 +54,43 @@ class BoundedLabels:
                 self._seen.add(value)
                 return value
             return OTHER
+
+
+class HashedLabels(BoundedLabels):
+    """Like BoundedLabels, but each name becomes a keyed hash of it ("t-3f9c0a1b2d4e").
+
+    The key is a random salt kept in the data dir, so series keep their label across
+    restarts while someone who reads /metrics cannot test guessed tenant or adapter names.
+    An operator maps a hash back with `label_for(name)` and the same salt.
+    """
+
+    def __init__(self, limit: int, salt: bytes, prefix: str, always: tuple[str, ...] = ()) -> None:
+        super().__init__(limit, always)
+        self.salt = salt
+        self.prefix = prefix
+
+    def label_for(self, value: str) -> str:
+        digest = hmac.new(self.salt, value.encode(), hashlib.sha256).hexdigest()
+        return f"{self.prefix}-{digest[:HASH_HEX_CHARS]}"
+
+    def __call__(self, value: str) -> str:
+        bounded = super().__call__(value)
+        if bounded in self.always or bounded == OTHER:
+            return bounded
+        return self.label_for(bounded)
+
+
+def metrics_salt(path: Path) -> bytes:
+    """The data dir's label salt, made on first use (readable by the server's user only)."""
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
 
 
 class EngineCollector(Collector):
@@ -107,18 +153,38 @@ class EngineCollector(Collector):
 
 class Metrics:
     """The server's series. The engine's figures join once `attach(engine)` is called, so
-    the HTTP endpoint can be bound (and a taken port reported) before the model loads."""
+    the HTTP endpoint can be bound (and a taken port reported) before the model loads.
 
-    def __init__(self, engine: Engine | None = None, max_labels: int = 100) -> None:
+    `labels` (--metrics-labels) says how tenant and adapter names appear: plain, hashed
+    (`salt_file` keeps the key), or off (the series carry no tenant or adapter label).
+    """
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        max_labels: int = 100,
+        *,
+        labels: MetricsLabels = MetricsLabels.PLAIN,
+        salt_file: Path | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
+        self.mode = MetricsLabels(labels)
         # Adapter labels are "owner/name" of adapters that exist (unresolvable names are
         # "unknown"), so callers cannot mint series by sending made-up names.
-        self.adapter_label = BoundedLabels(max_labels, always=("base", "unknown"))
-        self.tenant_label = BoundedLabels(max_labels)
+        always = ("base", "unknown")
+        self.adapter_label: BoundedLabels = BoundedLabels(max_labels, always=always)
+        self.tenant_label: BoundedLabels = BoundedLabels(max_labels)
+        if self.mode is MetricsLabels.HASHED:
+            if salt_file is None:
+                raise ValueError("hashed metric labels need a salt file")
+            salt = metrics_salt(salt_file)
+            self.adapter_label = HashedLabels(max_labels, salt, "a", always=always)
+            self.tenant_label = HashedLabels(max_labels, salt, "t")
+        named = self.mode is not MetricsLabels.OFF
         self.requests = Counter(
             "loramux_requests",
-            "gRPC generation requests",
-            ["tenant", "adapter", "status"],
+            "Generation requests (gRPC and the HTTP API)",
+            ["tenant", "adapter", "status"] if named else ["status"],
             registry=self.registry,
         )
         self.ttft = Histogram(
@@ -133,11 +199,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        tenant = ["tenant"] if named else []
         self.prompt_tokens = Counter(
-            "loramux_prompt_tokens", "Prompt tokens processed", ["tenant"], registry=self.registry
+            "loramux_prompt_tokens", "Prompt tokens processed", tenant, registry=self.registry
         )
         self.generated_tokens = Counter(
-            "loramux_generated_tokens", "Tokens generated", ["tenant"], registry=self.registry
+            "loramux_generated_tokens", "Tokens generated", tenant, registry=self.registry
         )
         if engine is not None:
             self.attach(engine)
@@ -145,12 +212,29 @@ class Metrics:
     def attach(self, engine: Engine, model_name: str | None = None) -> None:
         """Add the engine's series and the llm-d picker's `vllm:*` series (picker_metrics)."""
         self.registry.register(EngineCollector(engine))
-        self.registry.register(PickerCollector(engine, model_name or engine.info.base_model))
+        self.registry.register(
+            PickerCollector(engine, model_name or engine.info.base_model, self._adapter_names)
+        )
+
+    def _adapter_names(self, names: list[str]) -> list[str]:
+        """Adapter names in label values that are lists (the picker's series), per mode."""
+        if self.mode is MetricsLabels.OFF:
+            return []
+        if isinstance(self.adapter_label, HashedLabels):
+            return [self.adapter_label.label_for(n) for n in names]
+        return names
 
     def request_done(self, tenant: str, adapter: str, status: str) -> None:
+        if self.mode is MetricsLabels.OFF:
+            self.requests.labels(status).inc()
+            return
         self.requests.labels(self.tenant_label(tenant), self.adapter_label(adapter), status).inc()
 
     def tokens(self, tenant: str, prompt: int, generated: int) -> None:
+        if self.mode is MetricsLabels.OFF:  # a counter without labels takes no .labels()
+            self.prompt_tokens.inc(prompt)
+            self.generated_tokens.inc(generated)
+            return
         label = self.tenant_label(tenant)
         self.prompt_tokens.labels(label).inc(prompt)
         self.generated_tokens.labels(label).inc(generated)

@@ -19,13 +19,15 @@ plugin-metric-protocol):
 Adapters are named `owner/name`, the one name that means the same adapter to every caller
 (its owner's and, for a public one, everyone's) and that the OpenAI API accepts in `model`:
 the name the picker sees in a request is the name it finds here. Every series carries
-`model_name`, the base model's id in the OpenAI API, as vLLM's do.
+`model_name`, the base model's id in the OpenAI API, as vLLM's do. `--metrics-labels hashed`
+or `off` hash or leave out these adapter names too (`shown`), which the picker's LoRA
+affinity then cannot match: keep `plain` where a picker routes by adapter.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -42,10 +44,20 @@ def _names(engine_ids: Iterable[str]) -> list[str]:
     return sorted({adapter_name(i) for i in engine_ids})
 
 
+def _plain(names: list[str]) -> list[str]:
+    return names
+
+
 class PickerCollector(Collector):
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        shown: Callable[[list[str]], list[str]] = _plain,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.shown = shown  # how adapter names appear (--metrics-labels)
 
     def kv_cache_usage(self, running: int) -> float:
         stats = self.engine.stats()
@@ -79,7 +91,11 @@ class PickerCollector(Collector):
             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
         )
         info.add_metric(
-            [str(self.engine.settings.max_loaded_adapters), ",".join(running), ",".join(waiting)],
+            [
+                str(self.engine.settings.max_loaded_adapters),
+                ",".join(self.shown(running)),
+                ",".join(self.shown(waiting)),
+            ],
             time.time(),
         )
         yield info

@@ -37,6 +37,7 @@ REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # A staging folder of another replica (or host) is swept only when it is this old: the
 # longest upload or pull there is (512 MiB over a slow link) takes far less.
 STALE_STAGING_SECONDS = 24 * 3600
+DIGEST_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 STAGING = ".staging"  # uploads in progress, inside an --adapter-dir (never a digest)
 
 
@@ -160,13 +161,16 @@ class Registry:
         removed only under its digest lock, so never while another replica publishes it.
         """
         for leftover in self.tmp_dir.iterdir():
-            if self._abandoned(leftover):
-                shutil.rmtree(
-                    leftover, ignore_errors=True
-                ) if leftover.is_dir() else leftover.unlink()
+            if not self._abandoned(leftover):
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         referenced = {r.digest for r in self.all_adapters()}
         for folder in self.files_dir.iterdir():
-            if folder.name not in referenced and not folder.name.startswith("."):
+            # Only digests: a shared volume's root may hold other things (lost+found).
+            if folder.name not in referenced and DIGEST_PATTERN.match(folder.name):
                 with self._db.digest_lock(folder.name):
                     self._drop_unreferenced(folder.name)
         broken = [
@@ -275,8 +279,15 @@ class Registry:
         )
         return self.tenant(rows[0]["tenant"]) if rows else None
 
-    def has_keys(self) -> bool:
-        return bool(self._rows("SELECT 1 FROM api_keys WHERE revoked=0 LIMIT 1", ()))
+    def has_admin_keys(self) -> bool:
+        """Whether some admin tenant holds a key that is not revoked."""
+        return bool(
+            self._rows(
+                "SELECT 1 FROM api_keys k JOIN tenants t ON t.name = k.tenant "
+                "WHERE k.revoked = 0 AND t.admin = 1 LIMIT 1",
+                (),
+            )
+        )
 
     # ---- adapters ----
     def _adapters(self, sql: str, args: tuple[object, ...]) -> list[AdapterRecord]:

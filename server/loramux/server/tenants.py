@@ -1,22 +1,27 @@
 """Who is calling, and how much they may use.
 
 Keys arrive as `authorization: Bearer <key>` metadata, are hashed, and map to a tenant
-through the registry (bootstrap admin keys from the settings are compared by hash too).
-With no key configured anywhere at start, the server runs in an explicit single-tenant
-development mode: every caller is the admin tenant `default`.
+through the registry (bootstrap admin keys from the settings or a keys file are compared
+by hash too). The server refuses to start without an admin key, so nobody can reach it
+anonymously by accident; development mode (every caller an admin, no key) exists only
+when asked for with `--dev`, never because the last key was revoked.
 """
 
 from __future__ import annotations
 
 import hmac
+import stat
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+from loramux.core.config import Settings
 from loramux.core.errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
@@ -25,6 +30,61 @@ from loramux.server.registry import Quota, Registry, TenantRecord, hash_key
 
 DEV_TENANT = "default"
 ADMIN_TENANT = "admin"
+MAX_KEYS_FILE_BYTES = 1 << 20
+
+NO_ADMIN_KEY = (
+    "no admin API key is configured, and this server does not serve anonymous callers. "
+    "Create a key file readable only by you, then start with it:\n"
+    "  (umask 077; python3 -c \"import secrets; print('lmx_' + secrets.token_urlsafe(32))\" "
+    "> admin-keys)\n"
+    "  loramux serve --admin-keys-file admin-keys     (or LORAMUX_ADMIN_KEYS_FILE=admin-keys)\n"
+    "Or give keys in LORAMUX_ADMIN_KEYS (comma separated). For a local development server "
+    "without keys, where every caller is an admin, start with --dev (binds 127.0.0.1)."
+)
+
+
+def read_admin_keys_file(path: Path) -> list[str]:
+    """Admin keys from `path`: one per line; blank lines and lines starting '#' are skipped.
+
+    Keys in a file do not show in `ps` or the process environment. A file that other users
+    may read (or write) is refused, as ssh refuses such a private key: chmod 600 (or 640/440
+    for a group such as a container's secret mount).
+    """
+    field = "admin_keys_file"
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise FailedPrecondition(field, f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise FailedPrecondition(field, f"{path} is not a regular file")
+    if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise FailedPrecondition(
+            field,
+            f"{path} is readable or writable by every user (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"run `chmod 600 {path}`",
+        )
+    if info.st_size > MAX_KEYS_FILE_BYTES:
+        raise FailedPrecondition(field, f"{path} is over {MAX_KEYS_FILE_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FailedPrecondition(field, f"cannot read {path} as UTF-8 text: {exc}") from exc
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    for number, key in enumerate(keys, 1):
+        if any(c.isspace() for c in key):
+            raise FailedPrecondition(field, f"{path}: key {number} contains whitespace")
+    if not keys:
+        raise FailedPrecondition(field, f"{path} holds no key (one key per line)")
+    return keys
+
+
+def bootstrap_admin_keys(settings: Settings) -> list[str]:
+    """Every bootstrap admin key: `--admin-keys` / LORAMUX_ADMIN_KEYS and the keys file."""
+    keys = [k for k in settings.admin_keys if k]
+    if settings.admin_keys_file is not None:
+        keys += read_admin_keys_file(settings.admin_keys_file)
+    return keys
 
 
 @dataclass(frozen=True)
@@ -35,18 +95,31 @@ class Principal:
 
 
 class Authenticator:
-    def __init__(self, registry: Registry, admin_keys: list[str]) -> None:
+    """Maps a call's key to its tenant; decided once at start, from the settings alone.
+
+    `dev` (only from `--dev`): every caller is tenant `default` with admin rights, no key
+    needed. The tenant row `default` itself is NOT an admin, so a key later created for it
+    (to keep using its adapters once keys are required) grants a tenant's rights only.
+    Without `dev`, starting needs an admin key: a bootstrap key or an admin tenant's key in
+    the registry; otherwise FailedPrecondition with NO_ADMIN_KEY.
+    """
+
+    def __init__(self, registry: Registry, admin_keys: list[str], *, dev: bool = False) -> None:
         self.registry = registry
         self._admin_hashes = [hash_key(k) for k in admin_keys if k]
-        self.dev_mode = not self._admin_hashes and not registry.has_keys()
+        self.dev_mode = dev
+        if dev:  # Settings.validate refuses --dev together with admin keys
+            registry.ensure_tenant(DEV_TENANT, admin=False)
+            return
+        if not self._admin_hashes and not registry.has_admin_keys():
+            raise FailedPrecondition("admin_keys", NO_ADMIN_KEY)
         if self._admin_hashes:
             registry.ensure_tenant(ADMIN_TENANT, admin=True)
-        if self.dev_mode:
-            registry.ensure_tenant(DEV_TENANT, admin=True)
 
     def authenticate(self, metadata: Mapping[str, str]) -> Principal:
         if self.dev_mode:
-            return self._principal(self.registry.tenant(DEV_TENANT))
+            dev = self.registry.tenant(DEV_TENANT)
+            return Principal(tenant=dev.name, admin=True, quota=dev.quota)
         header = metadata.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():

@@ -82,6 +82,7 @@ class InterruptCallback(TrainerCallback):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self.requested: int | None = None  # the signal number received
+        self.stopped = False  # training was stopped for it (on every process alike)
         self._previous: dict[int, Any] = {}
 
     def install(self) -> bool:
@@ -114,6 +115,11 @@ class InterruptCallback(TrainerCallback):  # type: ignore[misc]
         control: TrainerControl,
         **kwargs: Any,
     ) -> None:
-        if self.requested is not None:
+        from loramux.trainer.distributed import any_rank
+
+        # Every process stops after the same step, even if the signal reached only some
+        # (or reached them during different steps): the checkpoint is one consistent state.
+        if any_rank(self.requested is not None):
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True

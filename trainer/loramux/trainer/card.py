@@ -29,6 +29,7 @@ class CardInfo:
     results: dict[str, Any]
     trainable_params: int
     total_params: int
+    base_weights: dict[str, Any] = field(default_factory=dict)  # train.base_weights()
     loss_curve: str | None = None  # file name inside the adapter folder
     extra_tags: list[str] = field(default_factory=list)
 
@@ -67,6 +68,8 @@ def render_model_card(info: CardInfo) -> str:
         "quantization and bf16 compute)"
     )
     targets = ", ".join(o["target_modules"])
+    weights = info.base_weights.get("weights") or f"`{info.base_reference}`"
+    revision = info.base_weights.get("revision") or "not known"
     loss_on = "all tokens" if o["train_on_prompt"] else "assistant / completion tokens"
     lines = [
         "---",
@@ -78,6 +81,8 @@ def render_model_card(info: CardInfo) -> str:
         f"A LoRA adapter for {base_line}, trained by LoRAMux with {method}: only the low-rank "
         f"matrices were trained ({info.trainable_params:,} of {info.total_params:,} "
         f"parameters, {percent:.2f}%).",
+        "",
+        f"Trained on: {weights}.",
         "",
         "## Results",
         "",
@@ -99,6 +104,7 @@ def render_model_card(info: CardInfo) -> str:
         "| setting | value |",
         "|---|---|",
         f"| base model | `{info.base_reference}` |",
+        f"| base revision | {revision} |",
         f"| quantization | {info.quantization} |",
         f"| LoRA rank / alpha / dropout | {o['rank']} / {o['lora_alpha']:g} / "
         f"{o['lora_dropout']:g} |",
@@ -136,11 +142,9 @@ def render_model_card(info: CardInfo) -> str:
         "With PEFT:",
         "",
         "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM",
+        "from peft import AutoPeftModelForCausalLM",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{info.base_hub_id or info.base_reference}")',
-        'model = PeftModel.from_pretrained(base, "<this repo or folder>")',
+        'model = AutoPeftModelForCausalLM.from_pretrained("<this repo or folder>")',
         "```",
         "",
         "With a LoRAMux server (serves many adapters on one 4-bit base):",

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loramux.core.config import add_settings_arguments, load_settings
+from loramux.core.config import Settings, add_settings_arguments, load_settings
 
 if TYPE_CHECKING:
     from loramux.trainer.options import TrainOptions
@@ -89,6 +89,13 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="compute the loss on every token, not only on assistant/completion tokens",
     )
     data.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="tokens per example")
+    data.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack each batch's examples into shared rows of up to --max-seq-len tokens instead "
+        "of padding them (position ids restart per example, no attention across examples, "
+        "same loss); faster when lengths vary",
+    )
 
     lora = p.add_argument_group("LoRA")
     lora.add_argument("-r", "--rank", "--lora-r", type=int, default=d.rank, help="LoRA rank r")
@@ -117,7 +124,19 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     opt.add_argument("--epochs", type=float, default=d.epochs, help="passes over the data")
     opt.add_argument("--max-steps", type=int, default=None, help="stop after N steps (not epochs)")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
+    opt.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="examples per step and process (global batch: batch size x grad accum x nproc)",
+    )
+    opt.add_argument(
+        "--nproc",
+        type=int,
+        default=d.nproc,
+        help="training processes, data-parallel (DDP through torchrun and accelerate): one "
+        "per GPU, each with its own 4-bit base; on the CPU they share the cores (gloo)",
+    )
     opt.add_argument(
         "--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps"
     )
@@ -165,7 +184,17 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     prog.add_argument(
         "--overwrite", action="store_true", help="replace a previous run in --output-dir"
     )
-    prog.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
+    prog.add_argument(
+        "--report-to",
+        type=_csv,
+        default=[],
+        metavar="tensorboard,wandb",
+        help="also log to TensorBoard (logs in OUTPUT/runs) and/or Weights & Biases (WANDB_MODE, "
+        "WANDB_PROJECT as usual; files under OUTPUT/wandb unless WANDB_DIR is set)",
+    )
+    prog.add_argument(
+        "--tensorboard", action="store_true", help="the same as --report-to tensorboard"
+    )
     prog.add_argument("--no-progress", action="store_true", help="no progress bar")
     prog.add_argument(
         "--no-eval-before",
@@ -265,22 +294,32 @@ def _options(args: argparse.Namespace) -> TrainOptions:
         resume=resume is not False,
         resume_from=Path(resume) if isinstance(resume, str) else None,
         overwrite=args.overwrite,
-        tensorboard=args.tensorboard,
+        packing=args.packing,
+        report_to=list(
+            dict.fromkeys([*args.report_to, *(["tensorboard"] if args.tensorboard else [])])
+        ),
+        nproc=args.nproc,
         progress_bar=not args.no_progress,
         eval_before_training=args.eval_before_training,
     )
 
 
 def _train(args: argparse.Namespace) -> int:
+    from loramux.trainer.distributed import Ranks, launch_processes
     from loramux.trainer.train import train
 
     settings = load_settings(args)
     options = _options(args)
     _check_publish_args(args, hub_target=args.push_to_hub)
-    result = train(options, settings)
+    ranks = Ranks.from_env()
+    if options.nproc > 1 and ranks.world_size == 1:
+        options.validate()
+        return launch_processes(options.nproc, sys.argv[1:])
+    result = train(options, settings, echo=print if ranks.is_main else None)
     if result.interrupted:
         return EXIT_INTERRUPTED
-    _publish_folder(args, result.output_dir, args.push_to_hub, settings.api_key)
+    if ranks.is_main:  # one upload, not one per process
+        _publish_folder(args, result.output_dir, args.push_to_hub, settings)
     return 0
 
 
@@ -289,7 +328,7 @@ def _publish(args: argparse.Namespace) -> int:
     if not args.repo_id and not args.publish_to:
         raise ValueError("give a Hub REPO_ID and/or --publish-to HOST:PORT")
     _check_publish_args(args, hub_target=args.repo_id)
-    _publish_folder(args, args.folder, args.repo_id, settings.api_key)
+    _publish_folder(args, args.folder, args.repo_id, settings)
     return 0
 
 
@@ -300,7 +339,7 @@ def _check_publish_args(args: argparse.Namespace, *, hub_target: str | None) -> 
 
 
 def _publish_folder(
-    args: argparse.Namespace, folder: Path, repo_id: str | None, api_key: str | None
+    args: argparse.Namespace, folder: Path, repo_id: str | None, settings: Settings
 ) -> None:
     from loramux.trainer.publish import publish_to_server, push_to_hub
 
@@ -314,7 +353,17 @@ def _publish_folder(
         print(published.url)
     if args.publish_to:
         name = args.adapter_name or Path(folder).resolve().name
-        stored = publish_to_server(folder, args.publish_to, name=name, api_key=api_key)
+        stored = publish_to_server(  # TLS from LORAMUX_TLS, LORAMUX_TLS_CA_FILE, ...
+            folder,
+            args.publish_to,
+            name=name,
+            api_key=settings.api_key,
+            tls=settings.client_tls,
+            ca_file=settings.tls_ca_file,
+            client_cert=settings.tls_client_cert,
+            client_key=settings.tls_client_key,
+            server_name=settings.tls_server_name,
+        )
         details = ", ".join(
             f"{key} {getattr(stored, key)}" for key in ("id", "rank") if hasattr(stored, key)
         )

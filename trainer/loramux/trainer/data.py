@@ -181,7 +181,12 @@ Encoded = tuple[Example, list[int], list[int]]  # example, input ids, labels
 
 
 class Tokenizer:
-    """Renders examples to token ids and labels for one tokenizer and one set of choices."""
+    """Renders examples to token ids and labels for one tokenizer and one set of choices.
+
+    The prompt part of every example is tokenised by ``loramux.core.prompts.PromptEncoder``,
+    the very code the server uses for the same text or chat, so the ids an adapter is trained
+    on are the ids it is fed when served (BOS included or not, chat template and all).
+    """
 
     def __init__(
         self,
@@ -191,11 +196,14 @@ class Tokenizer:
         prompt_format: str = "raw",
         train_on_prompt: bool = False,
     ) -> None:
+        from loramux.core.prompts import PromptEncoder
+
         if prompt_format not in PROMPT_FORMATS:
             raise InvalidArgument("prompt_format", f"must be one of {', '.join(PROMPT_FORMATS)}")
         if max_seq_len < 8:
             raise InvalidArgument("max_seq_len", f"must be >= 8, got {max_seq_len}")
         self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer)
         self.max_seq_len = max_seq_len
         self.prompt_format = prompt_format
         self.train_on_prompt = train_on_prompt
@@ -210,71 +218,68 @@ class Tokenizer:
                 messages=(("user", example.prompt), ("assistant", example.completion)),
             )
         if example.messages is not None:
-            text, spans = self._render_chat(example.messages)
-            return self._label_spans(text, spans, add_special_tokens=False)
-        assert example.prompt is not None and example.completion is not None
-        eos = self.tokenizer.eos_token or ""
-        text = example.prompt + example.completion + eos
-        return self._label_spans(text, [(len(example.prompt), len(text))], add_special_tokens=True)
+            ids, labels = self._encode_chat(example.messages)
+        else:
+            assert example.prompt is not None and example.completion is not None
+            ids, labels = self._encode_completion(example.prompt, example.completion)
+        return ids, (list(ids) if self.train_on_prompt else labels)
 
-    def _render_chat(
-        self, messages: Sequence[tuple[str, str]]
-    ) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans of the assistant replies.
+    def _encode_completion(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        """The served prompt's ids, then the completion's and the end-of-sequence token.
 
-        Each reply's span is found by rendering the conversation up to it (with the generation
-        prompt) and up to its end: the difference is exactly the text the model must produce,
-        including the end-of-turn token, so the adapter learns to stop.
+        Prompt and completion are tokenised together when that leaves the prompt's own ids
+        intact (the completion then reads as the model would write it), else one after the
+        other; either way the prompt part is exactly what the server feeds for `prompt`.
+        """
+        prompt_ids = self.prompts.text(prompt)
+        joint = self.prompts.text(prompt + completion)
+        if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+            reply = joint[len(prompt_ids) :]
+        else:
+            reply = self.prompts.continuation(completion)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None:
+            reply.append(int(eos))
+        return prompt_ids + reply, [IGNORE_INDEX] * len(prompt_ids) + reply
+
+    def _encode_chat(self, messages: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Token ids of the conversation; labels on the assistant replies only.
+
+        Built turn by turn in token space: before each assistant reply, the ids are exactly
+        what the server feeds for the conversation so far (with the generation prompt); the
+        reply is what the full rendering adds after that, through its end-of-turn token (so
+        the adapter learns to stop), and nothing the template appends after it.
         """
         if not self.has_chat_template:
             raise ValueError(
                 "the base model has no chat template; use prompt/completion records instead"
             )
-        as_dicts = [{"role": role, "content": content} for role, content in messages]
-        full = self._apply(as_dicts, generation_prompt=False)
-        spans: list[tuple[int, int]] = []
+        ids: list[int] = []
+        labels: list[int] = []
+        eos = self.tokenizer.eos_token_id
         for i, (role, content) in enumerate(messages):
             if role != "assistant" or not content.strip():
                 continue
-            before = self._apply(as_dicts[:i], generation_prompt=True) if i else ""
-            through = self._apply(as_dicts[: i + 1], generation_prompt=False)
-            if not (through.startswith(before) and full.startswith(through)):
+            before = self.prompts.chat(messages[:i], add_generation_prompt=True) if i else []
+            through = self.prompts.chat(messages[: i + 1], add_generation_prompt=False)
+            if before[: len(ids)] != ids or through[: len(before)] != before:
                 raise ValueError(
                     "the chat template does not render this conversation incrementally, so the "
                     "assistant replies cannot be located"
                 )
-            end = len(through)
-            eos = self.tokenizer.eos_token
-            if eos:  # stop after the end-of-turn token: trailing newlines are not the reply
-                cut = through.rfind(eos, len(before))
-                if cut != -1:
-                    end = cut + len(eos)
-            spans.append((len(before), end))
-        return full, spans
-
-    def _apply(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
-        rendered = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-        return str(rendered)
-
-    def _label_spans(
-        self, text: str, spans: list[tuple[int, int]], *, add_special_tokens: bool
-    ) -> tuple[list[int], list[int]]:
-        encoded = self.tokenizer(
-            text, add_special_tokens=add_special_tokens, return_offsets_mapping=True
-        )
-        ids: list[int] = list(encoded["input_ids"])
-        offsets: list[tuple[int, int]] = list(encoded["offset_mapping"])
-        if self.train_on_prompt:
-            return ids, list(ids)
-        labels = [IGNORE_INDEX] * len(ids)
-        for index, (start, end) in enumerate(offsets):
-            if end <= start:  # special tokens added by the tokenizer itself (e.g. BOS)
-                continue
-            if any(lo <= start < hi for lo, hi in spans):
-                labels[index] = ids[index]
-        return ids, labels
+            reply = through[len(before) :]
+            if eos is not None and eos in reply:  # stop after the end-of-turn token
+                reply = reply[: len(reply) - reply[::-1].index(eos)]
+            labels += [IGNORE_INDEX] * (len(before) - len(ids)) + reply
+            ids = before + reply
+        full = self.prompts.chat(messages, add_generation_prompt=False)
+        if full[: len(ids)] != ids:
+            raise ValueError(
+                "the chat template does not render this conversation incrementally, so the "
+                "assistant replies cannot be located"
+            )
+        labels += [IGNORE_INDEX] * (len(full) - len(ids))
+        return full, labels
 
     def finish(self, encoded: Sequence[Encoded], stats: DataStats) -> list[dict[str, list[int]]]:
         """Truncate and count; examples left without a target are dropped (and counted)."""

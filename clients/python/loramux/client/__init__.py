@@ -13,7 +13,7 @@ from loramux.client.client import (
     LoramuxClient,
     to_error,
 )
-from loramux.core.errors import (
+from loramux.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,

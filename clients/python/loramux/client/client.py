@@ -1,7 +1,7 @@
 """Synchronous and asyncio clients for a LoRAMux server.
 
 Failures come back as the same exception classes the server raises
-(`loramux.core.errors`), with the offending request field in `.field`. Calls that a
+(`loramux.errors`), with the offending request field in `.field`. Calls that a
 draining or restarting server answers with UNAVAILABLE are retried with backoff.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from loramux.core.errors import ERRORS_BY_CODE, Internal, LoramuxError
+from loramux.errors import ERRORS_BY_CODE, Internal, LoramuxError
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -267,8 +267,46 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def channel_options(server_name: str | None) -> list[tuple[str, Any]]:
+    if server_name is None:
+        return CHANNEL_OPTIONS
+    return [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name)]
+
+
+def _read(path: Path | str | None) -> bytes | None:
+    return None if path is None else Path(path).expanduser().read_bytes()
+
+
+def channel_credentials(
+    tls: bool = False,
+    ca_file: Path | str | None = None,
+    client_cert: Path | str | None = None,
+    client_key: Path | str | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for plaintext.
+
+    `tls=True` trusts the system's CAs; `ca_file` (a PEM bundle, e.g. of a private CA or a
+    self-signed server certificate) trusts those instead. `client_cert` + `client_key`
+    (PEM) answer a server that asks for a client certificate (mutual TLS). Giving any file
+    implies TLS. The clients' `server_name` checks the certificate for that name instead of
+    the address's host (connecting by IP to a certificate issued for a DNS name).
+    """
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together")
+    if not (tls or ca_file is not None or client_cert is not None):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file),
+        private_key=_read(client_key),
+        certificate_chain=_read(client_cert),
+    )
+
+
 class LoramuxClient:
     """Blocking client. `LoramuxClient("127.0.0.1:50051", api_key="lmx_...")`.
+
+    Over TLS: `LoramuxClient("host:50051", api_key=..., tls=True)` (system CAs), or
+    `ca_file="ca.pem"` for a private CA; `client_cert=`/`client_key=` for mutual TLS.
 
     `timeout` is the default deadline of each call in seconds (None: no deadline); every
     call also takes its own `timeout=`. UNAVAILABLE answers (a draining or restarting
@@ -282,9 +320,19 @@ class LoramuxClient:
         *,
         timeout: float | None = 300.0,
         retries: int = 3,
+        tls: bool = False,
+        ca_file: Path | str | None = None,
+        client_cert: Path | str | None = None,
+        client_key: Path | str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self._cfg = _Settings(address, api_key, timeout, retries)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = channel_credentials(tls, ca_file, client_cert, client_key)
+        self._channel = (
+            grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if credentials is None
+            else grpc.secure_channel(address, credentials, options=channel_options(server_name))
+        )
         self.inference = pb_grpc.InferenceServiceStub(self._channel)
         self.adapters = pb_grpc.AdapterServiceStub(self._channel)
         self.admin = pb_grpc.AdminServiceStub(self._channel)
@@ -362,6 +410,15 @@ class LoramuxClient:
 
     def model_info(self) -> pb.ModelInfoResponse:
         return self._unary(self.inference.ModelInfo, pb.ModelInfoRequest())
+
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...); needs no key."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._unary(stub.Check, request, timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def tokenize(
         self, text: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None
@@ -442,9 +499,19 @@ class AsyncLoramuxClient:
         *,
         timeout: float | None = 300.0,
         retries: int = 3,
+        tls: bool = False,
+        ca_file: Path | str | None = None,
+        client_cert: Path | str | None = None,
+        client_key: Path | str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self._cfg = _Settings(address, api_key, timeout, retries)
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = channel_credentials(tls, ca_file, client_cert, client_key)
+        self._channel = (
+            grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if credentials is None
+            else grpc.aio.secure_channel(address, credentials, options=channel_options(server_name))
+        )
         self.inference = pb_grpc.InferenceServiceStub(self._channel)
         self.adapters = pb_grpc.AdapterServiceStub(self._channel)
         self.admin = pb_grpc.AdminServiceStub(self._channel)
@@ -524,6 +591,15 @@ class AsyncLoramuxClient:
 
     async def model_info(self) -> pb.ModelInfoResponse:
         return await self._unary(self.inference.ModelInfo, pb.ModelInfoRequest())
+
+    async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...); needs no key."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._unary(stub.Check, request, timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     async def tokenize(
         self, text: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None

@@ -81,6 +81,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX adapters_digest ON adapters (digest)",
         ),
     ),
+    Migration(
+        3,
+        "tenant default is no admin (the implicit development mode of older versions made it "
+        "one, so a key made for it to keep its adapters was an admin key)",
+        ("UPDATE tenants SET admin = 0 WHERE name = 'default'",),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -1,7 +1,8 @@
 """PostgreSQL (psycopg 3): one registry for a fleet of replicas.
 
 Three kinds of connection, so no reader waits behind a writer of the same replica:
-reads (autocommit), writes (one transaction at a time), and a listener that waits for
+reads (autocommit; a few, since every call authenticates and resolves its adapter with
+one or two of them), writes (one transaction at a time), and a listener that waits for
 `NOTIFY loramux_registry`, sent by every write transaction and delivered at its commit,
 so other replicas act on a change at once instead of at their next poll. Folder changes
 take a session advisory lock on their own short-lived connection, so a replica that dies
@@ -11,6 +12,7 @@ next use; while the database is unreachable calls fail with UNAVAILABLE.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ CHANNEL = "loramux_registry"
 LOCK_CLASS = 0x4C4D58  # "LMX": the first key of LoRAMux's two-key advisory locks
 SCHEMA_LOCK = 0
 CONNECT_TIMEOUT_SECONDS = 10
+READERS = 4  # reads in flight at once per replica (each a round trip of well under 1 ms)
 
 
 class _PostgresTransaction:
@@ -52,6 +55,17 @@ class _Connection:
         if self._connection is None or self._connection.closed or self._connection.broken:
             self._connection = connect(self._url)
         return self._connection
+
+    def checked(self) -> psycopg.Connection[Any]:
+        """`get()`, after a round trip: a connection the server dropped (a restart, a
+        failover) shows as broken only when used, and a write must not be the first use."""
+        connection = self.get()
+        try:
+            connection.execute("SELECT 1")
+        except psycopg.OperationalError:
+            connection.close()
+            connection = self.get()
+        return connection
 
     def close(self) -> None:
         with self.lock:
@@ -80,12 +94,18 @@ class PostgresDatabase(Database):
     def __init__(self, url: str) -> None:
         self._url = url
         self._closed = threading.Event()
-        self._reader = _Connection(url)
+        self._readers: queue.LifoQueue[_Connection] = queue.LifoQueue()
+        for _ in range(READERS):
+            self._readers.put(_Connection(url))
         self._writer = _Connection(url)
         self._listener = _Connection(url)
         self._listening_on: object | None = None  # the connection that ran LISTEN
-        with self._reader.lock:
-            self._reader.get()  # fail at start, not at the first call, when unreachable
+        first = self._readers.get()
+        try:
+            with first.lock:
+                first.get()  # fail at start, not at the first call, when unreachable
+        finally:
+            self._readers.put(first)
 
     def describe(self) -> str:
         info = conninfo.conninfo_to_dict(self._url)
@@ -93,10 +113,18 @@ class PostgresDatabase(Database):
         return f"postgres ({info.get('user', '')}@{where}/{info.get('dbname', '')})"
 
     def rows(self, sql: str, args: Sequence[object] = ()) -> list[Row]:
-        with self._reader.lock:
+        reader = self._readers.get()
+        try:
+            return self._read(reader, sql, args)
+        finally:
+            self._readers.put(reader)
+
+    @staticmethod
+    def _read(reader: _Connection, sql: str, args: Sequence[object]) -> list[Row]:
+        with reader.lock:
             for attempt in (1, 2):
                 try:
-                    return _PostgresTransaction(self._reader.get()).fetch(sql, args)
+                    return _PostgresTransaction(reader.get()).fetch(sql, args)
                 except psycopg.OperationalError as exc:
                     if attempt == 2:
                         raise Unavailable("registry", "the registry database failed") from exc
@@ -105,7 +133,7 @@ class PostgresDatabase(Database):
     @contextmanager
     def transaction(self, *, bump: bool = True) -> Iterator[_PostgresTransaction]:
         with self._writer.lock:
-            connection = self._writer.get()
+            connection = self._writer.checked()
             try:
                 with connection.transaction():
                     tx = _PostgresTransaction(connection)
@@ -144,5 +172,8 @@ class PostgresDatabase(Database):
 
     def close(self) -> None:
         self._closed.set()
-        for connection in (self._reader, self._writer, self._listener):
+        readers = []
+        while not self._readers.empty():
+            readers.append(self._readers.get_nowait())
+        for connection in (*readers, self._writer, self._listener):
             connection.close()

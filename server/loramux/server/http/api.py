@@ -54,19 +54,12 @@ class OpenAIFront:
             self.state.auth.authenticate, {"authorization": header}
         )
 
-    def resolve_model(self, call: GenerationCall, model: str) -> str | None:
-        """The engine id for `model`: None for the base model, else the caller's adapter."""
-        if model == self.base_name:
-            return None
-        try:
-            return call.resolve(model)
-        except NotFound:
-            raise NotFound(
-                "model", f"the model {model!r} does not exist or you have no access to it"
-            ) from None
+    def model(self, model: str) -> str | None:
+        """The adapter `model` names (None: the base model)."""
+        return None if model == self.base_name else model
 
     def sampling(self, body: _GenerationBody, max_tokens: int) -> SamplingParams:
-        params = SamplingParams(
+        return SamplingParams(
             max_new_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
@@ -77,8 +70,6 @@ class OpenAIFront:
             stop_token_ids=tuple(body.stop_token_ids),
             ignore_eos=body.ignore_eos,
         )
-        params.validate(self.state.settings.max_new_tokens_limit)
-        return params
 
     # -- generation --
 
@@ -120,40 +111,42 @@ class OpenAIFront:
     def completion_request(
         self, body: CompletionBody, request_id: str
     ) -> Callable[[GenerationCall], GenerationRequest]:
-        def build(call: GenerationCall) -> GenerationRequest:
-            adapter_id = self.resolve_model(call, body.model)
-            prompt = body.single_prompt()
-            ids = self.state.engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-            max_tokens = (
-                body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
-            )
-            return GenerationRequest(
-                request_id=request_id,
-                prompt_token_ids=ids,
-                params=self.sampling(body, max_tokens),
-                adapter_id=adapter_id,
-            )
+        def prompt() -> list[int]:
+            text_or_ids = body.single_prompt()
+            if isinstance(text_or_ids, str):
+                return self.state.engine.tokenize(text_or_ids)
+            return list(text_or_ids)
 
-        return build
+        max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
+        return lambda call: _named_model(
+            body.model,
+            lambda: call.request(
+                self.model(body.model),
+                prompt,
+                lambda _: self.sampling(body, max_tokens),
+                request_id=request_id,
+            ),
+        )
 
     def chat_request(
         self, body: ChatCompletionBody, request_id: str
     ) -> Callable[[GenerationCall], GenerationRequest]:
-        def build(call: GenerationCall) -> GenerationRequest:
-            adapter_id = self.resolve_model(call, body.model)
-            ids = self.state.engine.render_chat(body.chat())
+        def params(prompt: list[int]) -> SamplingParams:
             max_tokens = body.requested_max_tokens()
             if max_tokens is None:  # OpenAI: as long as the context allows
-                room = self.state.engine.context_length - len(ids)
+                room = self.state.engine.context_length - len(prompt)
                 max_tokens = max(1, min(self.state.settings.max_new_tokens_limit, room))
-            return GenerationRequest(
-                request_id=request_id,
-                prompt_token_ids=ids,
-                params=self.sampling(body, max_tokens),
-                adapter_id=adapter_id,
-            )
+            return self.sampling(body, max_tokens)
 
-        return build
+        return lambda call: _named_model(
+            body.model,
+            lambda: call.request(
+                self.model(body.model),
+                lambda: self.state.engine.render_chat(body.chat()),
+                params,
+                request_id=request_id,
+            ),
+        )
 
     # -- models --
 
@@ -194,6 +187,18 @@ class OpenAIFront:
                     }
                 )
         return {"object": "list", "data": data}
+
+
+def _named_model(model: str, build: Callable[[], GenerationRequest]) -> GenerationRequest:
+    """`build()`, with an adapter that does not resolve reported as the unknown `model`."""
+    try:
+        return build()
+    except NotFound as error:
+        if error.field != "adapter":
+            raise
+        raise NotFound(
+            "model", f"the model {model!r} does not exist or you have no access to it"
+        ) from None
 
 
 async def _cancel_on_disconnect(request: Request, call: GenerationCall) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvicorn
 
+from loramux.core.config import Settings
 from loramux.core.errors import FailedPrecondition
 from loramux.server.http.api import create_app
 from loramux.server.state import ServerState
@@ -93,6 +95,20 @@ class _TooLarge(Exception):
     pass
 
 
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS options from --tls-cert/--tls-key/--tls-client-ca: the HTTP front is
+    served over TLS (mutual with a client CA) whenever gRPC is. Read once at start."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return {}
+    options: dict[str, Any] = {
+        "ssl_certfile": str(settings.tls_cert),
+        "ssl_keyfile": str(settings.tls_key),
+    }
+    if settings.tls_client_ca is not None:
+        options |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
+
+
 class HttpServer:
     """The OpenAI-compatible API on `sock`, served by uvicorn on its own thread."""
 
@@ -111,6 +127,7 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            **tls_options(state.settings),
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)

@@ -16,7 +16,15 @@ def _client(args: argparse.Namespace) -> Any:
     from loramux.client import LoramuxClient
 
     settings = load_settings(args)
-    return LoramuxClient(settings.address, settings.api_key)
+    return LoramuxClient(
+        settings.address,
+        settings.api_key,
+        tls=settings.client_tls,
+        ca_file=settings.tls_ca_file,
+        client_cert=settings.tls_client_cert,
+        client_key=settings.tls_client_key,
+        server_name=settings.tls_server_name,
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,6 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     add_settings_arguments(generate, ["client"])
     generate.set_defaults(func=_generate)
+
+    health = sub.add_parser(
+        "health",
+        help="check that a server is serving (exit 0) or not (exit 1)",
+        description="Ask a server's standard gRPC health service (no key needed; TLS as "
+        "configured): exit 0 when SERVING, 1 otherwise. The Docker image's HEALTHCHECK.",
+    )
+    health.add_argument("--service", default="", help="service name (default: the server)")
+    add_settings_arguments(health, ["client"])
+    health.set_defaults(func=_health)
 
     adapters = sub.add_parser(
         "adapters",
@@ -170,6 +188,20 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         print()
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 1 for anything but SERVING (unreachable too): Docker's code for unhealthy."""
+    from loramux.core.errors import LoramuxError
+
+    try:
+        with _client(args) as client:
+            status = client.health(args.service)
+    except LoramuxError as exc:
+        print(f"loramux health: {exc}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def _print_adapter(adapter: Any, as_json: bool) -> None:

@@ -1,0 +1,159 @@
+"""InferenceService: generation (whole or streamed), model facts, tokenization."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from loramux.core.errors import Cancelled, InvalidArgument
+from loramux.server.affinity import requested_adapter, weighted_adapters
+from loramux.server.engine import RequestStream
+from loramux.server.generation import GenerationCall
+from loramux.server.requests import FinishReason, SamplingParams, TokenEvent
+from loramux.server.rpc.wrapper import Servicer, rpc, time_left
+from loramux.server.tenants import Principal
+from loramux.v1 import loramux_pb2 as pb
+from loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_NEW_TOKENS = 64
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+}
+
+
+def finish_reason(event: TokenEvent) -> pb.FinishReason:
+    """The wire value of an event's finish reason (UNSPECIFIED while unfinished)."""
+    if event.finish_reason is None:
+        return pb.FINISH_REASON_UNSPECIFIED
+    return FINISH_REASONS.get(event.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+
+
+def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
+    """The request's decoding settings, protobuf defaults made explicit (not validated)."""
+    sampling = request.sampling
+    return SamplingParams(
+        max_new_tokens=request.max_new_tokens
+        if request.HasField("max_new_tokens")
+        else DEFAULT_MAX_NEW_TOKENS,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
+        top_k=sampling.top_k,
+        repetition_penalty=sampling.repetition_penalty
+        if sampling.HasField("repetition_penalty")
+        else 1.0,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+        stop=tuple(request.stop),
+        stop_token_ids=tuple(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
+    def _prompt(self, request: pb.GenerateRequest | pb.TokenizeRequest) -> list[int]:
+        engine = self.state.engine
+        which = request.WhichOneof("input")
+        if which in ("prompt", "text"):
+            text = request.prompt if which == "prompt" else request.text  # type: ignore[union-attr]
+            if not text:
+                raise InvalidArgument(which, "is empty")
+            return engine.tokenize(text)
+        if which == "chat":
+            return engine.render_chat([(m.role, m.content) for m in request.chat.messages])
+        raise InvalidArgument("input", "give `prompt` or `chat`")
+
+    @contextmanager
+    def _generation(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext, call: GenerationCall
+    ) -> Iterator[RequestStream]:
+        """Validate, wait for a tenant slot, submit; the stream is cancelled when the call ends.
+
+        A client that cancels or disconnects at any point frees what it holds: its place in
+        the tenant's wait line at once, its engine row at the next engine step.
+        """
+        # The message's adapter, or the one its metadata names for balancers (affinity.py).
+        metadata = dict(context.invocation_metadata())
+        remaining = time_left(context)
+        weighted = weighted_adapters(request, metadata) if request.adapters else None
+        generation = call.request(
+            None if weighted is not None else requested_adapter(request.adapter, metadata),
+            lambda: self._prompt(request),
+            lambda _: sampling_params(request),
+            request_id=request.request_id or uuid.uuid4().hex,
+            deadline=time.monotonic() + remaining if remaining is not None else None,
+            weighted=weighted,
+        )
+        if not context.add_callback(call.cancel):
+            raise Cancelled(None, "the call ended before generation started")
+        with call.submitted(generation, remaining) as stream:
+            yield stream
+
+    @rpc
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
+    ) -> pb.GenerateResponse:
+        call = GenerationCall(self.state, principal)
+        with call.recorded(), self._generation(request, context, call) as stream:
+            text: list[str] = []
+            tokens: list[int] = []
+            for event in call.events(stream):
+                text.append(event.text)
+                tokens.extend(event.token_ids)
+            return pb.GenerateResponse(
+                request_id=stream.request_id,
+                text="".join(text),
+                token_ids=tokens,
+                finish_reason=finish_reason(event),
+                usage=pb.Usage(
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                ),
+            )
+
+    @rpc
+    def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        call = GenerationCall(self.state, principal)
+        with call.recorded(), self._generation(request, context, call) as stream:
+            for event in call.events(stream):
+                message = pb.GenerateStreamResponse(
+                    request_id=stream.request_id,
+                    text=event.text,
+                    token_ids=list(event.token_ids),
+                )
+                if event.finished:
+                    message.finish_reason = finish_reason(event)
+                    message.usage.prompt_tokens = event.prompt_tokens
+                    message.usage.completion_tokens = event.completion_tokens
+                yield message
+
+    @rpc
+    def ModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.ServicerContext, principal: Principal
+    ) -> pb.ModelInfoResponse:
+        info = self.state.engine.info
+        return pb.ModelInfoResponse(
+            base_model=info.base_model,
+            base_model_reference=info.base_model_reference,
+            quantization=info.quantization,
+            device=info.device,
+            context_length=info.context_length,
+            max_rank=info.max_rank,
+            max_new_tokens_limit=info.max_new_tokens_limit,
+            max_batch_size=info.max_batch_size,
+            max_loaded_adapters=info.max_loaded_adapters,
+            max_upload_bytes=self.state.settings.max_upload_bytes,
+            vocab_size=info.vocab_size,
+        )
+
+    @rpc
+    def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.ServicerContext, principal: Principal
+    ) -> pb.TokenizeResponse:
+        return pb.TokenizeResponse(token_ids=self._prompt(request))
