@@ -240,3 +240,22 @@ def test_fuzzed_headers_never_fail_with_anything_but_a_named_refusal(
         _check(adapter, linears)
     except (InvalidArgument, FailedPrecondition) as exc:
         assert exc.field  # named: never an unnamed INTERNAL
+
+
+def test_header_over_the_limit_is_refused_before_parsing(
+    adapter: Path, linears: dict[str, LinearShape]
+) -> None:
+    """json.loads holds the GIL: a 68 MiB header stalled every thread ~10 s; 2 MiB is the cap."""
+    entries = {
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight": {
+            "dtype": "F32",
+            "shape": [0],
+            "data_offsets": [0, 0],
+        }
+        for i in range(30_000)
+    }
+    raw = json.dumps(entries).encode()
+    assert len(raw) > 2 << 20
+    (adapter / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(InvalidArgument, match="over the 2 MiB limit"):
+        _check(adapter, linears)

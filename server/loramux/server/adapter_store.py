@@ -18,6 +18,7 @@ tries again, so a passing error does not break the adapter until someone loads i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -65,6 +66,7 @@ class _Entry:
     want_evict: bool = False  # an `unload()` call is waiting for eviction
     generation: int = 0  # bumped when a deleted entry is stored again (stale loads are dropped)
     parts: tuple[WeightedAdapter, ...] = ()  # a composition of these adapters (else a folder)
+    incarnation: int = 0  # unique per store over entries and revivals (names its KV identity)
     stats: AdapterStats = field(default_factory=AdapterStats)
 
     @property
@@ -104,6 +106,7 @@ class AdapterStore:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # any entry changed state
         self._entries: dict[str, _Entry] = {}
+        self._incarnations = itertools.count(1)
         self._free_slots = list(range(max_loaded, 0, -1))  # slot 0 is the zero "base only" slot
         self._device_lru: OrderedDict[str, None] = OrderedDict()
         self._cpu_lru: OrderedDict[str, None] = OrderedDict()
@@ -135,12 +138,18 @@ class AdapterStore:
                 # it, so those requests release the slot they hold, not the new entry's.
                 old.deleted, old.load_error, old.path, old.spec = False, None, Path(path), spec
                 old.generation += 1
+                old.incarnation = next(self._incarnations)
                 return spec
             if old is not None:
                 if old.path == Path(path):
                     return old.spec
                 raise FailedPrecondition("adapter", f"{adapter_id} is already registered")
-            self._entries[adapter_id] = _Entry(adapter_id=adapter_id, path=Path(path), spec=spec)
+            self._entries[adapter_id] = _Entry(
+                adapter_id=adapter_id,
+                path=Path(path),
+                spec=spec,
+                incarnation=next(self._incarnations),
+            )
         return spec
 
     def unregister(self, adapter_id: str) -> None:
@@ -179,6 +188,7 @@ class AdapterStore:
                 # Dropped with a part that has since been stored again: serve it afresh.
                 entry.deleted, entry.want_evict, entry.load_error = False, False, None
                 entry.generation += 1
+                entry.incarnation = next(self._incarnations)
             elif entry is None:
                 self._drop_unused_composites(self.max_cpu - 1)
                 self._entries[adapter_id] = _Entry(
@@ -186,6 +196,7 @@ class AdapterStore:
                     path=Path(),
                     spec=composite_spec(specs),
                     parts=tuple(parts),
+                    incarnation=next(self._incarnations),
                 )
             self._composites[adapter_id] = None
             self._composites.move_to_end(adapter_id)
@@ -210,6 +221,13 @@ class AdapterStore:
             raise ResourceExhausted(
                 "adapters", f"{len(self._composites)} composed adapters are in use; try later"
             )
+
+    def kv_identity(self, adapter_id: str) -> bytes:
+        """Names the adapter's effect on keys and values, for the prefix cache: the same
+        files stored again after a delete, or other files under the same id, get a new one."""
+        with self._lock:
+            entry = self._get(adapter_id)
+            return f"adapter\0{adapter_id}\0{entry.incarnation}".encode()
 
     def __contains__(self, adapter_id: object) -> bool:
         with self._lock:
