@@ -253,7 +253,7 @@ def _build_services(
         engine=engine,
         registry=registry,
         auth=auth,
-        gate=ConcurrencyGate(),
+        gate=ConcurrencyGate(settings.calls_per_tenant),
         metrics=metrics,
     )
     stored = registry.all_adapters()
