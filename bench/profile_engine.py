@@ -71,13 +71,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     def profile_steps() -> tuple[float, Any]:
         position = 32
         tokens = [5] * args.batch
+        pool = engine.blocks
+        most = 32 + 3 + 2 * args.steps  # prompt, warm-up steps, two timed runs
+        tables = [pool.allocate(pool.blocks_for(most)) or [] for _ in range(args.batch)]
 
         def step() -> None:
             nonlocal position
-            runner.decode(DecodeBatch(tokens, [position] * args.batch, slots))
+            runner.decode(DecodeBatch(tokens, [position] * args.batch, slots, tables))
             position += 1
 
-        runner.prefill(PrefillBatch(0, prompts, slots))
+        runner.prefill(PrefillBatch(prompts, slots, tables))
         for _ in range(3):
             step()
         started = time.perf_counter()
@@ -87,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(args.steps):
                 step()
-        runner.cache.release()
+        for table in tables:
+            pool.release(table)
         return plain_ms, prof
 
     # On the engine thread, between its steps (no request is running): the passes see the

@@ -24,7 +24,7 @@ per step is reported too (and compared): it counts only this run's own work. Tok
 counts non-padding input tokens.
 
 Suite `packing`: LoRAMux's trainer on short chats of varied length (a generated set: a
-user turn of 1-3 sentences, a reply of 1-5), once padded (the default collator) and once
+user turn of 1-2 sentences, a reply of 1-3), once padded (the default collator) and once
 with `--packing` (each batch's examples in one row, attention kept per example), the same
 batches, steps and seed: training tokens/s and final eval loss side by side.
 
@@ -93,13 +93,13 @@ def write_dataset(folder: Path, train: int, eval_: int, seed: int = 0) -> tuple[
 
 
 def write_chat_dataset(folder: Path, train: int, eval_: int, seed: int = 0) -> tuple[Path, Path]:
-    """Short chats of varied length (about 40 to 250 tokens), as instruction data has."""
+    """Short chats of varied length, as instruction data has."""
     rng = random.Random(seed)
     sentences = [s.strip() + "." for s in PASSAGE.split(".") if s.strip()]
 
     def record() -> dict[str, Any]:
-        context = " ".join(rng.sample(sentences, rng.randint(1, 3)))
-        reply = " ".join(rng.sample(sentences, rng.randint(1, 5)))
+        context = " ".join(rng.sample(sentences, rng.randint(1, 2)))
+        reply = " ".join(rng.sample(sentences, rng.randint(1, 3)))
         return {
             "messages": [
                 {"role": "user", "content": f"{context}\nSay something related."},

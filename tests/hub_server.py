@@ -157,6 +157,9 @@ class HubServer:
         self._lfs: dict[str, bytes] = {}
         self._log: list[tuple[str, str]] = []
         self._counter = 0
+        # What model_info reports as the commit instead of the real one: a misbehaving Hub
+        # (or a proxy in between) for tests of what a client does with its answer.
+        self.reported_sha: str | None = None
         self._secret = secrets.token_hex(8)  # signs LFS upload URLs
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -658,7 +661,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "id": repo_id,
                 "modelId": repo_id,
                 "author": repo_id.split("/")[0],
-                "sha": commit.sha,
+                "sha": commit.sha if self.hub.reported_sha is None else self.hub.reported_sha,
                 "lastModified": commit.date,
                 "createdAt": repo.created_at,
                 "private": repo.private,

@@ -363,6 +363,12 @@ def test_metrics_expose_the_series(server: RunningServer, tenants: dict) -> None
         "loramux_adapter_load_seconds_total",
         'loramux_memory_bytes{part="base_model"}',
         'loramux_memory_bytes{part="adapters_cpu"}',
+        "loramux_kv_cache_blocks_total",
+        "loramux_kv_cache_blocks_used",
+        "loramux_kv_cache_usage_ratio",
+        "loramux_preemptions_total",
+        "loramux_prefix_cache_hit_tokens_total",
+        "loramux_prefill_tokens_total",
     ):
         assert series in text, series
 

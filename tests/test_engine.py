@@ -21,7 +21,6 @@ from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 from loramux.server.engine import Engine, RequestStream
 from loramux.server.lora import base_linear_shapes
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
-from loramux.server.runner import PrefillBatch
 from loramux.server.synthetic import write_random_adapter
 
 pytestmark = pytest.mark.slow
@@ -251,9 +250,7 @@ def _prefill_logit_errors(engine: Engine, peft: PeftReference, tie: float = 0.0)
     slots = [engine.adapters._entries[n].slot or 0 if n else 0 for n, _ in plan]
     assert len({s for s in slots if s}) == 4
     # On the engine thread between steps: no request can start meanwhile.
-    logits = engine.run_on_engine_thread(
-        lambda: engine.runner.prefill(PrefillBatch(0, prompts, slots))
-    )
+    logits = engine.run_on_engine_thread(lambda: engine.prefill_logits(prompts, slots))
     ratios = []
     for row, (name, _) in enumerate(plan):
         expected = peft.logits(prompts[row], name)

@@ -114,7 +114,9 @@ def test_failed_prefill_fails_only_its_requests(
     for event in ended:
         assert event.finish_reason is FinishReason.ERROR
         assert isinstance(event.error, status)
-    assert failure.running_when_raised and set(failure.running_when_raised) == {1}
+    # The survivor was in the batch at every failed prefill (the prefilling requests are
+    # in it too: with chunked prefill a prompt's rows join the batch before their chunks).
+    assert failure.running_when_raised and min(failure.running_when_raised) >= 2
     assert rest[-1].finish_reason is FinishReason.LENGTH
     assert _tokens([first, *rest]) == reference  # the running request went on, unharmed
     # Every slot is back: the adapter can be evicted (unload waits for its refcount to

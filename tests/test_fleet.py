@@ -73,7 +73,8 @@ def replicas(homes: list[Path], tiny: ResolvedModel, *extra: str) -> list[Server
     count = len(servers)
     try:
         with ThreadPoolExecutor(count) as pool:
-            list(pool.map(lambda s: s.start(), servers))
+            # Generous: two model loads at once on a shared, loaded machine (not a speed check).
+            list(pool.map(lambda s: s.start(timeout=900), servers))
     except BaseException:
         for server in servers:
             server.stop()

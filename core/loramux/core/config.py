@@ -97,7 +97,9 @@ class Settings:
     tls_client_ca: Path | None = setting(
         None, "PEM CA bundle: require client certificates signed by it (mutual TLS)", "server"
     )
-    grpc_workers: int = setting(64, "threads serving gRPC calls", "server")
+    grpc_workers: int = setting(
+        192, "threads serving gRPC calls (each call, also a queued one, holds one)", "server"
+    )
     http_port: int = setting(
         0, "port of the OpenAI-compatible HTTP API (/v1/..., /health, /ready; 0 disables)", "server"
     )
@@ -153,6 +155,16 @@ class Settings:
     # -- engine --
     max_batch_size: int = setting(32, "most requests decoding together", "engine")
     max_batch_tokens: int = setting(2048, "most tokens (prefill + decode) in one step", "engine")
+    kv_cache_bytes: int = setting(
+        0,
+        "KV cache pool, preallocated at start (0: auto, 1 GiB on the CPU capped at what "
+        "--max-batch-size full context windows need, 90%% of free memory on CUDA)",
+        "engine",
+    )
+    kv_block_size: int = setting(16, "token positions per KV cache block", "engine")
+    prefix_caching: bool = setting(
+        True, "keep full KV blocks after a request ends and reuse them for equal prefixes", "engine"
+    )
     max_new_tokens_limit: int = setting(1024, "largest max_new_tokens a request may ask", "engine")
     max_queued_requests: int = setting(1024, "requests waiting for a batch slot", "engine")
     max_rank: int = setting(64, "largest LoRA rank accepted", "engine")
@@ -182,6 +194,12 @@ class Settings:
 
     # -- tenants and limits --
     max_upload_bytes: int = setting(512 * 1024 * 1024, "largest adapter upload", "server")
+    tenant_max_calls: int = setting(
+        0,
+        "most gRPC calls one tenant may have in flight, any method (0: half of --grpc-workers); "
+        "below the worker pool, so one tenant's flood leaves threads for the others and health",
+        "server",
+    )
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
     tenant_max_queued: int = setting(64, "default per-tenant queued requests", "server")
     tenant_max_adapters: int = setting(100, "default per-tenant stored adapters", "server")
@@ -225,6 +243,11 @@ class Settings:
     def models_dir(self) -> Path:
         return self.home / "models"
 
+    @property
+    def calls_per_tenant(self) -> int:
+        """The effective --tenant-max-calls: below the gRPC worker pool, always."""
+        return self.tenant_max_calls or max(1, self.grpc_workers // 2)
+
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the flag."""
         positive = (
@@ -232,6 +255,7 @@ class Settings:
             "max_batch_tokens",
             "max_new_tokens_limit",
             "max_rank",
+            "kv_block_size",
             "max_loaded_adapters",
             "max_cpu_adapters",
             "grpc_workers",
@@ -240,6 +264,13 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_bytes < 0:
+            raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
+        if not 0 <= self.tenant_max_calls < self.grpc_workers:
+            raise ValueError(
+                f"--tenant-max-calls must be in 0..{self.grpc_workers - 1} (below --grpc-workers, "
+                f"so one tenant cannot take every thread), got {self.tenant_max_calls}"
+            )
         if self.compute_threads < 0:
             raise ValueError(f"--compute-threads must be >= 0, got {self.compute_threads}")
         if self.max_cpu_adapters < self.max_loaded_adapters:

@@ -18,6 +18,7 @@ tries again, so a passing error does not break the adapter until someone loads i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -63,6 +64,7 @@ class _Entry:
     want_device: bool = False  # a `load()` call is waiting for a slot
     want_evict: bool = False  # an `unload()` call is waiting for eviction
     generation: int = 0  # bumped when a deleted entry is stored again (stale loads are dropped)
+    incarnation: int = 0  # unique per store over entries and revivals (names its KV identity)
     stats: AdapterStats = field(default_factory=AdapterStats)
 
     @property
@@ -102,6 +104,7 @@ class AdapterStore:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # any entry changed state
         self._entries: dict[str, _Entry] = {}
+        self._incarnations = itertools.count(1)
         self._free_slots = list(range(max_loaded, 0, -1))  # slot 0 is the zero "base only" slot
         self._device_lru: OrderedDict[str, None] = OrderedDict()
         self._cpu_lru: OrderedDict[str, None] = OrderedDict()
@@ -132,12 +135,18 @@ class AdapterStore:
                 # it, so those requests release the slot they hold, not the new entry's.
                 old.deleted, old.load_error, old.path, old.spec = False, None, Path(path), spec
                 old.generation += 1
+                old.incarnation = next(self._incarnations)
                 return spec
             if old is not None:
                 if old.path == Path(path):
                     return old.spec
                 raise FailedPrecondition("adapter", f"{adapter_id} is already registered")
-            self._entries[adapter_id] = _Entry(adapter_id=adapter_id, path=Path(path), spec=spec)
+            self._entries[adapter_id] = _Entry(
+                adapter_id=adapter_id,
+                path=Path(path),
+                spec=spec,
+                incarnation=next(self._incarnations),
+            )
         return spec
 
     def unregister(self, adapter_id: str) -> None:
@@ -146,6 +155,13 @@ class AdapterStore:
             entry.deleted = True
             entry.want_evict = True
         self._wake_engine()
+
+    def kv_identity(self, adapter_id: str) -> bytes:
+        """Names the adapter's effect on keys and values, for the prefix cache: the same
+        files stored again after a delete, or other files under the same id, get a new one."""
+        with self._lock:
+            entry = self._get(adapter_id)
+            return f"adapter\0{adapter_id}\0{entry.incarnation}".encode()
 
     def __contains__(self, adapter_id: object) -> bool:
         with self._lock:

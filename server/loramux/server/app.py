@@ -189,6 +189,7 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
     metrics = Metrics(labels=settings.metrics_labels, salt_file=settings.home / METRICS_SALT)
     metrics_http, metrics_port = None, 0
     http_socket = http = None
+    watcher: RegistryWatcher | None = None
     try:
         port = _bind(server, settings)
         if settings.http_port:
@@ -209,6 +210,8 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
             http.start()
     except BaseException:
         server.stop(0)
+        if watcher is not None:
+            watcher.stop()
         registry.close()
         if metrics_http is not None:
             metrics_http.shutdown()  # type: ignore[attr-defined]
@@ -250,7 +253,7 @@ def _build_services(
         engine=engine,
         registry=registry,
         auth=auth,
-        gate=ConcurrencyGate(),
+        gate=ConcurrencyGate(settings.calls_per_tenant),
         metrics=metrics,
     )
     stored = registry.all_adapters()

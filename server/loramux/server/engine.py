@@ -5,9 +5,13 @@ One background thread runs the loop. Every step it
 1. carries out adapter warm/evict requests (device slots change only here, between passes);
 2. retires cancelled and timed-out requests;
 3. admits waiting requests whose adapter is resident (a cold adapter loads in the
-   background meanwhile, so the running batch never waits for disk) and prefills them;
-4. decodes one token for every request already running;
-5. streams each new token to its request's consumer and retires finished requests.
+   background meanwhile, so the running batch never waits for disk) and whose KV blocks
+   fit in the pool, reusing cached blocks of an equal prefix;
+4. gives every decoding row a block for its next token, preempting the newest requests
+   (recomputed later, no token lost) when the pool runs dry;
+5. prefills the next chunk of the prompts not yet cached (--max-batch-tokens per step,
+   minus one per decoding row) and decodes one token for every decoding row;
+6. streams each new token to its request's consumer and retires finished requests.
 
 Callers (the gRPC service, benchmarks, tests) only `submit` and read the returned stream.
 """
@@ -43,6 +47,8 @@ from loramux.core.prompts import PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.detokenize import IncrementalText
+from loramux.server.kv_blocks import ROOT_DIGEST, BlockPool, block_digest
+from loramux.server.kv_cache import PagedKVCache
 from loramux.server.lora import (
     LoraContext,
     base_linear_shapes,
@@ -51,7 +57,7 @@ from loramux.server.lora import (
     wrap_linear_layers,
 )
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
-from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch
+from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch, kv_geometry
 from loramux.server.sampling import RowSampler, sample_next_tokens
 from loramux.server.threads import compute_thread_count, in_own_thread, use_compute_threads
 
@@ -59,6 +65,8 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 CHAT_ROLES = ("system", "user", "assistant")
+CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU; pages are mapped as blocks are written
+CUDA_KV_FRACTION = 0.9  # default KV pool on CUDA: of the memory free once the model is loaded
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class ModelInfo:
     max_loaded_adapters: int
     vocab_size: int
     base_memory_bytes: int
+    kv_cache_bytes: int  # the KV block pool, reserved at start
+    kv_block_size: int  # token positions per block
+    kv_blocks_total: int
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,12 @@ class EngineStats:
     generated_tokens_total: int
     adapter_bytes: int
     base_memory_bytes: int
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # the pool's size (fixed)
+    kv_blocks_total: int
+    kv_blocks_used: int  # held by running requests (cached blocks nobody holds are free)
+    preemptions: int  # requests taken out of the batch to free blocks, and recomputed later
+    prefix_hit_tokens: int  # prompt tokens whose KV came from the prefix cache
+    prefill_tokens_total: int  # prompt (and recomputed) tokens run through the model
 
 
 class RequestStream:
@@ -128,12 +144,24 @@ class _Active:
     stream: RequestStream
     sampler: RowSampler
     text: IncrementalText
+    seq: int  # arrival order: the newest are preempted first
+    tokens: list[int]  # prompt + generated; all but the last are in the KV cache when decoding
     slot: int = 0  # adapter device slot, 0 = base only
-    cached: int = 0  # tokens in this row's KV cache
-    last_token: int = -1
+    holds_slot: bool = False
+    cached: int = 0  # tokens whose keys/values are in this request's blocks
+    blocks: list[int] = field(default_factory=list)  # block table: position p in blocks[p // B]
+    kv_identity: bytes = b""  # what besides its tokens determines its KV (set at admission)
+    digests: list[bytes] = field(default_factory=list)  # of its full blocks, in order
+    registered: int = 0  # full blocks offered to the prefix cache
     generated: int = 0
     acquire_attempts: int = 0
+    admitted_once: bool = False
     done: bool = field(default=False)
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to run through the model (1 when decoding, more while prefilling)."""
+        return len(self.tokens) - self.cached
 
 
 class Engine:
@@ -177,9 +205,20 @@ class Engine:
             module_names=module_names,
         )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.runner = ModelRunner(model, self._lora, settings.max_batch_size, pad)
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
+        num_blocks = self._pool_blocks(settings, kv_geometry(config), device)
+        self.runner = ModelRunner(model, self._lora, pad, num_blocks, settings.kv_block_size)
+        self.blocks = BlockPool(
+            num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching
+        )
+        log.info(
+            "KV cache: %d blocks of %d tokens, %.1f MiB (%d tokens)",
+            num_blocks,
+            settings.kv_block_size,
+            self.runner.cache.nbytes / 2**20,
+            num_blocks * settings.kv_block_size,
+        )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         base_bytes = (
             int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else 0
@@ -196,10 +235,12 @@ class Engine:
             max_loaded_adapters=settings.max_loaded_adapters,
             vocab_size=int(config.vocab_size),
             base_memory_bytes=base_bytes,
+            kv_cache_bytes=self.runner.cache.nbytes,
+            kv_block_size=settings.kv_block_size,
+            kv_blocks_total=num_blocks,
         )
         self._waiting: collections.deque[_Active] = collections.deque()
         self._running: list[_Active] = []
-        self._admitting: list[_Active] = []  # taken off the queue this step, not yet running
         self._ids = itertools.count()
         self._stopping = False
         self._woken = False
@@ -207,6 +248,9 @@ class Engine:
         self._compute_threads = compute_thread_count(settings.compute_threads)
         self._steps = 0
         self._prompt_tokens = 0
+        self._prefill_tokens = 0
+        self._prefix_hit_tokens = 0
+        self._preemptions = 0
         self._generated_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
@@ -225,6 +269,27 @@ class Engine:
         engine = cls(model, load_tokenizer(resolved), settings, resolved)
         engine.warm_up()
         return engine
+
+    def _pool_blocks(
+        self, settings: Settings, geometry: dict[str, int], device: torch.device
+    ) -> int:
+        """How many KV blocks --kv-cache-bytes buys (auto: see the setting's help)."""
+        per_block = PagedKVCache.bytes_per_block(
+            block_size=settings.kv_block_size, dtype=torch.bfloat16, **geometry
+        )
+        budget = settings.kv_cache_bytes
+        if budget == 0 and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * CUDA_KV_FRACTION)
+        elif budget == 0:
+            context_blocks = -(-self.context_length // settings.kv_block_size)
+            budget = min(CPU_KV_BYTES, settings.max_batch_size * context_blocks * per_block)
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(
+                f"--kv-cache-bytes {budget} is less than one KV block ({per_block} bytes)"
+            )
+        return int(blocks)
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -303,16 +368,25 @@ class Engine:
             )
         if any(not 0 <= t < self.info.vocab_size for t in prompt):
             raise InvalidArgument("prompt", "token id outside the vocabulary")
+        longest = len(prompt) + params.max_new_tokens
+        if self.blocks.blocks_for(longest) > self.blocks.num_blocks:
+            raise ResourceExhausted(
+                "max_new_tokens",
+                f"{len(prompt)} prompt tokens + max_new_tokens {params.max_new_tokens} need "
+                f"more KV cache than the server has: {self.blocks.num_blocks} blocks of "
+                f"{self.blocks.block_size} tokens (--kv-cache-bytes {self.info.kv_cache_bytes})",
+            )
         if request.adapter_id is not None and request.adapter_id not in self.adapters:
             raise NotFound("adapter", f"no adapter {request.adapter_id!r}")
-        stream = RequestStream(
-            request.request_id or f"req-{next(self._ids)}", len(prompt), self._wake
-        )
+        seq = next(self._ids)
+        stream = RequestStream(request.request_id or f"req-{seq}", len(prompt), self._wake)
         active = _Active(
             request=request,
             stream=stream,
             sampler=RowSampler(params, prompt),
             text=IncrementalText(self.tokenizer, params.stop),
+            seq=seq,
+            tokens=list(prompt),
         )
         with self._cv:
             if self._stopping:
@@ -337,6 +411,11 @@ class Engine:
             adapter_bytes=memory["cpu_bytes"] + memory["device_slot_bytes"],
             base_memory_bytes=self.info.base_memory_bytes,
             kv_cache_bytes=self.runner.cache.nbytes,
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.used,
+            preemptions=self._preemptions,
+            prefix_hit_tokens=self._prefix_hit_tokens,
+            prefill_tokens_total=self._prefill_tokens,
         )
 
     def adapter_demand(self) -> tuple[list[str], list[str]]:
@@ -411,57 +490,181 @@ class Engine:
         for active in self._running:
             self._check_abandoned(active, now)
         self._retire()
-
-        admitted = self._admit(waiting, now)
-        decoding = list(self._running)
-        if admitted:
-            self._prefill(admitted)
-        if decoding:  # rows [0, len(decoding)): all still running (retired above)
+        self._admit(waiting, now)
+        decoding = self._reserve_decode_blocks([a for a in self._running if a.pending == 1])
+        chunks = self._prefill_chunks([a for a in self._running if a.pending > 1], len(decoding))
+        if chunks:
+            self._prefill(chunks)
+        if decoding:
             logits = self.runner.decode(
                 DecodeBatch(
-                    tokens=[a.last_token for a in decoding],
+                    tokens=[a.tokens[-1] for a in decoding],
                     positions=[a.cached for a in decoding],
                     slots=[a.slot for a in decoding],
+                    block_tables=[a.blocks for a in decoding],
                 )
             )
             for active in decoding:
                 active.cached += 1
+                self._register_full_blocks(active)
             self._advance(decoding, logits)
         self._steps += 1
         self._retire()
-        if not self._running:
-            with self._cv:
-                if not self._waiting:
-                    self.runner.cache.release()
 
-    def _prefill(self, admitted: list[_Active]) -> None:
-        """Prefill newcomers into the rows after the running ones, and sample their first token.
+    def _prefill_chunks(
+        self, prefilling: list[_Active], decoding: int
+    ) -> list[tuple[_Active, int]]:
+        """The next chunk of each prompt for this step, oldest first, within the token budget.
+
+        The budget is --max-batch-tokens minus one token per decoding row; a prefill pass is
+        right-padded, so it costs rows x its longest chunk: the first row sets that width,
+        later rows take at most as much.
+        """
+        budget = self.settings.max_batch_tokens - decoding
+        chunks: list[tuple[_Active, int]] = []
+        width = 0
+        for active in sorted(prefilling, key=lambda a: a.seq):
+            if not chunks:
+                width = min(active.pending, budget)
+                if width < 1:
+                    break
+                chunks.append((active, width))
+            elif (len(chunks) + 1) * width <= budget:
+                chunks.append((active, min(active.pending, width)))
+            else:
+                break
+        return chunks
+
+    def _prefill(self, chunks: list[tuple[_Active, int]]) -> None:
+        """Run one chunk of each prefilling row; sample for the rows whose prompt is done.
 
         A failure here (out of memory, a bad adapter tensor) touched only these rows: they
-        end with an error and give their adapter slots back; the running rows go on.
+        end with an error and give their blocks and adapter slots back (at the step's
+        retire); the decoding rows go on.
         """
+        rows = [a for a, _ in chunks]
         try:
             logits = self.runner.prefill(
                 PrefillBatch(
-                    row_start=len(self._running),
-                    prompts=[a.request.prompt_token_ids for a in admitted],
-                    slots=[a.slot for a in admitted],
+                    prompts=[a.tokens[a.cached : a.cached + n] for a, n in chunks],
+                    slots=[a.slot for a in rows],
+                    block_tables=[a.blocks for a in rows],
+                    starts=[a.cached for a in rows],
                 )
             )
         except Exception as exc:
-            log.exception("prefill of %d requests failed", len(admitted))
+            log.exception("prefill of %d requests failed", len(rows))
             error = step_error("prefill", exc)
-            for active in admitted:
+            for active in rows:
                 self._finish(active, FinishReason.ERROR, error=error)
-                self._release_slot(active)
-            self._admitting = []
             return
-        for active in admitted:
-            active.cached = len(active.request.prompt_token_ids)
-            self._prompt_tokens += active.cached
-        self._running.extend(admitted)
-        self._admitting = []
-        self._advance(admitted, logits)
+        finished = []
+        for index, (active, n) in enumerate(chunks):
+            active.cached += n
+            self._prefill_tokens += n
+            self._register_full_blocks(active)
+            if active.pending == 0:
+                finished.append(index)
+        if finished:
+            self._advance([rows[i] for i in finished], logits[finished])
+
+    def prefill_logits(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """One unchunked prefill pass over `prompts` on fresh blocks, outside any request.
+
+        For tests and benchmarks comparing prefill logits [rows, vocab] with a reference;
+        call it on the engine thread (`run_on_engine_thread`) so no step runs meanwhile.
+        """
+        tables = []
+        try:
+            for prompt in prompts:
+                blocks = self.blocks.allocate(self.blocks.blocks_for(len(prompt)))
+                if blocks is None:
+                    raise ResourceExhausted("kv_cache_bytes", "no room in the KV cache")
+                tables.append(blocks)
+            return self.runner.prefill(PrefillBatch(prompts, slots, tables))
+        finally:
+            for table in tables:
+                self.blocks.release(table)
+
+    def _reserve_decode_blocks(self, decoding: list[_Active]) -> list[_Active]:
+        """A block for each decoding row's next token; preempt the newest when none is left."""
+        for active in sorted(decoding, key=lambda a: a.seq):
+            while active in self._running and len(active.blocks) * self.blocks.block_size <= (
+                active.cached
+            ):
+                block = self.blocks.allocate(1)
+                if block is not None:
+                    active.blocks.extend(block)
+                else:
+                    self._preempt(max(self._running, key=lambda a: a.seq))
+        return [a for a in decoding if a in self._running]
+
+    def _preempt(self, active: _Active) -> None:
+        """Free a running request's blocks; it waits in order and recomputes its tokens later.
+
+        Recompute rather than swap: its full blocks stay in the prefix cache while nobody
+        needs them, so a resumed request often gets most of them back for free.
+        """
+        log.info("KV cache full: preempting %s", active.stream.request_id)
+        self._running.remove(active)
+        self._release_resources(active)
+        active.cached, active.registered = 0, 0
+        self._preemptions += 1
+        with self._cv:
+            self._waiting.append(active)
+            self._waiting = collections.deque(sorted(self._waiting, key=lambda a: a.seq))
+            self._woken = True
+
+    def _release_resources(self, active: _Active) -> None:
+        self.blocks.release(active.blocks)
+        active.blocks = []
+        if active.holds_slot:
+            assert active.request.adapter_id is not None
+            self.adapters.release(active.request.adapter_id)
+            active.holds_slot, active.slot = False, 0
+            with self._cv:
+                self._woken = True  # a slot may have freed up for a waiting request
+
+    def _kv_identity(self, active: _Active) -> bytes:
+        """What besides the tokens keys this request's blocks: its cache scope and adapter.
+
+        Every adapter gets its own: one that changes any layer before the last changes the
+        hidden states all later layers project into keys and values, whatever modules it
+        targets, so only an adapter that touches nothing but the last layer's q/o/MLP
+        would leave them equal to the base model's (not worth a special case).
+        """
+        adapter_id = active.request.adapter_id
+        adapter = b"base" if adapter_id is None else self.adapters.kv_identity(adapter_id)
+        return active.request.cache_scope.encode() + b"\0" + adapter
+
+    def _prefix_digests(self, active: _Active) -> list[bytes]:
+        """Digests of the full blocks a prefix hit may cover (never the last token: its
+        logits are needed), computed once per request."""
+        if not self.blocks.prefix_caching:
+            return []
+        size = self.blocks.block_size
+        wanted = (len(active.tokens) - 1) // size
+        if len(active.digests) < wanted:
+            identity = active.kv_identity
+            parent = active.digests[-1] if active.digests else ROOT_DIGEST
+            for i in range(len(active.digests), wanted):
+                parent = block_digest(parent, identity, active.tokens[i * size : (i + 1) * size])
+                active.digests.append(parent)
+        return active.digests[:wanted]
+
+    def _register_full_blocks(self, active: _Active) -> None:
+        full = active.cached // self.blocks.block_size
+        if full <= active.registered or not self.blocks.prefix_caching:
+            return
+        size = self.blocks.block_size
+        identity = active.kv_identity
+        for i in range(active.registered, full):
+            if i == len(active.digests):
+                parent = active.digests[-1] if active.digests else ROOT_DIGEST
+                tokens = active.tokens[i * size : (i + 1) * size]
+                active.digests.append(block_digest(parent, identity, tokens))
+            self.blocks.register(active.blocks[i], active.digests[i])
+        active.registered = full
 
     def _check_abandoned(self, active: _Active, now: float) -> bool:
         if active.done:
@@ -472,22 +675,44 @@ class Engine:
             self._finish(active, FinishReason.DEADLINE)
         return active.done
 
-    def _admit(self, waiting: list[_Active], now: float) -> list[_Active]:
-        """Pick waiting requests for this step: adapters resident, rows and tokens to spare."""
-        admitted: list[_Active] = []
-        self._admitting = admitted  # off the queue, not yet running: failed with the step
+    def _admit(self, waiting: list[_Active], now: float) -> None:
+        """Move waiting requests into the batch, in arrival order, while rows and blocks last.
+
+        A request whose adapter is still loading is skipped (it stays queued, others go
+        ahead); one whose blocks do not fit stops admission, so a long prompt is not
+        overtaken forever by short ones. One whose next uncached block a running request is
+        computing right now waits for it, so that 32 requests arriving together with the
+        same long system prompt prefill it once, not 32 times.
+        """
         rows_free = self.settings.max_batch_size - len(self._running)
-        token_budget = self.settings.max_batch_tokens - len(self._running)
-        widest = 0
+        computing = {d for a in self._running for d in a.digests[a.registered :]}
+        full = False  # no rows or blocks left this step: later waiters are only checked
         for active in waiting:
+            # Every waiter is checked, also behind a full batch: a cancelled or expired
+            # request leaves the queue (and ends its stream) now, not when rows free up.
             if self._check_abandoned(active, now):
                 self._dequeue(active)
                 continue
-            if len(admitted) >= rows_free:
-                break
-            prompt_len = len(active.request.prompt_token_ids)
-            if admitted and max(widest, prompt_len) * (len(admitted) + 1) > token_budget:
-                break
+            if full or rows_free <= 0:
+                full = True
+                continue
+            try:
+                if not active.kv_identity:
+                    active.kv_identity = self._kv_identity(active)
+            except LoramuxError as exc:  # its adapter was deleted while it waited
+                self._finish(active, FinishReason.ERROR, error=exc)
+                self._dequeue(active)
+                continue
+            digests = self._prefix_digests(active)
+            hits = self.blocks.lookup(digests)
+            if len(hits) < len(digests) and digests[len(hits)] in computing:
+                self.blocks.release(hits)
+                continue
+            needed = self.blocks.blocks_for(len(active.tokens)) - len(hits)
+            if needed > self.blocks.available:
+                self.blocks.release(hits)
+                full = True
+                continue
             adapter_id = active.request.adapter_id
             if adapter_id is not None:
                 try:
@@ -495,17 +720,28 @@ class Engine:
                 except Exception as exc:  # this request only; the others go ahead
                     if not isinstance(exc, LoramuxError):
                         log.exception("adapter %s could not be acquired", adapter_id)
+                    self.blocks.release(hits)
                     self._finish(active, FinishReason.ERROR, error=step_error("adapter load", exc))
                     self._dequeue(active)
                     continue
                 active.acquire_attempts += 1
                 if slot is None:
+                    self.blocks.release(hits)
                     continue  # loading in the background; stays queued, others go ahead
-                active.slot = slot
-            widest = max(widest, prompt_len)
-            admitted.append(active)
+                active.slot, active.holds_slot = slot, True
+            fresh = self.blocks.allocate(needed)
+            assert fresh is not None, "checked against available above"
+            active.blocks = hits + fresh
+            active.cached = active.registered = len(hits)
+            active.cached *= self.blocks.block_size
+            self._prefix_hit_tokens += active.cached
+            if not active.admitted_once:
+                active.admitted_once = True
+                self._prompt_tokens += len(active.request.prompt_token_ids)
+            self._running.append(active)
+            computing.update(active.digests[active.registered :])
+            rows_free -= 1
             self._dequeue(active)
-        return admitted
 
     def _dequeue(self, active: _Active) -> None:
         with self._cv, contextlib.suppress(ValueError):
@@ -515,7 +751,7 @@ class Engine:
         tokens = sample_next_tokens(logits, [a.sampler for a in rows])
         for active, token in zip(rows, tokens, strict=True):
             active.generated += 1
-            active.last_token = token
+            active.tokens.append(token)
             self._generated_tokens += 1
             params = active.request.params
             if token in self.eos_token_ids and not params.ignore_eos:
@@ -557,37 +793,19 @@ class Engine:
         )
 
     def _retire(self) -> None:
-        """Drop finished rows; move the last row into each hole to keep rows contiguous."""
-        index = len(self._running) - 1
-        while index >= 0:
-            active = self._running[index]
-            if active.done:
-                last = len(self._running) - 1
-                if index != last:
-                    moved = self._running[last]
-                    self.runner.cache.move_row(last, index, moved.cached)
-                    self._running[index] = moved
-                self._running.pop()
-                self._release_slot(active)
-            index -= 1
-
-    def _release_slot(self, active: _Active) -> None:
-        """Give a finished request's adapter slot back (once)."""
-        if active.request.adapter_id is not None and active.slot:
-            active.slot = 0
-            self.adapters.release(active.request.adapter_id)
-            with self._cv:
-                self._woken = True  # a slot may have freed up for a waiting request
+        """Drop finished requests, returning their blocks and adapter slots."""
+        finished = [a for a in self._running if a.done]
+        if finished:
+            self._running = [a for a in self._running if not a.done]
+            for active in finished:
+                self._release_resources(active)
 
     def _fail_step(self, error: LoramuxError) -> None:
-        """After a failed step: fail the rows it touched (all running, and any newcomers)."""
-        for active in [*self._running, *self._admitting]:
+        """After a failed step: fail the rows it touched (every running request, the ones
+        admitted this step included), returning their blocks and slots."""
+        for active in self._running:
             self._finish(active, FinishReason.ERROR, error=error)
-        for active in self._admitting:
-            self._release_slot(active)
-        self._admitting = []
         self._retire()
-        self.runner.cache.release()
 
 
 def step_error(stage: str, exc: Exception) -> LoramuxError:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from loramux.core.errors import Cancelled, LoramuxError
 from loramux.server.engine import RequestStream
@@ -109,9 +110,13 @@ class GenerationCall:
     def submitted(
         self, request: GenerationRequest, wait_timeout: float | None
     ) -> Iterator[RequestStream]:
-        """Wait up to `wait_timeout` s for a tenant slot, submit; cancelled when left."""
+        """Wait up to `wait_timeout` s for a tenant slot, submit; cancelled when left.
+
+        The request shares cached KV blocks only with its own tenant's (`cache_scope`).
+        """
         if self._gone.is_set():
             raise Cancelled(None, "the call ended before generation started")
+        request = replace(request, cache_scope=self.principal.tenant)
         with self.state.gate.slot(self.principal, wait_timeout, self._gone):
             stream = self.state.engine.submit(request)
             self._streams.append(stream)

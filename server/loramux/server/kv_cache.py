@@ -1,13 +1,21 @@
-"""A row-slotted KV cache for continuous batching on top of Hugging Face models.
+"""A paged KV cache for continuous batching on top of Hugging Face models.
 
-Each running request owns one row of preallocated per-layer tensors
-[rows, kv_heads, capacity, head_dim]; its tokens sit left-aligned at columns
-[0, length). Decode writes each row's new key/value at that row's own length, so rows
-of different lengths share one forward pass with no re-padding, and joining or leaving
-the batch copies only the moving row. Active rows are kept contiguous ([0, n)).
+Keys and values live in one pool preallocated at start: per layer, `num_blocks` blocks
+of `block_size` token positions. Which blocks a request holds is its *block table*
+(kv_blocks.py decides that); a forward pass hands this object a `PagedLayout` saying
+where each new token's key/value goes and which blocks each row reads.
 
-The model sees this object as its `cache`: HF attention calls `update()` per layer and
-attends over what it returns, masked by the 4-D mask the engine builds.
+The model sees this object as its `cache`: HF attention calls `update()` per layer. It
+scatters the new keys/values into their blocks and returns, for each row, its own blocks
+gathered into a [rows, kv_heads, kv_length, head_dim] tensor (one indexed copy per
+layer, freed after the layer), which the layer's attention
+(scaled_dot_product_attention) reads under the 4-D mask the runner builds. A row never
+reads another row's blocks, and memory grows with the tokens held, not with the longest
+row times the batch. On CUDA a fused paged-attention kernel can replace the gather
+behind the same interface.
+
+The pool's tensors are allocated zeroed (`torch.zeros`): on the CPU the pages are
+mapped lazily, so resident memory grows as blocks are first written.
 """
 
 from __future__ import annotations
@@ -18,73 +26,56 @@ import torch
 
 
 @dataclass
-class StepLayout:
-    """Where this forward pass reads and writes (set by the engine before each forward)."""
+class PagedLayout:
+    """Where one forward pass writes and reads (set by the runner before the forward)."""
 
-    row_start: int  # first cache row of the batch
-    rows: int
-    write_positions: torch.Tensor | None  # [rows] int64 column per row (decode); None: prefill
-    kv_length: int  # columns attended to (decode: max length + 1; prefill: T)
+    write_slots: torch.Tensor  # [new_tokens] int64: block * block_size + offset per valid token
+    valid: torch.Tensor | None  # [rows, T] bool: real (not padding) new tokens; None: all are
+    block_tables: torch.Tensor  # [rows, blocks] int64: each row's blocks in order (padded)
+    kv_length: int  # columns attended to: the longest row's tokens after this pass
 
 
-class SlotKVCache:
-    """Per-layer K/V storage indexed by batch row; grows its column capacity on demand."""
+class PagedKVCache:
+    """Per-layer key/value block pools and the HF cache protocol over them."""
+
+    # Heads outermost, so that a row's gathered keys are [kv_heads, tokens, head_dim] blocks
+    # with the head_dim rows contiguous, the layout SDPA's CPU kernel reads fastest.
+    keys: list[torch.Tensor]  # per layer [kv_heads, num_blocks, block_size, head_dim]
+    values: list[torch.Tensor]  # per layer [kv_heads, num_blocks, block_size, head_dim]
 
     def __init__(
         self,
         num_layers: int,
-        max_rows: int,
+        num_blocks: int,
+        block_size: int,
         kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        initial_capacity: int = 256,
     ) -> None:
         self.num_layers = num_layers
-        self.max_rows = max_rows
+        self.num_blocks = num_blocks
+        self.block_size = block_size
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
-        self.initial_capacity = initial_capacity
-        self.capacity = 0
-        self.keys: list[torch.Tensor] = []  # per layer [max_rows, kv_heads, capacity, head_dim]
-        self.values: list[torch.Tensor] = []
-        self.layout: StepLayout | None = None
+        shape = (kv_heads, num_blocks, block_size, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.layout: PagedLayout | None = None
 
-    # -- memory --
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * kv_heads * head_dim * element
+
     @property
     def nbytes(self) -> int:
+        """The pool's size (reserved at start, whatever is in use)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def ensure_capacity(self, columns: int) -> None:
-        """Make room for `columns` tokens per row (doubling, so growth is amortised)."""
-        if columns <= self.capacity:
-            return
-        new_capacity = max(self.initial_capacity, self.capacity * 2 if self.capacity else 0)
-        while new_capacity < columns:
-            new_capacity *= 2
-        shape = (self.max_rows, self.kv_heads, new_capacity, self.head_dim)
-        grown_k, grown_v = [], []
-        for layer in range(self.num_layers):
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if self.capacity:
-                k[:, :, : self.capacity] = self.keys[layer]
-                v[:, :, : self.capacity] = self.values[layer]
-            grown_k.append(k)
-            grown_v.append(v)
-        self.keys, self.values, self.capacity = grown_k, grown_v, new_capacity
-
-    def release(self) -> None:
-        """Free all storage (the batch is empty)."""
-        self.keys, self.values, self.capacity = [], [], 0
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy row `src`'s first `length` tokens into row `dst` (to keep rows contiguous)."""
-        for k, v in zip(self.keys, self.values, strict=True):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
 
     # -- the HF cache protocol --
     def update(
@@ -94,23 +85,28 @@ class SlotKVCache:
         layer_idx: int,
         *args: object,
         **kwargs: object,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # each [rows, kv_heads, kv_length, head_dim]
         layout = self.layout
-        assert layout is not None, "engine must set the step layout before a forward"
-        rows = slice(layout.row_start, layout.row_start + layout.rows)
-        k_store, v_store = self.keys[layer_idx], self.values[layer_idx]
-        if layout.write_positions is None:  # prefill from an empty row
-            length = key_states.shape[2]
-            k_store[rows, :, :length] = key_states
-            v_store[rows, :, :length] = value_states
-            return key_states, value_states
-        row_ids = torch.arange(layout.row_start, layout.row_start + layout.rows, device=self.device)
-        k_store[row_ids, :, layout.write_positions] = key_states[:, :, 0]
-        v_store[row_ids, :, layout.write_positions] = value_states[:, :, 0]
-        return k_store[rows, :, : layout.kv_length], v_store[rows, :, : layout.kv_length]
+        assert layout is not None, "the runner must set the layout before a forward"
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        flat_shape = (self.kv_heads, -1, self.head_dim)
+        new_k = key_states.transpose(0, 1)  # [kv_heads, rows, T, head_dim]
+        new_v = value_states.transpose(0, 1)
+        if layout.valid is None:
+            new_k, new_v = new_k.reshape(flat_shape), new_v.reshape(flat_shape)
+        else:
+            new_k, new_v = new_k[:, layout.valid], new_v[:, layout.valid]
+        keys.view(flat_shape).index_copy_(1, layout.write_slots, new_k.to(self.dtype))
+        values.view(flat_shape).index_copy_(1, layout.write_slots, new_v.to(self.dtype))
+        rows, blocks = layout.block_tables.shape
+        width = blocks * self.block_size
+        k = keys[:, layout.block_tables].view(self.kv_heads, rows, width, self.head_dim)
+        v = values[:, layout.block_tables].view(self.kv_heads, rows, width, self.head_dim)
+        length = layout.kv_length
+        return k.transpose(0, 1)[:, :, :length], v.transpose(0, 1)[:, :, :length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layout.kv_length if self.layout else 0
+        return 0  # positions are always given explicitly (position_ids and the 4-D mask)
 
     @property
     def is_compileable(self) -> bool:

@@ -108,6 +108,34 @@ class EngineCollector(Collector):
             "loramux_running_batch_size", "Requests in the running batch", stats.running
         )
         yield CounterMetricFamily("loramux_engine_steps", "Engine loop steps", stats.steps)
+        yield GaugeMetricFamily(
+            "loramux_kv_cache_blocks_total", "KV cache blocks in the pool", stats.kv_blocks_total
+        )
+        yield GaugeMetricFamily(
+            "loramux_kv_cache_blocks_used",
+            "KV cache blocks held by running requests",
+            stats.kv_blocks_used,
+        )
+        yield GaugeMetricFamily(
+            "loramux_kv_cache_usage_ratio",
+            "Fraction of the KV cache blocks held by running requests",
+            stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0,
+        )
+        yield CounterMetricFamily(
+            "loramux_preemptions",
+            "Requests preempted to free KV blocks (recomputed later, no token lost)",
+            stats.preemptions,
+        )
+        yield CounterMetricFamily(
+            "loramux_prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache",
+            stats.prefix_hit_tokens,
+        )
+        yield CounterMetricFamily(
+            "loramux_prefill_tokens",
+            "Tokens run through the model in prefill passes (prompts and recomputation)",
+            stats.prefill_tokens_total,
+        )
         for name, value, doc in (
             (
                 "loramux_adapter_cache_hits",

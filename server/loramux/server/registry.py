@@ -22,8 +22,11 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +150,8 @@ class Registry:
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._db: Database = open_database(database, self.home)
+        self._staging_lock = threading.Lock()
+        self._staged: dict[str, int] = {}  # tenant -> bytes of its uploads/pulls in progress
         self.recover()
 
     def describe(self) -> str:
@@ -338,6 +343,35 @@ class Registry:
             (tenant,),
         )
         return int(rows[0]["n"]), int(rows[0]["b"])
+
+    @contextmanager
+    def staged_bytes(self, tenant: str, nbytes: int, quota: Quota) -> Iterator[None]:
+        """Hold `nbytes` of the tenant's byte quota while an upload or pull is staged.
+
+        Bytes on their way in count with the stored ones, so uploads and pulls running at
+        once cannot together stage more than the quota on disk; the first over it is
+        RESOURCE_EXHAUSTED before any byte moves. The publishing transaction still checks
+        the stored bytes (the fleet-wide figure). Counted per process: replicas sharing a
+        registry each hold their own tenant's staging to the quota.
+        """
+        with self._staging_lock:
+            count, used = self.usage(tenant)
+            pending = self._staged.get(tenant, 0)
+            if used + pending + nbytes > quota.max_bytes:
+                raise ResourceExhausted(
+                    None,
+                    f"tenant quota: at most {quota.max_bytes} adapter bytes ({used} stored, "
+                    f"{pending} being uploaded or pulled, {nbytes} more asked)",
+                )
+            check_quota(quota, count, used + pending, nbytes)
+            self._staged[tenant] = pending + nbytes
+        try:
+            yield
+        finally:
+            with self._staging_lock:
+                self._staged[tenant] -= nbytes
+                if not self._staged[tenant]:
+                    del self._staged[tenant]
 
     def staging_dir(self) -> Path:
         """A private folder for an upload or pull in progress (swept at start if abandoned)."""

@@ -69,6 +69,10 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter_id: str | None = None
     deadline: float | None = None  # time.monotonic() instant after which the engine stops it
+    # Requests share cached KV blocks only within one scope. The service passes the tenant:
+    # a prefix hit is visible in time to first token, so one tenant must not be able to
+    # probe which prompts another has sent.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True)

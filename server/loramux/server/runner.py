@@ -1,10 +1,13 @@
 """The model runner: forward passes over the running batch, nothing about requests.
 
-It owns the KV cache and the LoRA routing context and turns "these rows, these tokens,
-these adapter slots" into logits. Two kinds of pass:
+It owns the paged KV cache's storage and the LoRA routing context and turns "these rows,
+these tokens at these positions, these blocks, these adapter slots" into logits. Two
+kinds of pass:
 
-* prefill: new rows, right-padded to the longest prompt, causal mask with key padding;
-* decode: every running row advances by one token at its own position.
+* prefill: a chunk of each row's not-yet-cached tokens (a whole prompt, or a slice of a
+  long one after the part already cached), right-padded to the longest chunk; each chunk
+  attends causally to itself and to the row's tokens already in its blocks;
+* decode: every decoding row advances by one token at its own position.
 """
 
 from __future__ import annotations
@@ -15,26 +18,28 @@ from typing import Any
 
 import torch
 
-from loramux.server.kv_cache import SlotKVCache, StepLayout
+from loramux.server.kv_cache import PagedKVCache, PagedLayout
 from loramux.server.lora import LoraBatchMetadata, LoraContext
 
 
 @dataclass(frozen=True)
 class PrefillBatch:
-    """New rows appended to the cache at [row_start, row_start + rows)."""
+    """A chunk of tokens per row, written at positions [start, start + len(chunk))."""
 
-    row_start: int
-    prompts: list[list[int]]  # token ids per row
+    prompts: list[list[int]]  # token ids per row: this pass's chunk
     slots: list[int]  # adapter slot per row (0 = base only)
+    block_tables: list[list[int]]  # per row: its blocks, covering at least start + len(chunk)
+    starts: list[int] | None = None  # tokens already cached per row (None: all 0)
 
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """All running rows [0, rows), one token each."""
+    """Decoding rows, one token each."""
 
     tokens: list[int]  # last sampled token per row
     positions: list[int]  # tokens already in the cache per row (= the new token's position)
     slots: list[int]
+    block_tables: list[list[int]]  # per row: its blocks, covering at least position + 1
 
 
 class ModelRunner:
@@ -42,27 +47,23 @@ class ModelRunner:
         self,
         model: Any,  # a transformers causal LM (PreTrainedModel)
         lora: LoraContext | None,
-        max_rows: int,
         pad_token_id: int,
+        num_blocks: int,
+        block_size: int,
     ) -> None:
         self.model = model
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.lora = lora
         self.pad_token_id = pad_token_id
-        config = model.config
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
         self.device = next(model.parameters()).device
         self.dtype = torch.bfloat16
-        self.cache = SlotKVCache(
-            num_layers=config.num_hidden_layers,
-            max_rows=max_rows,
-            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim,
+        self.cache = PagedKVCache(
+            num_blocks=num_blocks,
+            block_size=block_size,
             dtype=self.dtype,
             device=self.device,
+            **kv_geometry(model.config),
         )
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -72,12 +73,16 @@ class ModelRunner:
             return None
         return self.lora.route(slots, tokens_per_row, self.device)
 
+    def _tables(self, tables: list[list[int]], blocks: int) -> torch.Tensor:  # [rows, blocks]
+        padded = [table[:blocks] + [0] * (blocks - len(table[:blocks])) for table in tables]
+        return torch.tensor(padded, dtype=torch.long, device=self.device)
+
     def _forward(
         self,
         input_ids: torch.Tensor,  # [rows, T]
         position_ids: torch.Tensor,  # [rows, T]
         mask: torch.Tensor,  # [rows, 1, T, kv_length] additive
-        layout: StepLayout,
+        layout: PagedLayout,
         routing: LoraBatchMetadata | None,
     ) -> torch.Tensor:  # [rows, T, hidden]
         self.cache.layout = layout
@@ -101,44 +106,68 @@ class ModelRunner:
         return self.lm_head(hidden).float()
 
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
-        """Run new prompts; return next-token logits [rows, vocab] float32."""
+        """Run each row's chunk; return the logits after its last token [rows, vocab] float32."""
         rows = len(batch.prompts)
+        block_size = self.cache.block_size
+        starts = torch.tensor(batch.starts or [0] * rows, dtype=torch.long, device=self.device)
         lengths = torch.tensor([len(p) for p in batch.prompts], device=self.device)
         width = int(lengths.max())
-        self.cache.ensure_capacity(width)
+        ends = starts + lengths  # [rows]: tokens in each row's cache after this pass
+        blocks = -(-int(ends.max()) // block_size)
+        tables = self._tables(batch.block_tables, blocks)
         input_ids = torch.full(
             (rows, width), self.pad_token_id, dtype=torch.long, device=self.device
         )
         for i, prompt in enumerate(batch.prompts):
             input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        columns = torch.arange(width, device=self.device)
-        allowed = (columns[None, :] <= columns[:, None])[None] & (
-            columns[None, None, :] < lengths[:, None, None]
-        )  # [rows, T, T]: causal, and no attending to padding
-        mask = self._additive(allowed[:, None])
+        offsets = torch.arange(width, device=self.device)
+        positions = starts[:, None] + offsets[None, :]  # [rows, T]
+        valid = offsets[None, :] < lengths[:, None]  # [rows, T]
+        written = torch.minimum(positions, ends[:, None] - 1)
+        slots = tables.gather(1, written // block_size) * block_size + written % block_size
+        kv_length = int(ends.max())
+        columns = torch.arange(kv_length, device=self.device)
+        allowed = (columns[None, None, :] <= positions[:, :, None]) & (
+            columns[None, None, :] < ends[:, None, None]
+        )  # [rows, T, columns]: causal over the row's own tokens, never padding
+        all_valid = bool(valid.all())
         hidden = self._forward(
             input_ids,
-            columns.expand(rows, width),
-            mask,
-            StepLayout(batch.row_start, rows, None, width),
+            positions,
+            self._additive(allowed[:, None]),
+            PagedLayout(
+                write_slots=slots.reshape(-1) if all_valid else slots[valid],
+                valid=None if all_valid else valid,
+                block_tables=tables,
+                kv_length=kv_length,
+            ),
             self._routing(batch.slots, width),
         )
         last = hidden[torch.arange(rows, device=self.device), lengths - 1]
         return self._logits(last)
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
-        """Advance every running row by one token; return logits [rows, vocab] float32."""
-        rows = len(batch.tokens)
+        """Advance every decoding row by one token; return logits [rows, vocab] float32."""
+        block_size = self.cache.block_size
+        blocks = max(batch.positions) // block_size + 1
+        tables = self._tables(batch.block_tables, blocks)
+        slots = [
+            table[p // block_size] * block_size + p % block_size
+            for table, p in zip(batch.block_tables, batch.positions, strict=True)
+        ]
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
-        kv_length = max(batch.positions) + 1
-        self.cache.ensure_capacity(kv_length)
-        columns = torch.arange(kv_length, device=self.device)
-        allowed = columns[None, :] <= positions[:, None]  # [rows, kv_length]
+        columns = torch.arange(max(batch.positions) + 1, device=self.device)
+        allowed = columns[None, :] <= positions[:, None]  # [rows, columns]
         hidden = self._forward(
             torch.tensor(batch.tokens, dtype=torch.long, device=self.device)[:, None],
             positions[:, None],
             self._additive(allowed[:, None, None]),
-            StepLayout(0, rows, positions, kv_length),
+            PagedLayout(
+                write_slots=torch.tensor(slots, dtype=torch.long, device=self.device),
+                valid=None,
+                block_tables=tables,
+                kv_length=max(batch.positions) + 1,
+            ),
             self._routing(batch.slots, 1),
         )
         return self._logits(hidden[:, -1])
@@ -146,3 +175,13 @@ class ModelRunner:
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+
+
+def kv_geometry(config: Any) -> dict[str, int]:
+    """Layers, KV heads and head size of a HF decoder config (what a KV block holds)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {
+        "num_layers": config.num_hidden_layers,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "head_dim": head_dim,
+    }

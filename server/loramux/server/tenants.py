@@ -151,10 +151,45 @@ class ConcurrencyGate:
     nor, later, a slot that nobody reads from.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_calls: int = 0) -> None:
         self._lock = threading.Condition()
         self._running: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
+        self.max_calls = max_calls  # per tenant, any method; 0: no limit
+        self._calls_lock = threading.Lock()
+        self._calls: dict[str, int] = {}
+
+    @contextmanager
+    def call(self, tenant: str) -> Iterator[None]:
+        """Count one call of `tenant` while it holds a server thread; refuse past `max_calls`.
+
+        With a thread-per-call server, every call (a generation waiting for a slot, a slow
+        reader's stream, an upload) holds a worker thread until it ends. Capping each
+        tenant below the worker pool leaves threads for every other tenant and for health
+        checks however one tenant floods; the call over the cap is refused at once, before
+        it waits for anything.
+        """
+        with self._calls_lock:
+            held = self._calls.get(tenant, 0)
+            if self.max_calls and held >= self.max_calls:
+                raise ResourceExhausted(
+                    None,
+                    f"tenant {tenant!r} has {held} calls in flight, the most one tenant may "
+                    "have (--tenant-max-calls); retry when some have finished",
+                )
+            self._calls[tenant] = held + 1
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                self._calls[tenant] -= 1
+                if not self._calls[tenant]:
+                    del self._calls[tenant]
+
+    def calls(self) -> dict[str, int]:
+        """Calls in flight per tenant (those counted by `call`)."""
+        with self._calls_lock:
+            return dict(self._calls)
 
     @contextmanager
     def slot(

@@ -129,7 +129,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("base_model", "base_model_reference", "quantization", "device", "context_length", "max_rank", "max_new_tokens_limit", "max_batch_size", "max_loaded_adapters", "max_upload_bytes", "vocab_size")
+    __slots__ = ("base_model", "base_model_reference", "quantization", "device", "context_length", "max_rank", "max_new_tokens_limit", "max_batch_size", "max_loaded_adapters", "max_upload_bytes", "vocab_size", "kv_cache_bytes", "kv_block_size", "kv_blocks_total")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,9 @@ class ModelInfoResponse(_message.Message):
     MAX_LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     base_model_reference: str
     quantization: str
@@ -152,7 +155,10 @@ class ModelInfoResponse(_message.Message):
     max_loaded_adapters: int
     max_upload_bytes: int
     vocab_size: int
-    def __init__(self, base_model: _Optional[str] = ..., base_model_reference: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_loaded_adapters: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    kv_cache_bytes: int
+    kv_block_size: int
+    kv_blocks_total: int
+    def __init__(self, base_model: _Optional[str] = ..., base_model_reference: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_loaded_adapters: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "chat")

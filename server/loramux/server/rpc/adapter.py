@@ -11,8 +11,14 @@ from typing import Any, BinaryIO
 
 import grpc
 
-from loramux.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from loramux.server.hub import download_from_hub
+from loramux.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from loramux.server.hub import HubClient
 from loramux.server.registry import (
     ALLOWED_FILES,
     REQUIRED_FILES,
@@ -136,14 +142,15 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
                 "files", f"upload of {total} bytes exceeds the limit of {limit}"
             )
         self._exists(principal, name)
-        self._check_quota(principal, total)
-        staged = self.state.registry.staging_dir()
-        try:
-            self._receive(request_iterator, declared, staged)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        return self._store(principal, name, staged, source="upload")
+        # The declared bytes count against the byte quota from now until stored or refused.
+        with self.state.registry.staged_bytes(principal.tenant, total, principal.quota):
+            staged = self.state.registry.staging_dir()
+            try:
+                self._receive(request_iterator, declared, staged)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            return self._store(principal, name, staged, source="upload")
 
     @staticmethod
     def _receive(
@@ -193,33 +200,27 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
             raise InvalidArgument("repo_id", "must look like `owner/name`")
         self._exists(principal, name)
         self._check_quota(principal, 0)
-        staged = self.state.registry.staging_dir()
-        try:
-            sha = download_from_hub(
-                request.repo_id,
-                request.revision or "main",
-                staged,
-                self.state.settings.max_upload_bytes,
-                self.state.settings.hub_endpoint,
-                token=request.hub_token or None,
-            )
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        size = sum(p.stat().st_size for p in staged.iterdir() if p.is_file())
-        limit = self.state.settings.max_upload_bytes
-        try:
-            if size > limit:  # the Hub's listing understated the sizes
-                raise ResourceExhausted(
-                    "repo_id", f"adapter of {size} bytes exceeds the limit of {limit}"
-                )
-            self._check_quota(principal, size)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        return self._store(
-            principal, name, staged, source="hub", repo_id=request.repo_id, revision=sha
+        hub = HubClient(self.state.settings.hub_endpoint, request.hub_token or None)
+        listing = hub.resolve(
+            request.repo_id, request.revision or "main", self.state.settings.max_upload_bytes
         )
+        with self.state.registry.staged_bytes(
+            principal.tenant, listing.size_bytes, principal.quota
+        ):
+            staged = self.state.registry.staging_dir()
+            try:
+                hub.download(listing, staged)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            return self._store(
+                principal,
+                name,
+                staged,
+                source="hub",
+                repo_id=request.repo_id,
+                revision=listing.sha,
+            )
 
     @rpc
     def ListAdapters(
@@ -260,6 +261,14 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         action: str,
     ) -> pb.AdapterInfo:
         record = self.state.registry.find(principal.tenant, request.name)
+        if record.owner != principal.tenant and not principal.admin:
+            # A public adapter is for everyone's requests; where it lives (device slot, CPU,
+            # disk) is its owner's or an admin's call, else one tenant evicts it for all.
+            raise PermissionDenied(
+                "name",
+                f"{record.owner}/{record.name} is {record.owner}'s adapter: only its owner "
+                f"or an admin may {action} it",
+            )
         if record.engine_id not in self.state.engine.adapters:
             register_record(self.state, record)
         remaining = time_left(context)

@@ -148,6 +148,9 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
             max_loaded_adapters=info.max_loaded_adapters,
             max_upload_bytes=self.state.settings.max_upload_bytes,
             vocab_size=info.vocab_size,
+            kv_cache_bytes=info.kv_cache_bytes,
+            kv_block_size=info.kv_block_size,
+            kv_blocks_total=info.kv_blocks_total,
         )
 
     @rpc

@@ -7,7 +7,9 @@ caught while its responses are produced, as the grpc-interceptor package does):
 
 1. counts the call in flight (draining waits for it; a draining server refuses it);
 2. authenticates the caller from the `authorization` metadata (and checks admin rights);
-3. maps what the handler raises onto a gRPC status: a `LoramuxError` onto its code, with
+3. counts it against the tenant's calls in flight (`ConcurrencyGate.call`: below the worker
+   pool, so one tenant's flood never takes every thread);
+4. maps what the handler raises onto a gRPC status: a `LoramuxError` onto its code, with
    the offending field in the `loramux-error-field` trailing metadata; anything else onto
    CANCELLED when the client has gone away (not a bug), else INTERNAL, logged.
 """
@@ -71,7 +73,8 @@ def guarded(
             principal = state.auth.authenticate(dict(context.invocation_metadata()))
             if admin:
                 Authenticator.require_admin(principal)
-            yield principal
+            with state.gate.call(principal.tenant):
+                yield principal
     except LoramuxError as error:
         abort(context, error)
     except Exception as exc:

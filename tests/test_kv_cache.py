@@ -1,0 +1,367 @@
+"""Issue 12: the paged KV cache on the real 4-bit SmolLM2.
+
+Every generation is compared with the same request run alone through the reference (the
+NF4 base model, or PeftModel for an adapter, greedy, with transformers' own KV cache):
+a request preempted and recomputed, a prompt prefilled in chunks between decode steps,
+and a prompt whose leading blocks come from the prefix cache give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from loramux.core.config import Settings
+from loramux.core.errors import ResourceExhausted
+from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
+from loramux.server.engine import Engine, RequestStream
+from loramux.server.kv_blocks import BlockPool
+from loramux.server.kv_cache import PagedKVCache
+from loramux.server.lora import base_linear_shapes
+from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
+from loramux.server.runner import kv_geometry
+from loramux.server.synthetic import write_random_adapter
+
+BLOCK = 16
+POOL_BLOCKS = 10
+SYSTEM = (
+    "You are a careful assistant for a shipping company. Answer in plain words, name the "
+    "port of origin and the port of arrival, give weights in tonnes and never guess a date."
+)
+STORY = "Write a long story about a lighthouse keeper and a storm."
+
+
+# ---- the block pool alone ----
+def test_block_pool_refcounts_prefix_hits_and_lru_eviction() -> None:
+    pool = BlockPool(4, BLOCK)
+    a = pool.allocate(2)
+    assert a == [0, 1] and pool.used == 2
+    pool.register(a[0], b"d0")
+    pool.register(a[1], b"d1")
+    b = pool.lookup([b"d0", b"d1", b"d2"])  # a second holder of the same prefix
+    assert b == [0, 1] and pool.used == 2
+    pool.release(a)
+    assert pool.used == 2  # still held by b
+    pool.release(b)
+    assert pool.used == 0 and pool.available == 4 and pool.cached_blocks == 2
+    # Free blocks go first, then cached ones, least recently released first: a request's
+    # tail (d1) was released before its head (d0).
+    fresh = pool.allocate(3)
+    assert fresh is not None and set(fresh[:2]) == {2, 3} and fresh[2] == 1
+    assert pool.lookup([b"d0"]) == [0]
+    assert pool.lookup([b"d1"]) == []  # evicted
+    assert pool.allocate(1) is None  # every block held
+    pool.release(fresh)
+    pool.release([0])
+    assert pool.used == 0
+
+
+def test_block_pool_without_prefix_caching_keeps_nothing() -> None:
+    pool = BlockPool(2, BLOCK, prefix_caching=False)
+    blocks = pool.allocate(2)
+    assert blocks is not None
+    pool.register(blocks[0], b"d0")
+    pool.release(blocks)
+    assert pool.lookup([b"d0"]) == [] and pool.cached_blocks == 0
+
+
+# ---- the engine against the reference ----
+@pytest.fixture(scope="module")
+def adapter_dirs(
+    tmp_path_factory: pytest.TempPathFactory, smollm2: ResolvedModel
+) -> dict[str, Path]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(smollm2.path)))
+    linears = base_linear_shapes(skeleton)
+    root = tmp_path_factory.mktemp("kv-adapters")
+    return {
+        "kv": write_random_adapter(root / "kv", linears, rank=8, targets=None, seed=1, scale=0.02),
+        "kv2": write_random_adapter(
+            root / "kv2", linears, rank=8, targets=None, seed=2, scale=0.02
+        ),
+    }
+
+
+class Reference:
+    """Each request alone: greedy over the NF4 base (or PeftModel), HF's own KV cache."""
+
+    def __init__(self, smollm2: ResolvedModel, dirs: dict[str, Path]) -> None:
+        from peft import PeftModel
+
+        base = load_base_model(smollm2, "nf4", "cpu")
+        names = list(dirs)
+        self.model = PeftModel.from_pretrained(base, str(dirs[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(str(dirs[name]), adapter_name=name)
+        self.model.eval()
+        self.memo: dict[tuple[tuple[int, ...], str | None, int], list[int]] = {}
+
+    def greedy(self, ids: list[int], adapter: str | None, new_tokens: int) -> list[int]:
+        """`new_tokens` greedy tokens, EOS included and not stopping (as ignore_eos)."""
+        key = (tuple(ids), adapter, new_tokens)
+        if key in self.memo:
+            return self.memo[key]
+        from transformers import DynamicCache
+
+        context: Any = self.model.disable_adapter() if adapter is None else torch.inference_mode()
+        if adapter is not None:
+            self.model.set_adapter(adapter)
+        out: list[int] = []
+        with context, torch.inference_mode():
+            cache = DynamicCache()
+            step = torch.tensor([ids])
+            for _ in range(new_tokens):
+                logits = self.model(input_ids=step, past_key_values=cache, use_cache=True).logits
+                token = int(logits[0, -1].argmax())
+                out.append(token)
+                step = torch.tensor([[token]])
+        self.memo[key] = out
+        return out
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Reference:
+    return Reference(smollm2, adapter_dirs)
+
+
+def _engine(smollm2: ResolvedModel, dirs: dict[str, Path], **settings: Any) -> Engine:
+    engine = Engine(
+        load_base_model(smollm2, "nf4", "cpu"),
+        load_tokenizer(smollm2),
+        Settings(**settings),
+        smollm2,
+        lora_kernel="eager",
+    )
+    for name, folder in dirs.items():
+        engine.adapters.register(name, folder)
+    return engine
+
+
+def _block_bytes(smollm2: ResolvedModel) -> int:
+    from transformers import AutoConfig
+
+    geometry = kv_geometry(AutoConfig.from_pretrained(str(smollm2.path)))
+    return PagedKVCache.bytes_per_block(block_size=BLOCK, dtype=torch.bfloat16, **geometry)
+
+
+@pytest.fixture(scope="module")
+def small_pool(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
+    """10 blocks (160 tokens): three ~45-token requests growing by 12 tokens do not fit."""
+    engine = _engine(
+        smollm2,
+        adapter_dirs,
+        kv_cache_bytes=POOL_BLOCKS * _block_bytes(smollm2),
+        kv_block_size=BLOCK,
+        max_batch_size=8,
+    )
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chunked(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
+    """A roomy pool and at most 24 tokens per step: long prompts are prefilled in chunks."""
+    engine = _engine(smollm2, adapter_dirs, max_batch_tokens=24, kv_block_size=BLOCK)
+    yield engine
+    engine.shutdown()
+
+
+def _chat(engine: Engine, user: str, system: str | None = None) -> list[int]:
+    messages = [("system", system)] if system else []
+    return engine.render_chat([*messages, ("user", user)])
+
+
+def _request(ids: list[int], adapter: str | None, new_tokens: int, rid: str) -> GenerationRequest:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return GenerationRequest(rid, ids, params, adapter)
+
+
+def _tokens(stream: RequestStream) -> tuple[list[int], FinishReason | None]:
+    tokens: list[int] = []
+    reason = None
+    for event in stream:
+        tokens.extend(event.token_ids)
+        reason = event.finish_reason
+        assert event.error is None, event.error
+    return tokens, reason
+
+
+class PassLog:
+    """Records the engine's forward passes: ("prefill", padded tokens) / ("decode", rows)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.passes: list[tuple[str, int]] = []
+        runner = engine.runner
+        prefill, decode = runner.prefill, runner.decode
+
+        def logged_prefill(batch: Any) -> torch.Tensor:
+            self.passes.append(("prefill", len(batch.prompts) * max(map(len, batch.prompts))))
+            return prefill(batch)
+
+        def logged_decode(batch: Any) -> torch.Tensor:
+            self.passes.append(("decode", len(batch.tokens)))
+            return decode(batch)
+
+        runner.prefill, runner.decode = logged_prefill, logged_decode  # type: ignore[method-assign]
+        self._restore = (prefill, decode)
+        self._runner = runner
+
+    def close(self) -> None:
+        self._runner.prefill, self._runner.decode = self._restore  # type: ignore[method-assign]
+
+
+def test_model_info_and_stats_report_the_pool(small_pool: Engine, smollm2: ResolvedModel) -> None:
+    info, stats = small_pool.info, small_pool.stats()
+    assert info.kv_blocks_total == stats.kv_blocks_total == POOL_BLOCKS
+    assert info.kv_block_size == BLOCK
+    assert info.kv_cache_bytes == stats.kv_cache_bytes == POOL_BLOCKS * _block_bytes(smollm2)
+    assert stats.kv_blocks_used == 0
+
+
+def test_default_pool_holds_a_full_context_window(chunked: Engine) -> None:
+    assert chunked.info.kv_blocks_total * BLOCK >= chunked.context_length
+
+
+def test_request_that_can_never_fit_is_refused_up_front(small_pool: Engine) -> None:
+    ids = _chat(small_pool, "Hello")
+    with pytest.raises(ResourceExhausted) as caught:
+        small_pool.submit(_request(ids, None, 300 - len(ids), "too-long"))
+    assert caught.value.field == "max_new_tokens"
+    message = caught.value.message
+    assert "--kv-cache-bytes" in message and f"{POOL_BLOCKS} blocks" in message
+
+
+def test_preempted_requests_resume_with_the_tokens_they_would_have_had_alone(
+    small_pool: Engine, reference: Reference
+) -> None:
+    plan = [
+        (STORY, None),
+        ("Describe a busy harbour at dawn in detail.", "kv"),
+        ("Tell me about the history of sailing ships.", "kv2"),
+    ]
+    # Few new tokens: each is a chance for a near-tie to flip between batched and alone
+    # (docs/engine.md, Correctness); 12 are enough to overflow the pool.
+    new_tokens = 12
+    prompts = [_chat(small_pool, user) for user, _ in plan]
+    blocks = [-(-(len(p) + new_tokens) // BLOCK) for p in prompts]
+    assert sum(blocks) > POOL_BLOCKS and max(blocks) <= POOL_BLOCKS
+    before = small_pool.stats()
+    streams = [
+        small_pool.submit(_request(ids, adapter, new_tokens, f"pre{i}"))
+        for i, (ids, (_, adapter)) in enumerate(zip(prompts, plan, strict=True))
+    ]
+    results = [_tokens(s) for s in streams]
+    after = small_pool.stats()
+    assert after.preemptions > before.preemptions
+    for (tokens, reason), ids, (_, adapter) in zip(results, prompts, plan, strict=True):
+        assert reason is FinishReason.LENGTH
+        assert tokens == reference.greedy(ids, adapter, new_tokens), adapter
+    assert after.kv_blocks_used == 0
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_interleaves_with_decode(
+    chunked: Engine, reference: Reference
+) -> None:
+    log = PassLog(chunked)
+    try:
+        short = _chat(chunked, "Name a color.")
+        running = chunked.submit(_request(short, "kv", 30, "short"))
+        first = next(iter(running))  # decoding before the long prompt arrives
+        log.passes.clear()
+        long_ids = _chat(chunked, STORY, system=SYSTEM * 2)
+        assert len(long_ids) > 4 * 24  # five chunks or more
+        long = chunked.submit(_request(long_ids, "kv", 8, "long"))
+        long_tokens, _ = _tokens(long)
+        rest, _ = _tokens(running)
+    finally:
+        log.close()
+    assert long_tokens == reference.greedy(long_ids, "kv", 8)
+    assert list(first.token_ids) + rest == reference.greedy(short, "kv", 30)
+    prefills = [n for kind, n in log.passes if kind == "prefill"]
+    assert max(prefills) <= 24 and len(prefills) >= len(long_ids) // 24
+    # Between the long prompt's first and last chunk the short request kept decoding.
+    kinds = [kind for kind, _ in log.passes]
+    first_chunk = kinds.index("prefill")
+    last_chunk = len(kinds) - 1 - kinds[::-1].index("prefill")
+    assert kinds[first_chunk:last_chunk].count("decode") >= len(prefills) - 1
+
+
+def test_prefix_hit_skips_the_shared_blocks_and_gives_the_same_tokens(
+    chunked: Engine, reference: Reference
+) -> None:
+    first = _chat(chunked, "Where does the ship from Rotterdam go?", system=SYSTEM)
+    second = _chat(chunked, "How heavy is the cargo on the ship to Oslo?", system=SYSTEM)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert shared >= 2 * BLOCK
+    _tokens(chunked.submit(_request(first, "kv", 4, "warm")))
+
+    def run(ids: list[int], adapter: str | None) -> tuple[list[int], int, int]:
+        before = chunked.stats()
+        tokens, _ = _tokens(chunked.submit(_request(ids, adapter, 8, "hit")))
+        after = chunked.stats()
+        return (
+            tokens,
+            after.prefix_hit_tokens - before.prefix_hit_tokens,
+            after.prefill_tokens_total - before.prefill_tokens_total,
+        )
+
+    tokens, hit, computed = run(second, "kv")
+    assert hit == shared // BLOCK * BLOCK  # every full block of the shared prefix
+    assert computed == len(second) - hit
+    assert tokens == reference.greedy(second, "kv", 8)
+    # Another adapter (it changes every layer's keys and values) and the base model do not
+    # reuse the blocks "kv" computed; their tokens are their own.
+    for adapter in ("kv2", None):
+        tokens, hit, computed = run(second, adapter)
+        assert hit == 0 and computed == len(second)
+        assert tokens == reference.greedy(second, adapter, 8)
+    assert chunked.stats().kv_blocks_used == 0
+
+
+def test_requests_arriving_together_prefill_their_shared_prefix_once(
+    chunked: Engine, reference: Reference
+) -> None:
+    users = ["Which port is busiest?", "What does a tonne weigh?", "Name a cargo ship."]
+    # A system prompt no earlier test sent: nothing of it is cached yet.
+    system = (
+        "You route freight trains across the Alps for a Swiss operator; answer with the "
+        "names of the stations on the route, in order, and nothing else."
+    )
+    prompts = [_chat(chunked, user, system=system) for user in users]
+    shared = min(
+        next(i for i, (a, b) in enumerate(zip(prompts[0], p, strict=False)) if a != b)
+        for p in prompts[1:]
+    )
+    full_blocks = shared // BLOCK * BLOCK
+    assert full_blocks >= 2 * BLOCK
+    before = chunked.stats()
+    streams = [
+        chunked.submit(_request(ids, "kv", 4, f"together{i}")) for i, ids in enumerate(prompts)
+    ]
+    results = [_tokens(s)[0] for s in streams]
+    after = chunked.stats()
+    computed = after.prefill_tokens_total - before.prefill_tokens_total
+    assert computed == sum(len(p) for p in prompts) - 2 * full_blocks
+    assert after.prefix_hit_tokens - before.prefix_hit_tokens == 2 * full_blocks
+    for tokens, ids in zip(results, prompts, strict=True):
+        assert tokens == reference.greedy(ids, "kv", 4)
+
+
+def test_metrics_report_the_pool_and_its_use(small_pool: Engine) -> None:
+    from prometheus_client import generate_latest
+
+    from loramux.server.metrics import Metrics
+
+    text = generate_latest(Metrics(small_pool).registry).decode()
+    stats = small_pool.stats()
+    assert f"loramux_kv_cache_blocks_total {float(stats.kv_blocks_total)}" in text
+    assert "loramux_kv_cache_blocks_used 0.0" in text
+    assert "loramux_kv_cache_usage_ratio 0.0" in text
+    assert f"loramux_preemptions_total {float(stats.preemptions)}" in text
+    assert f"loramux_prefix_cache_hit_tokens_total {float(stats.prefix_hit_tokens)}" in text
