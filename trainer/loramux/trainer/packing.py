@@ -2,7 +2,7 @@
 
 Short chat examples of varied length waste most of a padded batch on padding tokens, which
 cost the same compute as real ones. Packed, the examples of a batch are laid end to end in
-as few rows of at most ``row_len`` tokens as fit (first fit, longest first), and:
+as few rows of at most ``row_len`` tokens as fit (balanced, longest first), and:
 
 * ``position_ids`` restart at 0 for every example, and no ``attention_mask`` is passed:
   transformers then derives one segment per example from the restarts (``masking_utils.
@@ -35,21 +35,25 @@ class PackingCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def rows(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Example indices per row: first fit, longest first (an example longer than a row
-        gets a row of its own)."""
-        rows: list[list[int]] = []
-        room: list[int] = []
-        for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            size = lengths[index]
-            for r, free in enumerate(room):
-                if size <= free:
-                    rows[r].append(index)
-                    room[r] -= size
-                    break
-            else:
-                rows.append([index])
-                room.append(self.row_len - size)
-        return rows
+        """Example indices per row: as few rows as fit in `row_len` tokens, balanced (each
+        example, longest first, goes to the emptiest row), since every row is padded to the
+        longest. An example longer than a row gets a row of its own."""
+        total = sum(lengths)
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        count = max(1, -(-total // self.row_len))
+        while True:
+            rows: list[list[int]] = [[] for _ in range(count)]
+            sizes = [0] * count
+            for index in order:
+                r = sizes.index(min(sizes))
+                rows[r].append(index)
+                sizes[r] += lengths[index]
+            fits = all(
+                size <= self.row_len or len(row) == 1 for row, size in zip(rows, sizes, strict=True)
+            )
+            if fits or count >= len(lengths):
+                return [row for row in rows if row]
+            count += 1
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
