@@ -209,6 +209,50 @@ def test_streamed_text_equals_unary_text(tenants: dict[str, LoramuxClient]) -> N
     assert chunks[-1].completion_tokens == unary.completion_tokens == len(unary.token_ids)
 
 
+def test_weighted_adapters_strength_and_composition(
+    address: str, tenants: dict[str, LoramuxClient]
+) -> None:
+    """GenerateRequest.adapters: weight 0 is the base model, weight 1 the adapter itself,
+    several their weighted sum (checked against PEFT in tests/test_composition.py); the
+    sync and async clients send the same; bad entries are refused naming the field."""
+    acme, globex = tenants["acme"], tenants["globex"]
+    ask = {"messages": QUESTION, "max_new_tokens": 12}
+    base = acme.generate(**ask).token_ids
+    alone = acme.generate(adapter="shared-name", **ask).token_ids
+    other = acme.generate(adapter="public-one", **ask).token_ids
+    assert acme.generate(adapters={"shared-name": 0.0}, **ask).token_ids == base
+    assert acme.generate(adapters={"shared-name": 1.0}, **ask).token_ids == alone
+    mix = {"shared-name": 2.0, "public-one": -1.5}
+    composed = acme.generate(adapters=mix, **ask)
+    assert composed.token_ids not in (base, alone, other)
+    streamed = [t for c in acme.generate_stream(adapters=mix, **ask) for t in c.token_ids]
+    assert streamed == composed.token_ids
+    acme_key = acme._cfg.metadata[0][1].removeprefix("Bearer ")
+
+    async def from_async() -> list[int]:
+        async with AsyncLoramuxClient(address, acme_key) as client:
+            return (await client.generate(adapters=list(mix.items()), **ask)).token_ids
+
+    assert asyncio.run(from_async()) == composed.token_ids
+    cases = [
+        ({"adapter": "shared-name", "adapters": {"public-one": 1.0}}, InvalidArgument, "adapters"),
+        ({"adapters": {f"a{i}": 1.0 for i in range(5)}}, InvalidArgument, "adapters"),
+        ({"adapters": {"shared-name": float("nan")}}, InvalidArgument, "adapters[0].weight"),
+        (
+            {"adapters": {"shared-name": 1.0, "public-one": 9.0}},
+            InvalidArgument,
+            "adapters[1].weight",
+        ),
+        ({"adapters": {"shared-name": 1.0, "nope": 0.5}}, NotFound, "adapters[1].name"),
+    ]
+    for kwargs, error, field in cases:
+        with pytest.raises(error) as info:
+            acme.generate("hi", max_new_tokens=1, **kwargs)
+        assert info.value.field == field, kwargs
+    with pytest.raises(NotFound):  # another tenant's private adapter, even at weight 0
+        globex.generate("hi", max_new_tokens=1, adapters={"acme/shared-name": 0.0})
+
+
 def test_openai_client_on_the_real_model(
     server: RunningServer, admin: LoramuxClient, address: str
 ) -> None:

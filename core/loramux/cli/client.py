@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     generate.add_argument("prompt", help="prompt text")
     generate.add_argument("--adapter", default="", help="adapter name (default: the base model)")
     generate.add_argument(
+        "--weighted",
+        action="append",
+        default=[],
+        metavar="NAME=WEIGHT",
+        help="adapter with a weight, instead of --adapter (repeatable: their weighted sum; "
+        "one at weight 0.5 is half strength, 0 the base model)",
+    )
+    generate.add_argument(
         "--chat", action="store_true", help="send as a chat user message (chat template)"
     )
     generate.add_argument("--system", default=None, help="system message (with --chat)")
@@ -138,9 +146,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tenants.set_defaults(func=_tenants)
 
 
+def _weighted(entries: list[str]) -> list[tuple[str, float]] | None:
+    """NAME=WEIGHT pairs from --weighted (None when not given)."""
+    if not entries:
+        return None
+    pairs = []
+    for entry in entries:
+        name, sep, weight = entry.rpartition("=")
+        try:
+            pairs.append((name, float(weight)))
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise SystemExit(f"--weighted takes NAME=WEIGHT, got {entry!r}")
+    return pairs
+
+
 def _generate(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {
         "adapter": args.adapter,
+        "adapters": _weighted(args.weighted),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,

@@ -173,6 +173,12 @@ class Settings:
     )
     max_loaded_adapters: int = setting(32, "adapter slots on the device", "engine")
     max_cpu_adapters: int = setting(256, "adapters kept in CPU memory (LRU)", "engine")
+    max_composed_adapters: int = setting(
+        4, "most adapters one request may combine (GenerateRequest.adapters)", "engine"
+    )
+    max_adapter_weight: float = setting(
+        4.0, "largest |weight| of an adapter in GenerateRequest.adapters", "engine"
+    )
     lora_kernel: str = setting(
         "auto",
         "decode LoRA kernel: compiled (torch.compile fuses the per-row gather), eager, auto",
@@ -258,6 +264,7 @@ class Settings:
             "kv_block_size",
             "max_loaded_adapters",
             "max_cpu_adapters",
+            "max_composed_adapters",
             "grpc_workers",
             "http_workers",
         )
@@ -275,6 +282,10 @@ class Settings:
             raise ValueError(f"--compute-threads must be >= 0, got {self.compute_threads}")
         if self.max_cpu_adapters < self.max_loaded_adapters:
             raise ValueError("--max-cpu-adapters must be >= --max-loaded-adapters")
+        if not 0 < self.max_adapter_weight < float("inf"):
+            raise ValueError(
+                f"--max-adapter-weight must be finite and > 0, got {self.max_adapter_weight}"
+            )
         for f in dataclasses.fields(self):
             allowed = f.metadata["choices"]
             if allowed and getattr(self, f.name) not in allowed:

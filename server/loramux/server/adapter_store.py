@@ -30,6 +30,7 @@ from pathlib import Path
 
 from loramux.core.errors import FailedPrecondition, LoramuxError, NotFound, ResourceExhausted
 from loramux.server.adapters import AdapterSpec, AdapterWeights, LinearShape, inspect_adapter
+from loramux.server.composition import WeightedAdapter, compose, composite_id, composite_spec
 from loramux.server.lora import MultiLoraLinear, SlotTable, lora_groups
 from loramux.server.threads import one_thread, use_one_thread
 
@@ -64,6 +65,7 @@ class _Entry:
     want_device: bool = False  # a `load()` call is waiting for a slot
     want_evict: bool = False  # an `unload()` call is waiting for eviction
     generation: int = 0  # bumped when a deleted entry is stored again (stale loads are dropped)
+    parts: tuple[WeightedAdapter, ...] = ()  # a composition of these adapters (else a folder)
     incarnation: int = 0  # unique per store over entries and revivals (names its KV identity)
     stats: AdapterStats = field(default_factory=AdapterStats)
 
@@ -108,6 +110,7 @@ class AdapterStore:
         self._free_slots = list(range(max_loaded, 0, -1))  # slot 0 is the zero "base only" slot
         self._device_lru: OrderedDict[str, None] = OrderedDict()
         self._cpu_lru: OrderedDict[str, None] = OrderedDict()
+        self._composites: OrderedDict[str, None] = OrderedDict()  # least recently asked first
         self._load_queue: queue.Queue[str | None] = queue.Queue()
         self._loader = threading.Thread(target=self._load_loop, name="adapter-loader", daemon=True)
         self._loader.start()
@@ -154,7 +157,70 @@ class AdapterStore:
             entry = self._get(adapter_id)
             entry.deleted = True
             entry.want_evict = True
+            for other in self._entries.values():  # compositions of it go with it
+                if any(p.adapter_id == adapter_id for p in other.parts):
+                    other.deleted = True
+                    other.want_evict = True
         self._wake_engine()
+
+    def weighted(self, parts: Sequence[WeightedAdapter]) -> str | None:
+        """The engine id serving these weighted adapters: None (the base model) when every
+        weight is 0, the adapter itself alone at weight 1, else a composition."""
+        with self._lock:
+            for part in parts:
+                self._get(part.adapter_id)  # NotFound for an unknown one, whatever its weight
+        live = [p for p in parts if p.weight != 0]
+        if not live:
+            return None
+        if len(live) == 1 and live[0].weight == 1.0:
+            return live[0].adapter_id
+        return self.compose(live)
+
+    def compose(self, parts: Sequence[WeightedAdapter]) -> str:
+        """The engine id of a slot serving the weighted sum of these adapters (see
+        composition.py), registered on first use and cached like an adapter; at most
+        `max_cpu` compositions are kept, the least recently asked unused ones dropped."""
+        with self._lock:
+            specs = [self._get(p.adapter_id).spec for p in parts]
+            adapter_id = composite_id(parts)
+            entry = self._entries.get(adapter_id)
+            if entry is not None and entry.deleted:
+                # Dropped with a part that has since been stored again: serve it afresh.
+                entry.deleted, entry.want_evict, entry.load_error = False, False, None
+                entry.generation += 1
+                entry.incarnation = next(self._incarnations)
+            elif entry is None:
+                self._drop_unused_composites(self.max_cpu - 1)
+                self._entries[adapter_id] = _Entry(
+                    adapter_id=adapter_id,
+                    path=Path(),
+                    spec=composite_spec(specs),
+                    parts=tuple(parts),
+                    incarnation=next(self._incarnations),
+                )
+            self._composites[adapter_id] = None
+            self._composites.move_to_end(adapter_id)
+            return adapter_id
+
+    def _drop_unused_composites(self, keep: int) -> None:
+        for adapter_id in list(self._composites):
+            if len(self._composites) <= keep:
+                return
+            entry = self._entries.get(adapter_id)
+            if entry is None or entry.deleted:
+                del self._composites[adapter_id]
+            elif (
+                entry.refcount == 0
+                and entry.slot is None
+                and not entry.loading
+                and not entry.want_device
+            ):
+                del self._composites[adapter_id], self._entries[adapter_id]
+                self._cpu_lru.pop(adapter_id, None)
+        if len(self._composites) > keep:
+            raise ResourceExhausted(
+                "adapters", f"{len(self._composites)} composed adapters are in use; try later"
+            )
 
     def kv_identity(self, adapter_id: str) -> bytes:
         """Names the adapter's effect on keys and values, for the prefix cache: the same
@@ -386,6 +452,7 @@ class AdapterStore:
         entry.want_evict = False
         if entry.deleted:
             self._entries.pop(entry.adapter_id, None)
+            self._composites.pop(entry.adapter_id, None)
         self._notify(entry)
 
     # ---- loader thread ----
@@ -402,11 +469,12 @@ class AdapterStore:
             weights: AdapterWeights | None = None
             error: LoramuxError | None = None
             try:
-                weights = self._inspect(path)
+                parts = entry.parts
+                weights = self._load_composite(parts) if parts else self._inspect(path)
             except Exception as exc:  # checked when registered: the files changed since, or I/O
                 log.warning("adapter %s failed to load from %s: %s", adapter_id, path, exc)
                 # Not the caller's argument but the adapter's state; and no server paths.
-                reason = str(exc).replace(str(path), "its folder")
+                reason = str(exc) if entry.parts else str(exc).replace(str(path), "its folder")
                 error = FailedPrecondition("adapter", f"{adapter_id} cannot be loaded: {reason}")
             seconds = time.perf_counter() - started
             with self._lock:
@@ -436,6 +504,20 @@ class AdapterStore:
                     self._trim_cpu()
             self._notify(entry)
             self._wake_engine()
+
+    def _load_composite(self, parts: tuple[WeightedAdapter, ...]) -> AdapterWeights:
+        """The parts' weights (from CPU memory, else from disk) composed into one."""
+        loaded = []
+        for part in parts:
+            with self._lock:
+                entry = self._entries.get(part.adapter_id)
+                if entry is None or entry.deleted:
+                    raise FileNotFoundError(f"its part {part.adapter_id} was deleted")
+                cpu, path = entry.cpu, entry.path
+            if cpu is None:
+                cpu = self._inspect(path)
+            loaded.append((cpu, part.weight))
+        return compose(loaded)
 
     def _trim_cpu(self) -> None:
         while len(self._cpu_lru) > self.max_cpu:

@@ -11,6 +11,7 @@ would serve the other.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from loramux.core.errors import InvalidArgument
 
@@ -38,3 +39,20 @@ def requested_adapter(body: str, metadata: Mapping[str, str]) -> str:
             "adapter", f"is {body!r} but metadata {key} names {chosen!r}; send one adapter"
         )
     return chosen
+
+
+def weighted_adapters(request: Any, metadata: Mapping[str, str]) -> list[tuple[str, float]]:
+    """The (name, weight) entries of a GenerateRequest naming `adapters`.
+
+    `adapter` and `adapters` are mutually exclusive; metadata for balancers, if any, must
+    name one of the entries (the client sends the first).
+    """
+    if request.adapter:
+        raise InvalidArgument("adapters", "set either adapter or adapters, not both")
+    entries = [(entry.name, float(entry.weight)) for entry in request.adapters]
+    chosen = requested_adapter("", metadata)
+    if chosen and chosen not in {name for name, _ in entries}:
+        raise InvalidArgument(
+            ADAPTER_METADATA, f"names {chosen!r}, which is not among the request's adapters"
+        )
+    return entries

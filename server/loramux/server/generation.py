@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 
-from loramux.core.errors import Cancelled, LoramuxError
+from loramux.core.errors import Cancelled, LoramuxError, NotFound
+from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.engine import RequestStream
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.state import ServerState, register_record
@@ -24,6 +25,7 @@ from loramux.server.tenants import Principal
 
 BASE_LABEL = "base"
 UNKNOWN_LABEL = "unknown"
+COMPOSED_LABEL = "composed"  # several weighted adapters (bounded metric cardinality)
 
 
 class GenerationCall:
@@ -53,6 +55,25 @@ class GenerationCall:
             register_record(self.state, record)
         return record.engine_id
 
+    def resolve_weighted(self, entries: Sequence[tuple[str, float]], field: str) -> str | None:
+        """The engine id serving adapters with weights (GenerateRequest.adapters): bounded,
+        each name resolved as `resolve` does; None when every weight is 0 (the base)."""
+        settings = self.state.settings
+        check_weights(entries, settings.max_composed_adapters, settings.max_adapter_weight, field)
+        parts, labels = [], []
+        self.adapter_label = UNKNOWN_LABEL
+        for i, (ref, weight) in enumerate(entries):
+            try:
+                record = self.state.registry.find(self.principal.tenant, ref)
+            except NotFound as error:
+                raise NotFound(f"{field}[{i}].name", str(error).split(": ", 1)[-1]) from None
+            if record.engine_id not in self.state.engine.adapters:
+                register_record(self.state, record)
+            parts.append(WeightedAdapter(record.engine_id, weight))
+            labels.append(f"{record.owner}/{record.name}")
+        self.adapter_label = labels[0] if len(labels) == 1 else COMPOSED_LABEL
+        return self.state.engine.adapters.weighted(parts)
+
     def request(
         self,
         adapter: str | None,
@@ -61,14 +82,19 @@ class GenerationCall:
         *,
         request_id: str,
         deadline: float | None = None,
+        weighted: Sequence[tuple[str, float]] | None = None,
     ) -> GenerationRequest:
         """The engine request both transports build: adapter, prompt, checked parameters.
 
         In this order: the adapter resolved within the caller's tenant (an unknown one is
         refused before any tokenising), the prompt tokenised, then the decoding parameters
         (which may depend on the prompt's length) checked against the server's limits.
+        `weighted` (adapters with weights, GenerateRequest.adapters) replaces `adapter`.
         """
-        adapter_id = self.resolve(adapter)
+        if weighted is not None:
+            adapter_id = self.resolve_weighted(weighted, "adapters")
+        else:
+            adapter_id = self.resolve(adapter)
         token_ids = prompt()
         checked = params(token_ids)
         checked.validate(self.state.settings.max_new_tokens_limit)

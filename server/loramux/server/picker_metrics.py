@@ -6,10 +6,9 @@ plugin-metric-protocol):
 
 - `vllm:num_requests_waiting`: requests queued for a batch row (gauge);
 - `vllm:num_requests_running`: requests in the running batch (gauge);
-- `vllm:kv_cache_usage_perc`: KV cache in use, a fraction in [0, 1] (gauge). With a paged
-  cache (EngineStats.kv_blocks_used / kv_blocks_total) it is blocks used over blocks; the
-  row-slotted cache gives each running request one preallocated row, so there it is rows
-  in use over `--max-batch-size`;
+- `vllm:kv_cache_usage_perc`: KV cache in use, a fraction in [0, 1] (gauge): blocks of the
+  paged cache held by running requests over all its blocks (EngineStats.kv_blocks_used /
+  kv_blocks_total; cached blocks nobody holds count as free, as vLLM counts them);
 - `vllm:lora_requests_info`: a gauge whose value is the scrape's Unix time (the picker keeps
   the newest series by value) and whose labels are `max_lora` (device adapter slots,
   `--max-loaded-adapters`), `running_lora_adapters` (adapters in a device slot or used by a
@@ -32,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from loramux.server.engine import Engine
+from loramux.server.engine import Engine, EngineStats
 
 
 def adapter_name(engine_id: str) -> str:
@@ -59,12 +58,11 @@ class PickerCollector(Collector):
         self.model_name = model_name
         self.shown = shown  # how adapter names appear (--metrics-labels)
 
-    def kv_cache_usage(self, running: int) -> float:
-        stats = self.engine.stats()
-        total = getattr(stats, "kv_blocks_total", 0) or 0
-        if total:
-            return float(getattr(stats, "kv_blocks_used", 0)) / float(total)
-        return running / self.engine.settings.max_batch_size
+    @staticmethod
+    def kv_cache_usage(stats: EngineStats) -> float:
+        if not stats.kv_blocks_total:
+            return 0.0
+        return stats.kv_blocks_used / stats.kv_blocks_total
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self.engine.stats()
@@ -75,7 +73,7 @@ class PickerCollector(Collector):
             (
                 "vllm:kv_cache_usage_perc",
                 "KV cache in use, fraction in [0, 1]",
-                self.kv_cache_usage(stats.running),
+                self.kv_cache_usage(stats),
             ),
         ):
             family = GaugeMetricFamily(name, doc, labels=labels)

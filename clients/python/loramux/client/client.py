@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -122,6 +122,7 @@ def build_request(
     *,
     messages: Sequence[tuple[str, str]] | Sequence[dict[str, str]] | None = None,
     adapter: str = "",
+    adapters: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float | None = None,
@@ -133,7 +134,11 @@ def build_request(
     ignore_eos: bool = False,
     request_id: str = "",
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from plain arguments: give `prompt` (raw text) or chat `messages`."""
+    """A GenerateRequest from plain arguments: give `prompt` (raw text) or chat `messages`.
+
+    `adapters` (instead of `adapter`): adapter names with weights, e.g. {"tone": 0.5} for
+    half strength or {"tone": 0.7, "facts": 0.3} for their weighted sum.
+    """
     sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k)
     if top_p is not None:
         sampling.top_p = top_p
@@ -149,6 +154,9 @@ def build_request(
         ignore_eos=ignore_eos,
         request_id=request_id,
     )
+    if adapters is not None:
+        weighted = adapters.items() if isinstance(adapters, Mapping) else adapters
+        request.adapters.extend(pb.WeightedAdapter(name=n, weight=w) for n, w in weighted)
     if max_new_tokens is not None:
         request.max_new_tokens = max_new_tokens
     if messages is not None:
@@ -243,7 +251,8 @@ class _Settings:
 
     def for_request(self, request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]:
         """The call's metadata: the key, and the adapter for header-hashing balancers."""
-        adapter = request.adapter
+        # With weighted adapters, the first one: its requests go where it is resident.
+        adapter = request.adapter or (request.adapters[0].name if request.adapters else "")
         if adapter and adapter.isascii() and adapter.isprintable():
             return (*self.metadata, (ADAPTER_METADATA, adapter))
         return self.metadata  # the base model, or a name the server will refuse anyway

@@ -9,6 +9,7 @@ thread. uvicorn installs no signal handlers off the main thread: SIGTERM stays w
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -141,10 +142,18 @@ class HttpServer:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, let open responses finish (uvicorn's grace), join the thread."""
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting and join the thread; open responses get `grace` s (0: cut at once).
+
+        uvicorn closes the listening socket itself when it shuts down; it is closed here only
+        once the thread has ended (closing it under a running loop makes uvicorn's shutdown
+        fail on the dead file descriptor).
+        """
+        self.server.config.timeout_graceful_shutdown = math.ceil(max(grace, 0.0))
+        self.server.force_exit = grace <= 0
         self.server.should_exit = True
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._thread.join(grace + 5.0)
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.sock.close()
+        if not self._thread.is_alive():
+            self.sock.close()

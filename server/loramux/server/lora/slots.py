@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 RANK_ALIGN = 8  # rank classes are multiples of this
-MIN_CLASS_CAPACITY = 4  # a rank class stack starts with room for this many adapters
+MIN_CLASS_CAPACITY = 2  # a new rank class stack has room for this many (then doubles)
 
 
 def align_rank(rank: int) -> int:

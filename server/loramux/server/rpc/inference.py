@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import grpc
 
 from loramux.core.errors import Cancelled, InvalidArgument
-from loramux.server.affinity import requested_adapter
+from loramux.server.affinity import requested_adapter, weighted_adapters
 from loramux.server.engine import RequestStream
 from loramux.server.generation import GenerationCall
 from loramux.server.requests import FinishReason, SamplingParams, TokenEvent
@@ -79,12 +79,14 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         # The message's adapter, or the one its metadata names for balancers (affinity.py).
         metadata = dict(context.invocation_metadata())
         remaining = time_left(context)
+        weighted = weighted_adapters(request, metadata) if request.adapters else None
         generation = call.request(
-            requested_adapter(request.adapter, metadata),
+            None if weighted is not None else requested_adapter(request.adapter, metadata),
             lambda: self._prompt(request),
             lambda _: sampling_params(request),
             request_id=request.request_id or uuid.uuid4().hex,
             deadline=time.monotonic() + remaining if remaining is not None else None,
+            weighted=weighted,
         )
         if not context.add_callback(call.cancel):
             raise Cancelled(None, "the call ended before generation started")

@@ -83,6 +83,10 @@ class LoraBackend(ABC):
         )
 
     def _compile(self, kernel: GroupKernel) -> GroupKernel:
+        # One graph per group arity (1-3 members) and row count class (1 row / more) per
+        # model shape: 8 on SmolLM2, dynamo's default limit, past which it silently runs
+        # the kernel eagerly (a per-token copy of the weights). Room for other shapes.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         return torch.compile(kernel, dynamic=True)  # type: ignore[return-value]
 
     def deltas(
@@ -141,7 +145,9 @@ class LoraBackend(ABC):
         width = 8
         a = torch.zeros(2, group.members * width, group.in_features, dtype=dtype, device=device)
         scale = torch.zeros(2, group.members * width, device=device)
-        bts = [torch.zeros(2, width, out, dtype=dtype, device=device) for out in group.outs]
+        # A tuple, as ClassStack.bts: dynamo guards on the container type (a list here
+        # compiled a second graph per group shape and hit its recompile limit).
+        bts = tuple(torch.zeros(2, width, out, dtype=dtype, device=device) for out in group.outs)
         for rows in (1, 2):
             x = torch.zeros(rows, group.in_features, dtype=torch.bfloat16, device=device)
             index = torch.zeros(rows, dtype=torch.long, device=device)
