@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import torch
+from api_helpers import linear_shapes
 from safetensors.torch import save_file
 
 from loramux.core.config import Settings
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 from loramux.server.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, LinearShape
 from loramux.server.engine import Engine
-from loramux.server.lora import base_linear_shapes
 from loramux.server.requests import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -115,11 +115,7 @@ def _write(
 def adapter_dirs(
     tmp_path_factory: pytest.TempPathFactory, smollm2: ResolvedModel
 ) -> dict[str, Path]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(smollm2.path)))
-    linears = base_linear_shapes(skeleton)
+    linears = linear_shapes(smollm2.path)
     root = tmp_path_factory.mktemp("config-adapters")
     return {
         name: _write(root / name, linears, config, ranks, seed)

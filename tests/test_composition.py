@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from api_helpers import linear_shapes
 
 from loramux.core.config import Settings
 from loramux.core.errors import InvalidArgument, NotFound
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.engine import Engine
-from loramux.server.lora import base_linear_shapes
 from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.synthetic import write_random_adapter
 
@@ -52,11 +52,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 def adapter_dirs(
     tmp_path_factory: pytest.TempPathFactory, smollm2: ResolvedModel
 ) -> dict[str, Path]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(smollm2.path)))
-    linears = base_linear_shapes(skeleton)
+    linears = linear_shapes(smollm2.path)
     root = tmp_path_factory.mktemp("adapters")
     return {
         name: write_random_adapter(

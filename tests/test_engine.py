@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from api_helpers import eventually
+from api_helpers import eventually, linear_shapes
 
 from loramux.core.config import Settings
 from loramux.core.errors import NotFound
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 from loramux.server.engine import Engine, RequestStream
-from loramux.server.lora import base_linear_shapes
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
 from loramux.server.synthetic import write_random_adapter
 
@@ -49,11 +48,7 @@ PROMPTS = [
 def adapter_dirs(
     tmp_path_factory: pytest.TempPathFactory, smollm2: ResolvedModel
 ) -> dict[str, Path]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(smollm2.path)))
-    linears = base_linear_shapes(skeleton)
+    linears = linear_shapes(smollm2.path)
     root = tmp_path_factory.mktemp("adapters")
     return {
         name: write_random_adapter(
