@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -47,9 +48,26 @@ class SqliteDatabase(Database):
             isolation_level=None,
             timeout=BUSY_TIMEOUT_SECONDS,
         )
-        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._set_wal()
         self._connection.execute("PRAGMA synchronous=FULL")
         self._lock_file = self.path.with_name(self.path.name + ".lock")
+
+    def _set_wal(self) -> None:
+        """Switch to WAL, retrying while another replica holds the file.
+
+        The switch needs the database to itself and SQLite answers "database is locked" at
+        once instead of waiting in its busy handler, so two replicas starting together on
+        one file (tests/test_fleet.py) failed now and then; retry until the busy timeout.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        while True:
+            try:
+                self._connection.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                self._closed.wait(0.05)  # back off before the next try
 
     def describe(self) -> str:
         return f"sqlite ({self.path})"
