@@ -19,6 +19,7 @@ from loramux.server.lora import (
     make_context,
     quantize_rows,
 )
+from loramux.server.lora.backend.native import cpu_supports_kernel
 
 IN, SLOTS = 64, 9
 OUTS = (48, 16, 16)  # a fused group of three projections sharing the input (q, k, v)
@@ -36,8 +37,8 @@ def adapter(slot: int, member: int) -> ModuleWeights:
     )
 
 
-def layers(slot_dtype: str) -> tuple[list[MultiLoraLinear], LoraContext]:
-    context = make_context(CPU, SLOTS, slot_dtype, kernel="eager")
+def layers(slot_dtype: str, kernel: str = "eager") -> tuple[list[MultiLoraLinear], LoraContext]:
+    context = make_context(CPU, SLOTS, slot_dtype, kernel=kernel)
     group = LoraGroup(IN, list(OUTS), context, CPU)
     wrapped = []
     for member, out in enumerate(OUTS):
@@ -65,7 +66,20 @@ def reference(x: torch.Tensor, slots: list[int], member: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("slot_dtype", ["bf16", "int8"])
+@pytest.mark.parametrize(
+    ("slot_dtype", "kernel"),
+    [
+        ("bf16", "eager"),
+        ("int8", "eager"),
+        pytest.param(
+            "bf16",
+            "native",
+            marks=pytest.mark.skipif(
+                cpu_supports_kernel() is not None, reason=f"{cpu_supports_kernel()}"
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize(
     ("slots", "tokens"),
     [
@@ -78,9 +92,10 @@ def reference(x: torch.Tensor, slots: list[int], member: int) -> torch.Tensor:
     ids=["bgmv", "one-class", "dense", "segmented", "single"],
 )
 def test_each_path_matches_the_float64_reference(
-    slot_dtype: str, slots: list[int], tokens: int
+    slot_dtype: str, kernel: str, slots: list[int], tokens: int
 ) -> None:
-    wrapped, context = layers(slot_dtype)
+    """`native` is the AVX-512 kernel's backend, which takes every path itself."""
+    wrapped, context = layers(slot_dtype, kernel)
     x = torch.randn(len(slots), tokens, IN, generator=torch.Generator().manual_seed(7))
     x = x.bfloat16()
     context.batch = context.route(slots, tokens, CPU)

@@ -181,9 +181,11 @@ class Settings:
     )
     lora_kernel: str = setting(
         "auto",
-        "decode LoRA kernel: compiled (torch.compile fuses the per-row gather), eager, auto",
+        "LoRA kernel for mixed batches: native (hand-written AVX-512 BF16, CPU, bf16 slots), "
+        "compiled (torch.compile'd gather-reduce), eager, auto (native where it builds and "
+        "runs, else compiled, the reason logged)",
         "engine",
-        choices=("auto", "compiled", "eager"),
+        choices=("auto", "native", "compiled", "eager"),
     )
     lora_slot_dtype: str = setting(
         "bf16",

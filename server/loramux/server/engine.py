@@ -336,7 +336,12 @@ class Engine:
             if key not in seen:
                 seen.add(key)
                 self._lora.backend.warm(group)
-        log.info("LoRA kernels ready in %.1fs", time.monotonic() - started)
+        log.info(
+            "LoRA backend %s (%s kernel) ready in %.1fs",
+            self._lora.backend.name,
+            self._lora.backend.kernel_mode,
+            time.monotonic() - started,
+        )
 
     # ---- caller side ----
     def tokenize(self, text: str) -> list[int]:

@@ -33,7 +33,7 @@ def make_context(
 ) -> LoraContext:
     """Backend, slot format and an empty slot table for `num_slots` slots (0 = no adapter)."""
     return LoraContext(
-        backend=make_backend(device, kernel),
+        backend=make_backend(device, kernel, slot_dtype),
         slot_format=slot_format(slot_dtype),
         table=SlotTable(num_slots),
     )

@@ -77,6 +77,7 @@ class LoraGroup:
         self.occupied: set[int] = set()  # slots holding weights for any member
         self._version = -1  # the SlotTable version the stacks were fitted to
         self._dense: DenseWeights | None = None
+        self.kernel_plan: object | None = None  # the backend's view of the stacks (its own)
         # (input, batch, deltas, members not yet served) of the current fused computation
         self._pending: tuple[torch.Tensor, LoraBatchMetadata, list[torch.Tensor], set[int]] | None
         self._pending = None
@@ -84,6 +85,11 @@ class LoraGroup:
     @property
     def members(self) -> int:
         return len(self.outs)
+
+    @property
+    def version(self) -> int:
+        """The SlotTable version the stacks were fitted to: they are replaced only with it."""
+        return self._version
 
     def fit(self) -> None:
         """Resize the class stacks to the slot table (new classes, grown or emptied ones)."""

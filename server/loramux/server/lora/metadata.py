@@ -44,6 +44,7 @@ class LoraBatchMetadata:
     slots_in_batch: frozenset[int]  # distinct non-zero slots (layers skip what they don't hold)
     tokens_per_row: int  # 1 for decode, T for a (right-padded) prefill
     routes: tuple[ClassRoute, ...]  # per rank class present
+    row_route: torch.Tensor  # [rows, 2] int64: (rank class width, index); width 0 = no adapter
     dense: DenseRoute | None  # set when the backend takes the dense path for this batch
 
     @classmethod
@@ -61,10 +62,12 @@ class LoraBatchMetadata:
         if missing:
             raise ValueError(f"slots {missing} hold no adapter")
         by_width: dict[int, tuple[list[int], list[int]]] = {}
+        row_route = [[0, 0]] * len(slots)
         for row, slot in enumerate(slots):
             if slot:
                 placement = placements[slot]
                 assert placement is not None
+                row_route[row] = [placement.width, placement.index]
                 rows, index = by_width.setdefault(placement.width, ([], []))
                 rows.append(row)
                 index.append(placement.index)
@@ -96,6 +99,7 @@ class LoraBatchMetadata:
             slots_in_batch=frozenset(distinct),
             tokens_per_row=tokens_per_row,
             routes=routes,
+            row_route=torch.tensor(row_route, dtype=torch.long, device=device).view(-1, 2),
             dense=dense,
         )
 

@@ -1,0 +1,244 @@
+// Multi-LoRA shrink + expand for a batch of rows (tokens), each row on its own adapter slot:
+//
+//     y_m[t] = ((x[t] . A[slot(t)]^T) * row_scale[slot(t)])[member m's rank rows] . Bt_m[slot(t)]
+//
+// for every member m of a fused group (q/k/v share A's rows stacked along the rank), with
+// bf16 weights and inputs, float32 accumulation and bf16 outputs. Rows are grouped by
+// adapter first, so an adapter's weights are read once per call however many rows use it;
+// the shrink is AVX-512 BF16 dot products (4 rank rows x up to 4 rows per tile), the expand
+// float32 FMAs over 256 outputs per tile. Work is split over OpenMP threads (the caller's
+// team: torch's libgomp, the same runtime). Built by loramux.server.lora.backend.native with
+// g++ -O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -fopenmp, loaded with ctypes.
+//
+// Plan layout, per rank class k (stride 4 + members int64 values):
+//     [width, capacity, A ptr [capacity, members * width, in] bf16,
+//      row_scale ptr [capacity, members * width] f32, Bt_0 ptr [capacity, width, out_0] bf16, ...]
+// Route: [n, 2] int64: (class width, index in that class's stack); width 0 = no adapter
+// (its output rows are zero). Output: member m's [n, out_m] bf16 at element offset
+// n * sum(out_0 .. out_{m-1}) of y.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kRowTile = 4;   // rows of one adapter per shrink/expand tile
+constexpr int kRankTile = 4;  // rank rows per shrink tile
+constexpr int kMaxMembers = 8;
+
+struct ClassPlan {
+  int64_t width;
+  int64_t capacity;
+  const uint16_t* a;
+  const float* scale;
+  const uint16_t* bt[kMaxMembers];
+};
+
+struct Tile {
+  const ClassPlan* cls;
+  int64_t index;          // slot index in the class stack
+  int rows;               // 1..kRowTile
+  int32_t row[kRowTile];  // batch rows
+};
+
+inline __m512 bf16_to_f32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// Sum of each of four vectors: {sum(v0), sum(v1), sum(v2), sum(v3)}.
+inline __m128 sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  auto half = [](__m512 v) {
+    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  };
+  return _mm_hadd_ps(_mm_hadd_ps(half(v0), half(v1)), _mm_hadd_ps(half(v2), half(v3)));
+}
+
+// h[row][r] = scale[r] * dot(A[r], x[row]) for rank rows [r0, r0 + kRankTile), R rows.
+template <int R>
+void shrink_tile(const Tile& tile, const uint16_t* a, const float* scale, int64_t r0,
+                 const uint16_t* x, int64_t in, float* h, int64_t h_stride) {
+  __m512 acc[R][kRankTile];
+  for (int j = 0; j < R; ++j)
+    for (int q = 0; q < kRankTile; ++q) acc[j][q] = _mm512_setzero_ps();
+  const uint16_t* arow = a + r0 * in;
+  for (int64_t k = 0; k < in; k += 32) {
+    const __mmask32 mask = in - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (in - k)) - 1;
+    __m512bh av[kRankTile];
+    for (int q = 0; q < kRankTile; ++q)
+      av[q] = (__m512bh)_mm512_maskz_loadu_epi16(mask, arow + q * in + k);
+    for (int j = 0; j < R; ++j) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + tile.row[j] * in + k);
+      for (int q = 0; q < kRankTile; ++q) acc[j][q] = _mm512_dpbf16_ps(acc[j][q], av[q], xv);
+    }
+  }
+  const __m128 s = _mm_loadu_ps(scale + r0);
+  for (int j = 0; j < R; ++j) {
+    const __m128 sums = _mm_mul_ps(sum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]), s);
+    _mm_storeu_ps(h + tile.row[j] * h_stride + r0, sums);
+  }
+}
+
+// y[row][o0 .. o0 + 16 * Q) = sum_r h[row][r] * Bt[r][...], rounded to bf16, R rows.
+template <int R, int Q>
+void expand_tile(const Tile& tile, const uint16_t* bt, int64_t width, int64_t out, int64_t o0,
+                 const float* h, int64_t h_stride, uint16_t* y) {
+  __m512 acc[R][Q];
+  __mmask16 masks[Q];
+  for (int q = 0; q < Q; ++q) {
+    const int64_t left = out - o0 - 16 * q;
+    masks[q] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? 0 : __mmask16((1u << left) - 1);
+  }
+  for (int j = 0; j < R; ++j)
+    for (int q = 0; q < Q; ++q) acc[j][q] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < width; ++r) {
+    const uint16_t* brow = bt + r * out + o0;
+    __m512 bv[Q];
+    for (int q = 0; q < Q; ++q)
+      bv[q] = bf16_to_f32(_mm256_maskz_loadu_epi16(masks[q], brow + 16 * q));
+    for (int j = 0; j < R; ++j) {
+      const __m512 hv = _mm512_set1_ps(h[tile.row[j] * h_stride + r]);
+      for (int q = 0; q < Q; ++q) acc[j][q] = _mm512_fmadd_ps(hv, bv[q], acc[j][q]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    uint16_t* yrow = y + tile.row[j] * out + o0;
+    for (int q = 0; q < Q; ++q) {
+      const __m256i packed = (__m256i)_mm512_cvtneps_pbh(acc[j][q]);
+      _mm256_mask_storeu_epi16(yrow + 16 * q, masks[q], packed);
+    }
+  }
+}
+
+template <int R>
+void expand_rows(const Tile& tile, const uint16_t* bt, int64_t width, int64_t out, int64_t o0,
+                 const float* h, int64_t h_stride, uint16_t* y) {
+  // 16 accumulators per tile: 256 outputs for one row, 128 for two, 64 for three or four.
+  constexpr int Q = R == 1 ? 16 : R == 2 ? 8 : 4;
+  expand_tile<R, Q>(tile, bt, width, out, o0, h, h_stride, y);
+}
+
+constexpr int64_t expand_block(int rows) { return rows == 1 ? 256 : rows == 2 ? 128 : 64; }
+
+}  // namespace
+
+extern "C" int loramux_bgmv(int64_t n, int64_t in, int64_t members, const int64_t* outs,
+                            const uint16_t* x, int64_t num_classes, const int64_t* plan,
+                            const int64_t* route, uint16_t* y) {
+  if (members < 1 || members > kMaxMembers || num_classes < 0 || n < 0) return -1;
+  std::vector<ClassPlan> classes(static_cast<size_t>(num_classes));
+  int64_t max_width = 0;
+  for (int64_t k = 0; k < num_classes; ++k) {
+    const int64_t* p = plan + k * (4 + members);
+    ClassPlan& c = classes[k];
+    c.width = p[0];
+    c.capacity = p[1];
+    c.a = reinterpret_cast<const uint16_t*>(p[2]);
+    c.scale = reinterpret_cast<const float*>(p[3]);
+    for (int64_t m = 0; m < members; ++m) c.bt[m] = reinterpret_cast<const uint16_t*>(p[4 + m]);
+    if (c.width % kRankTile != 0 || c.width <= 0) return -1;
+    max_width = std::max(max_width, c.width);
+  }
+  int64_t y_offset[kMaxMembers + 1] = {0};
+  for (int64_t m = 0; m < members; ++m) y_offset[m + 1] = y_offset[m] + n * outs[m];
+
+  // Rows grouped by (class, index): one tile per up to kRowTile rows of the same adapter.
+  std::vector<int64_t> order;
+  order.reserve(n);
+  for (int64_t t = 0; t < n; ++t) {
+    if (route[2 * t] == 0) {
+      for (int64_t m = 0; m < members; ++m)
+        std::memset(y + y_offset[m] + t * outs[m], 0, sizeof(uint16_t) * outs[m]);
+    } else {
+      order.push_back(t);
+    }
+  }
+  std::stable_sort(order.begin(), order.end(), [route](int64_t l, int64_t r) {
+    return route[2 * l] != route[2 * r] ? route[2 * l] < route[2 * r]
+                                        : route[2 * l + 1] < route[2 * r + 1];
+  });
+  std::vector<Tile> tiles;
+  for (size_t i = 0; i < order.size();) {
+    const int64_t width = route[2 * order[i]], index = route[2 * order[i] + 1];
+    const ClassPlan* cls = nullptr;
+    for (const ClassPlan& c : classes)
+      if (c.width == width) cls = &c;
+    if (cls == nullptr || index < 0 || index >= cls->capacity) return -2;
+    Tile tile{cls, index, 0, {0, 0, 0, 0}};
+    while (i < order.size() && tile.rows < kRowTile && route[2 * order[i]] == width &&
+           route[2 * order[i] + 1] == index)
+      tile.row[tile.rows++] = static_cast<int32_t>(order[i++]);
+    tiles.push_back(tile);
+  }
+  if (tiles.empty()) return 0;
+
+  const int64_t h_stride = members * max_width;
+  thread_local std::vector<float> h_buffer;
+  if (static_cast<int64_t>(h_buffer.size()) < n * h_stride) h_buffer.resize(n * h_stride);
+  float* h = h_buffer.data();
+
+  // Shrink work: (tile, rank tile of kRankTile rows); expand work: (tile, member, out block).
+  std::vector<int64_t> expand_start(tiles.size() + 1, 0);
+  int64_t shrink_items = 0;
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    shrink_items += members * tiles[i].cls->width / kRankTile;
+    int64_t blocks = 0;
+    for (int64_t m = 0; m < members; ++m)
+      blocks += (outs[m] + expand_block(tiles[i].rows) - 1) / expand_block(tiles[i].rows);
+    expand_start[i + 1] = expand_start[i] + blocks;
+  }
+  std::vector<int64_t> shrink_start(tiles.size() + 1, 0);
+  for (size_t i = 0; i < tiles.size(); ++i)
+    shrink_start[i + 1] = shrink_start[i] + members * tiles[i].cls->width / kRankTile;
+  const int64_t expand_items = expand_start.back();
+  const int64_t bytes = shrink_items * kRankTile * in * 2;
+  const int threads = bytes < (64 << 10) ? 1 : omp_get_max_threads();
+
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < shrink_items; ++item) {
+      const size_t i = std::upper_bound(shrink_start.begin(), shrink_start.end(), item) -
+                       shrink_start.begin() - 1;
+      const Tile& tile = tiles[i];
+      const ClassPlan& c = *tile.cls;
+      const int64_t rows = members * c.width;
+      const int64_t r0 = (item - shrink_start[i]) * kRankTile;
+      const uint16_t* a = c.a + tile.index * rows * in;
+      const float* scale = c.scale + tile.index * rows;
+      // h is laid out per row as [members * max_width]; class rows map 1:1 onto its start.
+      switch (tile.rows) {
+        case 1: shrink_tile<1>(tile, a, scale, r0, x, in, h, h_stride); break;
+        case 2: shrink_tile<2>(tile, a, scale, r0, x, in, h, h_stride); break;
+        case 3: shrink_tile<3>(tile, a, scale, r0, x, in, h, h_stride); break;
+        default: shrink_tile<4>(tile, a, scale, r0, x, in, h, h_stride); break;
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < expand_items; ++item) {
+      const size_t i = std::upper_bound(expand_start.begin(), expand_start.end(), item) -
+                       expand_start.begin() - 1;
+      const Tile& tile = tiles[i];
+      const ClassPlan& c = *tile.cls;
+      const int64_t block = expand_block(tile.rows);
+      int64_t local = item - expand_start[i], m = 0;
+      while (local >= (outs[m] + block - 1) / block) local -= (outs[m++] + block - 1) / block;
+      const int64_t out = outs[m];
+      const uint16_t* bt = c.bt[m] + tile.index * c.width * out;
+      const float* hm = h + m * c.width;  // member m's rank rows within the row's h
+      uint16_t* ym = y + y_offset[m];
+      switch (tile.rows) {
+        case 1: expand_rows<1>(tile, bt, c.width, out, local * block, hm, h_stride, ym); break;
+        case 2: expand_rows<2>(tile, bt, c.width, out, local * block, hm, h_stride, ym); break;
+        case 3: expand_rows<3>(tile, bt, c.width, out, local * block, hm, h_stride, ym); break;
+        default: expand_rows<4>(tile, bt, c.width, out, local * block, hm, h_stride, ym); break;
+      }
+    }
+  }
+  return 0;
+}

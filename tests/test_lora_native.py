@@ -1,0 +1,169 @@
+"""The native AVX-512 BF16 LoRA kernel against a plain torch float64 reference.
+
+Random bf16 adapters of ranks 8/16/32/64 (and 4, 12, 40: padded inside their class) sit
+in rank-class stacks of fused groups shaped as SmolLM2's (q/k/v: 576 -> 576/192/192,
+gate/up: 576 -> 1536/1536, down: 1536 -> 576) and of odd sizes that exercise the
+kernel's tails; batches mix slots, repeat them (tiles of one adapter's rows) and hold
+rows with no adapter, which must get exactly zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux.server.adapters import ModuleWeights
+from loramux.server.lora import LoraGroup, make_context
+from loramux.server.lora.backend import CpuNativeBackend, make_backend
+from loramux.server.lora.backend.native import NativeKernelUnavailable, load_kernel
+
+CPU = torch.device("cpu")
+RANKS = {1: 8, 2: 16, 3: 32, 4: 64, 5: 4, 6: 12, 7: 40, 8: 16, 9: 64}  # slot -> rank
+
+try:
+    load_kernel()
+    UNAVAILABLE = ""
+except NativeKernelUnavailable as exc:  # pragma: no cover - CI and dev machines have it
+    UNAVAILABLE = str(exc)
+pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=f"native kernel: {UNAVAILABLE}")
+
+
+def _weights(slot: int, member: int, in_features: int, out: int) -> ModuleWeights:
+    generator = torch.Generator().manual_seed(1000 * slot + member)
+    rank = RANKS[slot]
+    return ModuleWeights(
+        lora_a=torch.randn(rank, in_features, generator=generator).bfloat16(),
+        lora_b=torch.randn(out, rank, generator=generator).bfloat16(),
+        scaling=1.5 / slot,
+    )
+
+
+def _group(in_features: int, outs: list[int]) -> LoraGroup:
+    context = make_context(CPU, len(RANKS) + 1, "bf16", kernel="native")
+    assert isinstance(context.backend, CpuNativeBackend)
+    group = LoraGroup(in_features, outs, context, CPU)
+    for slot, rank in RANKS.items():
+        context.table.place(slot, rank)
+        for member, out in enumerate(outs):
+            if not (slot == 6 and member == 1):  # slot 6 leaves the second member alone
+                group.write(member, slot, _weights(slot, member, in_features, out))
+    return group
+
+
+def _reference(group: LoraGroup, x: torch.Tensor, slots: list[int], member: int) -> torch.Tensor:
+    """float64 (x A^T * scaling) B^T per row from the adapters' own weights, then bf16."""
+    rows = []
+    for row, slot in enumerate(slots):
+        out = group.outs[member]
+        if slot == 0 or (slot == 6 and member == 1):
+            rows.append(torch.zeros(out, dtype=torch.float64))
+            continue
+        w = _weights(slot, member, group.in_features, out)
+        delta = (x[row].double() @ w.lora_a.double().t()) * w.scaling @ w.lora_b.double().t()
+        rows.append(delta)
+    return torch.stack(rows)
+
+
+SHAPES = {
+    "qkv": (576, [576, 192, 192]),
+    "gate_up": (576, [1536, 1536]),
+    "down": (1536, [576]),
+    "odd": (72, [40, 8, 100]),  # tails: in not a multiple of 32, outs of 16
+}
+BATCHES = {
+    "distinct": [1, 2, 3, 4, 5, 6, 7, 8, 9],
+    "mixed": [4, 0, 2, 2, 9, 1, 0, 3, 7, 2, 2, 2, 2, 2, 6, 5, 8, 4, 4],  # 6 rows of slot 2
+    "one_slot": [3] * 11,
+    "no_adapter": [0, 0, 0],
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_kernel_matches_the_float64_reference(shape: str, batch: str) -> None:
+    in_features, outs = SHAPES[shape]
+    group = _group(in_features, outs)
+    slots = BATCHES[batch]
+    backend = group.context.backend
+    assert isinstance(backend, CpuNativeBackend)
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(3))
+    x = x.bfloat16()
+    route = group.context.route(slots, 1, CPU).row_route
+    got = backend.native_deltas(group, x, route)
+    for member in range(group.members):
+        expected = _reference(group, x, slots, member)
+        assert got[member].dtype == torch.bfloat16
+        assert got[member].shape == (len(slots), outs[member])
+        for row, slot in enumerate(slots):
+            if slot == 0 or (slot == 6 and member == 1):
+                assert torch.equal(got[member][row], torch.zeros_like(got[member][row]))
+                continue
+            want = expected[row]
+            error = (got[member][row].double() - want).abs().max() / want.abs().max()
+            # bf16 output rounding alone is up to 2^-9 of the largest value.
+            assert error < 4e-3, (member, row, slot, float(error))
+
+
+def test_prefill_tokens_route_as_their_rows() -> None:
+    """Prefill: every token of a row takes its row's adapter (route repeated per token)."""
+    group = _group(*SHAPES["qkv"])
+    slots, tokens = [2, 0, 4, 2, 7], 6
+    context = group.context
+    batch = context.route(slots, tokens, CPU)
+    x = torch.randn(len(slots) * tokens, 576, generator=torch.Generator().manual_seed(5))
+    x = x.bfloat16()
+    got = context.backend.deltas(group, x, batch)
+    per_token = [s for s in slots for _ in range(tokens)]
+    for member in range(group.members):
+        expected = _reference(group, x, per_token, member)
+        error = (got[member].double() - expected).abs().max() / expected.abs().max()
+        assert error < 4e-3, (member, float(error))
+
+
+def test_stacks_regrown_after_routing_are_read_from_their_new_place() -> None:
+    """The kernel's cached pointers follow the stacks when a new adapter grows a class."""
+    group = _group(*SHAPES["odd"])
+    backend = group.context.backend
+    assert isinstance(backend, CpuNativeBackend)
+    x = torch.randn(2, 72, generator=torch.Generator().manual_seed(9)).bfloat16()
+    before = backend.native_deltas(group, x, group.context.route([2, 8], 1, CPU).row_route)
+    group.context.table.remove(9)  # one rank-64 slot freed, then a new rank-16 one at slot 9
+    for member in range(group.members):
+        group.write(member, 9, None)
+    RANKS[9], saved = 16, RANKS[9]
+    try:
+        group.context.table.place(9, 16)  # class 16 grows from 2 to 4: its stacks are replaced
+        for member, out in enumerate(group.outs):
+            group.write(member, 9, _weights(9, member, 72, out))
+        route = group.context.route([2, 8, 9], 1, CPU).row_route
+        after = backend.native_deltas(group, torch.cat([x, x[:1]]), route)
+        for member in range(group.members):
+            assert torch.equal(after[member][:2], before[member])
+            expected = _reference(group, torch.cat([x, x[:1]]), [2, 8, 9], member)[2]
+            error = (after[member][2].double() - expected).abs().max() / expected.abs().max()
+            assert error < 4e-3
+    finally:
+        RANKS[9] = saved
+
+
+def test_forcing_native_with_int8_slots_is_refused_and_auto_falls_back() -> None:
+    with pytest.raises(ValueError, match="bf16 slots"):
+        make_backend(CPU, "native", "int8")
+    assert make_backend(CPU, "auto", "int8").name == "cpu"
+    assert make_backend(CPU, "auto", "bf16").name == "cpu_native"
+
+
+def test_a_missing_compiler_falls_back_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No compiler (and nothing cached for it): the server starts on the compiled kernel."""
+    from loramux.server.lora.backend import native
+
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setenv("CXX", "loramux-no-such-compiler")
+    with caplog.at_level("WARNING"):
+        backend = make_backend(CPU, "auto", "bf16")
+    assert backend.name == "cpu" and backend.kernel_mode == "compiled"
+    assert "no C++ compiler" in caplog.text
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
+        make_backend(CPU, "native", "bf16")
