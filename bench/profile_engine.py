@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--bare", action="store_true", help="engine with enable_lora=False")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--lora-kernel", default="auto", help="auto, native, compiled or eager (--lora-kernel)"
+    )
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
     args = parser.parse_args(argv)
 
@@ -47,7 +50,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = Engine(
         base.fresh_copy(),
         base.tokenizer,
-        Settings(device=str(base.device), max_batch_size=max(32, args.batch)),
+        Settings(
+            device=str(base.device),
+            max_batch_size=max(32, args.batch),
+            lora_kernel=args.lora_kernel,
+        ),
         base.resolved,
         enable_lora=not args.bare,
     )

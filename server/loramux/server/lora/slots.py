@@ -38,8 +38,8 @@ class SlotFormat(ABC):
     dtype: torch.dtype
 
     @abstractmethod
-    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stored rows [rows, n] in `dtype`, float32 factor per row [rows])."""
+    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(stored rows [rows, n] in `dtype`, float32 factor per row [rows], None: all 1)."""
 
 
 class Bf16Format(SlotFormat):
@@ -48,9 +48,8 @@ class Bf16Format(SlotFormat):
     name = "bf16"
     dtype = torch.bfloat16
 
-    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ones = torch.ones(weight.shape[0], dtype=torch.float32)
-        return weight.to(self.dtype), ones
+    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weight.to(self.dtype), None
 
 
 class Int8Format(SlotFormat):
@@ -59,7 +58,7 @@ class Int8Format(SlotFormat):
     name = "int8"
     dtype = torch.int8
 
-    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return quantize_rows(weight)
 
 
