@@ -19,9 +19,8 @@ the GPU run does):
                   block of adapters, so slots are evicted and refilled from CPU memory
 * mux_ranks       32 adapters of ranks 8/16/32/64 (each in its own rank class stack)
 * mux_k32_int8    mux_k32 with int8 adapter slots (`--lora-slot-dtype int8`)
-* *_compiled      mux_one / mux_k32 / mux_ranks on the torch.compile'd kernel and dense
-                  GEMMs (`--lora-kernel compiled`, the CPU code before the native kernel),
-                  to compare the two backends side by side
+* *_native        mux_one / mux_k32 / mux_ranks on the hand-written AVX-512 BF16 kernel
+                  (`--lora-kernel native`), side by side with the default compiled one
 * peft_mixed      PEFT, the same 32 adapters, `generate(adapter_names=[...])`
 * peft_sequential PEFT, one adapter at a time: `set_adapter` + `generate` per group of rows
 
@@ -76,9 +75,9 @@ ALL_CONFIGS = (
     "mux_k128",
     "mux_ranks",
     "mux_k32_int8",
-    "mux_one_compiled",
-    "mux_k32_compiled",
-    "mux_ranks_compiled",
+    "mux_one_native",
+    "mux_k32_native",
+    "mux_ranks_native",
     "peft_mixed",
     "peft_sequential",
 )
@@ -446,8 +445,8 @@ def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
         "mux_k8": ("a", 8),
         "mux_k32": ("a", 32),
         "mux_k32_int8": ("a", 32),
-        "mux_k32_compiled": ("a", 32),
-        "mux_ranks_compiled": ("r", 32),
+        "mux_k32_native": ("a", 32),
+        "mux_ranks_native": ("r", 32),
         "peft_mixed": ("a", 32),
         "peft_sequential": ("a", 32),
         "mux_k128": ("c", 128),
@@ -455,7 +454,7 @@ def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
     }
     if config in ("base", "hf_base", "mux_none"):
         return [None] * batch
-    if config in ("mux_one", "mux_one_compiled"):
+    if config in ("mux_one", "mux_one_native"):
         return ["a0"] * batch
     prefix, k = pools[config]
     return [f"{prefix}{(rep * batch + i) % k}" for i in range(batch)]
@@ -626,11 +625,9 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         if "mux_k32_int8" in need:
             specs["mux_int8"] = SystemSpec("engine", adapters=adapters_a, slot_dtype="int8")
             serves["mux_k32_int8"] = "mux_int8"
-        if need & {"mux_one_compiled", "mux_k32_compiled"}:
-            specs["mux_compiled"] = SystemSpec(
-                "engine", adapters=adapters_a, lora_kernel="compiled"
-            )
-            serves.update(dict.fromkeys(("mux_one_compiled", "mux_k32_compiled"), "mux_compiled"))
+        if need & {"mux_one_native", "mux_k32_native"}:
+            specs["mux_native"] = SystemSpec("engine", adapters=adapters_a, lora_kernel="native")
+            serves.update(dict.fromkeys(("mux_one_native", "mux_k32_native"), "mux_native"))
         if "mux_k128" in need:
             adapters_c = write_adapters(
                 root, linears, [16] * 128, "c", distinct_files=args.distinct_files, seed_offset=100
@@ -638,18 +635,18 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
             # All 128 in CPU memory, the last 32 in slots.
             specs["cycling"] = SystemSpec("engine", adapters=adapters_c)
             serves["mux_k128"] = "cycling"
-        if need & {"mux_ranks", "mux_ranks_compiled"}:
+        if need & {"mux_ranks", "mux_ranks_native"}:
             ranks = [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(32)]
             adapters_r = write_adapters(
                 root, linears, ranks, "r", distinct_files=args.distinct_files, seed_offset=300
             )
             specs["mixed_ranks"] = SystemSpec("engine", adapters=adapters_r)
             serves["mux_ranks"] = "mixed_ranks"
-            if "mux_ranks_compiled" in need:
-                specs["mixed_ranks_compiled"] = SystemSpec(
-                    "engine", adapters=adapters_r, lora_kernel="compiled"
+            if "mux_ranks_native" in need:
+                specs["mixed_ranks_native"] = SystemSpec(
+                    "engine", adapters=adapters_r, lora_kernel="native"
                 )
-                serves["mux_ranks_compiled"] = "mixed_ranks_compiled"
+                serves["mux_ranks_native"] = "mixed_ranks_native"
         if "hf_base" in need:
             specs["hf"] = SystemSpec("hf")
             serves["hf_base"] = "hf"

@@ -181,9 +181,9 @@ class Settings:
     )
     lora_kernel: str = setting(
         "auto",
-        "LoRA kernel for mixed batches: native (hand-written AVX-512 BF16, CPU, bf16 slots), "
-        "compiled (torch.compile'd gather-reduce), eager, auto (native where it builds and "
-        "runs, else compiled, the reason logged)",
+        "LoRA kernel: compiled (torch.compile'd gather-reduce, dense GEMMs for few adapters), "
+        "eager (the same uncompiled), native (hand-written AVX-512 BF16 kernel, CPU with "
+        "bf16 slots; built at start with g++ or $CXX), auto (compiled)",
         "engine",
         choices=("auto", "native", "compiled", "eager"),
     )

@@ -163,15 +163,15 @@ class LoraGroup:
         if weights.row_scaling is None and a_factor is None and bt_factor is None:
             row_scale.fill_(weights.scaling)
         else:
-            factor = (
+            scaling = (
                 weights.row_scaling.float()
                 if weights.row_scaling is not None
                 else torch.full((rank,), weights.scaling, dtype=torch.float32)
             )
-            for part in (a_factor, bt_factor):
-                if part is not None:
-                    factor = factor * part
-            row_scale.copy_(factor)
+            ones = torch.ones(rank, dtype=torch.float32)
+            a_part = ones if a_factor is None else a_factor
+            bt_part = ones if bt_factor is None else bt_factor
+            row_scale.copy_(a_part * bt_part * scaling)  # this order: bit for bit as before
         self.ranks[member][slot] = rank
         self.occupied.add(slot)
 
