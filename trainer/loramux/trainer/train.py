@@ -29,6 +29,7 @@ from loramux.core.models import (
     pick_device,
     resolve_base_model,
 )
+from loramux.trainer.attention import AttentionBackend
 from loramux.trainer.callbacks import (
     METRICS_FILE,
     InterruptCallback,
@@ -198,9 +199,14 @@ def _integration_dirs(options: TrainOptions, out: Path) -> Iterator[None]:
 
 
 def _collator(options: TrainOptions, tokenizer: Any) -> Any:
-    """Padding (the default) or packing; both give the same loss on the same batch."""
+    """Padding (the default) or packing; both give the same loss on the same batch.
+
+    Packed rows run through the varlen attention (`AttentionBackend`), whose cost is each
+    example's own, whatever the row's length: a batch is then one row, with no padding at
+    all (rows of `max_seq_len` would pad every row but the longest to it)."""
     if options.packing:
-        return PackingCollator(int(tokenizer.pad_token_id), row_len=options.max_seq_len)
+        row_len = options.max_seq_len * options.batch_size
+        return PackingCollator(int(tokenizer.pad_token_id), row_len=row_len)
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(
@@ -398,6 +404,9 @@ def train(
     device = ranks.device(pick_device(settings.device))
     quantized = settings.quantization != "none"
     base = load_base_model(resolved, settings.quantization, str(device))
+    attention = AttentionBackend.for_packing(options.packing, device.type)
+    if attention is not None:
+        attention.apply(base)
     model = build_peft_model(base, resolved, options, quantized)
     trainable, total = model.get_nb_trainable_parameters()
     say(
@@ -405,6 +414,7 @@ def train(
         f"- LoRA r={options.rank} on {', '.join(options.target_modules)} of "
         f"{resolved.name} ({settings.quantization}, {device})"
         + (f", {ranks.world_size} processes" if ranks.world_size > 1 else "")
+        + (f", attention: {attention.reason}" if attention is not None else "")
     )
     say(
         f"data: {data.train.stats.examples} train examples ({data.train.stats.target_tokens:,} "
