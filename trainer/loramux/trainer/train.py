@@ -43,6 +43,7 @@ from loramux.trainer.distributed import Ranks
 from loramux.trainer.options import AUTO, TrainOptions
 from loramux.trainer.packing import PackingCollator
 from loramux.trainer.plot import LOSS_CURVE_FILE, plot_loss_curve
+from loramux.trainer.targets import TargetLogits
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -198,20 +199,25 @@ def _integration_dirs(options: TrainOptions, out: Path) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def _collator(options: TrainOptions, tokenizer: Any) -> Any:
-    """Padding (the default) or packing; both give the same loss on the same batch.
+def _collator(options: TrainOptions, tokenizer: Any, model: Any) -> Any:
+    """Padding (the default) or packing; both give the same loss on the same batch, and
+    both have the model compute logits only where a loss is taken (`TargetLogits`) when
+    its forward allows it.
 
     Packed rows run through the varlen attention (`AttentionBackend`), whose cost is each
     example's own, whatever the row's length: a batch is then one row, with no padding at
     all (rows of `max_seq_len` would pad every row but the longest to it)."""
+    collator: Any
     if options.packing:
         row_len = options.max_seq_len * options.batch_size
-        return PackingCollator(int(tokenizer.pad_token_id), row_len=row_len)
-    from transformers import DataCollatorForSeq2Seq
+        collator = PackingCollator(int(tokenizer.pad_token_id), row_len=row_len)
+    else:
+        from transformers import DataCollatorForSeq2Seq
 
-    return DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
-    )
+        collator = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
+        )
+    return TargetLogits(collator) if TargetLogits.supported(model) else collator
 
 
 def keep_4bit_layers_differentiable(model: Any) -> int:
@@ -468,7 +474,7 @@ def train(
             train_dataset=data.train,
             eval_dataset=data.eval,
             processing_class=tokenizer,
-            data_collator=_collator(options, tokenizer),
+            data_collator=_collator(options, tokenizer, base),
             callbacks=[MetricsLogCallback(metrics_path), interrupt, *callbacks],
         )
         interrupt.install()
