@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 CHAT_ROLES = ("system", "user", "assistant")
-CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU; pages are mapped as blocks are written
+CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU; resident from start (zeroed)
 CUDA_KV_FRACTION = 0.9  # default KV pool on CUDA: of the memory free once the model is loaded
 
 
