@@ -19,7 +19,8 @@ Same data (a generated prompt/completion set, loss on completions only), same Lo
 steps, seed and gradient checkpointing. A step's time is the gap between consecutive
 `Trainer.training_step` calls (forward, backward, optimiser step, logging), timed by
 patching that method in the child process identically for every run; the first two steps
-are left out as warm-up; medians, so a step slowed by a neighbour's burst does not count.
+are left out as warm-up; medians (of step times, and of each step's tokens/s), so a step
+slowed by a neighbour's burst does not count.
 Wall time suffers from other processes on a shared machine, so the process's CPU time
 per step is reported too (and compared): it counts only this run's own work. Tokens/s
 counts non-padding input tokens.
@@ -195,6 +196,9 @@ class StepTimer:
         cpu = [b - a for a, b in itertools.pairwise(self.cpu_starts)]
         steady = periods[WARMUP_STEPS:] or periods
         steady_tokens = self.tokens[: len(periods)][WARMUP_STEPS:] or self.tokens[: len(periods)]
+        # The median step's rate, as for the step times: one step slowed by a neighbour's
+        # burst (a shared machine) must not move it, as it would move a ratio of sums.
+        rates = [n / t for n, t in zip(steady_tokens, steady, strict=True)]
         return {
             "steps": len(self.starts),
             "step_s": periods,
@@ -202,7 +206,7 @@ class StepTimer:
             "step_s_median": median(steady),
             "step_cpu_s": cpu,
             "step_cpu_s_median": median(cpu[WARMUP_STEPS:] or cpu),
-            "tokens_per_s": sum(steady_tokens) / sum(steady) if steady else float("nan"),
+            "tokens_per_s": median(rates) if rates else float("nan"),
         }
 
 
