@@ -36,7 +36,9 @@ has, where padding is about half of a padded batch.
 
 Suite `nproc`: the same run in 1 process (batch B) and in N data-parallel processes (batch
 B/N each, same global batch; DDP through accelerate, gloo on the CPU), step time compared.
-On a CPU machine the processes share its cores (OMP_NUM_THREADS = cores / N).
+On a CPU machine the processes share its cores (OMP_NUM_THREADS = cores / N). Rank 0
+reports: its tokens/s and CPU time are its own share (1/N of the batch, one of N processes);
+the step time, for the same global batch, is what compares.
 """
 
 from __future__ import annotations
