@@ -79,21 +79,23 @@ def varlen_attention_forward(
     value = repeat_kv(value, groups)  # [rows, heads, width, head_dim]
     lengths = segment_lengths(position_ids.expand(rows, -1))
 
-    def flat(x: Any) -> Any:  # [rows, heads, width, d] -> [heads, rows * width, d]
-        return x.transpose(0, 1).reshape(heads, rows * width, x.shape[-1])
+    def flat(x: Any) -> Any:  # [rows, heads, width, d] -> [1, heads, rows * width, d]
+        return x.transpose(0, 1).reshape(1, heads, rows * width, x.shape[-1])
 
+    # 4-D inputs: PyTorch's CPU flash kernel takes no other shape (3-D ones fall back to the
+    # math path: a bmm, a softmax and a materialised causal mask per example).
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, scale=scaling, is_causal=True
-        )  # [heads, length, head_dim]
+        )  # [1, heads, length, head_dim]
         for q, k, v in zip(
-            flat(query).split(lengths, dim=1),
-            flat(key).split(lengths, dim=1),
-            flat(value).split(lengths, dim=1),
+            flat(query).split(lengths, dim=2),
+            flat(key).split(lengths, dim=2),
+            flat(value).split(lengths, dim=2),
             strict=True,
         )
     ]
-    out = torch.cat(outputs, dim=1).view(heads, rows, width, head_dim)
+    out = torch.cat(outputs, dim=2).view(heads, rows, width, head_dim)
     return out.permute(1, 2, 0, 3).contiguous(), None  # [rows, width, heads, head_dim]
 
 
