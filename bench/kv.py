@@ -14,7 +14,8 @@ this tree's in the same session):
 * decode   32 rows, 32-token prompts, 64 new tokens, base model and one adapter: decode
            tokens/s after the first token (median of 3 repetitions per process)
 * itl      31 streams, then the same 31 with a 6,000-token prompt arriving mid-stream:
-           the streams' inter-token latency p50 without, p99 with (per --max-batch-tokens)
+           the streams' inter-token latency p50 without, p99 with, and the long prompt's
+           time to first token (per --max-batch-tokens and --max-prefill-tokens-while-decoding)
 * prefix   32 requests with the same 1,000-token system prompt and adapter, submitted
            together: time to first token and prefill tokens computed, prefix cache on/off
 
@@ -160,11 +161,18 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def worker_itl(base: Any, max_batch_tokens: int, long_tokens: int) -> dict[str, Any]:
-    engine = _engine(base, max_batch_size=32, max_batch_tokens=max_batch_tokens)
+def worker_itl(
+    base: Any, max_batch_tokens: int, long_tokens: int, prefill_while_decoding: int = 0
+) -> dict[str, Any]:
+    engine = _engine(
+        base,
+        max_batch_size=32,
+        max_batch_tokens=max_batch_tokens,
+        max_prefill_tokens_while_decoding=prefill_while_decoding,
+    )
     prompts = base.prompts(31, 32)
     long_prompt = base.prompts(1, long_tokens)[0]
-    chunk = max(1, max_batch_tokens - 31)
+    chunk = max(1, min(max_batch_tokens - 31, engine.prefill_tokens_while_decoding))
     new = min(900, long_tokens // chunk + 40)
     quiet = _run_streams(engine, [_request(f"q{i}", p, 40) for i, p in enumerate(prompts)])
     quiet_gaps = _gaps(quiet)
@@ -184,6 +192,7 @@ def worker_itl(base: Any, max_batch_tokens: int, long_tokens: int) -> dict[str, 
     during = _gaps(times, arrival, long_first)
     return {
         "max_batch_tokens": max_batch_tokens,
+        "prefill_while_decoding": engine.prefill_tokens_while_decoding,
         "long_tokens": long_tokens,
         "p50_without_ms": _pct(quiet_gaps, 50),
         "p99_without_ms": _pct(quiet_gaps, 99),
@@ -263,7 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-src", help="checkout of the engine to compare with")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", default=["memory", "decode", "itl", "prefix"])
-    parser.add_argument("--itl-batch-tokens", type=int, nargs="*", default=[128, 2048])
+    parser.add_argument("--itl-batch-tokens", type=int, nargs="*", default=[2048])
+    parser.add_argument(
+        "--itl-prefill-tokens",
+        type=int,
+        nargs="*",
+        default=[0, 2048],
+        help="--max-prefill-tokens-while-decoding values for the itl scenario (0: auto)",
+    )
     parser.add_argument("--memory-tokens", type=int, nargs="*", default=[4000, 8000])
     parser.add_argument("--long-tokens", type=int, default=6000, help="the itl long prompt")
     parser.add_argument("--prefix-requests", type=int, default=32)
@@ -322,10 +338,11 @@ def main(argv: list[str] | None = None) -> None:
                     }
                     record(name, spec, src)
     if "itl" in args.only:
-        for tokens in args.itl_batch_tokens:
+        for tokens, prefill in itertools.product(args.itl_batch_tokens, args.itl_prefill_tokens):
             spec = {
                 "kind": "itl",
                 "max_batch_tokens": tokens,
+                "prefill_while_decoding": prefill,
                 "long_tokens": args.long_tokens,
             }
             record("paged", spec, None)

@@ -236,7 +236,7 @@ class ServerProcess:
         self._log_file.close()
 
 
-def start_loramux(root: Path, adapters: int) -> ServerProcess:
+def start_loramux(root: Path, adapters: int, extra: Sequence[str] = ()) -> ServerProcess:
     from loramux.core.config import Settings
 
     home = root / "home"
@@ -268,6 +268,7 @@ def start_loramux(root: Path, adapters: int) -> ServerProcess:
         str(max(100, adapters)),
         "--max-queued-requests",
         "4096",
+        *extra,
     ]
     return ServerProcess("loramux", command, port, root / "loramux.log")
 

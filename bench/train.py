@@ -3,6 +3,7 @@
     python -m bench.train              # 30 optimizer steps per run, 2 interleaved repetitions
     python -m bench.train --quick      # 5 steps, 1 repetition, no bf16 run
     python -m bench.train --suite packing   # padding vs --packing on short chats
+    python -m bench.train --suite packing --data chat-varied   # ... of long-tailed lengths
     python -m bench.train --suite nproc     # 1 process vs --nproc 2, same global batch
 
 Runs, each in its own Python process (so peak memory is that run's alone, read as the
@@ -18,19 +19,26 @@ Same data (a generated prompt/completion set, loss on completions only), same Lo
 steps, seed and gradient checkpointing. A step's time is the gap between consecutive
 `Trainer.training_step` calls (forward, backward, optimiser step, logging), timed by
 patching that method in the child process identically for every run; the first two steps
-are left out as warm-up; medians, so a step slowed by a neighbour's burst does not count.
+are left out as warm-up; medians (of step times, and of each step's tokens/s), so a step
+slowed by a neighbour's burst does not count.
 Wall time suffers from other processes on a shared machine, so the process's CPU time
 per step is reported too (and compared): it counts only this run's own work. Tokens/s
 counts non-padding input tokens.
 
-Suite `packing`: LoRAMux's trainer on short chats of varied length (a generated set: a
-user turn of 1-2 sentences, a reply of 1-3), once padded (the default collator) and once
-with `--packing` (each batch's examples in one row, attention kept per example), the same
-batches, steps and seed: training tokens/s and final eval loss side by side.
+Suite `packing`: LoRAMux's trainer on short chats, once padded (the default collator) and
+once with `--packing` (each batch's examples in as few rows as fit, attention kept per
+example by the trainer's varlen attention), the same batches, steps and seed: training
+tokens/s and final eval loss side by side. `--data chat` (the default, the target's data): a
+user turn of 1-2 sentences and a reply of 1-3, so with the chat template's system prompt
+every example is 170-185 tokens and padding is only ~25% of a padded batch. `--data
+chat-varied`: replies of 1-16 sentences, log-uniform, a long tail as real instruction data
+has, where padding is about half of a padded batch.
 
 Suite `nproc`: the same run in 1 process (batch B) and in N data-parallel processes (batch
 B/N each, same global batch; DDP through accelerate, gloo on the CPU), step time compared.
-On a CPU machine the processes share its cores (OMP_NUM_THREADS = cores / N).
+On a CPU machine the processes share its cores (OMP_NUM_THREADS = cores / N). Rank 0
+reports: its tokens/s and CPU time are its own share (1/N of the batch, one of N processes);
+the step time, for the same global batch, is what compares.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import random
 import resource
@@ -115,7 +124,53 @@ def write_chat_dataset(folder: Path, train: int, eval_: int, seed: int = 0) -> t
     return paths[0], paths[1]
 
 
+def write_varied_chat_dataset(
+    folder: Path, train: int, eval_: int, seed: int = 0
+) -> tuple[Path, Path]:
+    """Short chats whose replies vary in length as real instruction data's do (a long tail:
+    1 to 16 sentences, log-uniform), unlike `write_chat_dataset`'s nearly uniform ones."""
+    rng = random.Random(seed)
+    sentences = [s.strip() + "." for s in PASSAGE.split(".") if s.strip()]
+
+    def record() -> dict[str, Any]:
+        context = " ".join(rng.sample(sentences, rng.randint(1, 2)))
+        count = round(math.exp(rng.uniform(0.0, math.log(16))))
+        reply = " ".join(rng.choices(sentences, k=count))
+        return {
+            "messages": [
+                {"role": "user", "content": f"{context}\nSay something related."},
+                {"role": "assistant", "content": reply},
+            ]
+        }
+
+    paths = []
+    for name, count in (("varied-train.jsonl", train), ("varied-eval.jsonl", eval_)):
+        path = folder / name
+        path.write_text("".join(json.dumps(record()) + "\n" for _ in range(count)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+DATASETS = {"chat": write_chat_dataset, "chat-varied": write_varied_chat_dataset}
+
+
 # ---- the child process: one training run ----
+def real_tokens(inputs: dict[str, Any]) -> int:
+    """Non-padding input tokens of a batch. Padded: the attention mask's ones. Packed (no
+    mask): every position but each row's padding, which is the row's last segment (its
+    positions restart at 0) when none of its labels is trained; a real example always has
+    a trained label (the trainer drops those without)."""
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    total = 0
+    for positions, labels in zip(inputs["position_ids"], inputs["labels"], strict=True):
+        start = int((positions == 0).nonzero().max())  # the row's last segment
+        padding = bool((labels[start:] == -100).all())
+        total += start if padding else positions.numel()
+    return total
+
+
 class StepTimer:
     """Patches transformers.Trainer.training_step to note when each step starts."""
 
@@ -131,10 +186,7 @@ class StepTimer:
         def training_step(self: Any, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             timer.starts.append(time.perf_counter())
             timer.cpu_starts.append(time.process_time())
-            mask = inputs.get("attention_mask")
-            # Packed batches carry no mask; in this bench a packed batch is one row, unpadded.
-            tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            timer.tokens.append(tokens)
+            timer.tokens.append(real_tokens(inputs))
             return original(self, model, inputs, *args, **kwargs)
 
         Trainer.training_step = training_step  # type: ignore[method-assign]
@@ -146,6 +198,9 @@ class StepTimer:
         cpu = [b - a for a, b in itertools.pairwise(self.cpu_starts)]
         steady = periods[WARMUP_STEPS:] or periods
         steady_tokens = self.tokens[: len(periods)][WARMUP_STEPS:] or self.tokens[: len(periods)]
+        # The median step's rate, as for the step times: one step slowed by a neighbour's
+        # burst (a shared machine) must not move it, as it would move a ratio of sums.
+        rates = [n / t for n, t in zip(steady_tokens, steady, strict=True)]
         return {
             "steps": len(self.starts),
             "step_s": periods,
@@ -153,7 +208,7 @@ class StepTimer:
             "step_s_median": median(steady),
             "step_cpu_s": cpu,
             "step_cpu_s_median": median(cpu[WARMUP_STEPS:] or cpu),
-            "tokens_per_s": sum(steady_tokens) / sum(steady) if steady else float("nan"),
+            "tokens_per_s": median(rates) if rates else float("nan"),
         }
 
 
@@ -347,6 +402,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--launch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--suite", choices=sorted(SUITES), default="qlora")
     parser.add_argument("--nproc", type=int, default=2, help="processes in the nproc suite")
+    parser.add_argument(
+        "--data",
+        choices=sorted(DATASETS),
+        default="chat",
+        help="packing suite's data: chat (nearly uniform lengths, the target's) or "
+        "chat-varied (long-tailed reply lengths)",
+    )
     args = parser.parse_args(argv)
     if args.child and args.launch > 1:
         from loramux.trainer.distributed import launch
@@ -362,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             args.runs = ",".join(SUITES[args.suite])
         if args.out == "train":
             args.out = f"train-{args.suite}"
+            if args.suite == "packing" and args.data != "chat":
+                args.out += f"-{args.data}"
     if args.quick:
         args.steps, args.reps = 5, 1
         if args.suite == "qlora":
@@ -376,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory(prefix="loramux-bench-train-") as tmp:
         root = Path(tmp)
         if args.suite == "packing":
-            train_file, eval_file = write_chat_dataset(
+            train_file, eval_file = DATASETS[args.data](
                 root, args.train_examples, args.eval_examples
             )
         else:
@@ -427,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     title = f"QLoRA training on {info.get('gpu') or info['cpu_model']}, SmolLM2-135M"
     if args.suite != "qlora":
         title += f", suite {args.suite}"
+    if args.suite == "packing":
+        title += f", data {args.data}"
     print(f"\n## train: {title}, {args.steps} steps x batch {args.batch_size}")
     table = format_table(
         [

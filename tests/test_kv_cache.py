@@ -197,15 +197,18 @@ class PassLog:
 
     def __init__(self, engine: Engine) -> None:
         self.passes: list[tuple[str, int]] = []
+        self.steps: list[int] = []  # the engine step each pass ran in
         runner = engine.runner
         prefill, decode = runner.prefill, runner.decode
 
         def logged_prefill(batch: Any) -> torch.Tensor:
             self.passes.append(("prefill", len(batch.prompts) * max(map(len, batch.prompts))))
+            self.steps.append(engine._steps)
             return prefill(batch)
 
         def logged_decode(batch: Any) -> torch.Tensor:
             self.passes.append(("decode", len(batch.tokens)))
+            self.steps.append(engine._steps)
             return decode(batch)
 
         runner.prefill, runner.decode = logged_prefill, logged_decode  # type: ignore[method-assign]
@@ -290,6 +293,40 @@ def test_chunked_prefill_gives_the_same_tokens_and_interleaves_with_decode(
     first_chunk = kinds.index("prefill")
     last_chunk = len(kinds) - 1 - kinds[::-1].index("prefill")
     assert kinds[first_chunk:last_chunk].count("decode") >= len(prefills) - 1
+
+
+def test_steps_with_decoding_rows_prefill_at_most_the_budget_while_decoding(
+    tiny_llama: ResolvedModel,
+) -> None:
+    """--max-prefill-tokens-while-decoding caps a step's prefill only while rows decode."""
+    engine = Engine(
+        load_base_model(tiny_llama, "nf4", "cpu"),
+        load_tokenizer(tiny_llama),
+        Settings(max_batch_tokens=64, max_prefill_tokens_while_decoding=8, kv_block_size=BLOCK),
+        tiny_llama,
+        lora_kernel="eager",
+    )
+    log = PassLog(engine)
+    try:
+        running = engine.submit(_request(list(range(100, 120)), None, 12, "short"))
+        next(iter(running))  # decoding before the long prompt arrives
+        log.passes.clear()
+        log.steps.clear()
+        long = engine.submit(_request(list(range(200, 400)), None, 2, "long"))
+        long_tokens, long_reason = _tokens(long)
+        _, short_reason = _tokens(running)
+    finally:
+        log.close()
+        engine.shutdown()
+    assert long_reason is short_reason is FinishReason.LENGTH and len(long_tokens) == 2
+    steps: dict[int, dict[str, int]] = {}
+    for (kind, n), step in zip(log.passes, log.steps, strict=True):
+        steps.setdefault(step, {"prefill": 0, "decode": 0})[kind] += n
+    mixed = [s["prefill"] for s in steps.values() if s["decode"] and s["prefill"]]
+    alone = [s["prefill"] for s in steps.values() if not s["decode"] and s["prefill"]]
+    assert len(mixed) >= 5 and max(mixed) <= 8  # the long prompt crept in beside the decode
+    assert max(alone) == 64  # once nothing decodes, chunks take the whole step budget
+    assert sum(mixed) + sum(alone) == 200
 
 
 def test_prefix_hit_skips_the_shared_blocks_and_gives_the_same_tokens(

@@ -109,3 +109,102 @@ def test_training_with_packing_follows_the_padded_run(
         losses[packing] = [r["loss"] for r in records if "loss" in r]
     assert losses[True][0] == pytest.approx(losses[False][0], rel=5e-3)
     assert losses[True][1] == pytest.approx(losses[False][1], rel=5e-3)
+
+
+# ---- the varlen attention packed rows use (loramux.trainer.attention) ----
+def _varlen_model(tiny: ResolvedModel) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from loramux.trainer.attention import AttentionBackend
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny.path), dtype=torch.float32)
+    backend = AttentionBackend.for_packing(True, "cpu")
+    assert backend is not None
+    backend.apply(model)
+    return model
+
+
+@pytest.mark.parametrize("row_len", [4096, 48], ids=["one-row", "several-rows"])
+def test_varlen_packed_logits_and_gradients_equal_each_example_alone(
+    tiny_llama: ResolvedModel, row_len: int
+) -> None:
+    """Reference: the stock sdpa model on the padded batch (each example unpacked). With
+    the varlen attention, packed rows give every example its own logits, the same loss,
+    and the same LoRA-free gradients as the padded batch."""
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    reference_model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_llama.path), dtype=torch.float32
+    )
+    model = _varlen_model(tiny_llama)
+    assert model.config._attn_implementation != reference_model.config._attn_implementation
+    tokenizer = load_tokenizer(tiny_llama)
+    items = _examples(tiny_llama)
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
+        [dict(x) for x in items]
+    )
+    collator = PackingCollator(int(tokenizer.pad_token_id), row_len=row_len)
+    packed = collator(items)
+    reference = reference_model(**padded)
+    got = model(**packed)
+    torch.testing.assert_close(got.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    rows = collator.rows([len(x["input_ids"]) for x in items])
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            n = len(items[index]["input_ids"])
+            torch.testing.assert_close(
+                got.logits[r, start : start + n],
+                reference.logits[index, :n],
+                rtol=1e-4,
+                atol=1e-4,
+            )
+            start += n
+    reference.loss.backward()
+    got.loss.backward()
+    for (name, ours), theirs in zip(
+        model.named_parameters(), reference_model.parameters(), strict=True
+    ):
+        assert ours.grad is not None, name
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_varlen_attention_keeps_examples_apart(tiny_llama: ResolvedModel) -> None:
+    """Changing one example's tokens must not move another example's logits in the same
+    row (it would, by a wide margin, if attention crossed the boundary), while it does
+    move its own."""
+    model = _varlen_model(tiny_llama)
+    items = _examples(tiny_llama)[:3]
+    collator = PackingCollator(pad_token_id=0, row_len=4096)
+    batch = collator(items)
+    assert batch["input_ids"].shape[0] == 1  # all three in one row
+    order = collator.rows([len(x["input_ids"]) for x in items])[0]
+    n_first = len(items[order[0]]["input_ids"])
+    changed = batch["input_ids"].clone()
+    changed[0, 1:n_first] = (changed[0, 1:n_first] + 101) % 1000  # rewrite the first example
+    with torch.inference_mode():
+        before = model(**batch).logits[0]
+        after = model(**{**batch, "input_ids": changed}).logits[0]
+    assert (before[1:n_first] - after[1:n_first]).abs().max() > 1e-2  # its own logits moved
+    torch.testing.assert_close(after[n_first:], before[n_first:], rtol=0, atol=1e-6)
+
+
+def test_varlen_with_a_padding_mask_is_the_sdpa_model(tiny_llama: ResolvedModel) -> None:
+    """A padded batch (2-D mask) through a model set to the varlen attention is computed as
+    the stock sdpa model computes it, left padding included: no mask is dropped."""
+    from transformers import AutoModelForCausalLM
+
+    reference_model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_llama.path), dtype=torch.float32
+    )
+    model = _varlen_model(tiny_llama)
+    tokenizer = load_tokenizer(tiny_llama)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["a short one", "a much longer prompt than the first one is"], padding=True)
+    inputs = {k: torch.tensor(v) for k, v in batch.items()}
+    assert (inputs["attention_mask"] == 0).any()
+    with torch.inference_mode():
+        expected = reference_model(**inputs).logits
+        got = model(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)

@@ -26,6 +26,9 @@ FALSE_WORDS = ("0", "false", "no", "off", "")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 9090
+# Prompt tokens per step while other requests decode, on the CPU: see docs/engine.md
+# ("Chunked prefill") and docs/performance.md (issue 12) for the measurement behind it.
+CPU_PREFILL_TOKENS_WHILE_DECODING = 64
 
 
 LOOPBACK = "127.0.0.1"
@@ -155,6 +158,14 @@ class Settings:
     # -- engine --
     max_batch_size: int = setting(32, "most requests decoding together", "engine")
     max_batch_tokens: int = setting(2048, "most tokens (prefill + decode) in one step", "engine")
+    max_prefill_tokens_while_decoding: int = setting(
+        0,
+        "most prompt tokens prefilled in a step that also decodes running requests, so a "
+        "long prompt arriving costs their inter-token latency little (0: auto, "
+        f"{CPU_PREFILL_TOKENS_WHILE_DECODING} on the CPU, --max-batch-tokens on CUDA); "
+        "a step with no decoding request takes up to --max-batch-tokens",
+        "engine",
+    )
     kv_cache_bytes: int = setting(
         0,
         "KV cache pool, preallocated at start (0: auto, 1 GiB on the CPU capped at what "
@@ -273,6 +284,11 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.max_prefill_tokens_while_decoding < 0:
+            raise ValueError(
+                "--max-prefill-tokens-while-decoding must be >= 0 (0: auto), got "
+                f"{self.max_prefill_tokens_while_decoding}"
+            )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
         if not 0 <= self.tenant_max_calls < self.grpc_workers:

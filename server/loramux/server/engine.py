@@ -10,7 +10,8 @@ One background thread runs the loop. Every step it
 4. gives every decoding row a block for its next token, preempting the newest requests
    (recomputed later, no token lost) when the pool runs dry;
 5. prefills the next chunk of the prompts not yet cached (--max-batch-tokens per step,
-   minus one per decoding row) and decodes one token for every decoding row;
+   minus one per decoding row, and at most --max-prefill-tokens-while-decoding while rows
+   decode) and decodes one token for every decoding row;
 6. streams each new token to its request's consumer and retires finished requests.
 
 Callers (the gRPC service, benchmarks, tests) only `submit` and read the returned stream.
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loramux.core.config import Settings
+from loramux.core.config import CPU_PREFILL_TOKENS_WHILE_DECODING, Settings
 from loramux.core.errors import (
     DeadlineExceeded,
     Internal,
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 CHAT_ROLES = ("system", "user", "assistant")
-CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU; pages are mapped as blocks are written
+CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU; resident from start (zeroed)
 CUDA_KV_FRACTION = 0.9  # default KV pool on CUDA: of the memory free once the model is loaded
 
 
@@ -208,6 +209,7 @@ class Engine:
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
         num_blocks = self._pool_blocks(settings, kv_geometry(config), device)
+        self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
         self.runner = ModelRunner(model, self._lora, pad, num_blocks, settings.kv_block_size)
         self.blocks = BlockPool(
             num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching
@@ -290,6 +292,22 @@ class Engine:
                 f"--kv-cache-bytes {budget} is less than one KV block ({per_block} bytes)"
             )
         return int(blocks)
+
+    @staticmethod
+    def _prefill_budget(settings: Settings, device: torch.device) -> int:
+        """--max-prefill-tokens-while-decoding, auto resolved for the device.
+
+        On the CPU a prefill pass costs about a decode step before its first token (every
+        NF4 weight is dequantised and read once per pass) plus its tokens' work, which
+        grows with the context they attend to, so a chunk next to decoding rows is kept
+        small (docs/performance.md, issue 12). On CUDA the one --max-batch-tokens budget
+        applies, as in vLLM (decode first, prefill fills the rest); not measured here.
+        """
+        if settings.max_prefill_tokens_while_decoding:
+            return min(settings.max_prefill_tokens_while_decoding, settings.max_batch_tokens)
+        if device.type == "cpu":
+            return min(CPU_PREFILL_TOKENS_WHILE_DECODING, settings.max_batch_tokens)
+        return settings.max_batch_tokens
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -521,11 +539,14 @@ class Engine:
     ) -> list[tuple[_Active, int]]:
         """The next chunk of each prompt for this step, oldest first, within the token budget.
 
-        The budget is --max-batch-tokens minus one token per decoding row; a prefill pass is
-        right-padded, so it costs rows x its longest chunk: the first row sets that width,
-        later rows take at most as much.
+        The budget is --max-batch-tokens minus one token per decoding row, and while rows
+        are decoding at most --max-prefill-tokens-while-decoding (their inter-token latency
+        is the step's time); a prefill pass is right-padded, so it costs rows x its longest
+        chunk: the first row sets that width, later rows take at most as much.
         """
         budget = self.settings.max_batch_tokens - decoding
+        if decoding:
+            budget = min(budget, self.prefill_tokens_while_decoding)
         chunks: list[tuple[_Active, int]] = []
         width = 0
         for active in sorted(prefilling, key=lambda a: a.seq):

@@ -7,15 +7,17 @@ where each new token's key/value goes and which blocks each row reads.
 
 The model sees this object as its `cache`: HF attention calls `update()` per layer. It
 scatters the new keys/values into their blocks and returns, for each row, its own blocks
-gathered into a [rows, kv_heads, kv_length, head_dim] tensor (one indexed copy per
-layer, freed after the layer), which the layer's attention
+gathered into a [rows, kv_heads, kv_length, head_dim] tensor (one block-wise
+`index_select` per layer, freed after the layer), which the layer's attention
 (scaled_dot_product_attention) reads under the 4-D mask the runner builds. A row never
 reads another row's blocks, and memory grows with the tokens held, not with the longest
 row times the batch. On CUDA a fused paged-attention kernel can replace the gather
 behind the same interface.
 
-The pool's tensors are allocated zeroed (`torch.zeros`): on the CPU the pages are
-mapped lazily, so resident memory grows as blocks are first written.
+The pool's tensors are allocated zeroed (`torch.zeros`, which writes every page: the
+whole pool is resident from start, 1,025 MB of RSS for the default 1 GiB measured). Zeros,
+not `torch.empty`: padding columns are read (masked) and garbage could hold NaN, which a
+-inf mask does not cancel.
 """
 
 from __future__ import annotations
@@ -99,11 +101,26 @@ class PagedKVCache:
         keys.view(flat_shape).index_copy_(1, layout.write_slots, new_k.to(self.dtype))
         values.view(flat_shape).index_copy_(1, layout.write_slots, new_v.to(self.dtype))
         rows, blocks = layout.block_tables.shape
-        width = blocks * self.block_size
-        k = keys[:, layout.block_tables].view(self.kv_heads, rows, width, self.head_dim)
-        v = values[:, layout.block_tables].view(self.kv_heads, rows, width, self.head_dim)
+        gathered = (self.kv_heads, rows, blocks * self.block_size, self.head_dim)
+        k = self._gather(keys, layout.block_tables).view(gathered)
+        v = self._gather(values, layout.block_tables).view(gathered)
         length = layout.kv_length
         return k.transpose(0, 1)[:, :, :length], v.transpose(0, 1)[:, :, :length]
+
+    def _gather(
+        self,
+        pool: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim]
+        tables: torch.Tensor,  # [rows, blocks] int64
+    ) -> torch.Tensor:  # [kv_heads, rows * blocks, block_size * head_dim]
+        """Each row's blocks, in order: one contiguous block_size x head_dim copy per block.
+
+        `index_select` over a [kv_heads, num_blocks, block_size * head_dim] view copies whole
+        blocks (2 KiB runs on SmolLM2); advanced indexing (`pool[:, tables]`) computed an
+        offset per element instead and took 6x as long (412 vs 69 us for 32 rows x 6 blocks
+        on one thread), 60 times per decode step on SmolLM2.
+        """
+        flat = pool.view(self.kv_heads, self.num_blocks, self.block_size * self.head_dim)
+        return flat.index_select(1, tables.reshape(-1))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given explicitly (position_ids and the 4-D mask)

@@ -92,9 +92,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     data.add_argument(
         "--packing",
         action="store_true",
-        help="pack each batch's examples into shared rows of up to --max-seq-len tokens instead "
-        "of padding them (position ids restart per example, no attention across examples, "
-        "same loss); faster when lengths vary",
+        help="pack each batch's examples into one row instead of padding them (position ids "
+        "restart per example, attention computed per example, same loss); faster when "
+        "lengths vary",
     )
 
     lora = p.add_argument_group("LoRA")

@@ -39,7 +39,7 @@ class TrainOptions:
     prompt_format: str = "raw"  # how prompt/completion records are rendered: raw text or chat
     train_on_prompt: bool = False  # loss on every token instead of replies only
     max_seq_len: int = 1024
-    packing: bool = False  # each batch's examples share rows; attention stays per example
+    packing: bool = False  # each batch's examples in one row; attention stays per example
     # -- LoRA --
     rank: int = 16
     lora_alpha: int = 32

@@ -5,10 +5,12 @@ cost the same compute as real ones. Packed, the examples of a batch are laid end
 as few rows of at most ``row_len`` tokens as fit (balanced, longest first), and:
 
 * ``position_ids`` restart at 0 for every example, and no ``attention_mask`` is passed:
-  transformers then derives one segment per example from the restarts (``masking_utils.
-  find_packed_sequence_indices``) and keeps attention inside each (a block-diagonal causal
-  mask for sdpa/eager, varlen kernels for flash attention), so an example sees exactly
-  what it would see alone, at the same positions;
+  attention is kept inside each example, so an example sees exactly what it would see
+  alone, at the same positions. The trainer runs packed rows through its varlen attention
+  (`loramux.trainer.attention`: causal SDPA per example, no mask), and gives the collator
+  a ``row_len`` that fits the whole batch in one row; with stock transformers attention,
+  the segments come from the restarts too (``masking_utils.find_packed_sequence_indices``:
+  a block-diagonal mask for sdpa/eager, varlen kernels for flash attention);
 * no KV cache is made (``use_cache=False``): transformers skips that detection when one is;
 * the first label of every example is ignored, so no token is trained to predict the next
   example's first token; every other label is the example's own (its loss mask intact).

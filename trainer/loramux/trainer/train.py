@@ -29,6 +29,7 @@ from loramux.core.models import (
     pick_device,
     resolve_base_model,
 )
+from loramux.trainer.attention import AttentionBackend
 from loramux.trainer.callbacks import (
     METRICS_FILE,
     InterruptCallback,
@@ -42,6 +43,7 @@ from loramux.trainer.distributed import Ranks
 from loramux.trainer.options import AUTO, TrainOptions
 from loramux.trainer.packing import PackingCollator
 from loramux.trainer.plot import LOSS_CURVE_FILE, plot_loss_curve
+from loramux.trainer.targets import TargetLogits
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -197,15 +199,25 @@ def _integration_dirs(options: TrainOptions, out: Path) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def _collator(options: TrainOptions, tokenizer: Any) -> Any:
-    """Padding (the default) or packing; both give the same loss on the same batch."""
-    if options.packing:
-        return PackingCollator(int(tokenizer.pad_token_id), row_len=options.max_seq_len)
-    from transformers import DataCollatorForSeq2Seq
+def _collator(options: TrainOptions, tokenizer: Any, model: Any) -> Any:
+    """Padding (the default) or packing; both give the same loss on the same batch, and
+    both have the model compute logits only where a loss is taken (`TargetLogits`) when
+    its forward allows it.
 
-    return DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
-    )
+    Packed rows run through the varlen attention (`AttentionBackend`), whose cost is each
+    example's own, whatever the row's length: a batch is then one row, with no padding at
+    all (rows of `max_seq_len` would pad every row but the longest to it)."""
+    collator: Any
+    if options.packing:
+        row_len = options.max_seq_len * options.batch_size
+        collator = PackingCollator(int(tokenizer.pad_token_id), row_len=row_len)
+    else:
+        from transformers import DataCollatorForSeq2Seq
+
+        collator = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8
+        )
+    return TargetLogits(collator) if TargetLogits.supported(model) else collator
 
 
 def keep_4bit_layers_differentiable(model: Any) -> int:
@@ -398,6 +410,9 @@ def train(
     device = ranks.device(pick_device(settings.device))
     quantized = settings.quantization != "none"
     base = load_base_model(resolved, settings.quantization, str(device))
+    attention = AttentionBackend.for_packing(options.packing, device.type)
+    if attention is not None:
+        attention.apply(base)
     model = build_peft_model(base, resolved, options, quantized)
     trainable, total = model.get_nb_trainable_parameters()
     say(
@@ -405,6 +420,7 @@ def train(
         f"- LoRA r={options.rank} on {', '.join(options.target_modules)} of "
         f"{resolved.name} ({settings.quantization}, {device})"
         + (f", {ranks.world_size} processes" if ranks.world_size > 1 else "")
+        + (f", attention: {attention.reason}" if attention is not None else "")
     )
     say(
         f"data: {data.train.stats.examples} train examples ({data.train.stats.target_tokens:,} "
@@ -458,7 +474,7 @@ def train(
             train_dataset=data.train,
             eval_dataset=data.eval,
             processing_class=tokenizer,
-            data_collator=_collator(options, tokenizer),
+            data_collator=_collator(options, tokenizer, base),
             callbacks=[MetricsLogCallback(metrics_path), interrupt, *callbacks],
         )
         interrupt.install()

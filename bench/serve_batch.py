@@ -1,0 +1,179 @@
+"""Closed-loop batches over gRPC: what a user sees when N requests each name an adapter.
+
+    python -m bench.serve_batch                      # batch 32: base, 32 distinct, ranks
+    python -m bench.serve_batch --batch 1 --configs base,one
+
+Issue 13 measures the LoRA compute end to end through the server, not only in the engine:
+N concurrent GenerateStream calls, each naming its own rank-16 all-linear adapter (or none,
+for the base model), greedy with ignore_eos so every call makes exactly `--new-tokens`
+tokens. One `loramux serve` process serves every configuration (adapters uploaded and
+loaded through the public API first), and the configurations' rounds alternate within each
+repetition, so a drift of the machine's speed hits them alike. A round's throughput is
+N x new tokens over the round's wall time (first call sent to last call done): prefill,
+decode, streaming and gRPC included.
+
+Configurations:
+
+* base   no adapter on any call
+* one    one adapter named by every call
+* k32    call i names adapter i (rank 16); with --batch 32, 32 distinct adapters
+* ranks  call i names a rank-(8, 16, 32, 64)[i % 4] adapter, all distinct
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    PASSAGE,
+    RESULTS_DIR,
+    format_table,
+    machine_info,
+    print_machine,
+    write_json,
+)
+from bench.serve import start_loramux, upload_adapters
+
+CONFIGS = ("base", "one", "k32", "ranks")
+RANK_CYCLE = (8, 16, 32, 64)
+
+
+def adapters_for(config: str, batch: int) -> list[str]:
+    """The adapter each of the round's `batch` calls names ("" is the base model)."""
+    if config == "base":
+        return [""] * batch
+    if config == "one":
+        return ["r16-0"] * batch
+    if config == "k32":
+        return [f"r16-{i}" for i in range(batch)]
+    if config == "ranks":
+        return [f"mixed-{i}" for i in range(batch)]
+    raise ValueError(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
+
+
+async def run_round(address: str, adapters: list[str], prompts: list[str], new: int) -> float:
+    """Sends the calls together; returns the seconds until the last one finished."""
+    import grpc
+
+    from loramux.v1 import loramux_pb2 as pb
+    from loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+
+        async def one(adapter: str, prompt: str) -> int:
+            request = pb.GenerateRequest(
+                adapter=adapter, prompt=prompt, max_new_tokens=new, ignore_eos=True
+            )
+            made = 0
+            async for message in stub.GenerateStream(request, timeout=600):
+                made += len(message.token_ids)
+            return made
+
+        started = time.perf_counter()
+        made = await asyncio.gather(*(one(a, p) for a, p in zip(adapters, prompts, strict=True)))
+        seconds = time.perf_counter() - started
+    if any(m != new for m in made):
+        raise RuntimeError(f"calls made {made} tokens, expected {new} each")
+    return seconds
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=32, help="concurrent calls per round")
+    parser.add_argument("--configs", default="base,k32,ranks", help=f"from {','.join(CONFIGS)}")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-words", type=int, default=24)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", default="serve_batch")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    for config in configs:
+        adapters_for(config, 1)  # refuses an unknown name before anything starts
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.common import write_adapters
+    from loramux.core.config import Settings
+    from loramux.core.models import resolve_base_model
+    from loramux.server.lora import base_linear_shapes
+
+    info = machine_info()
+    print_machine(info)
+    words = PASSAGE.split()
+    prompts = [" ".join((words[i * 7 :] + words)[: args.prompt_words]) for i in range(args.batch)]
+    seconds: dict[str, list[float]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory(prefix="loramux-bench-serve-batch-") as tmp:
+        root = Path(tmp)
+        resolved = resolve_base_model("smollm2-135m-instruct", Settings().models_dir)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolved.path))
+        shapes = base_linear_shapes(skeleton)
+        folders: dict[str, Path] = {}
+        if {"one", "k32"} & set(configs):
+            count = args.batch if "k32" in configs else 1
+            folders |= write_adapters(root / "a", shapes, [16] * count, "r16-")
+        if "ranks" in configs:
+            ranks = [RANK_CYCLE[i % len(RANK_CYCLE)] for i in range(args.batch)]
+            folders |= write_adapters(root / "m", shapes, ranks, "mixed-", seed_offset=1000)
+        # Every adapter keeps a slot: the rounds measure compute, not installs.
+        slots = ["--max-loaded-adapters", str(max(32, len(folders)))]
+        server = start_loramux(root, max(len(folders), 1), slots)
+        try:
+            server.wait_ready(timeout=900)
+            if folders:
+                upload_adapters(server.address, folders)
+            for config in configs:  # warm-up: compiled kernels, slots, allocations
+                adapters = adapters_for(config, args.batch)
+                asyncio.run(run_round(server.address, adapters, prompts, 4))
+            for rep in range(args.reps):
+                for config in configs:
+                    adapters = adapters_for(config, args.batch)
+                    took = asyncio.run(
+                        run_round(server.address, adapters, prompts, args.new_tokens)
+                    )
+                    seconds[config].append(took)
+                    rate = args.batch * args.new_tokens / took
+                    print(f"# rep {rep} {config}: {took:.2f} s, {rate:.1f} tok/s", flush=True)
+        finally:
+            server.stop()
+
+    tokens = args.batch * args.new_tokens
+    rates = {c: tokens / statistics.median(s) for c, s in seconds.items()}
+    base = rates.get("base")
+    rows = [
+        [
+            config,
+            args.batch,
+            rates[config],
+            " / ".join(f"{tokens / s:.1f}" for s in seconds[config]),
+            rates[config] / base if base else float("nan"),
+        ]
+        for config in configs
+    ]
+    table = format_table(["config", "batch", "tok/s (median round)", "each round", "x base"], rows)
+    print(f"\n## serve_batch: {args.batch} calls x {args.new_tokens} new tokens, gRPC")
+    print(table, flush=True)
+    payload = {
+        "benchmark": "serve_batch",
+        "machine": info,
+        "args": vars(args),
+        "seconds": seconds,
+        "tokens_per_s": rates,
+        "table": table,
+    }
+    print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
