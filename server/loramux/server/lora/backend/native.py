@@ -11,8 +11,8 @@ loaded, so the kernel's parallel regions run on the engine thread's own OpenMP t
 `loramux.server.threads`).
 
 `load_kernel()` answers a `NativeKernel`, or raises `NativeKernelUnavailable` with the
-reason (CPU without AVX-512 BF16, no compiler, a failed or timed-out build); the backend
-choice (`make_backend`) logs it and falls back to the compiled kernel.
+reason (CPU without AVX-512 BF16, no compiler, a failed or timed-out build);
+`make_backend` turns that into a start-up error naming it (`--lora-kernel native`).
 """
 
 from __future__ import annotations
