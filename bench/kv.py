@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -161,19 +162,38 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
+def _prefill_steps(engine: Any, prompt: int, budget: int) -> int:
+    """Steps the engine takes to prefill `prompt` tokens beside decoding rows."""
+    tokens = min(budget, engine.prefill_tokens_while_decoding)
+    area = getattr(engine, "prefill_attention_while_decoding", None)
+    cached, steps = 0, 0
+    while cached < prompt - 1:
+        width = min(tokens, prompt - 1 - cached)
+        if area:
+            width = min(width, max(1, (math.isqrt(cached * cached + 4 * area) - cached) // 2))
+        cached, steps = cached + width, steps + 1
+    return steps
+
+
 def worker_itl(
-    base: Any, max_batch_tokens: int, long_tokens: int, prefill_while_decoding: int = 0
+    base: Any,
+    max_batch_tokens: int,
+    long_tokens: int,
+    prefill_while_decoding: int = 0,
+    prefill_attention: int = 0,
 ) -> dict[str, Any]:
     engine = _engine(
         base,
         max_batch_size=32,
         max_batch_tokens=max_batch_tokens,
         max_prefill_tokens_while_decoding=prefill_while_decoding,
+        max_prefill_attention_while_decoding=prefill_attention,
     )
     prompts = base.prompts(31, 32)
     long_prompt = base.prompts(1, long_tokens)[0]
-    chunk = max(1, min(max_batch_tokens - 31, engine.prefill_tokens_while_decoding))
-    new = min(900, long_tokens // chunk + 40)
+    # The streams must outlast the long prompt's prefill: count its steps beside them.
+    steps = _prefill_steps(engine, long_tokens, max(1, max_batch_tokens - 31))
+    new = steps + 40
     quiet = _run_streams(engine, [_request(f"q{i}", p, 40) for i, p in enumerate(prompts)])
     quiet_gaps = _gaps(quiet)
     times: list[list[float]] = [[] for _ in prompts]
@@ -193,6 +213,9 @@ def worker_itl(
     return {
         "max_batch_tokens": max_batch_tokens,
         "prefill_while_decoding": engine.prefill_tokens_while_decoding,
+        "prefill_attention_while_decoding": getattr(
+            engine, "prefill_attention_while_decoding", None
+        ),
         "long_tokens": long_tokens,
         "p50_without_ms": _pct(quiet_gaps, 50),
         "p99_without_ms": _pct(quiet_gaps, 99),
@@ -280,6 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         default=[0, 2048],
         help="--max-prefill-tokens-while-decoding values for the itl scenario (0: auto)",
     )
+    parser.add_argument(
+        "--itl-prefill-attention",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="--max-prefill-attention-while-decoding values for the itl scenario (0: auto)",
+    )
     parser.add_argument("--memory-tokens", type=int, nargs="*", default=[4000, 8000])
     parser.add_argument("--long-tokens", type=int, default=6000, help="the itl long prompt")
     parser.add_argument("--prefix-requests", type=int, default=32)
@@ -338,11 +368,14 @@ def main(argv: list[str] | None = None) -> None:
                     }
                     record(name, spec, src)
     if "itl" in args.only:
-        for tokens, prefill in itertools.product(args.itl_batch_tokens, args.itl_prefill_tokens):
+        for tokens, prefill, attention in itertools.product(
+            args.itl_batch_tokens, args.itl_prefill_tokens, args.itl_prefill_attention
+        ):
             spec = {
                 "kind": "itl",
                 "max_batch_tokens": tokens,
                 "prefill_while_decoding": prefill,
+                "prefill_attention": attention,
                 "long_tokens": args.long_tokens,
             }
             record("paged", spec, None)

@@ -48,6 +48,7 @@ def test_settings_precedence_flag_over_env_over_default() -> None:
         ({"LORAMUX_PORT": "70000"}, "--port"),
         ({"LORAMUX_MAX_RANK": "sixteen"}, "max_rank"),
         ({"LORAMUX_MAX_PREFILL_TOKENS_WHILE_DECODING": "-1"}, "--max-prefill-tokens-while"),
+        ({"LORAMUX_MAX_PREFILL_ATTENTION_WHILE_DECODING": "-5"}, "--max-prefill-attention-while"),
     ],
 )
 def test_bad_settings_name_the_setting(env: dict[str, str], message: str) -> None:

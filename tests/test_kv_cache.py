@@ -329,6 +329,61 @@ def test_steps_with_decoding_rows_prefill_at_most_the_budget_while_decoding(
     assert sum(mixed) + sum(alone) == 200
 
 
+def test_chunks_beside_decoding_rows_shrink_as_their_context_grows(
+    tiny_llama: ResolvedModel,
+) -> None:
+    """--max-prefill-attention-while-decoding: a chunk of w tokens after c cached ones,
+    in a step that also decodes, keeps w x (c + w) within the budget (at least 1 token)."""
+    area = 16 * 40
+    engine = Engine(
+        load_base_model(tiny_llama, "nf4", "cpu"),
+        load_tokenizer(tiny_llama),
+        Settings(
+            max_batch_tokens=64,
+            max_prefill_tokens_while_decoding=16,
+            max_prefill_attention_while_decoding=area,
+            kv_block_size=BLOCK,
+        ),
+        tiny_llama,
+        lora_kernel="eager",
+    )
+    chunks: list[tuple[int, int, int]] = []  # (step, cached before, tokens)
+    prefill = engine.runner.prefill
+
+    def logged(batch: Any) -> torch.Tensor:
+        for start, prompt in zip(
+            batch.starts or [0] * len(batch.prompts), batch.prompts, strict=True
+        ):
+            chunks.append((engine._steps, start, len(prompt)))
+        return prefill(batch)
+
+    engine.runner.prefill = logged  # type: ignore[method-assign]
+    log = PassLog(engine)
+    try:
+        running = engine.submit(_request(list(range(100, 110)), None, 400, "short"))
+        next(iter(running))
+        chunks.clear()
+        log.passes.clear()
+        log.steps.clear()
+        long = engine.submit(_request(list(range(200, 500)), None, 2, "long"))
+        long_tokens, long_reason = _tokens(long)
+        _tokens(running)
+    finally:
+        log.close()
+        engine.shutdown()
+    assert long_reason is FinishReason.LENGTH and len(long_tokens) == 2
+    decoding_steps = {
+        step for (kind, _), step in zip(log.passes, log.steps, strict=True) if kind == "decode"
+    }
+    beside = [(c, w) for step, c, w in chunks if step in decoding_steps]
+    # every prompt token but the last (that one runs in the decode pass, with the others)
+    assert sum(w for _, _, w in chunks) == 299 and len(beside) == len(chunks)
+    assert max(w for _, w in beside) == 16  # the token budget while the context is short
+    for cached, width in beside:
+        assert width * (cached + width) <= area or width == 1, (cached, width)
+    assert min(w for _, w in beside) < 4  # deep in the prompt the chunks shrank
+
+
 def test_prefix_hit_skips_the_shared_blocks_and_gives_the_same_tokens(
     chunked: Engine, reference: Reference
 ) -> None:

@@ -29,6 +29,9 @@ DEFAULT_METRICS_PORT = 9090
 # Prompt tokens per step while other requests decode, on the CPU: see docs/engine.md
 # ("Chunked prefill") and docs/performance.md (issue 12) for the measurement behind it.
 CPU_PREFILL_TOKENS_WHILE_DECODING = 64
+# ... and tokens attended: a chunk of the full budget attends to at most this much context;
+# deeper into a long prompt it shrinks so that chunk x context stays the same.
+CPU_PREFILL_CONTEXT_WHILE_DECODING = 1024
 
 
 LOOPBACK = "127.0.0.1"
@@ -166,6 +169,15 @@ class Settings:
         "a step with no decoding request takes up to --max-batch-tokens",
         "engine",
     )
+    max_prefill_attention_while_decoding: int = setting(
+        0,
+        "most query-key pairs (chunk tokens x tokens they attend to) of a prompt's chunk in a "
+        "step that also decodes running requests: deep into a long prompt each chunk token "
+        "attends to the whole prompt so far, so chunks shrink (0: auto, "
+        f"--max-prefill-tokens-while-decoding x {CPU_PREFILL_CONTEXT_WHILE_DECODING} on the "
+        "CPU, unlimited on CUDA)",
+        "engine",
+    )
     kv_cache_bytes: int = setting(
         0,
         "KV cache pool, preallocated at start (0: auto, 1 GiB on the CPU capped at what "
@@ -284,11 +296,11 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        if self.max_prefill_tokens_while_decoding < 0:
-            raise ValueError(
-                "--max-prefill-tokens-while-decoding must be >= 0 (0: auto), got "
-                f"{self.max_prefill_tokens_while_decoding}"
-            )
+        for name in ("max_prefill_tokens_while_decoding", "max_prefill_attention_while_decoding"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"--{_flag(name)} must be >= 0 (0: auto), got {getattr(self, name)}"
+                )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
         if not 0 <= self.tenant_max_calls < self.grpc_workers:

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,11 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loramux.core.config import CPU_PREFILL_TOKENS_WHILE_DECODING, Settings
+from loramux.core.config import (
+    CPU_PREFILL_CONTEXT_WHILE_DECODING,
+    CPU_PREFILL_TOKENS_WHILE_DECODING,
+    Settings,
+)
 from loramux.core.errors import (
     DeadlineExceeded,
     Internal,
@@ -210,6 +215,7 @@ class Engine:
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
         num_blocks = self._pool_blocks(settings, kv_geometry(config), device)
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
+        self.prefill_attention_while_decoding = self._prefill_attention_budget(settings, device)
         self.runner = ModelRunner(model, self._lora, pad, num_blocks, settings.kv_block_size)
         self.blocks = BlockPool(
             num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching
@@ -308,6 +314,19 @@ class Engine:
         if device.type == "cpu":
             return min(CPU_PREFILL_TOKENS_WHILE_DECODING, settings.max_batch_tokens)
         return settings.max_batch_tokens
+
+    def _prefill_attention_budget(self, settings: Settings, device: torch.device) -> int | None:
+        """--max-prefill-attention-while-decoding, auto resolved (None: unlimited).
+
+        A chunk's tokens each attend to the prompt so far: at 6,000 tokens of context a
+        64-token chunk's attention alone took ~5 decode steps of 31 rows on this CPU
+        (docs/performance.md, issue 12), so on the CPU chunks shrink with the context.
+        """
+        if settings.max_prefill_attention_while_decoding:
+            return settings.max_prefill_attention_while_decoding
+        if device.type == "cpu":
+            return self.prefill_tokens_while_decoding * CPU_PREFILL_CONTEXT_WHILE_DECODING
+        return None
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -540,9 +559,10 @@ class Engine:
         """The next chunk of each prompt for this step, oldest first, within the token budget.
 
         The budget is --max-batch-tokens minus one token per decoding row, and while rows
-        are decoding at most --max-prefill-tokens-while-decoding (their inter-token latency
-        is the step's time); a prefill pass is right-padded, so it costs rows x its longest
-        chunk: the first row sets that width, later rows take at most as much.
+        are decoding at most --max-prefill-tokens-while-decoding tokens and, per row, at
+        most --max-prefill-attention-while-decoding query-key pairs (their inter-token
+        latency is the step's time); a prefill pass is right-padded, so it costs rows x its
+        longest chunk: the first row sets that width, later rows take at most as much.
         """
         budget = self.settings.max_batch_tokens - decoding
         if decoding:
@@ -551,15 +571,30 @@ class Engine:
         width = 0
         for active in sorted(prefilling, key=lambda a: a.seq):
             if not chunks:
-                width = min(active.pending, budget)
+                width = min(active.pending, budget, self._attention_cap(active, decoding))
                 if width < 1:
                     break
                 chunks.append((active, width))
             elif (len(chunks) + 1) * width <= budget:
-                chunks.append((active, min(active.pending, width)))
+                chunks.append(
+                    (active, min(active.pending, width, self._attention_cap(active, decoding)))
+                )
             else:
                 break
         return chunks
+
+    def _attention_cap(self, active: _Active, decoding: int) -> int:
+        """Most tokens of `active`'s prompt whose attention fits beside decoding rows.
+
+        A chunk of w tokens after c cached ones attends to about w x (c + w) pairs: the
+        largest w within the budget, at least 1 so that every prompt advances. Unlimited
+        when nothing decodes (or no budget applies).
+        """
+        area = self.prefill_attention_while_decoding
+        if not decoding or area is None:
+            return active.pending
+        c = active.cached
+        return max(1, (math.isqrt(c * c + 4 * area) - c) // 2)
 
     def _prefill(self, chunks: list[tuple[_Active, int]]) -> None:
         """Run one chunk of each prefilling row; sample for the rows whose prompt is done.
