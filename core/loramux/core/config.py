@@ -29,9 +29,6 @@ DEFAULT_METRICS_PORT = 9090
 # Prompt tokens per step while other requests decode, on the CPU: see docs/engine.md
 # ("Chunked prefill") and docs/performance.md (issue 12) for the measurement behind it.
 CPU_PREFILL_TOKENS_WHILE_DECODING = 64
-# ... and tokens attended: a chunk of the full budget attends to at most this much context;
-# deeper into a long prompt it shrinks so that chunk x context stays the same.
-CPU_PREFILL_CONTEXT_WHILE_DECODING = 1024
 
 
 LOOPBACK = "127.0.0.1"
@@ -173,9 +170,9 @@ class Settings:
         0,
         "most query-key pairs (chunk tokens x tokens they attend to) of a prompt's chunk in a "
         "step that also decodes running requests: deep into a long prompt each chunk token "
-        "attends to the whole prompt so far, so chunks shrink (0: auto, "
-        f"--max-prefill-tokens-while-decoding x {CPU_PREFILL_CONTEXT_WHILE_DECODING} on the "
-        "CPU, unlimited on CUDA)",
+        "attends to the whole prompt so far, so with a limit the chunks shrink there, "
+        "steadier inter-token latency for a later first token of the long prompt (0: no "
+        "limit)",
         "engine",
     )
     kv_cache_bytes: int = setting(

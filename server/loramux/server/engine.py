@@ -34,11 +34,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loramux.core.config import (
-    CPU_PREFILL_CONTEXT_WHILE_DECODING,
-    CPU_PREFILL_TOKENS_WHILE_DECODING,
-    Settings,
-)
+from loramux.core.config import CPU_PREFILL_TOKENS_WHILE_DECODING, Settings
 from loramux.core.errors import (
     DeadlineExceeded,
     Internal,
@@ -215,7 +211,10 @@ class Engine:
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
         num_blocks = self._pool_blocks(settings, kv_geometry(config), device)
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
-        self.prefill_attention_while_decoding = self._prefill_attention_budget(settings, device)
+        # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
+        self.prefill_attention_while_decoding = (
+            settings.max_prefill_attention_while_decoding or None
+        )
         self.runner = ModelRunner(model, self._lora, pad, num_blocks, settings.kv_block_size)
         self.blocks = BlockPool(
             num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching
@@ -314,19 +313,6 @@ class Engine:
         if device.type == "cpu":
             return min(CPU_PREFILL_TOKENS_WHILE_DECODING, settings.max_batch_tokens)
         return settings.max_batch_tokens
-
-    def _prefill_attention_budget(self, settings: Settings, device: torch.device) -> int | None:
-        """--max-prefill-attention-while-decoding, auto resolved (None: unlimited).
-
-        A chunk's tokens each attend to the prompt so far: at 6,000 tokens of context a
-        64-token chunk's attention alone took ~5 decode steps of 31 rows on this CPU
-        (docs/performance.md, issue 12), so on the CPU chunks shrink with the context.
-        """
-        if settings.max_prefill_attention_while_decoding:
-            return settings.max_prefill_attention_while_decoding
-        if device.type == "cpu":
-            return self.prefill_tokens_while_decoding * CPU_PREFILL_CONTEXT_WHILE_DECODING
-        return None
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -587,8 +573,10 @@ class Engine:
         """Most tokens of `active`'s prompt whose attention fits beside decoding rows.
 
         A chunk of w tokens after c cached ones attends to about w x (c + w) pairs: the
-        largest w within the budget, at least 1 so that every prompt advances. Unlimited
-        when nothing decodes (or no budget applies).
+        largest w within --max-prefill-attention-while-decoding, at least 1 so that every
+        prompt advances. Unlimited when nothing decodes or no limit is set (the default: on
+        this CPU the limit's steadier inter-token latency cost the long prompt more than it
+        gave the streams, docs/performance.md, issue 12).
         """
         area = self.prefill_attention_while_decoding
         if not decoding or area is None:
