@@ -8,10 +8,11 @@ across examples) and the batch the same loss (loss mask intact).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from trainer_helpers import tiny_settings
+from trainer_helpers import assert_same_gradients, tiny_settings
 
 from loramux.core.models import ResolvedModel, load_tokenizer
 from loramux.trainer.callbacks import read_metrics
@@ -29,6 +30,39 @@ def _examples(tiny: ResolvedModel) -> list[dict[str, list[int]]]:
         ids, labels = tok.encode(Example(f"t:{i}", messages=messages))
         items.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return items
+
+
+def _padded_and_packed(
+    tiny: ResolvedModel, row_len: int
+) -> tuple[list[dict[str, list[int]]], Any, Any, list[list[int]]]:
+    """The examples, their padded batch (the reference), their packed batch and its rows."""
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = load_tokenizer(tiny)
+    items = _examples(tiny)
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
+        [dict(x) for x in items]
+    )
+    collator = PackingCollator(int(tokenizer.pad_token_id), row_len=row_len)
+    rows = collator.rows([len(x["input_ids"]) for x in items])
+    return items, padded, collator(items), rows
+
+
+def _assert_each_example_alone(
+    packed_logits: torch.Tensor,  # [rows, row_len, vocab]
+    padded_logits: torch.Tensor,  # [examples, longest, vocab]
+    items: list[dict[str, list[int]]],
+    rows: list[list[int]],
+) -> None:
+    """Every example's logits in its packed row equal its own (right-padded) row's."""
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            n = len(items[index]["input_ids"])
+            torch.testing.assert_close(
+                packed_logits[r, start : start + n], padded_logits[index, :n], rtol=1e-4, atol=1e-4
+            )
+            start += n
 
 
 def test_rows_restart_positions_and_mask_each_first_label(tiny_llama: ResolvedModel) -> None:
@@ -57,30 +91,16 @@ def test_rows_restart_positions_and_mask_each_first_label(tiny_llama: ResolvedMo
 
 @pytest.mark.parametrize("row_len", [4096, 48], ids=["one-row", "several-rows"])
 def test_packed_loss_and_logits_equal_padded(tiny_llama: ResolvedModel, row_len: int) -> None:
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama.path), dtype=torch.float32)
     model.eval()
-    tokenizer = load_tokenizer(tiny_llama)
-    items = _examples(tiny_llama)
-    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
-        [dict(x) for x in items]
-    )
-    collator = PackingCollator(int(tokenizer.pad_token_id), row_len=row_len)
-    packed = collator(items)
+    items, padded, packed, rows = _padded_and_packed(tiny_llama, row_len)
     with torch.inference_mode():
         reference = model(**padded)
         got = model(**packed)
     torch.testing.assert_close(got.loss, reference.loss, rtol=1e-5, atol=1e-6)
-    rows = collator.rows([len(x["input_ids"]) for x in items])
-    for r, row in enumerate(rows):
-        start = 0
-        for index in row:
-            n = len(items[index]["input_ids"])
-            alone = reference.logits[index, :n]  # right padding: the example's own positions
-            packed_logits = got.logits[r, start : start + n]
-            torch.testing.assert_close(packed_logits, alone, rtol=1e-4, atol=1e-4)
-            start += n
+    _assert_each_example_alone(got.logits, reference.logits, items, rows)
 
 
 def test_training_with_packing_follows_the_padded_run(
@@ -131,42 +151,21 @@ def test_varlen_packed_logits_and_gradients_equal_each_example_alone(
     """Reference: the stock sdpa model on the padded batch (each example unpacked). With
     the varlen attention, packed rows give every example its own logits, the same loss,
     and the same LoRA-free gradients as the padded batch."""
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+    from transformers import AutoModelForCausalLM
 
     reference_model = AutoModelForCausalLM.from_pretrained(
         str(tiny_llama.path), dtype=torch.float32
     )
     model = _varlen_model(tiny_llama)
     assert model.config._attn_implementation != reference_model.config._attn_implementation
-    tokenizer = load_tokenizer(tiny_llama)
-    items = _examples(tiny_llama)
-    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
-        [dict(x) for x in items]
-    )
-    collator = PackingCollator(int(tokenizer.pad_token_id), row_len=row_len)
-    packed = collator(items)
+    items, padded, packed, rows = _padded_and_packed(tiny_llama, row_len)
     reference = reference_model(**padded)
     got = model(**packed)
     torch.testing.assert_close(got.loss, reference.loss, rtol=1e-5, atol=1e-6)
-    rows = collator.rows([len(x["input_ids"]) for x in items])
-    for r, row in enumerate(rows):
-        start = 0
-        for index in row:
-            n = len(items[index]["input_ids"])
-            torch.testing.assert_close(
-                got.logits[r, start : start + n],
-                reference.logits[index, :n],
-                rtol=1e-4,
-                atol=1e-4,
-            )
-            start += n
+    _assert_each_example_alone(got.logits, reference.logits, items, rows)
     reference.loss.backward()
     got.loss.backward()
-    for (name, ours), theirs in zip(
-        model.named_parameters(), reference_model.parameters(), strict=True
-    ):
-        assert ours.grad is not None, name
-        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_gradients(model, reference_model, rtol=1e-3, atol=1e-5)
 
 
 def test_varlen_attention_keeps_examples_apart(tiny_llama: ResolvedModel) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from test_trainer_packing import _examples
+from trainer_helpers import assert_same_gradients
 from transformers import DataCollatorForSeq2Seq
 
 from loramux.core.models import ResolvedModel, load_tokenizer
@@ -52,8 +53,4 @@ def test_target_logits_give_the_full_logits_loss_and_gradients(
     torch.testing.assert_close(got.loss, reference.loss, rtol=1e-6, atol=1e-6)
     reference.loss.backward()
     got.loss.backward()
-    for (name, ours), theirs in zip(
-        model.named_parameters(), reference_model.parameters(), strict=True
-    ):
-        assert ours.grad is not None, name
-        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(model, reference_model, rtol=1e-4, atol=1e-6)

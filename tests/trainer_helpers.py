@@ -28,3 +28,13 @@ def tiny_settings(tiny: ResolvedModel, **extra: Any) -> Settings:
     """Settings that train on the tiny Llama; the CPU unless `device` says otherwise."""
     values: dict[str, Any] = {"device": "cpu", **extra}
     return Settings(base_model=str(tiny.path), **values)
+
+
+def assert_same_gradients(model: Any, reference: Any, rtol: float, atol: float) -> None:
+    """Every parameter of `model` got a gradient equal to `reference`'s (same architecture)."""
+    import torch
+
+    pairs = zip(model.named_parameters(), reference.parameters(), strict=True)
+    for (name, ours), theirs in pairs:
+        assert ours.grad is not None, name
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=rtol, atol=atol, msg=name)
