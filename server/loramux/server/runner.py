@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from loramux.server.attention import engine_attention
 from loramux.server.kv_cache import PagedKVCache, PagedLayout
 from loramux.server.lora import LoraBatchMetadata, LoraContext
 
@@ -66,9 +65,6 @@ class ModelRunner:
             device=self.device,
             **kv_geometry(model.config),
         )
-        attention = engine_attention(self.device)
-        if attention is not None:
-            model.set_attn_implementation(attention)
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
