@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -105,3 +106,44 @@ def linear_shapes(model_folder: Path) -> dict[str, LinearShape]:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_folder)))
     return base_linear_shapes(skeleton)
+
+
+AdapterPlan = tuple[
+    str, int, float, bool, "tuple[str, ...] | None"
+]  # name, rank, alpha, rsLoRA, targets
+
+
+def write_adapter_plan(
+    root: Path, linears: dict[str, LinearShape], plan: list[AdapterPlan], seed_offset: int = 0
+) -> dict[str, Path]:
+    """Random PEFT adapters, one per plan entry, seeded `seed_offset + i`, weights x 0.06."""
+    from loramux.server.synthetic import write_random_adapter
+
+    return {
+        name: write_random_adapter(
+            root / name,
+            linears,
+            rank=rank,
+            alpha=alpha,
+            use_rslora=rslora,
+            targets=targets,
+            seed=seed_offset + i,
+            scale=0.06,
+        )
+        for i, (name, rank, alpha, rslora, targets) in enumerate(plan)
+    }
+
+
+def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:
+    """The reference: the NF4 base in a PeftModel with every adapter of `dirs`, eval mode."""
+    from peft import PeftModel
+
+    from loramux.core.models import load_base_model
+
+    names = list(dirs)
+    base = load_base_model(resolved, "nf4", "cpu")
+    model = PeftModel.from_pretrained(base, str(dirs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(dirs[name]), adapter_name=name)
+    model.eval()
+    return model

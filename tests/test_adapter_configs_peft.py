@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from api_helpers import linear_shapes
+from api_helpers import linear_shapes, peft_with_adapters
 from safetensors.torch import save_file
 
 from loramux.core.config import Settings
@@ -140,16 +140,7 @@ def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[En
 
 @pytest.fixture(scope="module")
 def peft_model(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Any:
-    from peft import PeftModel
-
-    names = list(adapter_dirs)
-    model = PeftModel.from_pretrained(
-        load_base_model(smollm2, "nf4", "cpu"), str(adapter_dirs[names[0]]), adapter_name=names[0]
-    )
-    for name in names[1:]:
-        model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
-    model.eval()
-    return model
+    return peft_with_adapters(smollm2, adapter_dirs)
 
 
 def _peft_generate(model: Any, ids: list[int], adapter: str | None) -> list[int]:

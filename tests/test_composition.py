@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from api_helpers import linear_shapes
+from api_helpers import linear_shapes, peft_with_adapters, write_adapter_plan
 
 from loramux.core.config import Settings
 from loramux.core.errors import InvalidArgument, NotFound
@@ -21,7 +21,6 @@ from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.engine import Engine
 from loramux.server.requests import GenerationRequest, SamplingParams
-from loramux.server.synthetic import write_random_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -52,21 +51,8 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 def adapter_dirs(
     tmp_path_factory: pytest.TempPathFactory, smollm2: ResolvedModel
 ) -> dict[str, Path]:
-    linears = linear_shapes(smollm2.path)
     root = tmp_path_factory.mktemp("adapters")
-    return {
-        name: write_random_adapter(
-            root / name,
-            linears,
-            rank=rank,
-            alpha=alpha,
-            use_rslora=rslora,
-            targets=targets,
-            seed=10 + i,
-            scale=0.06,
-        )
-        for i, (name, rank, alpha, rslora, targets) in enumerate(ADAPTERS)
-    }
+    return write_adapter_plan(root, linear_shapes(smollm2.path), ADAPTERS, seed_offset=10)
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +81,7 @@ def _peft_outputs(
 ) -> dict[tuple[int, int], tuple[list[int], list[tuple[int, int] | None]]]:
     """Per (request, prompt): PEFT's greedy tokens and, per position, its top two tokens
     when they are nearly tied (else None)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(
-        load_base_model(smollm2, "nf4", "cpu"), str(dirs["all8"]), adapter_name="all8"
-    )
-    for name in ("qv16rs", "mlp32"):
-        model.load_adapter(str(dirs[name]), adapter_name=name)
-    model.eval()
+    model = peft_with_adapters(smollm2, {n: dirs[n] for n in ("all8", "qv16rs", "mlp32")})
     outputs = {}
     for r, parts in enumerate(REQUESTS):
         names, weights = [n for n, _ in parts], [w for _, w in parts]

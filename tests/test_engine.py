@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from api_helpers import eventually, linear_shapes
+from api_helpers import eventually, linear_shapes, peft_with_adapters, write_adapter_plan
 
 from loramux.core.config import Settings
 from loramux.core.errors import NotFound
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 from loramux.server.engine import Engine, RequestStream
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
-from loramux.server.synthetic import write_random_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -48,21 +47,8 @@ PROMPTS = [
 def adapter_dirs(
     tmp_path_factory: pytest.TempPathFactory, smollm2: ResolvedModel
 ) -> dict[str, Path]:
-    linears = linear_shapes(smollm2.path)
     root = tmp_path_factory.mktemp("adapters")
-    return {
-        name: write_random_adapter(
-            root / name,
-            linears,
-            rank=rank,
-            alpha=alpha,
-            use_rslora=rslora,
-            targets=targets,
-            seed=i,
-            scale=0.06,
-        )
-        for i, (name, rank, alpha, rslora, targets) in enumerate(ADAPTERS)
-    }
+    return write_adapter_plan(root, linear_shapes(smollm2.path), ADAPTERS)
 
 
 def _engine(smollm2: ResolvedModel, dirs: dict[str, Path], **settings: int | str) -> Engine:
@@ -109,14 +95,7 @@ class PeftReference:
     """Each request alone through PEFT, memoised."""
 
     def __init__(self, smollm2: ResolvedModel, dirs: dict[str, Path]) -> None:
-        from peft import PeftModel
-
-        base = load_base_model(smollm2, "nf4", "cpu")
-        names = list(dirs)
-        self.model = PeftModel.from_pretrained(base, str(dirs[names[0]]), adapter_name=names[0])
-        for name in names[1:]:
-            self.model.load_adapter(str(dirs[name]), adapter_name=name)
-        self.model.eval()
+        self.model = peft_with_adapters(smollm2, dirs)
         self.cache: dict[tuple[tuple[int, ...], str | None, int], list[int]] = {}
 
     def _context(self, adapter: str | None):  # type: ignore[no-untyped-def]

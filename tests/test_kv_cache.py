@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from api_helpers import peft_with_adapters
 
 from loramux.core.config import Settings
 from loramux.core.errors import ResourceExhausted
@@ -92,14 +93,7 @@ class Reference:
     """Each request alone: greedy over the NF4 base (or PeftModel), HF's own KV cache."""
 
     def __init__(self, smollm2: ResolvedModel, dirs: dict[str, Path]) -> None:
-        from peft import PeftModel
-
-        base = load_base_model(smollm2, "nf4", "cpu")
-        names = list(dirs)
-        self.model = PeftModel.from_pretrained(base, str(dirs[names[0]]), adapter_name=names[0])
-        for name in names[1:]:
-            self.model.load_adapter(str(dirs[name]), adapter_name=name)
-        self.model.eval()
+        self.model = peft_with_adapters(smollm2, dirs)
         self.memo: dict[tuple[tuple[int, ...], str | None, int], list[int]] = {}
 
     def greedy(self, ids: list[int], adapter: str | None, new_tokens: int) -> list[int]:
