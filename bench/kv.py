@@ -61,13 +61,26 @@ def _engine(base: Any, **settings: Any) -> Any:
     return Engine(base.model, base.tokenizer, Settings(**settings), base.resolved)
 
 
-def _timed(stream: Any, out: list[float], submitted: float) -> None:
+def _timed(
+    stream: Any,
+    out: list[float],
+    submitted: float,
+    streaming: threading.Barrier | None = None,
+) -> None:
+    """Times each token of `stream`; passes `streaming` once it has 10 entries."""
     out.append(submitted)
-    for event in stream:
-        if event.error is not None:
-            raise RuntimeError(str(event.error))
-        if event.token_ids:
-            out.append(time.perf_counter())
+    try:
+        for event in stream:
+            if event.error is not None:
+                raise RuntimeError(str(event.error))
+            if event.token_ids:
+                out.append(time.perf_counter())
+                if streaming is not None and len(out) == 10:
+                    streaming.wait()
+    except BaseException:
+        if streaming is not None:
+            streaming.abort()  # the waiting benchmark fails instead of hanging
+        raise
 
 
 def _run_streams(engine: Any, requests: list[Any]) -> list[list[float]]:
@@ -198,12 +211,13 @@ def worker_itl(
     quiet_gaps = _gaps(quiet)
     times: list[list[float]] = [[] for _ in prompts]
     threads = []
+    streaming = threading.Barrier(len(prompts) + 1)  # every stream has 10 entries, and us
     streams = [engine.submit(_request(f"s{i}", p, new)) for i, p in enumerate(prompts)]
     for stream, out in zip(streams, times, strict=True):
-        threads.append(threading.Thread(target=_timed, args=(stream, out, time.perf_counter())))
+        args = (stream, out, time.perf_counter(), streaming)
+        threads.append(threading.Thread(target=_timed, args=args))
         threads[-1].start()
-    while min(len(t) for t in times) < 10:
-        time.sleep(0.01)
+    streaming.wait(timeout=600)
     long_times = _run_streams(engine, [_request("long", long_prompt, 2)])[0]
     for thread in threads:
         thread.join()

@@ -147,3 +147,21 @@ def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:
         model.load_adapter(str(dirs[name]), adapter_name=name)
     model.eval()
     return model
+
+
+def engine_with_adapters(resolved: Any, dirs: dict[str, Path], **settings: Any) -> Any:
+    """An Engine on the NF4 base, warmed up, with every adapter of `dirs` registered."""
+    from loramux.core.config import Settings
+    from loramux.core.models import load_base_model, load_tokenizer
+    from loramux.server.engine import Engine
+
+    engine = Engine(
+        load_base_model(resolved, "nf4", "cpu"),
+        load_tokenizer(resolved),
+        Settings(**settings),
+        resolved,
+    )
+    engine.warm_up()
+    for name, folder in dirs.items():
+        engine.adapters.register(name, folder)
+    return engine

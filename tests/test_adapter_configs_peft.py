@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 import torch
-from api_helpers import linear_shapes, peft_with_adapters
+from api_helpers import engine_with_adapters, linear_shapes, peft_with_adapters
 from safetensors.torch import save_file
 
-from loramux.core.config import Settings
-from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
+from loramux.core.models import ResolvedModel
 from loramux.server.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, LinearShape
 from loramux.server.engine import Engine
 from loramux.server.requests import GenerationRequest, SamplingParams
@@ -125,15 +124,7 @@ def adapter_dirs(
 
 @pytest.fixture(scope="module")
 def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
-    engine = Engine(
-        load_base_model(smollm2, "nf4", "cpu"),
-        load_tokenizer(smollm2),
-        Settings(max_loaded_adapters=8, max_batch_size=8),
-        smollm2,
-    )
-    engine.warm_up()
-    for name, folder in adapter_dirs.items():
-        engine.adapters.register(name, folder)
+    engine = engine_with_adapters(smollm2, adapter_dirs, max_loaded_adapters=8, max_batch_size=8)
     yield engine
     engine.shutdown()
 

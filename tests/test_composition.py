@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from api_helpers import linear_shapes, peft_with_adapters, write_adapter_plan
+from api_helpers import engine_with_adapters, linear_shapes, peft_with_adapters, write_adapter_plan
 
-from loramux.core.config import Settings
 from loramux.core.errors import InvalidArgument, NotFound
-from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
+from loramux.core.models import ResolvedModel
 from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.engine import Engine
 from loramux.server.requests import GenerationRequest, SamplingParams
@@ -57,15 +56,9 @@ def adapter_dirs(
 
 @pytest.fixture(scope="module")
 def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
-    engine = Engine(
-        load_base_model(smollm2, "nf4", "cpu"),
-        load_tokenizer(smollm2),
-        Settings(max_loaded_adapters=6, max_cpu_adapters=8, max_batch_size=16),
-        smollm2,
+    engine = engine_with_adapters(
+        smollm2, adapter_dirs, max_loaded_adapters=6, max_cpu_adapters=8, max_batch_size=16
     )
-    engine.warm_up()
-    for name, folder in adapter_dirs.items():
-        engine.adapters.register(name, folder)
     yield engine
     engine.shutdown()
 

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from api_helpers import eventually, linear_shapes, peft_with_adapters, write_adapter_plan
+from api_helpers import (
+    engine_with_adapters,
+    eventually,
+    linear_shapes,
+    peft_with_adapters,
+    write_adapter_plan,
+)
 
-from loramux.core.config import Settings
 from loramux.core.errors import NotFound
-from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
+from loramux.core.models import ResolvedModel
 from loramux.server.engine import Engine, RequestStream
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
 
@@ -51,22 +56,9 @@ def adapter_dirs(
     return write_adapter_plan(root, linear_shapes(smollm2.path), ADAPTERS)
 
 
-def _engine(smollm2: ResolvedModel, dirs: dict[str, Path], **settings: int | str) -> Engine:
-    engine = Engine(
-        load_base_model(smollm2, "nf4", "cpu"),
-        load_tokenizer(smollm2),
-        Settings(**settings),  # type: ignore[arg-type]
-        smollm2,
-    )
-    engine.warm_up()
-    for name, folder in dirs.items():
-        engine.adapters.register(name, folder)
-    return engine
-
-
 @pytest.fixture(scope="module")
 def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
-    engine = _engine(smollm2, adapter_dirs, max_loaded_adapters=8, max_batch_size=16)
+    engine = engine_with_adapters(smollm2, adapter_dirs, max_loaded_adapters=8, max_batch_size=16)
     yield engine
     engine.shutdown()
 
@@ -74,7 +66,7 @@ def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[En
 @pytest.fixture(scope="module")
 def int8_engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
     """Adapter slots in int8 with per-row scales (--lora-slot-dtype int8)."""
-    engine = _engine(
+    engine = engine_with_adapters(
         smollm2, adapter_dirs, max_loaded_adapters=8, max_batch_size=16, lora_slot_dtype="int8"
     )
     yield engine
@@ -84,7 +76,7 @@ def int8_engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterat
 @pytest.fixture(scope="module")
 def narrow_engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[Engine]:
     """Two device slots and three CPU entries for six adapters: constant eviction churn."""
-    engine = _engine(
+    engine = engine_with_adapters(
         smollm2, adapter_dirs, max_loaded_adapters=2, max_cpu_adapters=3, max_batch_size=16
     )
     yield engine
