@@ -29,6 +29,8 @@ DEFAULT_METRICS_PORT = 9090
 # Prompt tokens per step while other requests decode, on the CPU: see docs/engine.md
 # ("Chunked prefill") and docs/performance.md (issue 12) for the measurement behind it.
 CPU_PREFILL_TOKENS_WHILE_DECODING = 64
+# Query-key pairs of a chunk per step while other requests decode, on the CPU (same docs).
+CPU_PREFILL_ATTENTION_WHILE_DECODING = 65_536  # 64 tokens x 1,024 of context
 
 
 LOOPBACK = "127.0.0.1"
@@ -170,9 +172,10 @@ class Settings:
         0,
         "most query-key pairs (chunk tokens x tokens they attend to) of a prompt's chunk in a "
         "step that also decodes running requests: deep into a long prompt each chunk token "
-        "attends to the whole prompt so far, so with a limit the chunks shrink there, "
-        "steadier inter-token latency for a later first token of the long prompt (0: no "
-        "limit)",
+        "attends to the whole prompt so far, so with a limit the chunks shrink there: "
+        "steadier inter-token latency for a later first token of the long prompt (0: auto, "
+        f"{CPU_PREFILL_ATTENTION_WHILE_DECODING} on the CPU, no limit on CUDA; a larger "
+        "value favours the long prompt)",
         "engine",
     )
     kv_cache_bytes: int = setting(

@@ -35,7 +35,11 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loramux.core.config import CPU_PREFILL_TOKENS_WHILE_DECODING, Settings
+from loramux.core.config import (
+    CPU_PREFILL_ATTENTION_WHILE_DECODING,
+    CPU_PREFILL_TOKENS_WHILE_DECODING,
+    Settings,
+)
 from loramux.core.errors import (
     DeadlineExceeded,
     Internal,
@@ -214,10 +218,7 @@ class Engine:
         num_blocks = self._pool_blocks(settings, kv_geometry(config), device)
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
         # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
-        # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
-        self.prefill_attention_while_decoding = (
-            settings.max_prefill_attention_while_decoding or None
-        )
+        self.prefill_attention_while_decoding = self._attention_budget(settings, device)
         self.runner = ModelRunner(model, self._lora, pad, num_blocks, settings.kv_block_size)
         self.blocks = BlockPool(
             num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching
@@ -316,6 +317,17 @@ class Engine:
         if device.type == "cpu":
             return min(CPU_PREFILL_TOKENS_WHILE_DECODING, settings.max_batch_tokens)
         return settings.max_batch_tokens
+
+    @staticmethod
+    def _attention_budget(settings: Settings, device: torch.device) -> int | None:
+        """--max-prefill-attention-while-decoding, auto resolved for the device (None: no
+        limit). On the CPU late chunks of a long prompt cost mostly attention (each token
+        attends to the whole prompt so far), so the limit keeps a step that carries one
+        within a few decode steps (docs/performance.md, issue 12). On CUDA attention is
+        cheap next to reading the weights: no limit (not measured here)."""
+        if settings.max_prefill_attention_while_decoding:
+            return settings.max_prefill_attention_while_decoding
+        return CPU_PREFILL_ATTENTION_WHILE_DECODING if device.type == "cpu" else None
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -577,7 +589,8 @@ class Engine:
 
         A chunk of w tokens after c cached ones attends to about w x (c + w) pairs: the
         largest w within --max-prefill-attention-while-decoding, at least 1 so that every
-        prompt advances. Unlimited when nothing decodes or no limit is set (the default).
+        prompt advances. Unlimited when nothing decodes or no limit applies (see
+        `_attention_budget`).
         """
         area = self.prefill_attention_while_decoding
         if not decoding or area is None:
