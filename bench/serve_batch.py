@@ -2,6 +2,7 @@
 
     python -m bench.serve_batch                      # batch 32: base, 32 distinct, ranks
     python -m bench.serve_batch --batch 1 --configs base,one
+    python -m bench.serve_batch --stream-intervals 1,8   # one server per interval
 
 Issue 13 measures the LoRA compute end to end through the server, not only in the engine:
 N concurrent GenerateStream calls, each naming its own rank-16 all-linear adapter (or none,
@@ -11,6 +12,10 @@ loaded through the public API first), and the configurations' rounds alternate w
 repetition, so a drift of the machine's speed hits them alike. A round's throughput is
 N x new tokens over the round's wall time (first call sent to last call done): prefill,
 decode, streaming and gRPC included.
+
+`--stream-intervals 1,8` starts one server per `--stream-interval` (tokens per streamed
+message) and alternates the rounds over servers as well as configurations, so the
+intervals are compared side by side; each interval's ratios are against its own base.
 
 Configurations:
 
@@ -92,10 +97,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--stream-intervals",
+        default="1",
+        help="server --stream-interval values, one server each, e.g. 1,8 (default 1)",
+    )
     parser.add_argument("--out", default="serve_batch")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
+    intervals = [int(i) for i in args.stream_intervals.split(",") if i]
     for config in configs:
         adapters_for(config, 1)  # refuses an unknown name before anything starts
 
@@ -111,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_machine(info)
     words = PASSAGE.split()
     prompts = [" ".join((words[i * 7 :] + words)[: args.prompt_words]) for i in range(args.batch)]
-    seconds: dict[str, list[float]] = {c: [] for c in configs}
+    runs = [(config, interval) for interval in intervals for config in configs]
+    seconds: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
     with tempfile.TemporaryDirectory(prefix="loramux-bench-serve-batch-") as tmp:
         root = Path(tmp)
         resolved = resolve_base_model("smollm2-135m-instruct", Settings().models_dir)
@@ -127,48 +139,62 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             folders |= write_adapters(root / "m", shapes, ranks, "mixed-", seed_offset=1000)
         # Every adapter keeps a slot: the rounds measure compute, not installs.
         slots = ["--max-loaded-adapters", str(max(32, len(folders)))]
-        server = start_loramux(root, max(len(folders), 1), slots)
+        servers = {}
         try:
-            server.wait_ready(timeout=900)
-            if folders:
-                upload_adapters(server.address, folders)
-            for config in configs:  # warm-up: compiled kernels, slots, allocations
+            for interval in intervals:  # started one after another: loads do not overlap
+                home = root / f"interval-{interval}"
+                home.mkdir()
+                server = start_loramux(
+                    home, max(len(folders), 1), [*slots, "--stream-interval", str(interval)]
+                )
+                servers[interval] = server
+                server.wait_ready(timeout=900)
+                if folders:
+                    upload_adapters(server.address, folders)
+            for config, interval in runs:  # warm-up: compiled kernels, slots, allocations
                 adapters = adapters_for(config, args.batch)
-                asyncio.run(run_round(server.address, adapters, prompts, 4))
+                asyncio.run(run_round(servers[interval].address, adapters, prompts, 4))
             for rep in range(args.reps):
-                for config in configs:
+                for config, interval in runs:
                     adapters = adapters_for(config, args.batch)
                     took = asyncio.run(
-                        run_round(server.address, adapters, prompts, args.new_tokens)
+                        run_round(servers[interval].address, adapters, prompts, args.new_tokens)
                     )
-                    seconds[config].append(took)
+                    seconds[config, interval].append(took)
                     rate = args.batch * args.new_tokens / took
-                    print(f"# rep {rep} {config}: {took:.2f} s, {rate:.1f} tok/s", flush=True)
+                    print(
+                        f"# rep {rep} {config} interval {interval}: {took:.2f} s, {rate:.1f} tok/s",
+                        flush=True,
+                    )
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
 
     tokens = args.batch * args.new_tokens
-    rates = {c: tokens / statistics.median(s) for c, s in seconds.items()}
-    base = rates.get("base")
-    rows = [
-        [
-            config,
-            args.batch,
-            rates[config],
-            " / ".join(f"{tokens / s:.1f}" for s in seconds[config]),
-            rates[config] / base if base else float("nan"),
-        ]
-        for config in configs
-    ]
-    table = format_table(["config", "batch", "tok/s (median round)", "each round", "x base"], rows)
+    rates = {run: tokens / statistics.median(s) for run, s in seconds.items()}
+    rows = []
+    for config, interval in runs:
+        base = rates.get(("base", interval))
+        rows.append(
+            [
+                config,
+                args.batch,
+                interval,
+                rates[config, interval],
+                " / ".join(f"{tokens / s:.1f}" for s in seconds[config, interval]),
+                rates[config, interval] / base if base else float("nan"),
+            ]
+        )
+    headers = ["config", "batch", "stream interval", "tok/s (median round)", "each round"]
+    table = format_table([*headers, "x base"], rows)
     print(f"\n## serve_batch: {args.batch} calls x {args.new_tokens} new tokens, gRPC")
     print(table, flush=True)
     payload = {
         "benchmark": "serve_batch",
         "machine": info,
         "args": vars(args),
-        "seconds": seconds,
-        "tokens_per_s": rates,
+        "seconds": {f"{c}@{i}": s for (c, i), s in seconds.items()},
+        "tokens_per_s": {f"{c}@{i}": r for (c, i), r in rates.items()},
         "table": table,
     }
     print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
