@@ -14,7 +14,13 @@ from loramux.core.config import Settings
 from loramux.core.errors import Unavailable
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
 from loramux.server.engine import Engine
-from loramux.server.threads import available_cpus, compute_thread_count, in_own_thread
+from loramux.server.threads import (
+    available_cpus,
+    compute_thread_count,
+    in_own_thread,
+    use_compute_threads,
+    use_one_thread,
+)
 
 
 def os_threads() -> int:
@@ -99,3 +105,30 @@ def test_no_work_is_taken_after_shutdown(tiny_llama: ResolvedModel) -> None:
     engine.shutdown()
     with pytest.raises(Unavailable):
         engine.run_on_engine_thread(lambda: None)
+
+
+def test_compute_threads_survive_a_helper_setting_one_before_the_first_op() -> None:
+    """The engine thread sets its count, a helper thread then sets 1 (the adapter loader
+    does at start), and only then does the engine run its first op: it keeps its count."""
+    counted = threading.Event()
+    helper_done = threading.Event()
+    seen: list[int] = []
+
+    def engine_thread() -> None:
+        use_compute_threads(2)
+        counted.set()
+        helper_done.wait(10)
+        torch.ones(100_000).add_(1)  # this thread's first op
+        seen.append(torch.get_num_threads())
+
+    def helper_thread() -> None:
+        counted.wait(10)
+        use_one_thread()
+        helper_done.set()
+
+    threads = [threading.Thread(target=engine_thread), threading.Thread(target=helper_thread)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == [2]
