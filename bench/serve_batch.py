@@ -14,8 +14,10 @@ N x new tokens over the round's wall time (first call sent to last call done): p
 decode, streaming and gRPC included.
 
 `--stream-intervals 1,8` starts one server per `--stream-interval` (tokens per streamed
-message) and alternates the rounds over servers as well as configurations, so the
-intervals are compared side by side; each interval's ratios are against its own base.
+message), and `--baseline-python main/.venv/bin/python` one more from another checkout's
+virtualenv (its code, its defaults); the rounds alternate over servers as well as
+configurations, so they are compared side by side; each server's ratios are against its
+own base.
 
 Configurations:
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -102,11 +105,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default="1",
         help="server --stream-interval values, one server each, e.g. 1,8 (default 1)",
     )
+    parser.add_argument(
+        "--baseline-python",
+        type=Path,
+        help="also serve from this interpreter (another checkout's .venv/bin/python, e.g. "
+        "main's), with its own defaults, as the `baseline` server",
+    )
     parser.add_argument("--out", default="serve_batch")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
-    intervals = [int(i) for i in args.stream_intervals.split(",") if i]
+    # server label -> (interpreter, extra flags)
+    servers_wanted: dict[str, tuple[str, list[str]]] = {}
+    if args.baseline_python is not None:
+        servers_wanted["baseline"] = (str(args.baseline_python), [])
+    for interval in (int(i) for i in args.stream_intervals.split(",") if i):
+        servers_wanted[f"interval {interval}"] = (
+            sys.executable,
+            ["--stream-interval", str(interval)],
+        )
     for config in configs:
         adapters_for(config, 1)  # refuses an unknown name before anything starts
 
@@ -122,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_machine(info)
     words = PASSAGE.split()
     prompts = [" ".join((words[i * 7 :] + words)[: args.prompt_words]) for i in range(args.batch)]
-    runs = [(config, interval) for interval in intervals for config in configs]
-    seconds: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    runs = [(config, label) for label in servers_wanted for config in configs]
+    seconds: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     with tempfile.TemporaryDirectory(prefix="loramux-bench-serve-batch-") as tmp:
         root = Path(tmp)
         resolved = resolve_base_model("smollm2-135m-instruct", Settings().models_dir)
@@ -141,29 +158,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         slots = ["--max-loaded-adapters", str(max(32, len(folders)))]
         servers = {}
         try:
-            for interval in intervals:  # started one after another: loads do not overlap
-                home = root / f"interval-{interval}"
+            for i, (label, (python, flags)) in enumerate(servers_wanted.items()):
+                home = root / f"server-{i}"  # started one after another: loads do not overlap
                 home.mkdir()
-                server = start_loramux(
-                    home, max(len(folders), 1), [*slots, "--stream-interval", str(interval)]
-                )
-                servers[interval] = server
+                server = start_loramux(home, max(len(folders), 1), [*slots, *flags], python)
+                servers[label] = server
                 server.wait_ready(timeout=900)
                 if folders:
                     upload_adapters(server.address, folders)
-            for config, interval in runs:  # warm-up: compiled kernels, slots, allocations
+            for config, label in runs:  # warm-up: compiled kernels, slots, allocations
                 adapters = adapters_for(config, args.batch)
-                asyncio.run(run_round(servers[interval].address, adapters, prompts, 4))
+                asyncio.run(run_round(servers[label].address, adapters, prompts, 4))
             for rep in range(args.reps):
-                for config, interval in runs:
+                for config, label in runs:
                     adapters = adapters_for(config, args.batch)
                     took = asyncio.run(
-                        run_round(servers[interval].address, adapters, prompts, args.new_tokens)
+                        run_round(servers[label].address, adapters, prompts, args.new_tokens)
                     )
-                    seconds[config, interval].append(took)
+                    seconds[config, label].append(took)
                     rate = args.batch * args.new_tokens / took
                     print(
-                        f"# rep {rep} {config} interval {interval}: {took:.2f} s, {rate:.1f} tok/s",
+                        f"# rep {rep} {config} ({label}): {took:.2f} s, {rate:.1f} tok/s",
                         flush=True,
                     )
         finally:
@@ -173,19 +188,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokens = args.batch * args.new_tokens
     rates = {run: tokens / statistics.median(s) for run, s in seconds.items()}
     rows = []
-    for config, interval in runs:
-        base = rates.get(("base", interval))
+    for config, label in runs:
+        base = rates.get(("base", label))
         rows.append(
             [
                 config,
                 args.batch,
-                interval,
-                rates[config, interval],
-                " / ".join(f"{tokens / s:.1f}" for s in seconds[config, interval]),
-                rates[config, interval] / base if base else float("nan"),
+                label,
+                rates[config, label],
+                " / ".join(f"{tokens / s:.1f}" for s in seconds[config, label]),
+                rates[config, label] / base if base else float("nan"),
             ]
         )
-    headers = ["config", "batch", "stream interval", "tok/s (median round)", "each round"]
+    headers = ["config", "batch", "server", "tok/s (median round)", "each round"]
     table = format_table([*headers, "x base"], rows)
     print(f"\n## serve_batch: {args.batch} calls x {args.new_tokens} new tokens, gRPC")
     print(table, flush=True)
@@ -193,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "serve_batch",
         "machine": info,
         "args": vars(args),
-        "seconds": {f"{c}@{i}": s for (c, i), s in seconds.items()},
-        "tokens_per_s": {f"{c}@{i}": r for (c, i), r in rates.items()},
+        "seconds": {f"{c} ({label})": s for (c, label), s in seconds.items()},
+        "tokens_per_s": {f"{c} ({label})": r for (c, label), r in rates.items()},
         "table": table,
     }
     print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
