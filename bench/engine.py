@@ -112,24 +112,30 @@ class Measurement:
 
 # ---- timing hooks ----
 class PassRecorder:
-    """Wraps an engine's runner.prefill/decode to record (kind, start, end, rows)."""
+    """Wraps an engine's runner passes to record (kind, start, end, decode rows or prompts).
+
+    A mixed pass (decode rows with prefill chunks beside them) counts as a decode step of
+    its decode rows: its time is what those rows waited for their token.
+    """
 
     def __init__(self, runner: Any, device: torch.device) -> None:
         self.events: list[tuple[str, float, float, int]] = []
         self.device = device
         self._lock = threading.Lock()
-        for kind in ("prefill", "decode"):
-            setattr(runner, kind, self._wrap(kind, getattr(runner, kind)))
+        runner.prefill = self._wrap("prefill", runner.prefill, lambda b: len(b.prompts))
+        runner.decode = self._wrap("decode", runner.decode, lambda b: len(b.tokens))
+        runner.mixed = self._wrap("decode", runner.mixed, lambda b, _: len(b.tokens))
 
-    def _wrap(self, kind: str, inner: Callable[[Any], torch.Tensor]) -> Callable[[Any], Any]:
-        def timed(batch: Any) -> torch.Tensor:
+    def _wrap(
+        self, kind: str, inner: Callable[..., Any], rows: Callable[..., int]
+    ) -> Callable[..., Any]:
+        def timed(*batch: Any) -> Any:
             start = time.perf_counter()
-            out = inner(batch)
+            out = inner(*batch)
             cuda_sync(self.device)
             end = time.perf_counter()
-            rows = len(batch.prompts) if kind == "prefill" else len(batch.tokens)
             with self._lock:
-                self.events.append((kind, start, end, rows))
+                self.events.append((kind, start, end, rows(*batch)))
             return out
 
         return timed

@@ -3,6 +3,8 @@
     python -m bench.kv                                   # every scenario, this tree only
     python -m bench.kv --baseline-src /path/to/old/tree  # + the pre-paging engine alongside
     python -m bench.kv --quick                           # smaller sizes (a smoke run)
+    python -m bench.kv --only itl --itl-baseline-src /path/to/earlier/tree
+                                                         # itl, alternating with it
 
 Scenarios (SmolLM2, NF4, CPU; each run is a process of its own, so resident memory and
 thread teams start clean, and with --baseline-src the old engine's runs alternate with
@@ -15,7 +17,8 @@ this tree's in the same session):
            tokens/s after the first token (median of 3 repetitions per process)
 * itl      31 streams, then the same 31 with a 6,000-token prompt arriving mid-stream:
            the streams' inter-token latency p50 without, p99 with, and the long prompt's
-           time to first token (per --max-batch-tokens and --max-prefill-tokens-while-decoding)
+           time to first token (per --max-batch-tokens, --max-prefill-tokens-while-decoding
+           and --max-prefill-attention-while-decoding)
 * prefix   32 requests with the same 1,000-token system prompt and adapter, submitted
            together: time to first token and prefill tokens computed, prefix cache on/off
 
@@ -327,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
         default=[0],
         help="--max-prefill-attention-while-decoding values for the itl scenario (0: auto)",
     )
+    parser.add_argument(
+        "--itl-baseline-src",
+        help="checkout of an earlier engine whose itl runs alternate with this one's",
+    )
     parser.add_argument("--memory-tokens", type=int, nargs="*", default=[4000, 8000])
     parser.add_argument("--long-tokens", type=int, default=6000, help="the itl long prompt")
     parser.add_argument("--prefix-requests", type=int, default=32)
@@ -395,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
                 "prefill_attention": attention,
                 "long_tokens": args.long_tokens,
             }
+            if args.itl_baseline_src:
+                record("itl-baseline", spec, args.itl_baseline_src)
             record("paged", spec, None)
     if "prefix" in args.only:
         for caching in (False, True):

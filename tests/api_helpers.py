@@ -134,6 +134,22 @@ def write_adapter_plan(
     }
 
 
+# A batched bf16 pass moves the 4-bit base's logits by about 1% of their range (see
+# docs/engine.md, Correctness), so where PEFT's top two logits are closer than this, either
+# token is the model's answer and a served sequence may part from PEFT's there.
+NEAR_TIE = 0.015
+
+
+def near_tie(scores: Any) -> tuple[int, int] | None:
+    """PEFT's top two tokens at one step ([vocab] scores) if they are nearly tied, else None."""
+    import torch
+
+    top = torch.topk(scores.float(), 2)
+    span = float(scores.max() - scores.min())
+    gap = float(top.values[0] - top.values[1])
+    return (int(top.indices[0]), int(top.indices[1])) if gap < NEAR_TIE * span else None
+
+
 def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:
     """The reference: the NF4 base in a PeftModel with every adapter of `dirs`, eval mode."""
     from peft import PeftModel

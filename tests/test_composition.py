@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from api_helpers import engine_with_adapters, linear_shapes, peft_with_adapters, write_adapter_plan
+from api_helpers import (
+    engine_with_adapters,
+    linear_shapes,
+    near_tie,
+    peft_with_adapters,
+    write_adapter_plan,
+)
 
 from loramux.core.errors import InvalidArgument, NotFound
 from loramux.core.models import ResolvedModel
@@ -63,12 +69,6 @@ def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[En
     engine.shutdown()
 
 
-# A batched bf16 pass moves the 4-bit base's logits by about 1% of their range (see
-# docs/engine.md), so where PEFT's top two logits are closer than this, either token is
-# the model's answer and the sequences may part there.
-NEAR_TIE = 0.015
-
-
 def _peft_outputs(
     smollm2: ResolvedModel, dirs: dict[str, Path], prompts: list[list[int]]
 ) -> dict[tuple[int, int], tuple[list[int], list[tuple[int, int] | None]]]:
@@ -96,12 +96,7 @@ def _peft_outputs(
                     output_scores=True,
                     return_dict_in_generate=True,
                 )
-                ties: list[tuple[int, int] | None] = []
-                for scores in out.scores:
-                    top = torch.topk(scores[0].float(), 2)
-                    span = float(scores[0].max() - scores[0].min())
-                    gap = float(top.values[0] - top.values[1])
-                    ties.append(tuple(top.indices.tolist()) if gap < NEAR_TIE * span else None)  # type: ignore[arg-type]
+                ties = [near_tie(scores[0]) for scores in out.scores]
                 outputs[r, p] = (out.sequences[0, len(ids) :].tolist(), ties)
     return outputs
 

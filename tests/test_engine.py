@@ -17,6 +17,7 @@ from api_helpers import (
     engine_with_adapters,
     eventually,
     linear_shapes,
+    near_tie,
     peft_with_adapters,
     write_adapter_plan,
 )
@@ -89,6 +90,9 @@ class PeftReference:
     def __init__(self, smollm2: ResolvedModel, dirs: dict[str, Path]) -> None:
         self.model = peft_with_adapters(smollm2, dirs)
         self.cache: dict[tuple[tuple[int, ...], str | None, int], list[int]] = {}
+        # per generated position: PEFT's two nearly tied top tokens, or None
+        self.ties: dict[tuple[tuple[int, ...], str | None, int], list[tuple[int, int] | None]]
+        self.ties = {}
 
     def _context(self, adapter: str | None):  # type: ignore[no-untyped-def]
         if adapter is None:
@@ -103,9 +107,14 @@ class PeftReference:
         if key not in self.cache:
             with self._context(adapter), torch.inference_mode():
                 out = self.model.generate(
-                    input_ids=torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False
+                    input_ids=torch.tensor([ids]),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    output_scores=True,
+                    return_dict_in_generate=True,
                 )
-            self.cache[key] = out[0, len(ids) :].tolist()
+            self.cache[key] = out.sequences[0, len(ids) :].tolist()
+            self.ties[key] = [near_tie(scores[0]) for scores in out.scores]
         return self.cache[key]
 
     def logits(self, ids: list[int], adapter: str | None) -> torch.Tensor:
@@ -143,8 +152,23 @@ def _without_eos(tokens: list[int], engine: Engine) -> list[int]:
     return [t for t in tokens if t not in engine.eos_token_ids]
 
 
-def _mixed_batch_against_peft(engine: Engine, peft: PeftReference) -> list[tuple[bool, int]]:
-    """One batch of six adapters and base rows; per request: (equal to PEFT, tokens equal)."""
+def _against_peft(
+    engine: Engine, peft: PeftReference, request: GenerationRequest, tokens: list[int]
+) -> tuple[bool, int, bool]:
+    """(equal to PEFT alone, tokens equal, parted where PEFT's top two were nearly tied
+    with the engine's token one of them: docs/engine.md, Correctness)."""
+    expected = peft.generate(request.prompt_token_ids, request.adapter_id)
+    got, want = _without_eos(tokens, engine), _without_eos(expected[: len(tokens)], engine)
+    pairs = enumerate(zip(got, want, strict=False))
+    same_prefix = next((i for i, (g, w) in pairs if g != w), len(got))
+    ties = peft.ties[(tuple(request.prompt_token_ids), request.adapter_id, NEW_TOKENS)]
+    tie = ties[same_prefix] if got != want and same_prefix < len(ties) else None
+    return got == want, same_prefix, tie is not None and got[same_prefix] in tie
+
+
+def _mixed_batch_against_peft(engine: Engine, peft: PeftReference) -> list[tuple[bool, int, bool]]:
+    """One batch of six adapters and base rows; per request: (equal to PEFT, tokens equal,
+    parted where PEFT's top two were nearly tied, with the engine's token one of them)."""
     plan = [
         (p, a)
         for p, a in zip(PROMPTS, ["all8", "qv16rs", "mlp32", "ko4", None, "all16"], strict=True)
@@ -157,10 +181,7 @@ def _mixed_batch_against_peft(engine: Engine, peft: PeftReference) -> list[tuple
     outcome = []
     for request, (tokens, text, reason) in zip(requests, results, strict=True):
         expected = peft.generate(request.prompt_token_ids, request.adapter_id)
-        got, want = _without_eos(tokens, engine), _without_eos(expected[: len(tokens)], engine)
-        pairs = enumerate(zip(got, want, strict=False))
-        same_prefix = next((i for i, (g, w) in pairs if g != w), len(got))
-        outcome.append((got == want, same_prefix))
+        outcome.append(_against_peft(engine, peft, request, tokens))
         assert reason in (FinishReason.LENGTH, FinishReason.EOS)
         assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
         if request.adapter_id is not None:
@@ -170,8 +191,12 @@ def _mixed_batch_against_peft(engine: Engine, peft: PeftReference) -> list[tuple
 
 
 def test_mixed_batch_matches_peft_token_for_token(engine: Engine, peft: PeftReference) -> None:
+    """Each request equals PEFT alone token for token; a sequence may part from PEFT's
+    only where PEFT itself was torn between two tokens (near-tie: docs/engine.md,
+    Correctness), by taking the other one; nothing after that is comparable."""
     outcome = _mixed_batch_against_peft(engine, peft)
-    assert all(equal for equal, _ in outcome), outcome
+    assert all(equal or at_tie for equal, _, at_tie in outcome), outcome
+    assert sum(equal for equal, _, _ in outcome) >= len(outcome) - 1, outcome
 
 
 def test_int8_slots_mixed_batch_follows_peft(int8_engine: Engine, peft: PeftReference) -> None:
@@ -179,8 +204,8 @@ def test_int8_slots_mixed_batch_follows_peft(int8_engine: Engine, peft: PeftRefe
     token (seen once here: one request of eight parted from PEFT at its 7th token). A wrong
     scale or slot would part every adapter row from PEFT within the first tokens."""
     outcome = _mixed_batch_against_peft(int8_engine, peft)
-    assert sum(equal for equal, _ in outcome) >= 6, outcome
-    assert min(prefix for _, prefix in outcome) >= 3, outcome
+    assert sum(equal for equal, _, _ in outcome) >= 6, outcome
+    assert min(prefix for _, prefix, _ in outcome) >= 3, outcome
 
 
 def test_single_adapter_batches_match_peft(engine: Engine, peft: PeftReference) -> None:
@@ -258,9 +283,8 @@ def test_requests_joining_mid_flight_match_alone(engine: Engine, peft: PeftRefer
     rest = list(events)
     assert rest[-1].finish_reason is FinishReason.LENGTH
     for request, stream in zip(late, late_streams, strict=True):
-        tokens, _, _ = _collect(stream)
-        expected = peft.generate(request.prompt_token_ids, request.adapter_id)
-        assert _without_eos(tokens, engine) == _without_eos(expected[: len(tokens)], engine)
+        equal, _, at_tie = _against_peft(engine, peft, request, _collect(stream)[0])
+        assert equal or at_tie, request.adapter_id
 
 
 def test_more_adapters_than_slots_with_eviction_churn(
@@ -271,10 +295,14 @@ def test_more_adapters_than_slots_with_eviction_churn(
     plan = [(PROMPTS[i % len(PROMPTS)], names[(i * 5) % len(names)]) for i in range(12)]
     requests = [_request(engine, i, p, a) for i, (p, a) in enumerate(plan)]
     streams = [engine.submit(r) for r in requests]
-    for request, stream in zip(requests, streams, strict=True):
-        tokens, _, _ = _collect(stream)
-        expected = peft.generate(request.prompt_token_ids, request.adapter_id)
-        assert _without_eos(tokens, engine) == _without_eos(expected[: len(tokens)], engine)
+    # Twelve requests, six prompts: the repeats start from the prefix cache. A sequence
+    # may part from PEFT only at a near-tie (PROMPTS[2] on all16 is an exact tie at its
+    # first token: 28.875 for two tokens in PEFT's own logits).
+    outcome = [
+        _against_peft(engine, peft, request, _collect(stream)[0])
+        for request, stream in zip(requests, streams, strict=True)
+    ]
+    assert all(equal or at_tie for equal, _, at_tie in outcome), outcome
     totals = engine.adapters.totals()
     assert totals.evictions >= 4 and totals.misses >= 4
     assert sum(s.state == "device" for s in engine.adapters.stats().values()) <= 2

@@ -11,7 +11,8 @@ One background thread runs the loop. Every step it
    (recomputed later, no token lost) when the pool runs dry;
 5. prefills the next chunk of the prompts not yet cached (--max-batch-tokens per step,
    minus one per decoding row, and at most --max-prefill-tokens-while-decoding while rows
-   decode) and decodes one token for every decoding row;
+   decode) and decodes one token for every decoding row, both in one pass over the
+   weights when there are both (runner.py, `ModelRunner.mixed`);
 6. streams each new token to its request's consumer and retires finished requests.
 
 Callers (the gRPC service, benchmarks, tests) only `submit` and read the returned stream.
@@ -128,6 +129,7 @@ class _Active:
     acquire_attempts: int = 0
     admitted_once: bool = False
     done: bool = field(default=False)
+    final: TokenEvent | None = None  # its last event, held until its resources are back
 
     @property
     def pending(self) -> int:
@@ -180,6 +182,7 @@ class Engine:
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
         num_blocks = self._pool_blocks(settings, kv_geometry(config), device)
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
+        # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
         # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
         self.prefill_attention_while_decoding = (
             settings.max_prefill_attention_while_decoding or None
@@ -473,7 +476,7 @@ class Engine:
             future.set_exception(Unavailable(None, "the engine is shutting down"))
         for active in [*self._running, *self._waiting]:
             self._finish(active, FinishReason.CANCELLED)
-        self._running.clear()
+        self._retire()
         self._waiting.clear()
 
     def _idle_timeout(self) -> float | None:
@@ -495,21 +498,12 @@ class Engine:
         self._admit(waiting, now)
         decoding = self._reserve_decode_blocks([a for a in self._running if a.pending == 1])
         chunks = self._prefill_chunks([a for a in self._running if a.pending > 1], len(decoding))
-        if chunks:
+        if chunks and decoding:
+            self._mixed(decoding, chunks)
+        elif chunks:
             self._prefill(chunks)
-        if decoding:
-            logits = self.runner.decode(
-                DecodeBatch(
-                    tokens=[a.tokens[-1] for a in decoding],
-                    positions=[a.cached for a in decoding],
-                    slots=[a.slot for a in decoding],
-                    block_tables=[a.blocks for a in decoding],
-                )
-            )
-            for active in decoding:
-                active.cached += 1
-                self._register_full_blocks(active)
-            self._advance(decoding, logits)
+        elif decoding:
+            self._decode(decoding)
         self._steps += 1
         self._retire()
 
@@ -521,8 +515,13 @@ class Engine:
         The budget is --max-batch-tokens minus one token per decoding row, and while rows
         are decoding at most --max-prefill-tokens-while-decoding tokens and, per row, at
         most --max-prefill-attention-while-decoding query-key pairs (their inter-token
-        latency is the step's time); a prefill pass is right-padded, so it costs rows x its
-        longest chunk: the first row sets that width, later rows take at most as much.
+        latency is the step's time). Beside decoding rows the chunks run in the decode
+        pass, flattened: each costs its own tokens; the oldest prompt takes what the budget
+        allows and later ones join only whole, so that no prompt is cut into more chunks
+        than it must be (each cut moves its bf16 numbers a little away from a one-pass
+        prefill, the way PEFT runs it). A prefill pass of its own is right-padded, so it
+        costs rows x its longest chunk: the first row sets that width, later rows take at
+        most as much.
         """
         budget = self.settings.max_batch_tokens - decoding
         if decoding:
@@ -530,15 +529,19 @@ class Engine:
         chunks: list[tuple[_Active, int]] = []
         width = 0
         for active in sorted(prefilling, key=lambda a: a.seq):
-            if not chunks:
-                width = min(active.pending, budget, self._attention_cap(active, decoding))
+            if decoding:
+                take = min(active.pending, budget, self._attention_cap(active, decoding))
+                if take < 1 or (chunks and take < active.pending):
+                    break
+                chunks.append((active, take))
+                budget -= take
+            elif not chunks:
+                width = min(active.pending, budget)
                 if width < 1:
                     break
                 chunks.append((active, width))
             elif (len(chunks) + 1) * width <= budget:
-                chunks.append(
-                    (active, min(active.pending, width, self._attention_cap(active, decoding)))
-                )
+                chunks.append((active, min(active.pending, width)))
             else:
                 break
         return chunks
@@ -548,9 +551,7 @@ class Engine:
 
         A chunk of w tokens after c cached ones attends to about w x (c + w) pairs: the
         largest w within --max-prefill-attention-while-decoding, at least 1 so that every
-        prompt advances. Unlimited when nothing decodes or no limit is set (the default: on
-        this CPU the limit's steadier inter-token latency cost the long prompt more than it
-        gave the streams, docs/performance.md, issue 12).
+        prompt advances. Unlimited when nothing decodes or no limit is set (the default).
         """
         area = self.prefill_attention_while_decoding
         if not decoding or area is None:
@@ -567,20 +568,59 @@ class Engine:
         """
         rows = [a for a, _ in chunks]
         try:
-            logits = self.runner.prefill(
-                PrefillBatch(
-                    prompts=[a.tokens[a.cached : a.cached + n] for a, n in chunks],
-                    slots=[a.slot for a in rows],
-                    block_tables=[a.blocks for a in rows],
-                    starts=[a.cached for a in rows],
-                )
-            )
+            logits = self.runner.prefill(self._prefill_batch(chunks))
         except Exception as exc:
             log.exception("prefill of %d requests failed", len(rows))
             error = step_error("prefill", exc)
             for active in rows:
                 self._finish(active, FinishReason.ERROR, error=error)
             return
+        self._prefilled(chunks, logits)
+
+    def _decode(self, decoding: list[_Active]) -> None:
+        """One token for every decoding row (a failure here fails the step: see _loop)."""
+        self._decoded(decoding, self.runner.decode(self._decode_batch(decoding)))
+
+    def _mixed(self, decoding: list[_Active], chunks: list[tuple[_Active, int]]) -> None:
+        """Decode rows and prefill chunks in one pass over the weights.
+
+        If that pass fails, its two halves run apart, so that a failure only a chunk
+        causes (its prompt's memory, its adapter) fails only that chunk's requests, as
+        with separate passes, and the decoding rows get their token.
+        """
+        try:
+            decoded, prefilled = self.runner.mixed(
+                self._decode_batch(decoding), self._prefill_batch(chunks)
+            )
+        except Exception:
+            log.warning("mixed pass failed; running its prefill and decode apart", exc_info=True)
+            self._prefill(chunks)
+            self._decode([a for a in decoding if not a.done])
+            return
+        self._prefilled(chunks, prefilled)
+        self._decoded(decoding, decoded)
+
+    @staticmethod
+    def _prefill_batch(chunks: list[tuple[_Active, int]]) -> PrefillBatch:
+        return PrefillBatch(
+            prompts=[a.tokens[a.cached : a.cached + n] for a, n in chunks],
+            slots=[a.slot for a, _ in chunks],
+            block_tables=[a.blocks for a, _ in chunks],
+            starts=[a.cached for a, _ in chunks],
+        )
+
+    @staticmethod
+    def _decode_batch(decoding: list[_Active]) -> DecodeBatch:
+        return DecodeBatch(
+            tokens=[a.tokens[-1] for a in decoding],
+            positions=[a.cached for a in decoding],
+            slots=[a.slot for a in decoding],
+            block_tables=[a.blocks for a in decoding],
+        )
+
+    def _prefilled(self, chunks: list[tuple[_Active, int]], logits: torch.Tensor) -> None:
+        """After a pass ran these chunks: count them, offer full blocks, sample for the
+        rows whose prompt is now cached."""
         finished = []
         for index, (active, n) in enumerate(chunks):
             active.cached += n
@@ -589,7 +629,13 @@ class Engine:
             if active.pending == 0:
                 finished.append(index)
         if finished:
-            self._advance([rows[i] for i in finished], logits[finished])
+            self._advance([chunks[i][0] for i in finished], logits[finished])
+
+    def _decoded(self, decoding: list[_Active], logits: torch.Tensor) -> None:
+        for active in decoding:
+            active.cached += 1
+            self._register_full_blocks(active)
+        self._advance(decoding, logits)
 
     def prefill_logits(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """One unchunked prefill pass over `prompts` on fresh blocks, outside any request.
@@ -799,29 +845,40 @@ class Engine:
         delta: str = "",
         error: LoramuxError | None = None,
     ) -> None:
+        """End a request. Its last event reaches its stream once its KV blocks and adapter
+        slot are back (now, or at the step's `_retire`): a client that has seen its stream
+        end sees the engine's stats, and the adapter's refcount, without it."""
         if active.done:
             return
         active.done = True
         if error is None and reason is FinishReason.DEADLINE:
             error = DeadlineExceeded(None, "deadline passed inside the engine")
-        active.stream._put(
-            TokenEvent(
-                token_ids=(token,) if token is not None else (),
-                text=delta + active.text.flush(),
-                finish_reason=reason,
-                prompt_tokens=len(active.request.prompt_token_ids),
-                completion_tokens=active.generated,
-                error=error,
-            )
+        active.final = TokenEvent(
+            token_ids=(token,) if token is not None else (),
+            text=delta + active.text.flush(),
+            finish_reason=reason,
+            prompt_tokens=len(active.request.prompt_token_ids),
+            completion_tokens=active.generated,
+            error=error,
         )
+        if not active.blocks and not active.holds_slot:
+            self._deliver_final(active)
+
+    @staticmethod
+    def _deliver_final(active: _Active) -> None:
+        if active.final is not None:
+            active.stream._put(active.final)
+            active.final = None
 
     def _retire(self) -> None:
-        """Drop finished requests, returning their blocks and adapter slots."""
+        """Drop finished requests, returning their blocks and adapter slots, then end
+        their streams."""
         finished = [a for a in self._running if a.done]
         if finished:
             self._running = [a for a in self._running if not a.done]
             for active in finished:
                 self._release_resources(active)
+                self._deliver_final(active)
 
     def _fail_step(self, error: LoramuxError) -> None:
         """After a failed step: fail the rows it touched (every running request, the ones

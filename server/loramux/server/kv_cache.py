@@ -37,6 +37,39 @@ class PagedLayout:
     kv_length: int  # columns attended to: the longest row's tokens after this pass
 
 
+@dataclass(frozen=True)
+class SegmentGroup:
+    """Rows of a ragged pass that attend alike: one gather, one mask, one attention call.
+
+    The decoding rows (one new token each) form one group; each prefill chunk is a group
+    of one row. Their new tokens are consecutive in the pass's flat token order.
+    """
+
+    tokens: slice  # the group's new tokens in the pass: rows x T of them, row-major
+    rows: int
+    block_tables: torch.Tensor  # [rows, blocks] int64: each row's blocks in order (padded)
+    kv_length: int  # columns attended to: the group's longest row after this pass
+    mask: torch.Tensor  # [rows, 1, T, kv_length] additive: causal over the row's own tokens
+
+
+@dataclass
+class RaggedLayout:
+    """A pass whose tokens are flattened into one row (decode rows and prefill chunks
+    together, one pass over the weights); attention runs per `SegmentGroup`."""
+
+    write_slots: torch.Tensor  # [new_tokens] int64: block * block_size + offset per token
+    groups: list[SegmentGroup]
+
+
+@dataclass(frozen=True)
+class GroupedKV:
+    """What `update()` hands the attention in a ragged pass: each group's own keys (or
+    values); engine attention (attention.py) reads it group by group."""
+
+    groups: list[SegmentGroup]
+    parts: list[torch.Tensor]  # per group [rows, kv_heads, kv_length, head_dim]
+
+
 class PagedKVCache:
     """Per-layer key/value block pools and the HF cache protocol over them."""
 
@@ -65,7 +98,7 @@ class PagedKVCache:
         shape = (kv_heads, num_blocks, block_size, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.layout: PagedLayout | None = None
+        self.layout: PagedLayout | RaggedLayout | None = None
 
     @staticmethod
     def bytes_per_block(
@@ -87,25 +120,45 @@ class PagedKVCache:
         layer_idx: int,
         *args: object,
         **kwargs: object,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # each [rows, kv_heads, kv_length, head_dim]
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[GroupedKV, GroupedKV]:
+        """Write the pass's new keys/values into their blocks; return what attention reads.
+
+        A padded pass gets each row's blocks as [rows, kv_heads, kv_length, head_dim]; a
+        ragged pass (rows = 1, its tokens flattened) gets a `GroupedKV` per tensor.
+        """
         layout = self.layout
         assert layout is not None, "the runner must set the layout before a forward"
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         flat_shape = (self.kv_heads, -1, self.head_dim)
         new_k = key_states.transpose(0, 1)  # [kv_heads, rows, T, head_dim]
         new_v = value_states.transpose(0, 1)
-        if layout.valid is None:
+        if isinstance(layout, RaggedLayout) or layout.valid is None:
             new_k, new_v = new_k.reshape(flat_shape), new_v.reshape(flat_shape)
         else:
             new_k, new_v = new_k[:, layout.valid], new_v[:, layout.valid]
         keys.view(flat_shape).index_copy_(1, layout.write_slots, new_k.to(self.dtype))
         values.view(flat_shape).index_copy_(1, layout.write_slots, new_v.to(self.dtype))
-        rows, blocks = layout.block_tables.shape
+        if isinstance(layout, RaggedLayout):
+            return self._grouped(keys, layout), self._grouped(values, layout)
+        return (
+            self._rows(keys, layout.block_tables, layout.kv_length),
+            self._rows(values, layout.block_tables, layout.kv_length),
+        )
+
+    def _grouped(self, pool: torch.Tensor, layout: RaggedLayout) -> GroupedKV:
+        parts = [self._rows(pool, g.block_tables, g.kv_length) for g in layout.groups]
+        return GroupedKV(layout.groups, parts)
+
+    def _rows(
+        self,
+        pool: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim]
+        tables: torch.Tensor,  # [rows, blocks] int64
+        length: int,
+    ) -> torch.Tensor:  # [rows, kv_heads, length, head_dim]
+        """Each row's first `length` positions, gathered from its blocks."""
+        rows, blocks = tables.shape
         gathered = (self.kv_heads, rows, blocks * self.block_size, self.head_dim)
-        k = self._gather(keys, layout.block_tables).view(gathered)
-        v = self._gather(values, layout.block_tables).view(gathered)
-        length = layout.kv_length
-        return k.transpose(0, 1)[:, :, :length], v.transpose(0, 1)[:, :, :length]
+        return self._gather(pool, tables).view(gathered).transpose(0, 1)[:, :, :length]
 
     def _gather(
         self,

@@ -7,7 +7,10 @@ kinds of pass:
 * prefill: a chunk of each row's not-yet-cached tokens (a whole prompt, or a slice of a
   long one after the part already cached), right-padded to the longest chunk; each chunk
   attends causally to itself and to the row's tokens already in its blocks;
-* decode: every decoding row advances by one token at its own position.
+* decode: every decoding row advances by one token at its own position;
+* mixed: both in one pass over the weights (a step that decodes while a prompt is being
+  prefilled): every token flattened into one row with its own position, block table and
+  adapter slot; attention runs per group of rows (attention.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 
 import torch
 
-from loramux.server.kv_cache import PagedKVCache, PagedLayout
+from loramux.server.attention import register_engine_attention
+from loramux.server.kv_cache import PagedKVCache, PagedLayout, RaggedLayout, SegmentGroup
 from loramux.server.lora import LoraBatchMetadata, LoraContext
 
 
@@ -65,6 +69,7 @@ class ModelRunner:
             device=self.device,
             **kv_geometry(model.config),
         )
+        model.set_attn_implementation(register_engine_attention())
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
@@ -81,8 +86,8 @@ class ModelRunner:
         self,
         input_ids: torch.Tensor,  # [rows, T]
         position_ids: torch.Tensor,  # [rows, T]
-        mask: torch.Tensor,  # [rows, 1, T, kv_length] additive
-        layout: PagedLayout,
+        mask: torch.Tensor,  # [rows, 1, T, kv_length] additive (ragged: per group instead)
+        layout: PagedLayout | RaggedLayout,
         routing: LoraBatchMetadata | None,
     ) -> torch.Tensor:  # [rows, T, hidden]
         self.cache.layout = layout
@@ -171,6 +176,81 @@ class ModelRunner:
             self._routing(batch.slots, 1),
         )
         return self._logits(hidden[:, -1])
+
+    def mixed(
+        self, decode: DecodeBatch, prefill: PrefillBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode rows and prefill chunks in one pass over the weights.
+
+        Returns (decode logits [decode rows, vocab], logits after each chunk's last token
+        [chunks, vocab]), both float32. The tokens are flattened, decode rows first, then
+        each chunk's: no padding anywhere, and attention runs per group (the decode rows
+        together, each chunk alone) on the same numbers as `decode` and `prefill` would.
+        """
+        block_size = self.cache.block_size
+        starts = prefill.starts or [0] * len(prefill.prompts)
+        tokens = list(decode.tokens)
+        positions = list(decode.positions)
+        slots = list(decode.slots)
+        tables = list(decode.block_tables)
+        groups = [self._decode_group(decode)]
+        lasts = list(range(len(tokens)))
+        for prompt, start, slot, table in zip(
+            prefill.prompts, starts, prefill.slots, prefill.block_tables, strict=True
+        ):
+            first = len(tokens)
+            tokens += prompt
+            positions += range(start, start + len(prompt))
+            slots += [slot] * len(prompt)
+            tables += [table] * len(prompt)
+            groups.append(self._chunk_group(slice(first, len(tokens)), start, table))
+            lasts.append(len(tokens) - 1)
+        write = [
+            table[p // block_size] * block_size + p % block_size
+            for table, p in zip(tables, positions, strict=True)
+        ]
+        device = self.device
+        hidden = self._forward(
+            torch.tensor([tokens], dtype=torch.long, device=device),
+            torch.tensor([positions], dtype=torch.long, device=device),
+            torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=device),  # unused: per group
+            RaggedLayout(torch.tensor(write, dtype=torch.long, device=device), groups),
+            self._routing(slots, 1),
+        )
+        logits = self._logits(hidden[0, lasts])
+        rows = len(decode.tokens)
+        return logits[:rows], logits[rows:]
+
+    def _decode_group(self, batch: DecodeBatch) -> SegmentGroup:
+        """The decoding rows of a mixed pass: one token each at its own position."""
+        kv_length = max(batch.positions) + 1
+        blocks = -(-kv_length // self.cache.block_size)
+        positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
+        columns = torch.arange(kv_length, device=self.device)
+        allowed = columns[None, :] <= positions[:, None]  # [rows, columns]
+        return SegmentGroup(
+            tokens=slice(0, len(batch.tokens)),
+            rows=len(batch.tokens),
+            block_tables=self._tables(batch.block_tables, blocks),
+            kv_length=kv_length,
+            mask=self._additive(allowed[:, None, None]),
+        )
+
+    def _chunk_group(self, tokens: slice, start: int, table: list[int]) -> SegmentGroup:
+        """One prompt's chunk at positions [start, start + its length), causal."""
+        count = tokens.stop - tokens.start
+        kv_length = start + count
+        blocks = -(-kv_length // self.cache.block_size)
+        positions = torch.arange(start, kv_length, device=self.device)
+        columns = torch.arange(kv_length, device=self.device)
+        allowed = columns[None, :] <= positions[:, None]  # [T, columns]
+        return SegmentGroup(
+            tokens=tokens,
+            rows=1,
+            block_tables=self._tables([table], blocks),
+            kv_length=kv_length,
+            mask=self._additive(allowed[None, None]),
+        )
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)

@@ -1,0 +1,102 @@
+"""The engine's attention: transformers' SDPA, per segment group in a ragged pass.
+
+A step that decodes some rows and prefills a chunk of another request's prompt runs as
+one pass over the weights (runner.py, `ModelRunner.mixed`): its tokens are flattened into
+one row, so every linear layer sees the decode tokens and the chunk's together. Only
+attention needs to know whose token is whose. The paged KV cache hands it a `GroupedKV`
+in such a pass (kv_cache.py), and `paged_attention_forward` runs transformers' own SDPA
+attention once per group (the decoding rows together, each chunk alone) under the
+group's mask, exactly as the padded decode and prefill passes would for those rows.
+
+Why one pass: on this CPU a pass costs ~12 ms before its first token (every NF4 weight
+dequantised) plus ~0.5 ms a token (SmolLM2, 2 cores: 1 token 12.7 ms, 31 tokens 26.9 ms,
+63 tokens 42.2 ms, 95 tokens 57.6 ms), so a chunk in a pass of its own next to the
+decode pass made every such step cost two passes (docs/performance.md, issue 12).
+
+Every other pass (all rows padded to one width) goes to transformers' SDPA unchanged.
+Registered with transformers once, under `ENGINE_ATTENTION`; the runner sets it on the
+model it serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from loramux.server.kv_cache import GroupedKV
+
+ENGINE_ATTENTION = "loramux_paged"
+
+
+def paged_attention_forward(
+    module: Any,
+    query: torch.Tensor,  # [rows, heads, T, head_dim]; ragged: [1, heads, tokens, head_dim]
+    key: torch.Tensor | GroupedKV,  # [rows, kv_heads, kv_length, head_dim], or per group
+    value: torch.Tensor | GroupedKV,
+    attention_mask: torch.Tensor | None,  # [rows, 1, T, kv_length]; unused when ragged
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:  # ([rows, T, heads, head_dim], no weights)
+    if not isinstance(key, GroupedKV):
+        assert not isinstance(value, GroupedKV)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    assert isinstance(value, GroupedKV) and query.shape[0] == 1
+    heads, head_dim = query.shape[1], query.shape[3]
+    outputs = []
+    for group, keys, values in zip(key.groups, key.parts, value.parts, strict=True):
+        tokens = query[0, :, group.tokens]  # [heads, rows * T, head_dim]
+        per_row = tokens.shape[1] // group.rows
+        rows_query = tokens.reshape(heads, group.rows, per_row, head_dim).transpose(0, 1)
+        if per_row == 1:  # decoding rows: transformers stacks the heads of a KV head itself
+            out, _ = sdpa_attention_forward(
+                module, rows_query, keys, values, group.mask, scaling=scaling, **kwargs
+            )
+        else:
+            out = _grouped_query_attention(rows_query, keys, values, group.mask, scaling)
+        outputs.append(out.reshape(-1, heads, head_dim))  # out: [rows, T, heads, head_dim]
+    return torch.cat(outputs)[None], None  # [1, tokens, heads, head_dim]
+
+
+def _grouped_query_attention(
+    query: torch.Tensor,  # [rows, heads, T, head_dim]
+    key: torch.Tensor,  # [rows, kv_heads, kv_length, head_dim]
+    value: torch.Tensor,  # [rows, kv_heads, kv_length, head_dim]
+    mask: torch.Tensor,  # [rows, 1, T, kv_length] additive
+    scaling: float | None,
+) -> torch.Tensor:  # [rows, T, heads, head_dim]
+    """SDPA with the query heads that share a KV head stacked as query rows.
+
+    With a mask, transformers' SDPA path copies every key/value head out to its query
+    heads (`repeat_kv`: 3x the bytes on SmolLM2's 9 query / 3 KV heads) for any query
+    longer than one token. A prefill chunk beside decoding rows is short and, late in a
+    long prompt, attends to thousands of tokens, so that copy was most of its cost: 16
+    tokens over 6,000 of context took 2.39 ms a layer through repeat_kv and 1.81 ms
+    stacked (2 cores, one layer alone, load average 3.5). The rows are SDPA's over the
+    same numbers; only which query rows share a kernel call changes.
+    """
+    rows, heads, length, head_dim = query.shape
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    # Head h reads KV head h // groups (transformers' repeat_kv order).
+    stacked = query.reshape(rows, kv_heads, groups * length, head_dim)
+    stacked_mask = mask[:, :, None].expand(rows, 1, groups, length, kv_length)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        stacked,
+        key,
+        value,
+        attn_mask=stacked_mask.reshape(rows, 1, groups * length, kv_length),
+        scale=scaling,
+    )  # [rows, kv_heads, groups * T, head_dim]
+    return out.reshape(rows, heads, length, head_dim).transpose(1, 2)
+
+
+def register_engine_attention() -> str:
+    """Make `ENGINE_ATTENTION` known to transformers (idempotent); return its name."""
+    AttentionInterface.register(ENGINE_ATTENTION, paged_attention_forward)
+    return ENGINE_ATTENTION
