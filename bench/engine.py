@@ -19,7 +19,7 @@ the GPU run does):
                   block of adapters, so slots are evicted and refilled from CPU memory
 * mux_ranks       32 adapters of ranks 8/16/32/64 (each in its own rank class stack)
 * mux_k32_int8    mux_k32 with int8 adapter slots (`--lora-slot-dtype int8`)
-* *_native        mux_one / mux_k32 / mux_ranks on the hand-written AVX-512 BF16 kernel
+* *_native        mux_one / mux_k32 / mux_k128 / mux_ranks on the hand-written AVX-512 BF16 kernel
                   (`--lora-kernel native`), side by side with the default compiled one
 * peft_mixed      PEFT, the same 32 adapters, `generate(adapter_names=[...])`
 * peft_sequential PEFT, one adapter at a time: `set_adapter` + `generate` per group of rows
@@ -77,6 +77,7 @@ ALL_CONFIGS = (
     "mux_k32_int8",
     "mux_one_native",
     "mux_k32_native",
+    "mux_k128_native",
     "mux_ranks_native",
     "peft_mixed",
     "peft_sequential",
@@ -456,6 +457,7 @@ def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
         "peft_mixed": ("a", 32),
         "peft_sequential": ("a", 32),
         "mux_k128": ("c", 128),
+        "mux_k128_native": ("c", 128),
         "mux_ranks": ("r", 32),
     }
     if config in ("base", "hf_base", "mux_none"):
@@ -634,13 +636,19 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         if need & {"mux_one_native", "mux_k32_native"}:
             specs["mux_native"] = SystemSpec("engine", adapters=adapters_a, lora_kernel="native")
             serves.update(dict.fromkeys(("mux_one_native", "mux_k32_native"), "mux_native"))
-        if "mux_k128" in need:
+        if need & {"mux_k128", "mux_k128_native"}:
             adapters_c = write_adapters(
                 root, linears, [16] * 128, "c", distinct_files=args.distinct_files, seed_offset=100
             )
             # All 128 in CPU memory, the last 32 in slots.
-            specs["cycling"] = SystemSpec("engine", adapters=adapters_c)
-            serves["mux_k128"] = "cycling"
+            if "mux_k128" in need:
+                specs["cycling"] = SystemSpec("engine", adapters=adapters_c)
+                serves["mux_k128"] = "cycling"
+            if "mux_k128_native" in need:
+                specs["cycling_native"] = SystemSpec(
+                    "engine", adapters=adapters_c, lora_kernel="native"
+                )
+                serves["mux_k128_native"] = "cycling_native"
         if need & {"mux_ranks", "mux_ranks_native"}:
             ranks = [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(32)]
             adapters_r = write_adapters(
