@@ -77,8 +77,11 @@ def _timed(
             if event.error is not None:
                 raise RuntimeError(str(event.error))
             if event.token_ids:
-                out.append(time.perf_counter())
-                if streaming is not None and len(out) == 10:
+                # An event may carry several tokens (a reader that fell behind takes what
+                # piled up at once): each gets the time this reader saw it.
+                before = len(out)
+                out.extend([time.perf_counter()] * len(event.token_ids))
+                if streaming is not None and before < 10 <= len(out):
                     streaming.wait()
     except BaseException:
         if streaming is not None:

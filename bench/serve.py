@@ -236,7 +236,11 @@ class ServerProcess:
         self._log_file.close()
 
 
-def start_loramux(root: Path, adapters: int, extra: Sequence[str] = ()) -> ServerProcess:
+def start_loramux(
+    root: Path, adapters: int, extra: Sequence[str] = (), python: str = sys.executable
+) -> ServerProcess:
+    """`loramux serve` on a free port, dev mode, quotas out of the way; `python` may be
+    another checkout's interpreter (its own code, for before/after comparisons)."""
     from loramux.core.config import Settings
 
     home = root / "home"
@@ -244,7 +248,7 @@ def start_loramux(root: Path, adapters: int, extra: Sequence[str] = ()) -> Serve
     (home / "models").symlink_to(Settings().models_dir, target_is_directory=True)
     port = free_port()
     command = [
-        sys.executable,
+        python,
         "-m",
         "loramux.cli",
         "serve",

@@ -2,6 +2,7 @@
 
     python -m bench.serve_batch                      # batch 32: base, 32 distinct, ranks
     python -m bench.serve_batch --batch 1 --configs base,one
+    python -m bench.serve_batch --stream-intervals 1,8   # one server per interval
 
 Issue 13 measures the LoRA compute end to end through the server, not only in the engine:
 N concurrent GenerateStream calls, each naming its own rank-16 all-linear adapter (or none,
@@ -11,6 +12,12 @@ loaded through the public API first), and the configurations' rounds alternate w
 repetition, so a drift of the machine's speed hits them alike. A round's throughput is
 N x new tokens over the round's wall time (first call sent to last call done): prefill,
 decode, streaming and gRPC included.
+
+`--stream-intervals 1,8` starts one server per `--stream-interval` (tokens per streamed
+message), and `--baseline-python main/.venv/bin/python` one more from another checkout's
+virtualenv (its code, its defaults); the rounds alternate over servers as well as
+configurations, so they are compared side by side; each server's ratios are against its
+own base.
 
 Configurations:
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -92,10 +100,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--stream-intervals",
+        default="1",
+        help="server --stream-interval values, one server each, e.g. 1,8 (default 1)",
+    )
+    parser.add_argument(
+        "--baseline-python",
+        type=Path,
+        help="also serve from this interpreter (another checkout's .venv/bin/python, e.g. "
+        "main's), with its own defaults, as the `baseline` server",
+    )
     parser.add_argument("--out", default="serve_batch")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
+    # server label -> (interpreter, extra flags)
+    servers_wanted: dict[str, tuple[str, list[str]]] = {}
+    if args.baseline_python is not None:
+        servers_wanted["baseline"] = (str(args.baseline_python), [])
+    for interval in (int(i) for i in args.stream_intervals.split(",") if i):
+        servers_wanted[f"interval {interval}"] = (
+            sys.executable,
+            ["--stream-interval", str(interval)],
+        )
     for config in configs:
         adapters_for(config, 1)  # refuses an unknown name before anything starts
 
@@ -111,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_machine(info)
     words = PASSAGE.split()
     prompts = [" ".join((words[i * 7 :] + words)[: args.prompt_words]) for i in range(args.batch)]
-    seconds: dict[str, list[float]] = {c: [] for c in configs}
+    runs = [(config, label) for label in servers_wanted for config in configs]
+    seconds: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     with tempfile.TemporaryDirectory(prefix="loramux-bench-serve-batch-") as tmp:
         root = Path(tmp)
         resolved = resolve_base_model("smollm2-135m-instruct", Settings().models_dir)
@@ -127,48 +156,60 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             folders |= write_adapters(root / "m", shapes, ranks, "mixed-", seed_offset=1000)
         # Every adapter keeps a slot: the rounds measure compute, not installs.
         slots = ["--max-loaded-adapters", str(max(32, len(folders)))]
-        server = start_loramux(root, max(len(folders), 1), slots)
+        servers = {}
         try:
-            server.wait_ready(timeout=900)
-            if folders:
-                upload_adapters(server.address, folders)
-            for config in configs:  # warm-up: compiled kernels, slots, allocations
+            for i, (label, (python, flags)) in enumerate(servers_wanted.items()):
+                home = root / f"server-{i}"  # started one after another: loads do not overlap
+                home.mkdir()
+                server = start_loramux(home, max(len(folders), 1), [*slots, *flags], python)
+                servers[label] = server
+                server.wait_ready(timeout=900)
+                if folders:
+                    upload_adapters(server.address, folders)
+            for config, label in runs:  # warm-up: compiled kernels, slots, allocations
                 adapters = adapters_for(config, args.batch)
-                asyncio.run(run_round(server.address, adapters, prompts, 4))
+                asyncio.run(run_round(servers[label].address, adapters, prompts, 4))
             for rep in range(args.reps):
-                for config in configs:
+                for config, label in runs:
                     adapters = adapters_for(config, args.batch)
                     took = asyncio.run(
-                        run_round(server.address, adapters, prompts, args.new_tokens)
+                        run_round(servers[label].address, adapters, prompts, args.new_tokens)
                     )
-                    seconds[config].append(took)
+                    seconds[config, label].append(took)
                     rate = args.batch * args.new_tokens / took
-                    print(f"# rep {rep} {config}: {took:.2f} s, {rate:.1f} tok/s", flush=True)
+                    print(
+                        f"# rep {rep} {config} ({label}): {took:.2f} s, {rate:.1f} tok/s",
+                        flush=True,
+                    )
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
 
     tokens = args.batch * args.new_tokens
-    rates = {c: tokens / statistics.median(s) for c, s in seconds.items()}
-    base = rates.get("base")
-    rows = [
-        [
-            config,
-            args.batch,
-            rates[config],
-            " / ".join(f"{tokens / s:.1f}" for s in seconds[config]),
-            rates[config] / base if base else float("nan"),
-        ]
-        for config in configs
-    ]
-    table = format_table(["config", "batch", "tok/s (median round)", "each round", "x base"], rows)
+    rates = {run: tokens / statistics.median(s) for run, s in seconds.items()}
+    rows = []
+    for config, label in runs:
+        base = rates.get(("base", label))
+        rows.append(
+            [
+                config,
+                args.batch,
+                label,
+                rates[config, label],
+                " / ".join(f"{tokens / s:.1f}" for s in seconds[config, label]),
+                rates[config, label] / base if base else float("nan"),
+            ]
+        )
+    headers = ["config", "batch", "server", "tok/s (median round)", "each round"]
+    table = format_table([*headers, "x base"], rows)
     print(f"\n## serve_batch: {args.batch} calls x {args.new_tokens} new tokens, gRPC")
     print(table, flush=True)
     payload = {
         "benchmark": "serve_batch",
         "machine": info,
         "args": vars(args),
-        "seconds": seconds,
-        "tokens_per_s": rates,
+        "seconds": {f"{c} ({label})": s for (c, label), s in seconds.items()},
+        "tokens_per_s": {f"{c} ({label})": r for (c, label), r in rates.items()},
         "table": table,
     }
     print(f"# wrote {write_json(args.out, payload, args.results_dir)}")

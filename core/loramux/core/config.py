@@ -194,6 +194,13 @@ class Settings:
     compute_threads: int = setting(
         0, "torch threads of the engine's passes (0: every CPU this process may use)", "engine"
     )
+    stream_interval: int = setting(
+        1,
+        "tokens per streamed message: 1 sends each token as soon as it is made; N wakes a "
+        "stream's reader once per N tokens (or at the end) and sends them together, fewer "
+        "thread wake-ups and messages for throughput (docs/performance.md, gRPC server)",
+        "engine",
+    )
     max_loaded_adapters: int = setting(32, "adapter slots on the device", "engine")
     max_cpu_adapters: int = setting(256, "adapters kept in CPU memory (LRU)", "engine")
     max_composed_adapters: int = setting(
@@ -292,6 +299,7 @@ class Settings:
             "max_composed_adapters",
             "grpc_workers",
             "http_workers",
+            "stream_interval",
         )
         for name in positive:
             if getattr(self, name) < 1:

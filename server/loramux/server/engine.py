@@ -27,7 +27,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -66,6 +66,7 @@ from loramux.server.lora import (
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
 from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch, kv_geometry
 from loramux.server.sampling import RowSampler, sample_next_tokens
+from loramux.server.streams import RequestStream
 from loramux.server.threads import compute_thread_count, in_own_thread, use_compute_threads
 
 log = logging.getLogger(__name__)
@@ -111,39 +112,7 @@ class EngineStats:
     prefill_tokens_total: int  # prompt (and recomputed) tokens run through the model
 
 
-class RequestStream:
-    """The consumer's end of one request: iterate for TokenEvents, or cancel."""
-
-    def __init__(self, request_id: str, prompt_tokens: int, wake: Any) -> None:
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self._events: collections.deque[TokenEvent] = collections.deque()
-        self._ready = threading.Condition()
-        self._wake = wake
-        self.cancelled = False
-
-    def _put(self, event: TokenEvent) -> None:
-        with self._ready:
-            self._events.append(event)
-            self._ready.notify_all()
-
-    def cancel(self) -> None:
-        """The request leaves the batch at the next engine step."""
-        self.cancelled = True
-        self._wake()
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            with self._ready:
-                while not self._events:
-                    self._ready.wait()
-                event = self._events.popleft()
-            yield event
-            if event.finished:
-                return
-
-
-@dataclass
+@dataclass(eq=False)  # identity: `a in self._running` must not compare every field
 class _Active:
     """A request inside the engine (engine thread only)."""
 
@@ -422,7 +391,12 @@ class Engine:
         if request.adapter_id is not None and request.adapter_id not in self.adapters:
             raise NotFound("adapter", f"no adapter {request.adapter_id!r}")
         seq = next(self._ids)
-        stream = RequestStream(request.request_id or f"req-{seq}", len(prompt), self._wake)
+        stream = RequestStream(
+            request.request_id or f"req-{seq}",
+            len(prompt),
+            self._wake,
+            self.settings.stream_interval,
+        )
         active = _Active(
             request=request,
             stream=stream,

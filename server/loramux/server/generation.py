@@ -18,9 +18,9 @@ from dataclasses import replace
 
 from loramux.core.errors import Cancelled, LoramuxError, NotFound
 from loramux.server.composition import WeightedAdapter, check_weights
-from loramux.server.engine import RequestStream
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.state import ServerState, register_record
+from loramux.server.streams import RequestStream
 from loramux.server.tenants import Principal
 
 BASE_LABEL = "base"
@@ -154,7 +154,12 @@ class GenerationCall:
                 stream.cancel()  # a no-op once finished; frees the row if the caller left
 
     def events(self, stream: RequestStream) -> Iterator[TokenEvent]:
-        """The stream's events, timing first and later tokens; raises on a failed finish."""
+        """The stream's events, timing first and later tokens; raises on a failed finish.
+
+        An event may carry several tokens (`--stream-interval`, or a reader that fell
+        behind): the caller receives them together, so the first one's latency is the gap
+        since the last token and the others' is 0.
+        """
         metrics = self.state.metrics
         for event in stream:
             if event.token_ids:
@@ -163,6 +168,8 @@ class GenerationCall:
                     metrics.ttft.observe(now - self.started)
                 else:
                     metrics.itl.observe(now - self.last_token)
+                for _ in event.token_ids[1:]:
+                    metrics.itl.observe(0.0)
                 self.last_token = now
             if event.finished:
                 metrics.tokens(self.principal.tenant, event.prompt_tokens, event.completion_tokens)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loramux.core.errors import InvalidArgument
@@ -89,3 +90,21 @@ class TokenEvent:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @staticmethod
+    def merged(events: Sequence[TokenEvent]) -> TokenEvent:
+        """Consecutive events of one request as one: their tokens and text in order, the
+        last one's finish reason, usage and error (only the last may be finished)."""
+        if len(events) == 1:
+            return events[0]
+        if not events or any(e.finished for e in events[:-1]):
+            raise ValueError("merged() takes one or more events, only the last finished")
+        last = events[-1]
+        return TokenEvent(
+            token_ids=tuple(t for e in events for t in e.token_ids),
+            text="".join(e.text for e in events),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            error=last.error,
+        )

@@ -11,10 +11,10 @@ import grpc
 
 from loramux.core.errors import Cancelled, InvalidArgument
 from loramux.server.affinity import requested_adapter, weighted_adapters
-from loramux.server.engine import RequestStream
 from loramux.server.generation import GenerationCall
 from loramux.server.requests import FinishReason, SamplingParams, TokenEvent
 from loramux.server.rpc.wrapper import Servicer, rpc, time_left
+from loramux.server.streams import RequestStream
 from loramux.server.tenants import Principal
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc

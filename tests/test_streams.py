@@ -1,0 +1,124 @@
+"""How a request's tokens reach its reader: every token in order, the finish last, and with
+--stream-interval N a wake (and a gRPC message) per N tokens instead of one per token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from api_helpers import eventually
+from hardening_helpers import tiny_server
+
+from loramux.client import LoramuxClient
+from loramux.core.config import Settings
+from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
+from loramux.server.app import RunningServer
+from loramux.server.engine import Engine
+from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from loramux.server.streams import RequestStream
+
+NEW_TOKENS = 10
+INTERVAL = 4
+PROMPT = "Count the apples in the basket"
+
+
+def _engine(tiny: ResolvedModel, interval: int) -> Engine:
+    return Engine(
+        load_base_model(tiny, "nf4", "cpu"),
+        load_tokenizer(tiny),
+        Settings(stream_interval=interval),
+        tiny,
+        enable_lora=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llama: ResolvedModel) -> Iterator[dict[int, Engine]]:
+    engines = {interval: _engine(tiny_llama, interval) for interval in (1, INTERVAL)}
+    yield engines
+    for engine in engines.values():
+        engine.shutdown()
+
+
+def _events(engine: Engine, max_new_tokens: int = NEW_TOKENS) -> list[TokenEvent]:
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    return list(engine.submit(GenerationRequest("r", engine.tokenize(PROMPT), params)))
+
+
+def test_a_reader_behind_gets_what_piled_up_as_one_event() -> None:
+    """Interval 1: the engine's events wait for a slow reader, which takes them at once,
+    merged in order with the finish last, instead of waking once per token."""
+    stream = RequestStream("r", prompt_tokens=3, wake=lambda: None)
+    for token, text in ((5, "a"), (6, "b"), (7, "c")):
+        stream._put(TokenEvent((token,), text))
+    stream._put(TokenEvent((8,), "d", FinishReason.LENGTH, prompt_tokens=3, completion_tokens=4))
+    events = list(stream)
+    assert events == [
+        TokenEvent((5, 6, 7, 8), "abcd", FinishReason.LENGTH, prompt_tokens=3, completion_tokens=4)
+    ]
+
+
+def test_the_reader_wakes_once_per_interval(engines: dict[int, Engine]) -> None:
+    """Interval 4: every event before the last carries at least 4 tokens, the last the rest
+    and the finish; the tokens and text are exactly interval 1's (one event per token)."""
+    single = _events(engines[1])
+    batched = _events(engines[INTERVAL])
+    assert [len(e.token_ids) for e in single] == [1] * NEW_TOKENS
+    assert all(len(e.token_ids) >= INTERVAL for e in batched[:-1])
+    assert len(batched) <= -(-NEW_TOKENS // INTERVAL)
+    assert [t for e in batched for t in e.token_ids] == [t for e in single for t in e.token_ids]
+    assert "".join(e.text for e in batched) == "".join(e.text for e in single)
+    assert not any(e.finished for e in batched[:-1])
+    final = batched[-1]
+    assert final.finish_reason is FinishReason.LENGTH
+    assert final.completion_tokens == NEW_TOKENS
+
+
+def test_a_request_shorter_than_the_interval_still_ends(engines: dict[int, Engine]) -> None:
+    events = _events(engines[INTERVAL], max_new_tokens=2)
+    assert len(events) == 1 and len(events[0].token_ids) == 2 and events[0].finished
+
+
+def test_stream_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="--stream-interval"):
+        Settings(stream_interval=0).validate()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: ResolvedModel
+) -> Iterator[RunningServer]:
+    running = tiny_server(
+        tmp_path_factory.mktemp("streams") / "home",
+        tiny_llama,
+        admin_keys=[],
+        dev=True,
+        stream_interval=INTERVAL,
+        max_new_tokens_limit=400,
+    )
+    yield running
+    running.close()
+
+
+def test_grpc_stream_sends_a_message_per_interval(server: RunningServer) -> None:
+    with LoramuxClient(f"127.0.0.1:{server.port}") as client:
+        unary = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        chunks = list(client.generate_stream(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    assert all(len(c.token_ids) >= INTERVAL for c in chunks[:-1])
+    assert [t for c in chunks for t in c.token_ids] == unary.token_ids
+    assert "".join(c.text for c in chunks) == unary.text
+    assert chunks[-1].finish_reason == unary.finish_reason == "length"
+    assert chunks[-1].completion_tokens == NEW_TOKENS
+
+
+def test_grpc_cancel_mid_interval_frees_the_row(server: RunningServer) -> None:
+    engine = server.state.engine
+    with LoramuxClient(f"127.0.0.1:{server.port}") as client:
+        stream = client.generate_stream(PROMPT, max_new_tokens=400, ignore_eos=True)
+        first = next(stream)
+        assert len(first.token_ids) >= INTERVAL
+        assert engine.stats().running == 1
+        stream.close()  # cancels the call
+        assert eventually(lambda: engine.stats().running == 0)
+        after = client.generate(PROMPT, max_new_tokens=3, ignore_eos=True)  # still serving
+    assert len(after.token_ids) == 3
