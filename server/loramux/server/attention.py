@@ -32,9 +32,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from loramux.server.kv_cache import GroupedKV
 
 ENGINE_ATTENTION = "loramux_paged"
-# Chunks of at most this many tokens attend by plain GEMMs, longer ones by SDPA (see
-# `_eager_attention` for the measurement).
+# Chunks of at most this many tokens over at least this much context attend by plain
+# GEMMs, others by SDPA (see `_eager_attention` for the measurement). Below that context
+# the gain is a fraction of a millisecond a step, and SDPA keeps a short prompt's chunk
+# bit-identical to its prefill alone (the GEMMs round differently: on a random tiny model,
+# where logits tie often, that flipped a soak test's first token).
 EAGER_MAX_CHUNK = 16
+EAGER_MIN_CONTEXT = 1024
 
 
 def paged_attention_forward(
@@ -93,7 +97,7 @@ def _grouped_query_attention(
     stacked = query.reshape(rows, kv_heads, groups * length, head_dim)
     stacked_mask = mask[:, :, None].expand(rows, 1, groups, length, kv_length)
     stacked_mask = stacked_mask.reshape(rows, 1, groups * length, kv_length)
-    if length <= EAGER_MAX_CHUNK:
+    if length <= EAGER_MAX_CHUNK and kv_length >= EAGER_MIN_CONTEXT:
         out = _eager_attention(stacked, key, value, stacked_mask, scaling or head_dim**-0.5)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
