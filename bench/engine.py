@@ -566,6 +566,21 @@ def dynamo_counters() -> dict[str, Any]:
     return {group: dict(values) for group, values in counters.items() if values}
 
 
+def _plan_kernels(
+    need: set[str],
+    specs: dict[str, SystemSpec],
+    serves: dict[str, str],
+    config: str,
+    system: str,
+    adapters: dict[str, Path],
+) -> None:
+    """`config` on the default LoRA kernel and `config`_native on the native one, as asked."""
+    for suffix, kernel in (("", "auto"), ("_native", "native")):
+        if config + suffix in need:
+            specs[system + suffix] = SystemSpec("engine", adapters=adapters, lora_kernel=kernel)
+            serves[config + suffix] = system + suffix
+
+
 def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> dict[str, Any]:
     """Run the benchmark; `base` lets a caller share one loaded model between benchmarks."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -641,26 +656,13 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
                 root, linears, [16] * 128, "c", distinct_files=args.distinct_files, seed_offset=100
             )
             # All 128 in CPU memory, the last 32 in slots.
-            if "mux_k128" in need:
-                specs["cycling"] = SystemSpec("engine", adapters=adapters_c)
-                serves["mux_k128"] = "cycling"
-            if "mux_k128_native" in need:
-                specs["cycling_native"] = SystemSpec(
-                    "engine", adapters=adapters_c, lora_kernel="native"
-                )
-                serves["mux_k128_native"] = "cycling_native"
+            _plan_kernels(need, specs, serves, "mux_k128", "cycling", adapters_c)
         if need & {"mux_ranks", "mux_ranks_native"}:
             ranks = [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(32)]
             adapters_r = write_adapters(
                 root, linears, ranks, "r", distinct_files=args.distinct_files, seed_offset=300
             )
-            specs["mixed_ranks"] = SystemSpec("engine", adapters=adapters_r)
-            serves["mux_ranks"] = "mixed_ranks"
-            if "mux_ranks_native" in need:
-                specs["mixed_ranks_native"] = SystemSpec(
-                    "engine", adapters=adapters_r, lora_kernel="native"
-                )
-                serves["mux_ranks_native"] = "mixed_ranks_native"
+            _plan_kernels(need, specs, serves, "mux_ranks", "mixed_ranks", adapters_r)
         if "hf_base" in need:
             specs["hf"] = SystemSpec("hf")
             serves["hf_base"] = "hf"
