@@ -153,25 +153,16 @@ class ModelRunner:
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """Advance every decoding row by one token; return logits [rows, vocab] float32."""
-        block_size = self.cache.block_size
-        blocks = max(batch.positions) // block_size + 1
-        tables = self._tables(batch.block_tables, blocks)
-        slots = [
-            table[p // block_size] * block_size + p % block_size
-            for table, p in zip(batch.block_tables, batch.positions, strict=True)
-        ]
-        positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
-        columns = torch.arange(max(batch.positions) + 1, device=self.device)
-        allowed = columns[None, :] <= positions[:, None]  # [rows, columns]
+        group = self._decode_group(batch)
         hidden = self._forward(
             torch.tensor(batch.tokens, dtype=torch.long, device=self.device)[:, None],
-            positions[:, None],
-            self._additive(allowed[:, None, None]),
+            torch.tensor(batch.positions, dtype=torch.long, device=self.device)[:, None],
+            group.mask,
             PagedLayout(
-                write_slots=torch.tensor(slots, dtype=torch.long, device=self.device),
+                write_slots=self._write_slots(batch.block_tables, batch.positions),
                 valid=None,
-                block_tables=tables,
-                kv_length=max(batch.positions) + 1,
+                block_tables=group.block_tables,
+                kv_length=group.kv_length,
             ),
             self._routing(batch.slots, 1),
         )
@@ -187,7 +178,6 @@ class ModelRunner:
         each chunk's: no padding anywhere, and attention runs per group (the decode rows
         together, each chunk alone) on the same numbers as `decode` and `prefill` would.
         """
-        block_size = self.cache.block_size
         starts = prefill.starts or [0] * len(prefill.prompts)
         tokens = list(decode.tokens)
         positions = list(decode.positions)
@@ -205,24 +195,28 @@ class ModelRunner:
             tables += [table] * len(prompt)
             groups.append(self._chunk_group(slice(first, len(tokens)), start, table))
             lasts.append(len(tokens) - 1)
-        write = [
-            table[p // block_size] * block_size + p % block_size
-            for table, p in zip(tables, positions, strict=True)
-        ]
         device = self.device
         hidden = self._forward(
             torch.tensor([tokens], dtype=torch.long, device=device),
             torch.tensor([positions], dtype=torch.long, device=device),
             torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=device),  # unused: per group
-            RaggedLayout(torch.tensor(write, dtype=torch.long, device=device), groups),
+            RaggedLayout(self._write_slots(tables, positions), groups),
             self._routing(slots, 1),
         )
         logits = self._logits(hidden[0, lasts])
         rows = len(decode.tokens)
         return logits[:rows], logits[rows:]
 
+    def _write_slots(
+        self, tables: list[list[int]], positions: list[int]
+    ) -> torch.Tensor:  # [tokens] int64: block * block_size + offset of each new token
+        size = self.cache.block_size
+        slots = [t[p // size] * size + p % size for t, p in zip(tables, positions, strict=True)]
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
+
     def _decode_group(self, batch: DecodeBatch) -> SegmentGroup:
-        """The decoding rows of a mixed pass: one token each at its own position."""
+        """Decoding rows (a decode pass, or part of a mixed one): one token each at its own
+        position, attending to its own tokens up to it."""
         kv_length = max(batch.positions) + 1
         blocks = -(-kv_length // self.cache.block_size)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
