@@ -16,7 +16,11 @@ dequantised) plus ~0.5 ms a token (SmolLM2, 2 cores: 1 token 12.7 ms, 31 tokens 
 63 tokens 42.2 ms, 95 tokens 57.6 ms), so a chunk in a pass of its own next to the
 decode pass made every such step cost two passes (docs/performance.md, issue 12).
 
-Every other pass (all rows padded to one width) goes to transformers' SDPA unchanged.
+Rows the runner gave to a paged-attention kernel (paged_attention/: decoding rows, and
+chunks over at least `KERNEL_MIN_CONTEXT` tokens) arrive ungathered (`PoolKV`, or a
+`GroupedKV` group without keys) and are computed by one kernel call per layer, straight
+from the block pool. Every other pass (all rows padded to one width) goes to transformers'
+SDPA unchanged.
 Registered with transformers once, under `ENGINE_ATTENTION`; the runner sets it on the
 model it serves.
 """

@@ -11,8 +11,11 @@ gathered into a [rows, kv_heads, kv_length, head_dim] tensor (one block-wise
 `index_select` per layer, freed after the layer), which the layer's attention
 (scaled_dot_product_attention) reads under the 4-D mask the runner builds. A row never
 reads another row's blocks, and memory grows with the tokens held, not with the longest
-row times the batch. On CUDA a fused paged-attention kernel can replace the gather
-behind the same interface.
+row times the batch. Where the runner has a paged-attention kernel (paged_attention/, the
+CPU's AVX-512 BF16 one), the rows it covers are not gathered: `update()` returns the pool
+itself with their block tables (`PoolKV`, or the `GroupedKV` of a ragged pass with those
+groups left empty) and the kernel reads their blocks in place. A fused CUDA kernel can
+take the same place.
 
 The pool's tensors are allocated zeroed (`torch.zeros`, which writes every page: the
 whole pool is resident from start, 1,025 MB of RSS for the default 1 GiB measured). Zeros,
