@@ -73,10 +73,13 @@ class ModelRunner:
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
-    def _routing(self, slots: list[int], tokens_per_row: int) -> LoraBatchMetadata | None:
+    def _routing(
+        self, slots: list[int], tokens_per_row: int, prompts: list[tuple[int, int]] | None = None
+    ) -> LoraBatchMetadata | None:
+        """`prompts`: (first token, count) of each prompt chunk in the flattened pass."""
         if self.lora is None or not any(slots):
             return None
-        return self.lora.route(slots, tokens_per_row, self.device)
+        return self.lora.route(slots, tokens_per_row, self.device, prompts or ())
 
     def _tables(self, tables: list[list[int]], blocks: int) -> torch.Tensor:  # [rows, blocks]
         padded = [table[:blocks] + [0] * (blocks - len(table[:blocks])) for table in tables]
@@ -146,7 +149,9 @@ class ModelRunner:
                 block_tables=tables,
                 kv_length=kv_length,
             ),
-            self._routing(batch.slots, width),
+            self._routing(
+                batch.slots, width, [(i * width, len(p)) for i, p in enumerate(batch.prompts)]
+            ),
         )
         last = hidden[torch.arange(rows, device=self.device), lengths - 1]
         return self._logits(last)
@@ -185,6 +190,7 @@ class ModelRunner:
         tables = list(decode.block_tables)
         groups = [self._decode_group(decode)]
         lasts = list(range(len(tokens)))
+        prompts: list[tuple[int, int]] = []
         for prompt, start, slot, table in zip(
             prefill.prompts, starts, prefill.slots, prefill.block_tables, strict=True
         ):
@@ -194,6 +200,7 @@ class ModelRunner:
             slots += [slot] * len(prompt)
             tables += [table] * len(prompt)
             groups.append(self._chunk_group(slice(first, len(tokens)), start, table))
+            prompts.append((first, len(prompt)))
             lasts.append(len(tokens) - 1)
         device = self.device
         hidden = self._forward(
@@ -201,7 +208,7 @@ class ModelRunner:
             torch.tensor([positions], dtype=torch.long, device=device),
             torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=device),  # unused: per group
             RaggedLayout(self._write_slots(tables, positions), groups),
-            self._routing(slots, 1),
+            self._routing(slots, 1, prompts),
         )
         logits = self._logits(hidden[0, lasts])
         rows = len(decode.tokens)

@@ -74,6 +74,9 @@ class LoraGroup:
         self.device = device
         self.stacks: dict[int, ClassStack] = {}  # rank class width -> stack
         self.ranks: list[dict[int, int]] = [{} for _ in outs]  # member -> slot -> real rank
+        # member -> slot -> the LoRA scaling when one factor scales every rank row (a plain
+        # adapter in bf16 slots: PEFT's `scaling`), else absent (see `row_scale`)
+        self.scalings: list[dict[int, float]] = [{} for _ in outs]
         self.occupied: set[int] = set()  # slots holding weights for any member
         self._version = -1  # the SlotTable version the stacks were fitted to
         self._dense: DenseWeights | None = None
@@ -138,6 +141,7 @@ class LoraGroup:
         self._pending = None
         placement = self.context.table.placement(slot)
         self.ranks[member].pop(slot, None)
+        self.scalings[member].pop(slot, None)
         rank = 0 if weights is None else weights.lora_a.shape[0]
         if placement is not None:
             stack, width, i = self.stacks[placement.width], placement.width, placement.index
@@ -162,6 +166,7 @@ class LoraGroup:
         row_scale = stack.row_scale[i, start : start + rank]
         if weights.row_scaling is None and a_factor is None and bt_factor is None:
             row_scale.fill_(weights.scaling)
+            self.scalings[member][slot] = weights.scaling
         else:
             scaling = (
                 weights.row_scaling.float()

@@ -48,6 +48,14 @@ class CpuNativeBackend(CpuBackend):
     def deltas(
         self, group: LoraGroup, x: torch.Tensor, batch: LoraBatchMetadata
     ) -> list[torch.Tensor]:
+        if batch.chunks:  # prompt chunks as PEFT computes them, the other tokens here
+            if batch.token_route is not None:
+                deltas = self.native_deltas(group, x, batch.token_route)
+            else:
+                deltas = [x.new_zeros(x.shape[0], out) for out in group.outs]
+            for chunk in batch.chunks:
+                self.prompt_chunk(group, x, chunk, deltas)
+            return deltas
         route = batch.row_route
         if batch.tokens_per_row > 1:
             route = route.repeat_interleave(batch.tokens_per_row, 0)
