@@ -24,7 +24,8 @@ the GPU run does):
 * peft_mixed      PEFT, the same 32 adapters, `generate(adapter_names=[...])`
 * peft_sequential PEFT, one adapter at a time: `set_adapter` + `generate` per group of rows
 
-Timing: `e2e` is submit-to-last-token wall time for the whole batch (prefill included).
+Timing: `e2e` is submit-to-last-token wall time for the whole batch (prefill included;
+the engines run without the prefix cache, so every repetition prefills its whole prompts).
 `decode` counts only tokens after each row's first: the engine's model passes are timed by
 wrapping `runner.prefill`/`runner.decode`, PEFT/HF steps by a logits processor, and a
 decode step's time is the gap between consecutive pass ends (forward, sampling and
@@ -205,6 +206,11 @@ class EngineSystem:
             max_batch_tokens=max(2048, max_batch * 160),
             lora_slot_dtype=slot_dtype,
             lora_kernel=lora_kernel,
+            # Every repetition sends the same prompts: with the prefix cache on, a system
+            # that repeats its adapters (base, mux_k32) would prefill only the tokens past
+            # the cached blocks, and mux_k128 (a new adapter set, so new cache keys, each
+            # repetition) all of them. The prefix cache is measured by bench.kv.
+            prefix_caching=False,
         )
         self.engine = Engine(
             base.fresh_copy(), base.tokenizer, settings, base.resolved, enable_lora=enable_lora

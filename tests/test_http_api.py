@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 from api_helpers import eventually, free_port, linear_shapes
+from http_helpers import exchange, request_head
 
 from loramux.client import LoramuxClient
 from loramux.core.config import Settings
@@ -329,14 +330,59 @@ def test_a_client_that_goes_away_frees_its_row_and_slot(
     assert samples("loramux_generated_tokens_total", {"tenant": "acme"}) - generated < 400
 
 
-def test_oversized_bodies_are_refused_before_parsing(url: str, keys: dict[str, str]) -> None:
-    response = httpx.post(
-        f"{url}/v1/completions",
-        content=b'{"model": "x", "prompt": "' + b"a" * (17 * 1024 * 1024) + b'"}',
-        headers={"Authorization": f"Bearer {keys['acme']}", "Content-Type": "application/json"},
+def _oversized_completion() -> bytes:
+    return b'{"model": "x", "prompt": "' + b"a" * (17 * 1024 * 1024) + b'"}'
+
+
+def test_oversized_bodies_get_their_413_and_an_orderly_close(
+    server: RunningServer, keys: dict[str, str]
+) -> None:
+    """The client writes all 17 MiB while it reads: the server reads the body away (the
+    app never sees it) and answers 413, and the connection ends with a FIN, not a reset
+    (a reset loses the 413 for a client still writing: CI's flaky 'peer closed connection')."""
+    assert server.http is not None
+    body = _oversized_completion()
+    head = request_head(
+        "/v1/completions",
+        {
+            "Authorization": f"Bearer {keys['acme']}",
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+        },
     )
+    for _ in range(3):
+        answer = exchange(server.http.port, head, [body])
+        assert answer.send_error is None  # the server read the whole body
+        assert answer.read_error is None  # and closed in order after the 413
+        assert answer.status == 413
+        assert answer.json()["error"]["code"] == "request_too_large"
+
+
+def test_oversized_bodies_are_413_for_urllib_chunked_and_curl(
+    url: str, keys: dict[str, str], tmp_path: Path
+) -> None:
+    auth = {"Authorization": f"Bearer {keys['acme']}", "Content-Type": "application/json"}
+    body = _oversized_completion()
+    # urllib writes the whole body before it reads: a reset is a ConnectionResetError.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(
+            urllib.request.Request(f"{url}/v1/completions", data=body, headers=auth), timeout=60
+        )
+    assert refused.value.code == 413
+    assert json.load(refused.value)["error"]["code"] == "request_too_large"
+    # Chunked: no declared length, the limit counts the bytes as they arrive.
+    pieces = (body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+    response = httpx.post(f"{url}/v1/completions", content=pieces, headers=auth, timeout=60)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
+    # curl sends `Expect: 100-continue` for a body this large: refused before it is sent.
+    (tmp_path / "body.json").write_bytes(body)
+    status, text = _curl(
+        "-H", f"Authorization: Bearer {keys['acme']}", "-H", "Content-Type: application/json",
+        "--data-binary", f"@{tmp_path / 'body.json'}", f"{url}/v1/completions",
+    )  # fmt: skip
+    assert status == 413
+    assert json.loads(text)["error"]["code"] == "request_too_large"
 
 
 def _curl(*args: str) -> tuple[int, str]:

@@ -111,6 +111,42 @@ def test_each_path_matches_the_float64_reference(
                 assert got[row].abs().max() == 0
 
 
+@pytest.mark.parametrize("tokens", [1, 4], ids=["bgmv", "segmented"])
+def test_a_released_index_reused_by_a_smaller_adapter_reads_none_of_the_old(tokens: int) -> None:
+    """An eviction (`forget`) leaves the stack rows as they are; the adapter installed at
+    the freed index next (rank 12 where rank 16 was, without the second projection) must
+    compute its own delta alone: the install writes or zeroes every row there."""
+    wrapped, context = layers("bf16")
+    group = wrapped[0].group
+    old = context.table.placement(2)
+    group.forget(2)
+    context.table.remove(2)
+    new = context.table.place(7, 12)
+    assert new == old  # the same rank class index, still holding slot 2's rows
+    generator = torch.Generator().manual_seed(11)
+    weights = {
+        member: ModuleWeights(
+            lora_a=(torch.randn(12, IN, generator=generator) * 0.1).bfloat16(),
+            lora_b=(torch.randn(OUTS[member], 12, generator=generator) * 0.1).bfloat16(),
+            scaling=0.5,
+        )
+        for member in (0, 2)
+    }
+    group.install(7, {0: weights[0], 1: None, 2: weights[2]})
+    slots = [7, 1, 3, 4, 5, 6, 7]  # past the dense limit: the routed kernels read the stacks
+    x = torch.randn(len(slots), tokens, IN, generator=generator).bfloat16()
+    context.batch = context.route(slots, tokens, CPU)
+    assert context.batch.dense is None
+    with torch.inference_mode():
+        outputs = [layer(x).double() for layer in wrapped]
+    assert outputs[1][0].abs().max() == 0  # no second projection: nothing, not slot 2's
+    for member in (0, 2):
+        w = weights[member]
+        expected = (x[0].double() @ w.lora_a.double().t() @ w.lora_b.double().t()) * 0.5
+        error = float((outputs[member][0] - expected).abs().max() / expected.abs().max())
+        assert error < 0.01, (member, error)
+
+
 def test_the_bgmv_kernel_takes_every_class_without_the_dense_path() -> None:
     """6 distinct adapters is past the CPU backend's dense limit: the routed kernel runs."""
     _, context = layers("bf16")

@@ -93,6 +93,11 @@ class AdapterStore:
     ) -> None:
         self._layers = layers
         self._groups = lora_groups(dict(layers))
+        # Each group with its members' layer names: an install writes a group at a time.
+        members: dict[int, list[tuple[int, str]]] = {id(g): [] for g in self._groups}
+        for name, layer in layers.items():
+            members[id(layer.group)].append((layer.member, name))
+        self._group_members = [(g, members[id(g)]) for g in self._groups]
         # The layers' shared slot placement (rank classes); its own when there are none.
         self._table = table if table is not None else SlotTable(max_loaded + 1)
         self._base_linears = base_linears
@@ -422,10 +427,8 @@ class AdapterStore:
         slot = self._free_slots.pop()
         self._table.place(slot, entry.spec.rank)  # its rank class: no padding to the widest
         with one_thread():  # hundreds of 10-400 KB copies: OpenMP fork/join costs more
-            for group in self._groups:
-                group.fit()
-            for name, layer in self._layers.items():
-                layer.write_slot(slot, entry.cpu.modules.get(name))
+            for group, names in self._group_members:
+                group.install(slot, {m: entry.cpu.modules.get(name) for m, name in names})
         entry.slot = slot
         self._device_lru[entry.adapter_id] = None
         self._cpu_lru.move_to_end(entry.adapter_id) if entry.adapter_id in self._cpu_lru else None
@@ -435,8 +438,8 @@ class AdapterStore:
         if entry.slot is None:
             return
         with one_thread():
-            for layer in self._layers.values():
-                layer.write_slot(entry.slot, None)
+            for group in self._groups:
+                group.forget(entry.slot)
             self._table.remove(entry.slot)
             for group in self._groups:
                 group.fit()  # an emptied rank class gives its memory back

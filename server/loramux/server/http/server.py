@@ -21,11 +21,10 @@ import uvicorn
 from loramux.core.config import Settings
 from loramux.core.errors import FailedPrecondition
 from loramux.server.http.api import create_app
+from loramux.server.http.body_limit import BodyLimit
 from loramux.server.state import ServerState
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 16 * 1024 * 1024  # as gRPC's largest message
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -36,64 +35,6 @@ def bind(host: str, port: int) -> socket.socket:
         raise FailedPrecondition(
             "http_port", f"cannot listen on {host}:{port} ({exc.strerror or exc})"
         ) from exc
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes with 413, before parsing.
-
-    Checks the declared Content-Length first and counts the bytes as they arrive (chunked
-    bodies declare none), so a hostile body never grows past the limit in memory.
-    """
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
-            return
-        seen = 0
-
-        async def limited_receive() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send: Any) -> None:
-        body = (
-            b'{"error":{"message":"the request body exceeds %d bytes","type":'
-            b'"invalid_request_error","param":null,"code":"request_too_large"}}' % self.limit
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def tls_options(settings: Settings) -> dict[str, Any]:
@@ -121,7 +62,7 @@ class HttpServer:
         self.executor = ThreadPoolExecutor(
             max_workers=state.settings.http_workers, thread_name_prefix="http-gen"
         )
-        app = BodyLimit(create_app(state, self.executor), MAX_BODY_BYTES)
+        app = BodyLimit(create_app(state, self.executor))
         config = uvicorn.Config(
             app,
             log_config=None,  # keep the process's logging set-up
