@@ -29,12 +29,14 @@ from torch import nn
 
 from loramux.server.adapters import LinearShape, ModuleWeights
 from loramux.server.lora.metadata import DenseRoute, LoraBatchMetadata, LoraContext
+from loramux.server.lora.slots import Placement
 
 log = logging.getLogger(__name__)
 
 # Sibling projections that read the same input tensor in the HF decoders we serve
 # (Llama, Mistral, Qwen2, ...): their LoRA shrinks are fused.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+PEFT_WEIGHTS_SLOTS = 4  # slots whose float32 weights a group keeps for prompt chunks
 
 
 @dataclass
@@ -80,6 +82,9 @@ class LoraGroup:
         self.occupied: set[int] = set()  # slots holding weights for any member
         self._version = -1  # the SlotTable version the stacks were fitted to
         self._dense: DenseWeights | None = None
+        # slot -> per member (A [r, in], B [out, r]) in float32 or None, as PEFT holds them
+        # (prompt chunks, `peft_weights`); the last PEFT_WEIGHTS_SLOTS slots asked
+        self._peft: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.kernel_plan: object | None = None  # the backend's view of the stacks (its own)
         # (input, batch, deltas, members not yet served) of the current fused computation
         self._pending: tuple[torch.Tensor, LoraBatchMetadata, list[torch.Tensor], set[int]] | None
@@ -146,6 +151,7 @@ class LoraGroup:
         self.fit()
         self._dense = None
         self._pending = None
+        self._peft.pop(slot, None)
         placement = self.context.table.placement(slot)
         fmt = self.context.slot_format
         targets: list[torch.Tensor] = []
@@ -204,6 +210,34 @@ class LoraGroup:
         self.occupied.discard(slot)
         self._dense = None
         self._pending = None
+        self._peft.pop(slot, None)
+
+    def peft_weights(
+        self, slot: int, placement: Placement
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per member, `slot`'s A [r, in] and B [out, r] in float32 at its real rank, as
+        PEFT's LoRA layer holds them (None: the adapter leaves the member alone).
+
+        Kept for the last PEFT_WEIGHTS_SLOTS slots asked: a long prompt's chunks come back
+        pass after pass with the same adapter (~20 MB per rank-16 all-linear adapter).
+        """
+        cached = self._peft.pop(slot, None)
+        if cached is None:
+            stack, i = self.stacks[placement.width], placement.index
+            cached = []
+            for member, out in enumerate(self.outs):
+                rank = self.ranks[member].get(slot, 0)
+                if rank == 0:
+                    cached.append(None)
+                    continue
+                start = member * placement.width
+                b = torch.empty(out, rank, device=self.device)
+                b.copy_(stack.bts[member][i, :rank].t())
+                cached.append((stack.a[i, start : start + rank].float(), b))
+            while len(self._peft) >= PEFT_WEIGHTS_SLOTS:
+                del self._peft[next(iter(self._peft))]
+        self._peft[slot] = cached  # most recently asked last
+        return cached
 
     def dense_weights(self, route: DenseRoute) -> DenseWeights:
         """float32 A^T (row_scale folded in) and B^T of `route.key`'s slots at their real ranks."""
