@@ -135,19 +135,28 @@ def write_adapter_plan(
 
 
 # A batched bf16 pass moves the 4-bit base's logits by about 1% of their range (see
-# docs/engine.md, Correctness), so where PEFT's top two logits are closer than this, either
-# token is the model's answer and a served sequence may part from PEFT's there.
+# docs/engine.md, Correctness), so where PEFT's best logits are closer than this, any of
+# them is the model's answer and a served sequence may part from PEFT's there.
 NEAR_TIE = 0.015
 
 
-def near_tie(scores: Any) -> tuple[int, int] | None:
-    """PEFT's top two tokens at one step ([vocab] scores) if they are nearly tied, else None."""
+def near_tie(scores: Any) -> tuple[int, ...] | None:
+    """PEFT's nearly tied top tokens at one step ([vocab] scores), best first: every token
+    within NEAR_TIE x the scores' span of the best, when there are two or more, else None.
+
+    Every such token, not the first two `topk` returns: where two runners-up have the very
+    same logit, topk names one of them at random, and a sequence that took the other one
+    parted from PEFT no less at a tie.
+    """
     import torch
 
-    top = torch.topk(scores.float(), 2)
-    span = float(scores.max() - scores.min())
-    gap = float(top.values[0] - top.values[1])
-    return (int(top.indices[0]), int(top.indices[1])) if gap < NEAR_TIE * span else None
+    values = scores.float()
+    span = float(values.max() - values.min())
+    close = torch.nonzero(values > values.max() - NEAR_TIE * span).flatten()
+    if len(close) < 2:
+        return None
+    order = torch.argsort(values[close], descending=True, stable=True)
+    return tuple(int(t) for t in close[order])
 
 
 def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:

@@ -196,7 +196,7 @@ def test_mixed_batch_matches_peft_token_for_token(engine: Engine, peft: PeftRefe
     Correctness), by taking the other one; nothing after that is comparable."""
     outcome = _mixed_batch_against_peft(engine, peft)
     assert all(equal or at_tie for equal, _, at_tie in outcome), outcome
-    assert sum(equal for equal, _, _ in outcome) >= len(outcome) - 1, outcome
+    assert sum(equal for equal, _, _ in outcome) >= len(outcome) - 1, repr(outcome)
 
 
 def test_int8_slots_mixed_batch_follows_peft(int8_engine: Engine, peft: PeftReference) -> None:
@@ -209,18 +209,22 @@ def test_int8_slots_mixed_batch_follows_peft(int8_engine: Engine, peft: PeftRefe
 
 
 def test_single_adapter_batches_match_peft(engine: Engine, peft: PeftReference) -> None:
-    """Every row on one adapter (and a lone request): the plain-GEMM path."""
-    alone = engine.submit(_request(engine, 0, PROMPTS[2], "mlp32"))
-    tokens, _, _ = _collect(alone)
-    expected = peft.generate(alone_ids := engine.render_chat([("user", PROMPTS[2])]), "mlp32")
-    assert _without_eos(tokens, engine) == _without_eos(expected[: len(tokens)], engine)
-    assert alone_ids
+    """Every row on one adapter (and a lone request): the plain-GEMM path. Equal to PEFT
+    token for token, parting only where PEFT itself was torn (near-tie), as in the mixed
+    batch: decode attention is the paged kernel's where the CPU has one, which rounds as
+    SDPA does only up to the last bits of a float32 sum (docs/engine.md)."""
+    alone = _request(engine, 0, PROMPTS[2], "mlp32")
+    tokens, _, _ = _collect(engine.submit(alone))
+    equal, _, at_tie = _against_peft(engine, peft, alone, tokens)
+    assert equal or at_tie
     requests = [_request(engine, i, p, "all16") for i, p in enumerate(PROMPTS[:4])]
     streams = [engine.submit(r) for r in requests]
-    for request, stream in zip(requests, streams, strict=True):
-        tokens, _, _ = _collect(stream)
-        expected = peft.generate(request.prompt_token_ids, "all16")
-        assert _without_eos(tokens, engine) == _without_eos(expected[: len(tokens)], engine)
+    outcome = [
+        _against_peft(engine, peft, request, _collect(stream)[0])
+        for request, stream in zip(requests, streams, strict=True)
+    ]
+    assert all(equal or at_tie for equal, _, at_tie in outcome), repr(outcome)
+    assert sum(equal for equal, _, _ in outcome) >= len(outcome) - 1, repr(outcome)
 
 
 def _prefill_logit_errors(engine: Engine, peft: PeftReference, tie: float = 0.0) -> list[float]:

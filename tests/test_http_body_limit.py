@@ -108,35 +108,54 @@ def test_a_body_past_the_drain_bytes_is_cut_off(app: App) -> None:
     assert app.serves()
 
 
-@pytest.mark.parametrize("app", [(1 << 30, 3.0)], indirect=True)
-def test_a_trickling_body_is_cut_off_after_the_drain_time(app: App) -> None:
-    """Declares 256 KiB, sends 80 KiB and then nothing: after the drain time it gets its
-    413 (nothing is left unread, so the close is in order) and others are served meanwhile."""
-    stalled = threading.Event()
-    release = threading.Event()
+def stalled_body(sent: threading.Event, release: threading.Event, rest: bool) -> Iterator[bytes]:
+    """80 KiB of a declared 256 KiB, then nothing until `release` (then the rest, or none)."""
+    yield PIECE * 5
+    sent.set()
+    if release.wait(60) and rest:
+        yield b"a" * (4 * LIMIT - 5 * len(PIECE))
 
-    def trickle() -> Iterator[bytes]:
-        yield PIECE * 5
-        stalled.set()
-        release.wait(60)
 
-    answered = threading.Event()
-
-    def on_answer(_: bytes) -> None:
-        answered.set()
-        release.set()
-
+@pytest.mark.parametrize("app", [(1 << 30, 1.0)], indirect=True)
+def test_a_stalled_body_is_cut_off_after_the_drain_time(app: App) -> None:
+    """After the drain time the client gets its 413, and nothing is left unread, so the
+    close is in order. Without the time bound the drain would wait for the body forever."""
+    sent, release = threading.Event(), threading.Event()
     head = request_head("/echo", {"Content-Length": str(4 * LIMIT)})
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(exchange, app.port, head, trickle(), 20, on_answer)
-        try:
-            assert stalled.wait(20)
-            assert app.serves()
-            assert not answered.is_set()  # the trickler is still held, unanswered
-            result: Exchange = future.result()
-        finally:
-            release.set()
+    try:  # the answer lets the writer end, without sending more
+        result = exchange(
+            app.port, head, stalled_body(sent, release, False), 20, lambda _: release.set()
+        )
+    finally:
+        release.set()
     assert (result.status, result.read_error) == (413, None)
     assert result.json()["error"]["code"] == "request_too_large"
     assert app.read == []  # declared over the limit: the app was never called
     assert app.serves()
+
+
+@pytest.mark.parametrize("app", [(1 << 30, 600.0)], indirect=True)
+def test_others_are_served_while_a_body_is_drained(app: App) -> None:
+    """A stalled client is held in the drain (no answer before its body ends or 600 s)
+    while another client is answered; once its body ends it gets its 413 in order."""
+    sent, release = threading.Event(), threading.Event()
+    answered = threading.Event()
+    head = request_head("/echo", {"Content-Length": str(4 * LIMIT)})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            exchange,
+            app.port,
+            head,
+            stalled_body(sent, release, True),
+            20,
+            lambda _: answered.set(),
+        )
+        try:
+            assert sent.wait(20)
+            assert app.serves()
+            assert not answered.is_set()
+        finally:
+            release.set()
+        result: Exchange = future.result()
+    assert (result.status, result.send_error, result.read_error) == (413, None, None)
+    assert app.read == []

@@ -217,6 +217,15 @@ class Settings:
         "engine",
         choices=("auto", "native", "compiled", "eager"),
     )
+    attention_kernel: str = setting(
+        "auto",
+        "paged attention for decoding rows and chunks over long contexts: native (hand-"
+        "written AVX-512 BF16 kernel reading the KV block pool directly, CPU; built at start "
+        "with g++ or $CXX), torch (each row's blocks gathered, then SDPA), auto (native "
+        "where the CPU, the compiler and the model's attention allow it, else torch)",
+        "engine",
+        choices=("auto", "native", "torch"),
+    )
     lora_slot_dtype: str = setting(
         "bf16",
         "adapter weights in device slots: bf16 (exact) or int8 (per-row scales, half the bytes)",

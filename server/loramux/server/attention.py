@@ -16,7 +16,11 @@ dequantised) plus ~0.5 ms a token (SmolLM2, 2 cores: 1 token 12.7 ms, 31 tokens 
 63 tokens 42.2 ms, 95 tokens 57.6 ms), so a chunk in a pass of its own next to the
 decode pass made every such step cost two passes (docs/performance.md, issue 12).
 
-Every other pass (all rows padded to one width) goes to transformers' SDPA unchanged.
+Rows the runner gave to a paged-attention kernel (paged_attention/: decoding rows, and
+chunks over at least `KERNEL_MIN_CONTEXT` tokens) arrive ungathered (`PoolKV`, or a
+`GroupedKV` group without keys) and are computed by one kernel call per layer, straight
+from the block pool. Every other pass (all rows padded to one width) goes to transformers'
+SDPA unchanged.
 Registered with transformers once, under `ENGINE_ATTENTION`; the runner sets it on the
 model it serves.
 """
@@ -29,7 +33,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from loramux.server.kv_cache import GroupedKV
+from loramux.server.kv_cache import GroupedKV, PoolKV
 
 ENGINE_ATTENTION = "loramux_paged"
 # Chunks of at most this many tokens over at least this much context attend by plain
@@ -39,38 +43,56 @@ ENGINE_ATTENTION = "loramux_paged"
 # where logits tie often, that flipped a soak test's first token).
 EAGER_MAX_CHUNK = 16
 EAGER_MIN_CONTEXT = 1024
+# With a paged-attention kernel (paged_attention/), a chunk beside decoding rows over at
+# least this much context is the kernel's; shorter ones take SDPA as a prefill pass does.
+KERNEL_MIN_CONTEXT = EAGER_MIN_CONTEXT
 
 
 def paged_attention_forward(
     module: Any,
     query: torch.Tensor,  # [rows, heads, T, head_dim]; ragged: [1, heads, tokens, head_dim]
-    key: torch.Tensor | GroupedKV,  # [rows, kv_heads, kv_length, head_dim], or per group
-    value: torch.Tensor | GroupedKV,
+    key: torch.Tensor | GroupedKV | PoolKV,  # [rows, kv_heads, kv_length, head_dim], or not
+    value: torch.Tensor | GroupedKV | PoolKV,  # gathered: per group, or the pool itself
     attention_mask: torch.Tensor | None,  # [rows, 1, T, kv_length]; unused when ragged
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:  # ([rows, T, heads, head_dim], no weights)
+    if isinstance(key, PoolKV):  # decoding rows, every one by the kernel
+        assert isinstance(value, PoolKV) and query.shape[2] == 1
+        rows, heads, _, head_dim = query.shape
+        out = query.new_empty(rows, heads, head_dim)
+        scale = scaling or head_dim**-0.5
+        key.kernel.kernel.attend(query[:, :, 0], key.pool, value.pool, key.kernel, scale, out)
+        return out[:, None], None
     if not isinstance(key, GroupedKV):
-        assert not isinstance(value, GroupedKV)
+        assert isinstance(value, torch.Tensor)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     assert isinstance(value, GroupedKV) and query.shape[0] == 1
-    heads, head_dim = query.shape[1], query.shape[3]
-    outputs = []
+    heads, tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    out = query.new_empty(tokens, heads, head_dim)
+    if key.kernel is not None:  # the groups without a mask
+        assert key.pool is not None and value.pool is not None
+        scale = scaling or head_dim**-0.5
+        key.kernel.kernel.attend(
+            query[0].transpose(0, 1), key.pool, value.pool, key.kernel, scale, out
+        )
     for group, keys, values in zip(key.groups, key.parts, value.parts, strict=True):
-        tokens = query[0, :, group.tokens]  # [heads, rows * T, head_dim]
-        per_row = tokens.shape[1] // group.rows
-        rows_query = tokens.reshape(heads, group.rows, per_row, head_dim).transpose(0, 1)
+        if keys is None or values is None or group.mask is None:
+            continue  # the kernel's
+        part = query[0, :, group.tokens]  # [heads, rows * T, head_dim]
+        per_row = part.shape[1] // group.rows
+        rows_query = part.reshape(heads, group.rows, per_row, head_dim).transpose(0, 1)
         if per_row == 1:  # decoding rows: transformers stacks the heads of a KV head itself
-            out, _ = sdpa_attention_forward(
+            result, _ = sdpa_attention_forward(
                 module, rows_query, keys, values, group.mask, scaling=scaling, **kwargs
             )
         else:
-            out = _grouped_query_attention(rows_query, keys, values, group.mask, scaling)
-        outputs.append(out.reshape(-1, heads, head_dim))  # out: [rows, T, heads, head_dim]
-    return torch.cat(outputs)[None], None  # [1, tokens, heads, head_dim]
+            result = _grouped_query_attention(rows_query, keys, values, group.mask, scaling)
+        out[group.tokens] = result.reshape(-1, heads, head_dim)  # [rows, T, heads, head_dim]
+    return out[None], None  # [1, tokens, heads, head_dim]
 
 
 def _grouped_query_attention(

@@ -63,6 +63,7 @@ from loramux.server.lora import (
     make_context,
     wrap_linear_layers,
 )
+from loramux.server.paged_attention import choose_kernel
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
 from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch, kv_geometry
 from loramux.server.sampling import RowSampler, sample_next_tokens
@@ -188,16 +189,28 @@ class Engine:
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
         # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
         self.prefill_attention_while_decoding = self._attention_budget(settings, device)
-        self.runner = ModelRunner(model, self._lora, pad, num_blocks, settings.kv_block_size)
+        geometry = kv_geometry(config)
+        attention_kernel = choose_kernel(
+            settings.attention_kernel,
+            device,
+            config,
+            head_dim=geometry["head_dim"],
+            kv_heads=geometry["kv_heads"],
+            block_size=settings.kv_block_size,
+        )
+        self.runner = ModelRunner(
+            model, self._lora, pad, num_blocks, settings.kv_block_size, attention_kernel
+        )
         self.blocks = BlockPool(
             num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching
         )
         log.info(
-            "KV cache: %d blocks of %d tokens, %.1f MiB (%d tokens)",
+            "KV cache: %d blocks of %d tokens, %.1f MiB (%d tokens); attention: %s",
             num_blocks,
             settings.kv_block_size,
             self.runner.cache.nbytes / 2**20,
             num_blocks * settings.kv_block_size,
+            "native paged kernel" if attention_kernel is not None else "torch SDPA over gathers",
         )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         base_bytes = (

@@ -11,8 +11,11 @@ gathered into a [rows, kv_heads, kv_length, head_dim] tensor (one block-wise
 `index_select` per layer, freed after the layer), which the layer's attention
 (scaled_dot_product_attention) reads under the 4-D mask the runner builds. A row never
 reads another row's blocks, and memory grows with the tokens held, not with the longest
-row times the batch. On CUDA a fused paged-attention kernel can replace the gather
-behind the same interface.
+row times the batch. Where the runner has a paged-attention kernel (paged_attention/, the
+CPU's AVX-512 BF16 one), the rows it covers are not gathered: `update()` returns the pool
+itself with their block tables (`PoolKV`, or the `GroupedKV` of a ragged pass with those
+groups left empty) and the kernel reads their blocks in place. A fused CUDA kernel can
+take the same place.
 
 The pool's tensors are allocated zeroed (`torch.zeros`, which writes every page: the
 whole pool is resident from start, 1,025 MB of RSS for the default 1 GiB measured). Zeros,
@@ -23,8 +26,34 @@ not `torch.empty`: padding columns are read (masked) and garbage could hold NaN,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class PoolAttention(Protocol):
+    """A kernel that attends straight from the block pool (paged_attention/native.py)."""
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [tokens, heads, head_dim]
+        keys: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim]
+        values: torch.Tensor,
+        batch: KernelBatch,
+        scale: float,
+        out: torch.Tensor,  # [tokens, heads, head_dim]
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class KernelBatch:
+    """Sequences whose attention a paged-attention kernel computes straight from the pool
+    (paged_attention/), built once per pass by the runner and read by every layer."""
+
+    sequences: torch.Tensor  # [n, 4] int64: first query token in the pass, query tokens,
+    #                          position of the first query, offset of its table in `tables`
+    tables: torch.Tensor  # [total blocks] int64: the sequences' block tables, concatenated
+    kernel: PoolAttention
 
 
 @dataclass
@@ -35,6 +64,7 @@ class PagedLayout:
     valid: torch.Tensor | None  # [rows, T] bool: real (not padding) new tokens; None: all are
     block_tables: torch.Tensor  # [rows, blocks] int64: each row's blocks in order (padded)
     kv_length: int  # columns attended to: the longest row's tokens after this pass
+    kernel: KernelBatch | None = None  # every row by the kernel (decode rows), no gather
 
 
 @dataclass(frozen=True)
@@ -49,7 +79,7 @@ class SegmentGroup:
     rows: int
     block_tables: torch.Tensor  # [rows, blocks] int64: each row's blocks in order (padded)
     kv_length: int  # columns attended to: the group's longest row after this pass
-    mask: torch.Tensor  # [rows, 1, T, kv_length] additive: causal over the row's own tokens
+    mask: torch.Tensor | None  # [rows, 1, T, kv_length] additive, causal; None: by the kernel
 
 
 @dataclass
@@ -59,6 +89,7 @@ class RaggedLayout:
 
     write_slots: torch.Tensor  # [new_tokens] int64: block * block_size + offset per token
     groups: list[SegmentGroup]
+    kernel: KernelBatch | None = None  # the groups without a mask, by the kernel
 
 
 @dataclass(frozen=True)
@@ -67,7 +98,18 @@ class GroupedKV:
     values); engine attention (attention.py) reads it group by group."""
 
     groups: list[SegmentGroup]
-    parts: list[torch.Tensor]  # per group [rows, kv_heads, kv_length, head_dim]
+    parts: list[torch.Tensor | None]  # per group [rows, kv_heads, kv_length, head_dim]; None:
+    #                                   a group the kernel reads from `pool`
+    pool: torch.Tensor | None = None  # [kv_heads, num_blocks, block_size, head_dim] this layer's
+    kernel: KernelBatch | None = None
+
+
+@dataclass(frozen=True)
+class PoolKV:
+    """What `update()` hands the attention when a kernel reads every row from the pool."""
+
+    pool: torch.Tensor  # [kv_heads, num_blocks, block_size, head_dim] this layer's keys or values
+    kernel: KernelBatch
 
 
 class PagedKVCache:
@@ -120,11 +162,12 @@ class PagedKVCache:
         layer_idx: int,
         *args: object,
         **kwargs: object,
-    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[GroupedKV, GroupedKV]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[GroupedKV, GroupedKV] | tuple[PoolKV, PoolKV]:
         """Write the pass's new keys/values into their blocks; return what attention reads.
 
         A padded pass gets each row's blocks as [rows, kv_heads, kv_length, head_dim]; a
-        ragged pass (rows = 1, its tokens flattened) gets a `GroupedKV` per tensor.
+        ragged pass (rows = 1, its tokens flattened) gets a `GroupedKV` per tensor; a pass
+        whose rows a kernel reads from the pool gets the pool itself (`PoolKV`).
         """
         layout = self.layout
         assert layout is not None, "the runner must set the layout before a forward"
@@ -140,14 +183,19 @@ class PagedKVCache:
         values.view(flat_shape).index_copy_(1, layout.write_slots, new_v.to(self.dtype))
         if isinstance(layout, RaggedLayout):
             return self._grouped(keys, layout), self._grouped(values, layout)
+        if layout.kernel is not None:
+            return PoolKV(keys, layout.kernel), PoolKV(values, layout.kernel)
         return (
             self._rows(keys, layout.block_tables, layout.kv_length),
             self._rows(values, layout.block_tables, layout.kv_length),
         )
 
     def _grouped(self, pool: torch.Tensor, layout: RaggedLayout) -> GroupedKV:
-        parts = [self._rows(pool, g.block_tables, g.kv_length) for g in layout.groups]
-        return GroupedKV(layout.groups, parts)
+        parts = [
+            None if g.mask is None else self._rows(pool, g.block_tables, g.kv_length)
+            for g in layout.groups
+        ]
+        return GroupedKV(layout.groups, parts, pool, layout.kernel)
 
     def _rows(
         self,

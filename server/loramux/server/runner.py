@@ -21,8 +21,15 @@ from typing import Any
 
 import torch
 
-from loramux.server.attention import register_engine_attention
-from loramux.server.kv_cache import PagedKVCache, PagedLayout, RaggedLayout, SegmentGroup
+from loramux.server.attention import KERNEL_MIN_CONTEXT, register_engine_attention
+from loramux.server.kv_cache import (
+    KernelBatch,
+    PagedKVCache,
+    PagedLayout,
+    PoolAttention,
+    RaggedLayout,
+    SegmentGroup,
+)
 from loramux.server.lora import LoraBatchMetadata, LoraContext
 
 
@@ -54,8 +61,12 @@ class ModelRunner:
         pad_token_id: int,
         num_blocks: int,
         block_size: int,
+        attention_kernel: PoolAttention | None = None,
     ) -> None:
         self.model = model
+        # Attends decode rows (and chunks over long contexts) straight from the block pool;
+        # None: every pass gathers each row's blocks for torch's SDPA (paged_attention/).
+        self.kernel = attention_kernel
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.lora = lora
@@ -158,17 +169,26 @@ class ModelRunner:
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """Advance every decoding row by one token; return logits [rows, vocab] float32."""
-        group = self._decode_group(batch)
+        write_slots = self._write_slots(batch.block_tables, batch.positions)
+        if self.kernel is not None:
+            mask = self._unused_mask()
+            layout = PagedLayout(
+                write_slots,
+                None,
+                self._no_tables(),
+                0,
+                self._kernel_batch(self._decode_rows(batch)),
+            )
+        else:
+            group = self._decode_group(batch)
+            assert group.mask is not None
+            mask = group.mask
+            layout = PagedLayout(write_slots, None, group.block_tables, group.kv_length)
         hidden = self._forward(
             torch.tensor(batch.tokens, dtype=torch.long, device=self.device)[:, None],
             torch.tensor(batch.positions, dtype=torch.long, device=self.device)[:, None],
-            group.mask,
-            PagedLayout(
-                write_slots=self._write_slots(batch.block_tables, batch.positions),
-                valid=None,
-                block_tables=group.block_tables,
-                kv_length=group.kv_length,
-            ),
+            mask,
+            layout,
             self._routing(batch.slots, 1),
         )
         return self._logits(hidden[:, -1])
@@ -188,7 +208,8 @@ class ModelRunner:
         positions = list(decode.positions)
         slots = list(decode.slots)
         tables = list(decode.block_tables)
-        groups = [self._decode_group(decode)]
+        by_kernel = self._decode_rows(decode) if self.kernel is not None else []
+        groups = [self._decode_group(decode, masked=self.kernel is None)]
         lasts = list(range(len(tokens)))
         prompts: list[tuple[int, int]] = []
         for prompt, start, slot, table in zip(
@@ -199,15 +220,26 @@ class ModelRunner:
             positions += range(start, start + len(prompt))
             slots += [slot] * len(prompt)
             tables += [table] * len(prompt)
-            groups.append(self._chunk_group(slice(first, len(tokens)), start, table))
+            # Over a short context a chunk takes SDPA, as a prefill pass does, so that its
+            # numbers do not depend on whether rows were decoding beside it.
+            kernel = self.kernel is not None and start + len(prompt) >= KERNEL_MIN_CONTEXT
+            if kernel:
+                by_kernel.append((first, len(prompt), start, table))
+            groups.append(
+                self._chunk_group(slice(first, len(tokens)), start, table, masked=not kernel)
+            )
             prompts.append((first, len(prompt)))
             lasts.append(len(tokens) - 1)
         device = self.device
         hidden = self._forward(
             torch.tensor([tokens], dtype=torch.long, device=device),
             torch.tensor([positions], dtype=torch.long, device=device),
-            torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=device),  # unused: per group
-            RaggedLayout(self._write_slots(tables, positions), groups),
+            self._unused_mask(),  # per group instead
+            RaggedLayout(
+                self._write_slots(tables, positions),
+                groups,
+                self._kernel_batch(by_kernel) if by_kernel else None,
+            ),
             self._routing(slots, 1, prompts),
         )
         logits = self._logits(hidden[0, lasts])
@@ -221,9 +253,49 @@ class ModelRunner:
         slots = [t[p // size] * size + p % size for t, p in zip(tables, positions, strict=True)]
         return torch.tensor(slots, dtype=torch.long, device=self.device)
 
-    def _decode_group(self, batch: DecodeBatch) -> SegmentGroup:
+    def _unused_mask(self) -> torch.Tensor:  # [1, 1, 1, 1]: attention masks per group
+        return torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
+
+    def _no_tables(self) -> torch.Tensor:  # [0, 0]: the kernel reads its own tables
+        return torch.zeros((0, 0), dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _decode_rows(batch: DecodeBatch) -> list[tuple[int, int, int, list[int]]]:
+        """The kernel's sequences for decoding rows: row i is pass token i, one query."""
+        return [
+            (i, 1, position, table)
+            for i, (position, table) in enumerate(
+                zip(batch.positions, batch.block_tables, strict=True)
+            )
+        ]
+
+    def _kernel_batch(self, sequences: list[tuple[int, int, int, list[int]]]) -> KernelBatch:
+        """(first token in the pass, query tokens, first position, block table) per sequence
+        -> the kernel's int64 arrays, each table cut to the blocks its positions cover."""
+        assert self.kernel is not None
+        size = self.cache.block_size
+        rows: list[tuple[int, int, int, int]] = []
+        flat: list[int] = []
+        for first, count, start, table in sequences:
+            blocks = -(-(start + count) // size)
+            if len(table) < blocks:
+                raise ValueError(f"block table of {len(table)} blocks for {start + count} tokens")
+            rows.append((first, count, start, len(flat)))
+            flat += table[:blocks]
+        return KernelBatch(
+            torch.tensor(rows, dtype=torch.long, device=self.device),
+            torch.tensor(flat, dtype=torch.long, device=self.device),
+            self.kernel,
+        )
+
+    def _decode_group(self, batch: DecodeBatch, masked: bool = True) -> SegmentGroup:
         """Decoding rows (a decode pass, or part of a mixed one): one token each at its own
-        position, attending to its own tokens up to it."""
+        position, attending to its own tokens up to it. Unmasked: the kernel's (no mask,
+        no gather)."""
+        if not masked:
+            return SegmentGroup(
+                slice(0, len(batch.tokens)), len(batch.tokens), self._no_tables(), 0, None
+            )
         kv_length = max(batch.positions) + 1
         blocks = -(-kv_length // self.cache.block_size)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
@@ -237,9 +309,14 @@ class ModelRunner:
             mask=self._additive(allowed[:, None, None]),
         )
 
-    def _chunk_group(self, tokens: slice, start: int, table: list[int]) -> SegmentGroup:
-        """One prompt's chunk at positions [start, start + its length), causal."""
+    def _chunk_group(
+        self, tokens: slice, start: int, table: list[int], masked: bool = True
+    ) -> SegmentGroup:
+        """One prompt's chunk at positions [start, start + its length), causal (unmasked:
+        the kernel's)."""
         count = tokens.stop - tokens.start
+        if not masked:
+            return SegmentGroup(tokens, 1, self._no_tables(), 0, None)
         kv_length = start + count
         blocks = -(-kv_length // self.cache.block_size)
         positions = torch.arange(start, kv_length, device=self.device)

@@ -196,7 +196,10 @@ class LoraGroup:
             self.ranks[member][slot] = rank
         if targets:
             torch._foreach_copy_(targets, sources, non_blocking=True)
-        self.occupied = {s for ranks in self.ranks for s in ranks}
+        if any(slot in ranks for ranks in self.ranks):
+            self.occupied.add(slot)
+        else:
+            self.occupied.discard(slot)
 
     def forget(self, slot: int) -> None:
         """Release `slot` from every member without touching the stacks (an eviction).

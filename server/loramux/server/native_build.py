@@ -1,0 +1,117 @@
+"""Hand-written CPU kernels: check the CPU, build with the system compiler, cache, load.
+
+A kernel is one C++ file built as a plain shared library (no torch headers, so a build
+takes seconds instead of the ~1 min of a torch extension), cached under the LoRAMux home
+by a hash of its source, the flags and the compiler's version, and called through ctypes.
+Used by the native LoRA kernel (lora/backend/native.py) and the paged-attention kernel
+(paged_attention/native.py).
+
+The libraries link libgomp by its soname, which resolves to the copy torch has already
+loaded, so their parallel regions run on the engine thread's own OpenMP team (see
+`loramux.server.threads`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+AVX512_BF16_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bf16",
+    "-mfma",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+)
+AVX512_BF16_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma")
+BUILD_TIMEOUT_S = 120.0  # a few seconds on an idle core; a build past this is abandoned
+
+
+class NativeKernelUnavailable(RuntimeError):
+    """A native kernel cannot run here; the message says why."""
+
+
+def cpu_lacks(flags: tuple[str, ...] = AVX512_BF16_CPU_FLAGS) -> str | None:
+    """None when this CPU has every instruction set in `flags`, else what it lacks."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no /proc/cpuinfo (not Linux)"
+    lines = (line for line in text.splitlines() if line.startswith("flags"))
+    present = next((line.split(":", 1)[1].split() for line in lines), [])
+    missing = [flag for flag in flags if flag not in present]
+    return f"CPU lacks {', '.join(missing)}" if missing else None
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("LORAMUX_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loramux"
+    )
+    return Path(home) / "kernels"
+
+
+def compiler() -> str:
+    name = os.environ.get("CXX", "g++")
+    path = shutil.which(name)
+    if path is None:
+        raise NativeKernelUnavailable(f"no C++ compiler ({name!r} not on PATH; set CXX)")
+    return path
+
+
+def build_library(
+    source: Path,
+    flags: tuple[str, ...] = AVX512_BF16_FLAGS,
+    timeout: float = BUILD_TIMEOUT_S,
+) -> Path:
+    """The shared library built from `source` (cached on disk across processes)."""
+    cxx = compiler()
+    try:
+        version = subprocess.run(
+            [cxx, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeKernelUnavailable(f"C++ compiler {cxx} does not run: {exc}") from exc
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), " ".join(flags).encode(), version.encode()):
+        digest.update(part)
+    target = cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: concurrent builds never see a partial file.
+        fd, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise NativeKernelUnavailable(f"cannot write the kernel cache: {exc}") from exc
+    try:
+        subprocess.run(
+            [cxx, *flags, str(source), "-o", temporary],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+        os.replace(temporary, target)
+    except subprocess.TimeoutExpired as exc:
+        raise NativeKernelUnavailable(f"kernel build took over {timeout:.0f} s") from exc
+    except subprocess.CalledProcessError as exc:
+        raise NativeKernelUnavailable(f"kernel build failed: {exc.stderr[-2000:]}") from exc
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    log.info("built the native kernel %s: %s", source.name, target)
+    return target

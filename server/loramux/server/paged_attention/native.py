@@ -1,0 +1,90 @@
+"""The hand-written AVX-512 BF16 paged-attention kernel (`paged_attention_avx512.cpp`).
+
+Built and cached by `loramux.server.native_build`, called through ctypes. `PyDLL` keeps
+the GIL for the call, as torch's own ops do: releasing it would let a gRPC thread take it
+and make the engine thread wait out the interpreter's switch interval.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+import torch
+
+from loramux.server.kv_cache import KernelBatch
+from loramux.server.native_build import NativeKernelUnavailable, build_library, cpu_lacks
+
+SOURCE = Path(__file__).with_name("paged_attention_avx512.cpp")
+MAX_HEAD_DIM = 256  # the kernel's limits (kMaxHeadDim, kMaxBlock, kMaxRows)
+MAX_BLOCK_SIZE = 64
+MAX_QUERY_GROUPS = 64
+SOFTMAX_BLOCK = 512  # keys per softmax block (kSplit), as SDPA's CPU kernel takes them
+
+_lock = threading.Lock()
+_loaded: PagedAttentionKernel | None = None
+
+
+class PagedAttentionKernel:
+    """The loaded library's entry point, typed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        library = ctypes.PyDLL(str(path))
+        self._attend = library.loramux_paged_attention
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._attend.argtypes = [
+            i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr,
+        ]  # fmt: skip
+        self._attend.restype = ctypes.c_int
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [tokens, heads, head_dim] bf16, head_dim contiguous
+        keys: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim] bf16, contiguous
+        values: torch.Tensor,  # same
+        batch: KernelBatch,
+        scale: float,
+        out: torch.Tensor,  # [tokens, heads, head_dim] bf16, contiguous: the batch's rows set
+    ) -> None:
+        kv_heads, num_blocks, block_size, head_dim = keys.shape
+        heads = query.shape[1]
+        assert query.dtype == keys.dtype == values.dtype == out.dtype == torch.bfloat16
+        assert query.stride(2) == 1 and keys.is_contiguous() and values.is_contiguous()
+        assert out.is_contiguous() and out.shape == query.shape
+        status = self._attend(
+            batch.sequences.shape[0],
+            batch.sequences.data_ptr(),
+            batch.tables.data_ptr(),
+            query.data_ptr(),
+            query.stride(0),
+            query.stride(1),
+            keys.data_ptr(),
+            values.data_ptr(),
+            kv_heads,
+            heads // kv_heads,
+            head_dim,
+            block_size,
+            num_blocks,
+            scale,
+            out.data_ptr(),
+        )
+        if status != 0:
+            raise RuntimeError(f"paged-attention kernel refused its arguments (status {status})")
+
+
+def load_kernel() -> PagedAttentionKernel:
+    """The kernel, built on first use in this process (cached on disk across them)."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            missing = cpu_lacks()
+            if missing is not None:
+                raise NativeKernelUnavailable(missing)
+            path = build_library(SOURCE)
+            try:
+                _loaded = PagedAttentionKernel(path)
+            except OSError as exc:
+                raise NativeKernelUnavailable(f"cannot load {path}: {exc}") from exc
+        return _loaded
