@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -156,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             folders |= write_adapters(root / "m", shapes, ranks, "mixed-", seed_offset=1000)
         # Every adapter keeps a slot: the rounds measure compute, not installs.
         slots = ["--max-loaded-adapters", str(max(32, len(folders)))]
+        # Every round sends the same prompts: with the prefix cache on, the base model and
+        # resident adapters would prefill only what is not cached yet (bench.engine turns it
+        # off for the same reason; bench.kv measures it). By env var, which every checkout
+        # a --baseline-python server runs understands.
+        os.environ["LORAMUX_PREFIX_CACHING"] = "0"
         servers = {}
         try:
             for i, (label, (python, flags)) in enumerate(servers_wanted.items()):

@@ -40,6 +40,23 @@ def test_settings_precedence_flag_over_env_over_default() -> None:
     assert settings.max_rank == Settings().max_rank  # default last
 
 
+def test_a_switch_that_is_on_by_default_can_be_turned_off_by_flag() -> None:
+    """`--no-prefix-caching` wins over the env var, as every flag does; `--prefix-caching`
+    turns it back on over an env var that says off."""
+    parser = build_parser()
+    on_by_env = {"LORAMUX_PREFIX_CACHING": "1"}
+    assert load_settings(parser.parse_args(["serve"]), {}).prefix_caching is True
+    off = load_settings(parser.parse_args(["serve", "--no-prefix-caching"]), on_by_env)
+    assert off.prefix_caching is False
+    on = load_settings(
+        parser.parse_args(["serve", "--prefix-caching"]), {"LORAMUX_PREFIX_CACHING": "0"}
+    )
+    assert on.prefix_caching is True
+    assert (
+        load_settings(parser.parse_args(["serve", "--no-dev"]), {"LORAMUX_DEV": "1"}).dev is False
+    )
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

@@ -432,14 +432,16 @@ def add_settings_arguments(parser: argparse.ArgumentParser, groups: Iterable[str
             continue
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         shown = ",".join(default) if isinstance(default, list) else default
-        if _base_type(_field_types()[f.name]) is bool:  # a switch: `--dev`, not `--dev true`
+        if _base_type(_field_types()[f.name]) is bool:
+            # A switch both ways, `--dev` / `--no-dev` (not `--dev true`): a setting that is
+            # on by default must be possible to turn off by flag too.
+            state = "on" if default else "off"
             arg_group.add_argument(
                 f"--{_flag(f.name)}",
                 dest=f.name,
                 default=None,
-                action="store_const",
-                const=True,
-                help=f"{f.metadata['help']} [env {env_name(f.name)}=1]",
+                action=argparse.BooleanOptionalAction,
+                help=f"{f.metadata['help']} [env {env_name(f.name)}=1/0; default {state}]",
             )
             continue
         arg_group.add_argument(

@@ -19,9 +19,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 AVX512_BF16_FLAGS = (
     "-O3",
@@ -115,3 +119,28 @@ def build_library(
             os.unlink(temporary)
     log.info("built the native kernel %s: %s", source.name, target)
     return target
+
+
+class KernelLoader(Generic[K]):
+    """One kernel library per process: checked, built (or found in the cache) and wrapped
+    on first use, from any thread; later calls answer the same object."""
+
+    def __init__(self, source: Path, wrap: Callable[[Path], K]) -> None:
+        self.source = source
+        self._wrap = wrap
+        self._lock = threading.Lock()
+        self._loaded: K | None = None
+
+    def load(self, timeout: float = BUILD_TIMEOUT_S) -> K:
+        """The wrapped library, or `NativeKernelUnavailable` saying why it cannot run here."""
+        with self._lock:
+            if self._loaded is None:
+                missing = cpu_lacks()
+                if missing is not None:
+                    raise NativeKernelUnavailable(missing)
+                path = build_library(self.source, timeout=timeout)
+                try:
+                    self._loaded = self._wrap(path)
+                except OSError as exc:
+                    raise NativeKernelUnavailable(f"cannot load {path}: {exc}") from exc
+            return self._loaded

@@ -8,22 +8,18 @@ and make the engine thread wait out the interpreter's switch interval.
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
 
 from loramux.server.kv_cache import KernelBatch
-from loramux.server.native_build import NativeKernelUnavailable, build_library, cpu_lacks
+from loramux.server.native_build import BUILD_TIMEOUT_S, KernelLoader
 
 SOURCE = Path(__file__).with_name("paged_attention_avx512.cpp")
 MAX_HEAD_DIM = 256  # the kernel's limits (kMaxHeadDim, kMaxBlock, kMaxRows)
 MAX_BLOCK_SIZE = 64
 MAX_QUERY_GROUPS = 64
 SOFTMAX_BLOCK = 512  # keys per softmax block (kSplit), as SDPA's CPU kernel takes them
-
-_lock = threading.Lock()
-_loaded: PagedAttentionKernel | None = None
 
 
 class PagedAttentionKernel:
@@ -74,17 +70,9 @@ class PagedAttentionKernel:
             raise RuntimeError(f"paged-attention kernel refused its arguments (status {status})")
 
 
-def load_kernel() -> PagedAttentionKernel:
+_LOADER = KernelLoader(SOURCE, PagedAttentionKernel)
+
+
+def load_kernel(timeout: float = BUILD_TIMEOUT_S) -> PagedAttentionKernel:
     """The kernel, built on first use in this process (cached on disk across them)."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            missing = cpu_lacks()
-            if missing is not None:
-                raise NativeKernelUnavailable(missing)
-            path = build_library(SOURCE)
-            try:
-                _loaded = PagedAttentionKernel(path)
-            except OSError as exc:
-                raise NativeKernelUnavailable(f"cannot load {path}: {exc}") from exc
-        return _loaded
+    return _LOADER.load(timeout)

@@ -14,21 +14,17 @@ reason (CPU without AVX-512 BF16, no compiler, a failed or timed-out build);
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 from loramux.server.native_build import (
     BUILD_TIMEOUT_S,
+    KernelLoader,
     NativeKernelUnavailable,
-    build_library,
     cpu_lacks,
 )
 
 SOURCE = Path(__file__).with_name("bgmv_avx512.cpp")
 MAX_MEMBERS = 8  # the kernel's limit on projections per fused group
-
-_lock = threading.Lock()
-_loaded: NativeKernel | None = None
 
 
 class NativeKernel:
@@ -67,20 +63,12 @@ def cpu_supports_kernel() -> str | None:
     return cpu_lacks()
 
 
+_LOADER = KernelLoader(SOURCE, NativeKernel)
+
+
 def load_kernel(timeout: float = BUILD_TIMEOUT_S) -> NativeKernel:
-    """The native kernel, built on first use in this process (cached on disk across them)."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            missing = cpu_supports_kernel()
-            if missing is not None:
-                raise NativeKernelUnavailable(missing)
-            path = build_library(SOURCE, timeout=timeout)
-            try:
-                _loaded = NativeKernel(path)
-            except OSError as exc:
-                raise NativeKernelUnavailable(f"cannot load {path}: {exc}") from exc
-        return _loaded
+    """The kernel, built on first use in this process (cached on disk across them)."""
+    return _LOADER.load(timeout)
 
 
 __all__ = [
