@@ -324,11 +324,13 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         batch = self.group.context.batch
-        if batch is None or not (self.group.occupied & batch.slots_in_batch):
+        if batch is None or self.group.occupied.isdisjoint(batch.slots_in_batch):
             return out
         delta = self.group.delta(self.member, x, batch)
-        # Rounded to the output dtype before the add, as PEFT's 4-bit LoRA layers do.
-        return out.add_(delta.to(out.dtype).view(out.shape))
+        if delta.dtype != out.dtype:
+            # Rounded to the output dtype before the add, as PEFT's 4-bit LoRA layers do.
+            delta = delta.to(out.dtype)
+        return out.add_(delta.view(out.shape))
 
 
 def _is_linear(module: nn.Module) -> bool:
