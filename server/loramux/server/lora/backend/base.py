@@ -165,7 +165,7 @@ class LoraBackend(ABC):
         near-tied tokens. The same two GEMMs on the same shapes ([tokens, in] x [r, in]^T,
         then x [out, r]^T, the scaling after) give PEFT's numbers bit for bit in the
         prompt, where the base model's are PEFT's too (a padded prefill's prefill logits
-        were then identical to PEFT's in 4 of 5 adapter rows, against 0 of 5 with the
+        were then identical to PEFT's in 3 of 5 adapter rows, against 0 of 5 with the
         native kernel; a batched decode step's base numbers are not PEFT's, so decode
         keeps the kernel). Measured on tests/test_composition.py: 99 tokens compared with
         PEFT before near-tie partings with the native kernel alone, 120 with this (the
