@@ -161,3 +161,47 @@ def test_native_is_refused_with_the_reason_where_it_cannot_run(
     monkeypatch.setenv("CXX", "loramux-no-such-compiler")
     with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
         make_backend(CPU, "native", "bf16")
+
+
+def _peft_delta(
+    slot: int, member: int, in_features: int, out: int, x: torch.Tensor
+) -> torch.Tensor:
+    """PEFT's own LoRA layer (float32 A and B, the scaling after B) on a zero base, in bf16."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    w = _weights(slot, member, in_features, out)
+    rank = w.lora_a.shape[0]
+    base = torch.nn.Linear(in_features, out, bias=False)
+    torch.nn.init.zeros_(base.weight)
+    layer = PeftLoraLinear(base, "a", LoraConfig(r=rank, lora_alpha=1), r=rank, lora_alpha=1)
+    layer.lora_A["a"].weight.data = w.lora_a.float()
+    layer.lora_B["a"].weight.data = w.lora_b.float()
+    layer.scaling["a"] = w.scaling
+    with torch.inference_mode():
+        return layer(x.float()).bfloat16()  # 0 + delta: PEFT's delta, rounded as on a 4-bit base
+
+
+@pytest.mark.parametrize("shape", ["qkv", "down"])
+def test_prompt_chunks_are_peft_bit_for_bit_beside_decoding_rows(shape: str) -> None:
+    """A mixed pass: three decoding rows, then prompt chunks of 23, 1 and 7 tokens. Each
+    chunk's deltas are PEFT's exactly (its two float32 GEMMs); the decoding rows are the
+    kernel's. With the kernel over the chunks too, no chunk matched PEFT bit for bit."""
+    in_features, outs = SHAPES[shape]
+    group = _group(in_features, outs)
+    context = group.context
+    chunks = [(2, 23), (7, 1), (3, 7)]  # (slot, tokens)
+    slots = [4, 0, 9] + [slot for slot, count in chunks for _ in range(count)]
+    prompts, first = [], 3
+    for _, count in chunks:
+        prompts.append((first, count))
+        first += count
+    x = torch.randn(len(slots), in_features, generator=torch.Generator().manual_seed(11))
+    x = x.bfloat16()
+    got = context.backend.deltas(group, x, context.route(slots, 1, CPU, prompts))
+    decoding = context.backend.deltas(group, x[:3], context.route(slots[:3], 1, CPU))
+    for member, out in enumerate(outs):
+        assert torch.equal(got[member][:3], decoding[member])
+        for (slot, _), (start, count) in zip(chunks, prompts, strict=True):
+            expected = _peft_delta(slot, member, in_features, out, x[start : start + count])
+            assert torch.equal(got[member][start : start + count], expected), (member, slot)

@@ -84,10 +84,13 @@ class ModelRunner:
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
-    def _routing(self, slots: list[int], tokens_per_row: int) -> LoraBatchMetadata | None:
+    def _routing(
+        self, slots: list[int], tokens_per_row: int, prompts: list[tuple[int, int]] | None = None
+    ) -> LoraBatchMetadata | None:
+        """`prompts`: (first token, count) of each prompt chunk in the flattened pass."""
         if self.lora is None or not any(slots):
             return None
-        return self.lora.route(slots, tokens_per_row, self.device)
+        return self.lora.route(slots, tokens_per_row, self.device, prompts or ())
 
     def _tables(self, tables: list[list[int]], blocks: int) -> torch.Tensor:  # [rows, blocks]
         padded = [table[:blocks] + [0] * (blocks - len(table[:blocks])) for table in tables]
@@ -157,7 +160,9 @@ class ModelRunner:
                 block_tables=tables,
                 kv_length=kv_length,
             ),
-            self._routing(batch.slots, width),
+            self._routing(
+                batch.slots, width, [(i * width, len(p)) for i, p in enumerate(batch.prompts)]
+            ),
         )
         last = hidden[torch.arange(rows, device=self.device), lengths - 1]
         return self._logits(last)
@@ -206,6 +211,7 @@ class ModelRunner:
         by_kernel = self._decode_rows(decode) if self.kernel is not None else []
         groups = [self._decode_group(decode, masked=self.kernel is None)]
         lasts = list(range(len(tokens)))
+        prompts: list[tuple[int, int]] = []
         for prompt, start, slot, table in zip(
             prefill.prompts, starts, prefill.slots, prefill.block_tables, strict=True
         ):
@@ -222,6 +228,7 @@ class ModelRunner:
             groups.append(
                 self._chunk_group(slice(first, len(tokens)), start, table, masked=not kernel)
             )
+            prompts.append((first, len(prompt)))
             lasts.append(len(tokens) - 1)
         device = self.device
         hidden = self._forward(
@@ -233,7 +240,7 @@ class ModelRunner:
                 groups,
                 self._kernel_batch(by_kernel) if by_kernel else None,
             ),
-            self._routing(slots, 1),
+            self._routing(slots, 1, prompts),
         )
         logits = self._logits(hidden[0, lasts])
         rows = len(decode.tokens)

@@ -29,12 +29,14 @@ from torch import nn
 
 from loramux.server.adapters import LinearShape, ModuleWeights
 from loramux.server.lora.metadata import DenseRoute, LoraBatchMetadata, LoraContext
+from loramux.server.lora.slots import Placement
 
 log = logging.getLogger(__name__)
 
 # Sibling projections that read the same input tensor in the HF decoders we serve
 # (Llama, Mistral, Qwen2, ...): their LoRA shrinks are fused.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+PEFT_WEIGHTS_SLOTS = 4  # slots whose float32 weights a group keeps for prompt chunks
 
 
 @dataclass
@@ -74,9 +76,15 @@ class LoraGroup:
         self.device = device
         self.stacks: dict[int, ClassStack] = {}  # rank class width -> stack
         self.ranks: list[dict[int, int]] = [{} for _ in outs]  # member -> slot -> real rank
+        # member -> slot -> the LoRA scaling when one factor scales every rank row (a plain
+        # adapter in bf16 slots: PEFT's `scaling`), else absent (see `row_scale`)
+        self.scalings: list[dict[int, float]] = [{} for _ in outs]
         self.occupied: set[int] = set()  # slots holding weights for any member
         self._version = -1  # the SlotTable version the stacks were fitted to
         self._dense: DenseWeights | None = None
+        # slot -> per member (A [r, in], B [out, r]) in float32 or None, as PEFT holds them
+        # (prompt chunks, `peft_weights`); the last PEFT_WEIGHTS_SLOTS slots asked
+        self._peft: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.kernel_plan: object | None = None  # the backend's view of the stacks (its own)
         # (input, batch, deltas, members not yet served) of the current fused computation
         self._pending: tuple[torch.Tensor, LoraBatchMetadata, list[torch.Tensor], set[int]] | None
@@ -143,12 +151,14 @@ class LoraGroup:
         self.fit()
         self._dense = None
         self._pending = None
+        self._peft.pop(slot, None)
         placement = self.context.table.placement(slot)
         fmt = self.context.slot_format
         targets: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
         for member, weights in members.items():
             self.ranks[member].pop(slot, None)
+            self.scalings[member].pop(slot, None)
             rank = 0 if weights is None else weights.lora_a.shape[0]
             if placement is None:
                 if weights is None:
@@ -172,6 +182,7 @@ class LoraGroup:
             row_scale = stack.row_scale[i, start : start + rank]
             if weights.row_scaling is None and a_factor is None and bt_factor is None:
                 row_scale.fill_(weights.scaling)
+                self.scalings[member][slot] = weights.scaling
             else:
                 scaling = (
                     weights.row_scaling.float()
@@ -196,11 +207,40 @@ class LoraGroup:
         Nothing reads a stack index no slot is placed at, and the next install there
         writes or zeroes all its rows; zeroing here took 1.6 ms per rank-16 eviction.
         """
-        for ranks in self.ranks:
+        for ranks, scalings in zip(self.ranks, self.scalings, strict=True):
             ranks.pop(slot, None)
+            scalings.pop(slot, None)
         self.occupied.discard(slot)
         self._dense = None
         self._pending = None
+        self._peft.pop(slot, None)
+
+    def peft_weights(
+        self, slot: int, placement: Placement
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per member, `slot`'s A [r, in] and B [out, r] in float32 at its real rank, as
+        PEFT's LoRA layer holds them (None: the adapter leaves the member alone).
+
+        Kept for the last PEFT_WEIGHTS_SLOTS slots asked: a long prompt's chunks come back
+        pass after pass with the same adapter (~20 MB per rank-16 all-linear adapter).
+        """
+        cached = self._peft.pop(slot, None)
+        if cached is None:
+            stack, i = self.stacks[placement.width], placement.index
+            cached = []
+            for member, out in enumerate(self.outs):
+                rank = self.ranks[member].get(slot, 0)
+                if rank == 0:
+                    cached.append(None)
+                    continue
+                start = member * placement.width
+                b = torch.empty(out, rank, device=self.device)
+                b.copy_(stack.bts[member][i, :rank].t())
+                cached.append((stack.a[i, start : start + rank].float(), b))
+            while len(self._peft) >= PEFT_WEIGHTS_SLOTS:
+                del self._peft[next(iter(self._peft))]
+        self._peft[slot] = cached  # most recently asked last
+        return cached
 
     def dense_weights(self, route: DenseRoute) -> DenseWeights:
         """float32 A^T (row_scale folded in) and B^T of `route.key`'s slots at their real ranks."""
@@ -284,11 +324,13 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         batch = self.group.context.batch
-        if batch is None or not (self.group.occupied & batch.slots_in_batch):
+        if batch is None or self.group.occupied.isdisjoint(batch.slots_in_batch):
             return out
         delta = self.group.delta(self.member, x, batch)
-        # Rounded to the output dtype before the add, as PEFT's 4-bit LoRA layers do.
-        return out.add_(delta.to(out.dtype).view(out.shape))
+        if delta.dtype != out.dtype:
+            # Rounded to the output dtype before the add, as PEFT's 4-bit LoRA layers do.
+            delta = delta.to(out.dtype)
+        return out.add_(delta.view(out.shape))
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -7,6 +7,7 @@ adapters the one-hot mask of the dense path (`DenseRoute`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,16 @@ class DenseRoute:
 
 
 @dataclass(frozen=True)
+class PromptChunk:
+    """A prompt's tokens in this pass: consecutive in the flattened batch, one adapter."""
+
+    start: int  # first token (index into the pass's flattened tokens)
+    stop: int  # one past the last
+    slot: int
+    placement: Placement
+
+
+@dataclass(frozen=True)
 class LoraBatchMetadata:
     row_slots: tuple[int, ...]  # device slot per batch row, 0 = base model only
     slots_in_batch: frozenset[int]  # distinct non-zero slots (layers skip what they don't hold)
@@ -46,6 +57,11 @@ class LoraBatchMetadata:
     routes: tuple[ClassRoute, ...]  # per rank class present
     row_route: torch.Tensor  # [rows, 2] int64: (rank class width, index); width 0 = no adapter
     dense: DenseRoute | None  # set when the backend takes the dense path for this batch
+    # Prompt chunks with an adapter (backends that compute them as PEFT does, GEMMs per chunk)
+    chunks: tuple[PromptChunk, ...] = ()
+    # With chunks: [tokens, 2] int64, row_route per token with every chunk token at width
+    # 0; None when no token is left outside the chunks (a padded prefill's padding is not)
+    token_route: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -55,7 +71,11 @@ class LoraBatchMetadata:
         table: SlotTable,
         device: torch.device,
         dense_max_adapters: int,
+        prompts: Sequence[tuple[int, int]] = (),
     ) -> LoraBatchMetadata:
+        """`prompts`: (first token, token count) of each prompt chunk in the flattened pass,
+        whose adapter is its first token's row's. A padded prefill (tokens_per_row > 1)
+        is all prompt chunks and padding."""
         distinct = sorted({s for s in slots if s})
         placements = {s: table.placement(s) for s in distinct}
         missing = [s for s, p in placements.items() if p is None]
@@ -94,6 +114,18 @@ class LoraBatchMetadata:
                 placements=tuple(p for p in placements.values() if p is not None),
                 token_mask=mask,
             )
+        chunks = tuple(
+            PromptChunk(start, start + count, slot, placements[slot])  # type: ignore[arg-type]
+            for start, count in prompts
+            if count > 0 and (slot := slots[start // tokens_per_row])
+        )
+        token_route = None
+        if tokens_per_row == 1 and chunks:
+            token_route = list(row_route)
+            for chunk in chunks:
+                token_route[chunk.start : chunk.stop] = [[0, 0]] * (chunk.stop - chunk.start)
+            if not any(width for width, _ in token_route):
+                token_route = None
         return cls(
             row_slots=tuple(slots),
             slots_in_batch=frozenset(distinct),
@@ -101,6 +133,10 @@ class LoraBatchMetadata:
             routes=routes,
             row_route=torch.tensor(row_route, dtype=torch.long, device=device).view(-1, 2),
             dense=dense,
+            chunks=chunks,
+            token_route=None
+            if token_route is None
+            else torch.tensor(token_route, dtype=torch.long, device=device).view(-1, 2),
         )
 
 
@@ -118,8 +154,12 @@ class LoraContext:
     stats: dict[str, int] = field(default_factory=dict)
 
     def route(
-        self, slots: list[int], tokens_per_row: int, device: torch.device
+        self,
+        slots: list[int],
+        tokens_per_row: int,
+        device: torch.device,
+        prompts: Sequence[tuple[int, int]] = (),
     ) -> LoraBatchMetadata:
         return LoraBatchMetadata.build(
-            slots, tokens_per_row, self.table, device, self.backend.dense_max_adapters
+            slots, tokens_per_row, self.table, device, self.backend.dense_max_adapters, prompts
         )

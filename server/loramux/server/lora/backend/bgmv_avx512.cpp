@@ -129,6 +129,11 @@ void expand_stream(const Tile& tile, const uint16_t* bt, int64_t width, int64_t 
   }
 }
 
+inline void prefetch_l2(const uint16_t* p, int64_t elements) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < elements * 2; off += 64) _mm_prefetch(bytes + off, _MM_HINT_T1);
+}
+
 }  // namespace
 
 extern "C" int loramux_bgmv(int64_t n, int64_t in, int64_t members, const int64_t* outs,
@@ -202,6 +207,11 @@ extern "C" int loramux_bgmv(int64_t n, int64_t in, int64_t members, const int64_
     const int64_t rows = members * c.width;
     const uint16_t* a = c.a + tile.index * rows * in;
     const float* scale = c.scale + tile.index * rows;
+    // The whole tile's weights asked for at once, into L2: many independent misses in
+    // flight instead of one stream at a time.
+    prefetch_l2(a, rows * in);
+    for (int64_t m = 0; m < members; ++m)
+      prefetch_l2(c.bt[m] + tile.index * c.width * outs[m], c.width * outs[m]);
     // h per batch row: [members * width] of this class, member m's rank rows at m * width.
     for (int64_t r0 = 0; r0 < rows; r0 += kRankTile) {
       switch (tile.rows) {
