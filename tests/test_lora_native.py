@@ -155,7 +155,8 @@ def test_native_is_refused_with_the_reason_where_it_cannot_run(
 
     with pytest.raises(ValueError, match="bf16 slots"):
         make_backend(CPU, "native", "int8")
-    assert make_backend(CPU, "auto", "bf16").name == "cpu"
+    assert make_backend(CPU, "auto", "bf16").name == "cpu_native"
+    assert make_backend(CPU, "auto", "int8").name == "cpu"
     assert make_backend(CPU, "native", "bf16").name == "cpu_native"
     monkeypatch.setattr(native._LOADER, "_loaded", None)
     monkeypatch.setenv("CXX", "loramux-no-such-compiler")

@@ -213,7 +213,8 @@ class Settings:
         "auto",
         "LoRA kernel: compiled (torch.compile'd gather-reduce, dense GEMMs for few adapters), "
         "eager (the same uncompiled), native (hand-written AVX-512 BF16 kernel, CPU with "
-        "bf16 slots; built at start with g++ or $CXX), auto (compiled)",
+        "bf16 slots; built at start with g++ or $CXX), auto (native where the CPU, bf16 "
+        "slots and the compiler allow it, else compiled)",
         "engine",
         choices=("auto", "native", "compiled", "eager"),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from loramux.server.lora.backend.base import LoraBackend, bgmv_group, segmented_group
@@ -12,21 +14,31 @@ from loramux.server.lora.backend.native import NativeKernelUnavailable, load_ker
 
 KERNEL_MODES = ("auto", "native", "compiled", "eager")
 
+log = logging.getLogger(__name__)
+
 
 def make_backend(
     device: torch.device, kernel: str = "auto", slot_dtype: str = "bf16"
 ) -> LoraBackend:
     """The backend for `device` and the kernel `kernel`, chosen once at start.
 
-    auto / compiled: the torch.compile'd gather-reduce with dense GEMMs for few adapters
-    (on CUDA, Triton); eager: the same uncompiled. native (CPU only): the hand-written
-    AVX-512 BF16 kernel, or an error saying why it cannot run here (CPU without the
-    instructions, int8 slots, no compiler, a failed build). `auto` does not pick `native`
-    yet: in the side-by-side engine benchmark (docs/performance.md) it was ahead only for
-    mixed ranks, behind at batch 32 with 32 rank-16 adapters.
+    compiled: the torch.compile'd gather-reduce with dense GEMMs for few adapters (on CUDA,
+    Triton); eager: the same uncompiled. native (CPU only): the hand-written AVX-512 BF16
+    kernel, or an error saying why it cannot run here (CPU without the instructions, int8
+    slots, no compiler, a failed build). auto: native where it can run (CPU, bf16 slots,
+    the kernel built), else compiled with the reason logged; in the side-by-side engine
+    benchmark (docs/performance.md) native was ahead in every configuration after its
+    prompt tokens were computed as PEFT computes them (cd10d7d).
     """
     if kernel not in KERNEL_MODES:
         raise ValueError(f"unknown LoRA kernel {kernel!r}: one of {', '.join(KERNEL_MODES)}")
+    if kernel == "auto" and device.type == "cpu":
+        try:
+            if slot_dtype != "bf16":
+                raise NativeKernelUnavailable(f"it reads bf16 slots, not {slot_dtype}")
+            return CpuNativeBackend(load_kernel())
+        except NativeKernelUnavailable as exc:
+            log.info("LoRA kernel: compiled (the native kernel cannot run here: %s)", exc)
     if kernel == "native":
         if device.type != "cpu":
             raise ValueError("the native LoRA kernel runs on the CPU: on CUDA use auto or compiled")
