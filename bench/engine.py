@@ -19,8 +19,9 @@ the GPU run does):
                   block of adapters, so slots are evicted and refilled from CPU memory
 * mux_ranks       32 adapters of ranks 8/16/32/64 (each in its own rank class stack)
 * mux_k32_int8    mux_k32 with int8 adapter slots (`--lora-slot-dtype int8`)
-* *_native        mux_one / mux_k32 / mux_k128 / mux_ranks on the hand-written AVX-512 BF16 kernel
-                  (`--lora-kernel native`), side by side with the default compiled one
+* *_compiled      mux_one / mux_k32 / mux_k128 / mux_ranks on the torch.compile'd kernel
+                  (`--lora-kernel compiled`), side by side with the default (auto: the
+                  hand-written AVX-512 BF16 kernel where it runs)
 * peft_mixed      PEFT, the same 32 adapters, `generate(adapter_names=[...])`
 * peft_sequential PEFT, one adapter at a time: `set_adapter` + `generate` per group of rows
 
@@ -76,10 +77,10 @@ ALL_CONFIGS = (
     "mux_k128",
     "mux_ranks",
     "mux_k32_int8",
-    "mux_one_native",
-    "mux_k32_native",
-    "mux_k128_native",
-    "mux_ranks_native",
+    "mux_one_compiled",
+    "mux_k32_compiled",
+    "mux_k128_compiled",
+    "mux_ranks_compiled",
     "peft_mixed",
     "peft_sequential",
 )
@@ -458,17 +459,17 @@ def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
         "mux_k8": ("a", 8),
         "mux_k32": ("a", 32),
         "mux_k32_int8": ("a", 32),
-        "mux_k32_native": ("a", 32),
-        "mux_ranks_native": ("r", 32),
+        "mux_k32_compiled": ("a", 32),
+        "mux_ranks_compiled": ("r", 32),
         "peft_mixed": ("a", 32),
         "peft_sequential": ("a", 32),
         "mux_k128": ("c", 128),
-        "mux_k128_native": ("c", 128),
+        "mux_k128_compiled": ("c", 128),
         "mux_ranks": ("r", 32),
     }
     if config in ("base", "hf_base", "mux_none"):
         return [None] * batch
-    if config in ("mux_one", "mux_one_native"):
+    if config in ("mux_one", "mux_one_compiled"):
         return ["a0"] * batch
     prefix, k = pools[config]
     return [f"{prefix}{(rep * batch + i) % k}" for i in range(batch)]
@@ -580,8 +581,8 @@ def _plan_kernels(
     system: str,
     adapters: dict[str, Path],
 ) -> None:
-    """`config` on the default LoRA kernel and `config`_native on the native one, as asked."""
-    for suffix, kernel in (("", "auto"), ("_native", "native")):
+    """`config` on the default LoRA kernel and `config`_compiled on the compiled one, as asked."""
+    for suffix, kernel in (("", "auto"), ("_compiled", "compiled")):
         if config + suffix in need:
             specs[system + suffix] = SystemSpec("engine", adapters=adapters, lora_kernel=kernel)
             serves[config + suffix] = system + suffix
@@ -654,16 +655,18 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         if "mux_k32_int8" in need:
             specs["mux_int8"] = SystemSpec("engine", adapters=adapters_a, slot_dtype="int8")
             serves["mux_k32_int8"] = "mux_int8"
-        if need & {"mux_one_native", "mux_k32_native"}:
-            specs["mux_native"] = SystemSpec("engine", adapters=adapters_a, lora_kernel="native")
-            serves.update(dict.fromkeys(("mux_one_native", "mux_k32_native"), "mux_native"))
-        if need & {"mux_k128", "mux_k128_native"}:
+        if need & {"mux_one_compiled", "mux_k32_compiled"}:
+            specs["mux_compiled"] = SystemSpec(
+                "engine", adapters=adapters_a, lora_kernel="compiled"
+            )
+            serves.update(dict.fromkeys(("mux_one_compiled", "mux_k32_compiled"), "mux_compiled"))
+        if need & {"mux_k128", "mux_k128_compiled"}:
             adapters_c = write_adapters(
                 root, linears, [16] * 128, "c", distinct_files=args.distinct_files, seed_offset=100
             )
             # All 128 in CPU memory, the last 32 in slots.
             _plan_kernels(need, specs, serves, "mux_k128", "cycling", adapters_c)
-        if need & {"mux_ranks", "mux_ranks_native"}:
+        if need & {"mux_ranks", "mux_ranks_compiled"}:
             ranks = [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(32)]
             adapters_r = write_adapters(
                 root, linears, ranks, "r", distinct_files=args.distinct_files, seed_offset=300
