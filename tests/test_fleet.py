@@ -130,6 +130,9 @@ def test_two_replicas_behind_nginx_share_a_postgres_registry(
             lines = nginx.access_log.read_text().splitlines()
             return sum(1 for line in lines if line.split(" ", 1)[0] == name)
 
+        # nginx writes a request's log line after the response has gone out, so a client
+        # can be done before the line is: wait for the lines of the calls made so far.
+        assert eventually(lambda: sum(logged(name) for name in names) == 3 * len(names), 10)
         before = [logged(name) for name in pair]
 
         async def through_async() -> None:
@@ -139,7 +142,11 @@ def test_two_replicas_behind_nginx_share_a_postgres_registry(
                     pass
 
         asyncio.run(through_async())
-        assert [logged(name) for name in pair] == [n + 1 for n in before]
+        expected = [n + 1 for n in before]
+        assert eventually(lambda: [logged(name) for name in pair] == expected, 10), (
+            [logged(name) for name in pair],
+            expected,
+        )
         after = {s.port: request_counts(scrape(s.metrics_port)) for s in (a, b)}
         for name in pair:
             assert after[home_of[name]][f"admin/{name}"] == 4.0
