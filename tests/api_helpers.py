@@ -159,6 +159,20 @@ def near_tie(scores: Any) -> tuple[int, ...] | None:
     return tuple(int(t) for t in close[order])
 
 
+def tokens_before_parting(
+    got: list[int], want: list[int], ties: list[tuple[int, ...] | None], context: Any
+) -> int:
+    """How many tokens `got` shares with PEFT's `want` before they part, asserting that a
+    parting is where PEFT's own best logits were nearly tied (`ties`, per position, from
+    `near_tie`), by taking one of them: nothing after it is comparable."""
+    for i, (mine, theirs) in enumerate(zip(got, want, strict=False)):
+        if mine != theirs:
+            tie = ties[i]
+            assert tie is not None and mine in tie, (context, i, mine, theirs)
+            return i
+    return min(len(got), len(want))
+
+
 def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:
     """The reference: the NF4 base in a PeftModel with every adapter of `dirs`, eval mode."""
     from peft import PeftModel

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 import torch
-from api_helpers import engine_with_adapters, linear_shapes, near_tie, peft_with_adapters
+from api_helpers import (
+    engine_with_adapters,
+    linear_shapes,
+    near_tie,
+    peft_with_adapters,
+    tokens_before_parting,
+)
 from safetensors.torch import save_file
 
 from loramux.core.models import ResolvedModel
@@ -167,10 +173,6 @@ def test_served_output_matches_peft(engine: Engine, peft_model: Any, name: str) 
         )
         tokens = [t for event in stream for t in event.token_ids]
         expected, ties = _peft_generate(peft_model, ids, name)
-        for step, (mine, theirs) in enumerate(zip(tokens, expected, strict=False)):
-            if mine != theirs:
-                tie = ties[step]
-                assert tie is not None and mine in tie, (name, prompt, step, mine, theirs)
-                break
+        tokens_before_parting(tokens, expected, ties, (name, prompt))
         differs_from_base |= expected != _peft_generate(peft_model, ids, None)[0]
     assert differs_from_base, f"{name}: too weak to tell apart from the base model"

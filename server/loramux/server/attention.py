@@ -33,7 +33,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from loramux.server.kv_cache import GroupedKV, PoolKV
+from loramux.server.kv_cache import GroupedKV, KernelBatch, PoolKV
 
 ENGINE_ATTENTION = "loramux_paged"
 # Chunks of at most this many tokens over at least this much context attend by plain
@@ -60,10 +60,8 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:  # ([rows, T, heads, head_dim], no weights)
     if isinstance(key, PoolKV):  # decoding rows, every one by the kernel
         assert isinstance(value, PoolKV) and query.shape[2] == 1
-        rows, heads, _, head_dim = query.shape
-        out = query.new_empty(rows, heads, head_dim)
-        scale = scaling or head_dim**-0.5
-        key.kernel.kernel.attend(query[:, :, 0], key.pool, value.pool, key.kernel, scale, out)
+        out = query.new_empty(query.shape[0], query.shape[1], query.shape[3])
+        _attend_in_pool(key.kernel_batch, query[:, :, 0], key.pool, value.pool, scaling, out)
         return out[:, None], None
     if not isinstance(key, GroupedKV):
         assert isinstance(value, torch.Tensor)
@@ -73,12 +71,10 @@ def paged_attention_forward(
     assert isinstance(value, GroupedKV) and query.shape[0] == 1
     heads, tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
     out = query.new_empty(tokens, heads, head_dim)
-    if key.kernel is not None:  # the groups without a mask
+    if key.kernel_batch is not None:  # the groups without a mask
         assert key.pool is not None and value.pool is not None
-        scale = scaling or head_dim**-0.5
-        key.kernel.kernel.attend(
-            query[0].transpose(0, 1), key.pool, value.pool, key.kernel, scale, out
-        )
+        flat = query[0].transpose(0, 1)  # [tokens, heads, head_dim]
+        _attend_in_pool(key.kernel_batch, flat, key.pool, value.pool, scaling, out)
     for group, keys, values in zip(key.groups, key.parts, value.parts, strict=True):
         if keys is None or values is None or group.mask is None:
             continue  # the kernel's
@@ -93,6 +89,17 @@ def paged_attention_forward(
             result = _grouped_query_attention(rows_query, keys, values, group.mask, scaling)
         out[group.tokens] = result.reshape(-1, heads, head_dim)  # [rows, T, heads, head_dim]
     return out[None], None  # [1, tokens, heads, head_dim]
+
+
+def _attend_in_pool(
+    batch: KernelBatch,
+    query: torch.Tensor,  # [tokens, heads, head_dim]
+    keys: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim] this layer's pool
+    values: torch.Tensor,
+    scaling: float | None,
+    out: torch.Tensor,  # [tokens, heads, head_dim]: the batch's tokens are written
+) -> None:
+    batch.kernel.attend(query, keys, values, batch, scaling or query.shape[-1] ** -0.5, out)
 
 
 def _grouped_query_attention(

@@ -185,11 +185,11 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
-        num_blocks = self._pool_blocks(settings, kv_geometry(config), device)
+        geometry = kv_geometry(config)
+        num_blocks = self._pool_blocks(settings, geometry, device)
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
         # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
         self.prefill_attention_while_decoding = self._attention_budget(settings, device)
-        geometry = kv_geometry(config)
         attention_kernel = choose_kernel(
             settings.attention_kernel,
             device,

@@ -64,7 +64,7 @@ class PagedLayout:
     valid: torch.Tensor | None  # [rows, T] bool: real (not padding) new tokens; None: all are
     block_tables: torch.Tensor  # [rows, blocks] int64: each row's blocks in order (padded)
     kv_length: int  # columns attended to: the longest row's tokens after this pass
-    kernel: KernelBatch | None = None  # every row by the kernel (decode rows), no gather
+    kernel_batch: KernelBatch | None = None  # every row by the kernel (decode rows), no gather
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class RaggedLayout:
 
     write_slots: torch.Tensor  # [new_tokens] int64: block * block_size + offset per token
     groups: list[SegmentGroup]
-    kernel: KernelBatch | None = None  # the groups without a mask, by the kernel
+    kernel_batch: KernelBatch | None = None  # the groups without a mask, by the kernel
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class GroupedKV:
     parts: list[torch.Tensor | None]  # per group [rows, kv_heads, kv_length, head_dim]; None:
     #                                   a group the kernel reads from `pool`
     pool: torch.Tensor | None = None  # [kv_heads, num_blocks, block_size, head_dim] this layer's
-    kernel: KernelBatch | None = None
+    kernel_batch: KernelBatch | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class PoolKV:
     """What `update()` hands the attention when a kernel reads every row from the pool."""
 
     pool: torch.Tensor  # [kv_heads, num_blocks, block_size, head_dim] this layer's keys or values
-    kernel: KernelBatch
+    kernel_batch: KernelBatch
 
 
 class PagedKVCache:
@@ -183,8 +183,9 @@ class PagedKVCache:
         values.view(flat_shape).index_copy_(1, layout.write_slots, new_v.to(self.dtype))
         if isinstance(layout, RaggedLayout):
             return self._grouped(keys, layout), self._grouped(values, layout)
-        if layout.kernel is not None:
-            return PoolKV(keys, layout.kernel), PoolKV(values, layout.kernel)
+        if layout.kernel_batch is not None:
+            batch = layout.kernel_batch
+            return PoolKV(keys, batch), PoolKV(values, batch)
         return (
             self._rows(keys, layout.block_tables, layout.kv_length),
             self._rows(values, layout.block_tables, layout.kv_length),
@@ -195,7 +196,7 @@ class PagedKVCache:
             None if g.mask is None else self._rows(pool, g.block_tables, g.kv_length)
             for g in layout.groups
         ]
-        return GroupedKV(layout.groups, parts, pool, layout.kernel)
+        return GroupedKV(layout.groups, parts, pool, layout.kernel_batch)
 
     def _rows(
         self,

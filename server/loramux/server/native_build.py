@@ -13,6 +13,7 @@ loaded, so their parallel regions run on the engine thread's own OpenMP team (se
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
@@ -119,6 +120,16 @@ def build_library(
             os.unlink(temporary)
     log.info("built the native kernel %s: %s", source.name, target)
     return target
+
+
+def entry_point(path: Path, symbol: str, argtypes: list[Any]) -> Any:
+    """`symbol` of the library at `path`, typed, returning a C int status. Through `PyDLL`,
+    which keeps the GIL for the call, as torch's own ops do: releasing it would let a gRPC
+    thread take it and make the engine thread wait out the interpreter's switch interval."""
+    function = getattr(ctypes.PyDLL(str(path)), symbol)
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
 
 
 class KernelLoader(Generic[K]):

@@ -1,8 +1,6 @@
 """The hand-written AVX-512 BF16 paged-attention kernel (`paged_attention_avx512.cpp`).
 
-Built and cached by `loramux.server.native_build`, called through ctypes. `PyDLL` keeps
-the GIL for the call, as torch's own ops do: releasing it would let a gRPC thread take it
-and make the engine thread wait out the interpreter's switch interval.
+Built, cached and bound (ctypes, the GIL kept for the call) by `loramux.server.native_build`.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from pathlib import Path
 import torch
 
 from loramux.server.kv_cache import KernelBatch
-from loramux.server.native_build import BUILD_TIMEOUT_S, KernelLoader
+from loramux.server.native_build import BUILD_TIMEOUT_S, KernelLoader, entry_point
 
 SOURCE = Path(__file__).with_name("paged_attention_avx512.cpp")
 MAX_HEAD_DIM = 256  # the kernel's limits (kMaxHeadDim, kMaxBlock, kMaxRows)
@@ -27,13 +25,12 @@ class PagedAttentionKernel:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        library = ctypes.PyDLL(str(path))
-        self._attend = library.loramux_paged_attention
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self._attend.argtypes = [
-            i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr,
-        ]  # fmt: skip
-        self._attend.restype = ctypes.c_int
+        self._attend = entry_point(
+            path,
+            "loramux_paged_attention",
+            [i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr],
+        )
 
     def attend(
         self,

@@ -21,6 +21,7 @@ from loramux.server.native_build import (
     KernelLoader,
     NativeKernelUnavailable,
     cpu_lacks,
+    entry_point,
 )
 
 SOURCE = Path(__file__).with_name("bgmv_avx512.cpp")
@@ -32,11 +33,10 @@ class NativeKernel:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        library = ctypes.PyDLL(str(path))
-        self._bgmv = library.loramux_bgmv
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self._bgmv.argtypes = [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr]
-        self._bgmv.restype = ctypes.c_int
+        self._bgmv = entry_point(
+            path, "loramux_bgmv", [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr]
+        )
 
     def bgmv(
         self,
