@@ -362,6 +362,48 @@ def test_steps_with_decoding_rows_prefill_at_most_the_budget_while_decoding(
     assert sum(mixed) + sum(alone) == 200
 
 
+def test_a_burst_of_short_prompts_beside_decoding_rows_is_prefilled_in_one_pass(
+    tiny_llama: ResolvedModel,
+) -> None:
+    """Prompts that fit --max-prefill-tokens-while-decoding whole, arriving together while
+    a row decodes, join one mixed pass (within --max-batch-tokens), not one or two a step:
+    each step is a pass over every weight (and every adapter the batch names), so 30 gRPC
+    calls arriving over ~20 ms took 15 passes (docs/performance.md, issue 13). A prompt
+    longer than the cap still creeps in at most the cap per step (the test above)."""
+    engine = Engine(
+        load_base_model(tiny_llama, "nf4", "cpu"),
+        load_tokenizer(tiny_llama),
+        Settings(max_batch_tokens=128, max_prefill_tokens_while_decoding=16, kv_block_size=BLOCK),
+        tiny_llama,
+        lora_kernel="eager",
+    )
+    burst = [list(range(300 + 20 * i, 310 + 20 * i)) for i in range(6)]  # 6 x 10 tokens
+    log = PassLog(engine)
+    try:
+        running = engine.submit(_request(list(range(100, 120)), None, 12, "decoding"))
+        next(iter(running))  # decoding before the burst arrives
+        log.passes.clear()
+        log.steps.clear()
+        # Submitted on the engine thread between two steps: all six wait at the next step.
+        streams = engine.run_on_engine_thread(
+            lambda: [
+                engine.submit(_request(ids, None, 2, f"burst{i}")) for i, ids in enumerate(burst)
+            ]
+        )
+        results = [_tokens(stream) for stream in streams]
+        _tokens(running)
+    finally:
+        log.close()
+        engine.shutdown()
+    assert all(reason is FinishReason.LENGTH and len(t) == 2 for t, reason in results)
+    steps: dict[int, dict[str, int]] = {}
+    for (kind, n), step in zip(log.passes, log.steps, strict=True):
+        steps.setdefault(step, {"prefill": 0, "decode": 0})[kind] += n
+    prefilled = [(s["prefill"], s["decode"]) for s in steps.values() if s["prefill"]]
+    # one step prefilled all 60 prompt tokens, beside the decoding row
+    assert prefilled == [(60, 1)], prefilled
+
+
 def test_chunks_beside_decoding_rows_shrink_as_their_context_grows(
     tiny_llama: ResolvedModel,
 ) -> None:

@@ -10,9 +10,10 @@ One background thread runs the loop. Every step it
 4. gives every decoding row a block for its next token, preempting the newest requests
    (recomputed later, no token lost) when the pool runs dry;
 5. prefills the next chunk of the prompts not yet cached (--max-batch-tokens per step,
-   minus one per decoding row, and at most --max-prefill-tokens-while-decoding while rows
-   decode) and decodes one token for every decoding row, both in one pass over the
-   weights when there are both (runner.py, `ModelRunner.mixed`);
+   minus one per decoding row; while rows decode, at most
+   --max-prefill-tokens-while-decoding of a prompt longer than that, shorter ones whole)
+   and decodes one token for every decoding row, both in one pass over the weights when
+   there are both (runner.py, `ModelRunner.mixed`);
 6. streams each new token to its request's consumer and retires finished requests.
 
 Callers (the gRPC service, benchmarks, tests) only `submit` and read the returned stream.
@@ -540,26 +541,37 @@ class Engine:
         The budget is --max-batch-tokens minus one token per decoding row, and while rows
         are decoding at most --max-prefill-tokens-while-decoding tokens and, per row, at
         most --max-prefill-attention-while-decoding query-key pairs (their inter-token
-        latency is the step's time). Beside decoding rows the chunks run in the decode
-        pass, flattened: each costs its own tokens; the oldest prompt takes what the budget
-        allows and later ones join only whole, so that no prompt is cut into more chunks
-        than it must be (each cut moves its bf16 numbers a little away from a one-pass
-        prefill, the way PEFT runs it). A prefill pass of its own is right-padded, so it
-        costs rows x its longest chunk: the first row sets that width, later rows take at
-        most as much.
+        latency is the step's time). Those two caps are for prompts longer than a capped
+        chunk: a prompt that fits one whole joins whole, however many have arrived, within
+        --max-batch-tokens. Otherwise a burst of short prompts (gRPC calls arriving over a
+        few ms while the first decodes) crept in one or two a step, every step a pass over
+        all the weights and the adapters the batch names: 32 calls took 15 such passes
+        (through gRPC 0.61x the base model for 32 adapters against 0.76x in one pass, the
+        base model itself 13% slower; docs/performance.md, issue 13). Beside decoding rows
+        the chunks run in the decode pass, flattened: each costs its own tokens; the
+        oldest prompt takes what the budget allows and later ones join only whole, so that
+        no prompt is cut into more chunks than it must be (each cut moves its bf16 numbers
+        a little away from a one-pass prefill, the way PEFT runs it). A prefill pass of its
+        own is right-padded, so it costs rows x its longest chunk: the first row sets that
+        width, later rows take at most as much.
         """
         budget = self.settings.max_batch_tokens - decoding
-        if decoding:
-            budget = min(budget, self.prefill_tokens_while_decoding)
+        capped = self.prefill_tokens_while_decoding  # left for a cut chunk beside decoding rows
         chunks: list[tuple[_Active, int]] = []
         width = 0
         for active in sorted(prefilling, key=lambda a: a.seq):
             if decoding:
-                take = min(active.pending, budget, self._attention_cap(active, decoding))
+                attention = self._attention_cap(active, decoding)
+                most = min(self.prefill_tokens_while_decoding, attention)
+                if active.pending <= most:  # fits a capped chunk whole: joins whole
+                    take = active.pending if active.pending <= budget else 0
+                else:
+                    take = min(active.pending, budget, capped, most)
                 if take < 1 or (chunks and take < active.pending):
                     break
                 chunks.append((active, take))
                 budget -= take
+                capped -= take
             elif not chunks:
                 width = min(active.pending, budget)
                 if width < 1:
