@@ -297,8 +297,7 @@ class LoraGroup:
         ):
             outs = [base(x) for base in self.bases]
             flat = x.reshape(-1, self.in_features)
-            views = [out.view(-1, out.shape[-1]) for out in outs]
-            self.context.backend.add_deltas(self, flat, batch, views)
+            self.context.backend.add_deltas(self, flat, batch, outs)
             pending = (x, batch, outs, set(range(self.members)))
             self._pending = pending
         pending[3].discard(member)
@@ -338,6 +337,11 @@ class MultiLoraLinear(nn.Module):
         if batch is None or self.group.occupied.isdisjoint(batch.slots_in_batch):
             return self.base(x)
         return self.group.output(self.member, x, batch)
+
+    # Called straight, without nn.Module's hook dispatch (~0.7 us of 1.6 per call, 210 calls
+    # a step on SmolLM2): nothing hooks these wrappers, and the base layer inside is still
+    # called as a module, hooks and all.
+    __call__ = forward
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -139,12 +139,12 @@ class LoraBackend(ABC):
         group: LoraGroup,
         x: torch.Tensor,  # [tokens, in]
         batch: LoraBatchMetadata,
-        outs: Sequence[torch.Tensor],  # M x [tokens, out_m]: the members' base outputs
-    ) -> None:
+        outs: Sequence[torch.Tensor],  # M x [..., out_m]: the members' base outputs, tokens
+    ) -> None:  # in x's order
         """Add every member's delta to its base output in place, rounded to the output's
         dtype first, as PEFT's 4-bit LoRA layers do (`result + lora(x).to(result.dtype)`)."""
         for out, delta in zip(outs, self.deltas(group, x, batch), strict=True):
-            out.add_(delta.to(out.dtype))
+            out.add_(delta.to(out.dtype).view(out.shape))
 
     def dense(self, group: LoraGroup, x: torch.Tensor, route: DenseRoute) -> list[torch.Tensor]:
         """float32 GEMMs over just the batch's adapters; the mask keeps each token's own block.

@@ -77,19 +77,18 @@ class CpuNativeBackend(CpuBackend):
         calls): a delta tensor per member, its split and three adds took 25.5 us around a
         2.4 us kernel call; see docs/performance.md for the step.
         """
-        if any(o.dtype != torch.bfloat16 or not o.is_contiguous() for o in outs):
-            super().add_deltas(group, x, batch, outs)
-            return
+        for out in outs:
+            if out.dtype != torch.bfloat16 or not out.is_contiguous():
+                super().add_deltas(group, x, batch, outs)
+                return
         if 0 < len(batch.chunks) <= self.peft_chunks_max:  # those as PEFT, the rest here
             if batch.token_route is not None:
                 self._native(group, x, batch.token_route, outs, accumulate=True)
+            rows = [out.view(-1, out.shape[-1]) for out in outs]
             for chunk in batch.chunks:
-                self.prompt_chunk(group, x, chunk, outs)
+                self.prompt_chunk(group, x, chunk, rows)
             return
-        route = batch.row_route
-        if batch.tokens_per_row > 1:
-            route = route.repeat_interleave(batch.tokens_per_row, 0)
-        self._native(group, x, route, outs, accumulate=True)
+        self._native(group, x, batch.route_per_token, outs, accumulate=True)
 
     def native_deltas(
         self,
