@@ -206,3 +206,60 @@ def test_prompt_chunks_are_peft_bit_for_bit_beside_decoding_rows(shape: str) -> 
         for (slot, _), (start, count) in zip(chunks, prompts, strict=True):
             expected = _peft_delta(slot, member, in_features, out, x[start : start + count])
             assert torch.equal(got[member][start : start + count], expected), (member, slot)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_deltas_are_added_into_the_outputs_as_torch_adds_them(shape: str) -> None:
+    """The layers' path: the kernel adds each delta into its member's output in place.
+    That must equal torch's `out.add_(delta)` in bf16 (the delta rounded to bf16, the sum
+    rounded again), and leave the rows with no adapter exactly as they were; so must a
+    pass with PEFT-computed prompt chunks."""
+    in_features, outs = SHAPES[shape]
+    group = _group(in_features, outs)
+    context = group.context
+    backend = context.backend
+    assert isinstance(backend, CpuNativeBackend)
+    slots = BATCHES["mixed"] + [2] * 5 + [0] * 2  # 19 decoding rows, one chunk, 2 rows without
+    prompts = [(19, 5)]
+    generator = torch.Generator().manual_seed(17)
+    x = torch.randn(len(slots), in_features, generator=generator).bfloat16()
+    for batch in (context.route(slots, 1, CPU), context.route(slots, 1, CPU, prompts)):
+        bases = [torch.randn(len(slots), out, generator=generator).bfloat16() for out in outs]
+        expected = [
+            base.clone().add_(delta)
+            for base, delta in zip(bases, backend.deltas(group, x, batch), strict=True)
+        ]
+        got = [base.clone() for base in bases]
+        backend.add_deltas(group, x, batch, got)
+        for member in range(group.members):
+            assert torch.equal(got[member], expected[member]), (member, bool(batch.chunks))
+            for row, slot in enumerate(slots):
+                if slot == 0 or (slot == 6 and member == 1):
+                    assert torch.equal(got[member][row], bases[member][row])
+
+
+@pytest.mark.parametrize("shape", ["qkv", "gate_up", "odd"])
+def test_a_row_gets_the_same_bits_alone_and_among_many_adapters(shape: str) -> None:
+    """A lone row (batch 1) or a pair runs on the calling thread, a crowd of adapters a
+    tile per thread of the team, and rows share tiles with their adapter's other rows: a
+    row's delta must not depend on its company (the batch it decodes in)."""
+    in_features, outs = SHAPES[shape]
+    group = _group(in_features, outs)
+    backend = group.context.backend
+    assert isinstance(backend, CpuNativeBackend)
+    crowd = [4, 1, 2, 3, 9, 5, 6, 7, 8, 1, 2, 3]
+    x = torch.randn(len(crowd), in_features, generator=torch.Generator().manual_seed(23))
+    x = x.bfloat16()
+    together = backend.native_deltas(group, x, group.context.route(crowd, 1, CPU).row_route)
+    for row in (0, 4):  # slots 4 and 9 (rank 64); then slot 1's two rows as one tile
+        alone = backend.native_deltas(
+            group, x[row : row + 1], group.context.route(crowd[row : row + 1], 1, CPU).row_route
+        )
+        for member in range(group.members):
+            assert torch.equal(alone[member][0], together[member][row]), (row, member)
+    rows = [1, 9]  # slot 1 twice: one tile of two rows
+    pair = backend.native_deltas(
+        group, x[rows], group.context.route([crowd[r] for r in rows], 1, CPU).row_route
+    )
+    for member in range(group.members):
+        assert torch.equal(pair[member], together[member][rows]), member
