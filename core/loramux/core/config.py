@@ -162,10 +162,11 @@ class Settings:
     max_batch_tokens: int = setting(2048, "most tokens (prefill + decode) in one step", "engine")
     max_prefill_tokens_while_decoding: int = setting(
         0,
-        "most prompt tokens prefilled in a step that also decodes running requests, so a "
-        "long prompt arriving costs their inter-token latency little (0: auto, "
-        f"{CPU_PREFILL_TOKENS_WHILE_DECODING} on the CPU, --max-batch-tokens on CUDA); "
-        "a step with no decoding request takes up to --max-batch-tokens",
+        "most tokens of a longer prompt prefilled in a step that also decodes running "
+        "requests, so a long prompt arriving costs their inter-token latency little (0: "
+        f"auto, {CPU_PREFILL_TOKENS_WHILE_DECODING} on the CPU, --max-batch-tokens on CUDA); "
+        "prompts that fit it whole join such a step whole, all that wait, within "
+        "--max-batch-tokens; a step with no decoding request takes up to --max-batch-tokens",
         "engine",
     )
     max_prefill_attention_while_decoding: int = setting(

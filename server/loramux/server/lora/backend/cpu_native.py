@@ -46,10 +46,14 @@ class CpuNativeBackend(CpuBackend):
     name = "cpu_native"
     dense_max_adapters = 0
     # Up to this many prompt chunks in a pass are computed as PEFT does (`prompt_chunk`):
-    # ~35 us per member and chunk, affordable beside decoding rows (a mixed pass holds one
-    # or two chunks) but not for a burst of prompts (32 prompts of 32 tokens: prefill
-    # 714 -> 947 ms, compiled 714, base 477; load ~5), which the kernel takes whole.
-    peft_chunks_max = 4
+    # ~9-15 ms per 28-token chunk of a rank-16 all-linear adapter on SmolLM2 (13 chunks
+    # +113 ms, 16 beside 16 decoding rows +245 ms over the kernel; load ~4), not for a
+    # bigger burst of prompts (32 prompts of 32 tokens: prefill 714 -> 947 ms, compiled
+    # 714, base 477; load ~5), which the kernel takes whole. 16, not 4, since short
+    # prompts arriving while rows decode join one pass together (Engine._prefill_chunks)
+    # instead of one or two a step: tests/test_composition.py's 14 requests then share a
+    # pass, and with 4 their prompts left PEFT's numbers (111 tokens compared, 112 asked).
+    peft_chunks_max = 16
 
     def __init__(self, kernel: NativeKernel) -> None:
         super().__init__("eager")  # the compiled fallback is never needed: bf16 slots only
