@@ -206,3 +206,33 @@ def test_prompt_chunks_are_peft_bit_for_bit_beside_decoding_rows(shape: str) -> 
         for (slot, _), (start, count) in zip(chunks, prompts, strict=True):
             expected = _peft_delta(slot, member, in_features, out, x[start : start + count])
             assert torch.equal(got[member][start : start + count], expected), (member, slot)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_deltas_are_added_into_the_outputs_as_torch_adds_them(shape: str) -> None:
+    """The layers' path: the kernel adds each delta into its member's output in place.
+    That must equal torch's `out.add_(delta)` in bf16 (the delta rounded to bf16, the sum
+    rounded again), and leave the rows with no adapter exactly as they were; so must a
+    pass with PEFT-computed prompt chunks."""
+    in_features, outs = SHAPES[shape]
+    group = _group(in_features, outs)
+    context = group.context
+    backend = context.backend
+    assert isinstance(backend, CpuNativeBackend)
+    slots = BATCHES["mixed"] + [2] * 5 + [0] * 2  # 19 decoding rows, one chunk, 2 rows without
+    prompts = [(19, 5)]
+    generator = torch.Generator().manual_seed(17)
+    x = torch.randn(len(slots), in_features, generator=generator).bfloat16()
+    for batch in (context.route(slots, 1, CPU), context.route(slots, 1, CPU, prompts)):
+        bases = [torch.randn(len(slots), out, generator=generator).bfloat16() for out in outs]
+        expected = [
+            base.clone().add_(delta)
+            for base, delta in zip(bases, backend.deltas(group, x, batch), strict=True)
+        ]
+        got = [base.clone() for base in bases]
+        backend.add_deltas(group, x, batch, got)
+        for member in range(group.members):
+            assert torch.equal(got[member], expected[member]), (member, bool(batch.chunks))
+            for row, slot in enumerate(slots):
+                if slot == 0 or (slot == 6 and member == 1):
+                    assert torch.equal(got[member][row], bases[member][row])

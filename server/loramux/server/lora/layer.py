@@ -86,7 +86,8 @@ class LoraGroup:
         # (prompt chunks, `peft_weights`); the last PEFT_WEIGHTS_SLOTS slots asked
         self._peft: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.kernel_plan: object | None = None  # the backend's view of the stacks (its own)
-        # (input, batch, deltas, members not yet served) of the current fused computation
+        self.bases: list[nn.Module] = []  # each member's frozen base layer, in member order
+        # (input, batch, outputs, members not yet served) of the current fused computation
         self._pending: tuple[torch.Tensor, LoraBatchMetadata, list[torch.Tensor], set[int]] | None
         self._pending = None
 
@@ -282,13 +283,22 @@ class LoraGroup:
         )
         return self._dense
 
-    def delta(self, member: int, x: torch.Tensor, batch: LoraBatchMetadata) -> torch.Tensor:
-        """This member's LoRA delta for input `x` [..., in] (computed once for all members)."""
+    def output(self, member: int, x: torch.Tensor, batch: LoraBatchMetadata) -> torch.Tensor:
+        """This member's output, base layer plus LoRA delta, for input `x` [..., in].
+
+        The first member asked computes every member's: each base layer on `x`, then one
+        backend call adds all the deltas into those outputs in place; its siblings, called
+        next on the same input (q/k/v, gate/up), take theirs. A member asked again, or for
+        another input, starts a new computation.
+        """
         pending = self._pending
-        if pending is None or pending[0] is not x or pending[1] is not batch:
+        if not (
+            pending is not None and pending[0] is x and pending[1] is batch and member in pending[3]
+        ):
+            outs = [base(x) for base in self.bases]
             flat = x.reshape(-1, self.in_features)
-            deltas = self.context.backend.deltas(self, flat, batch)
-            pending = (x, batch, deltas, set(range(self.members)))
+            self.context.backend.add_deltas(self, flat, batch, outs)
+            pending = (x, batch, outs, set(range(self.members)))
             self._pending = pending
         pending[3].discard(member)
         if not pending[3]:
@@ -312,6 +322,7 @@ class MultiLoraLinear(nn.Module):
         self.shape = shape
         self.member = member
         self.group = group  # shared with the sibling projections; holds the slot tensors
+        group.bases.append(base)
 
     @property
     def occupied(self) -> set[int]:
@@ -322,15 +333,15 @@ class MultiLoraLinear(nn.Module):
         self.group.write(self.member, slot, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         batch = self.group.context.batch
         if batch is None or self.group.occupied.isdisjoint(batch.slots_in_batch):
-            return out
-        delta = self.group.delta(self.member, x, batch)
-        if delta.dtype != out.dtype:
-            # Rounded to the output dtype before the add, as PEFT's 4-bit LoRA layers do.
-            delta = delta.to(out.dtype)
-        return out.add_(delta.view(out.shape))
+            return self.base(x)
+        return self.group.output(self.member, x, batch)
+
+    # Called straight, without nn.Module's hook dispatch (~0.7 us of 1.6 per call, 210 calls
+    # a step on SmolLM2): nothing hooks these wrappers, and the base layer inside is still
+    # called as a module, hooks and all.
+    __call__ = forward
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,6 +63,13 @@ class LoraBatchMetadata:
     # With chunks: [tokens, 2] int64, row_route per token with every chunk token at width
     # 0; None when no token is left outside the chunks (a padded prefill's padding is not)
     token_route: torch.Tensor | None = None
+
+    @cached_property
+    def route_per_token(self) -> torch.Tensor:  # [tokens, 2] int64: row_route per token
+        """`row_route` repeated for each token of its row (once per pass, not per layer)."""
+        if self.tokens_per_row == 1:
+            return self.row_route
+        return self.row_route.repeat_interleave(self.tokens_per_row, 0)
 
     @classmethod
     def build(

@@ -134,6 +134,18 @@ class LoraBackend(ABC):
                 out.index_copy_(0, route.rows, part)
         return outs
 
+    def add_deltas(
+        self,
+        group: LoraGroup,
+        x: torch.Tensor,  # [tokens, in]
+        batch: LoraBatchMetadata,
+        outs: Sequence[torch.Tensor],  # M x [..., out_m]: the members' base outputs, tokens
+    ) -> None:  # in x's order
+        """Add every member's delta to its base output in place, rounded to the output's
+        dtype first, as PEFT's 4-bit LoRA layers do (`result + lora(x).to(result.dtype)`)."""
+        for out, delta in zip(outs, self.deltas(group, x, batch), strict=True):
+            out.add_(delta.to(out.dtype).view(out.shape))
+
     def dense(self, group: LoraGroup, x: torch.Tensor, route: DenseRoute) -> list[torch.Tensor]:
         """float32 GEMMs over just the batch's adapters; the mask keeps each token's own block.
 
@@ -154,7 +166,7 @@ class LoraBackend(ABC):
         group: LoraGroup,
         x: torch.Tensor,  # [tokens, in] the pass's flattened input
         chunk: PromptChunk,
-        outs: Sequence[torch.Tensor],  # M x [tokens, out_m]: the chunk's rows are written
+        outs: Sequence[torch.Tensor],  # M x [tokens, out_m]: the chunk's rows are added to
     ) -> None:
         """A prompt chunk's deltas computed as PEFT computes them, GEMM for GEMM.
 
@@ -188,7 +200,7 @@ class LoraBackend(ABC):
                 delta = torch.nn.functional.linear(shrunk, b)
             else:
                 delta = torch.nn.functional.linear(shrunk, b).mul_(scaling)
-            out[chunk.start : chunk.stop] = delta
+            out[chunk.start : chunk.stop].add_(delta.to(out.dtype))  # rounded, then added
 
     def warm(self, group: LoraGroup) -> None:
         """Compile the decode kernel for this group's shapes before the first request."""

@@ -35,7 +35,7 @@ class NativeKernel:
         self.path = path
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._bgmv = entry_point(
-            path, "loramux_bgmv", [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr]
+            path, "loramux_bgmv", [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64]
         )
 
     def bgmv(
@@ -48,11 +48,24 @@ class NativeKernel:
         classes: int,
         plan_ptr: int,
         route_ptr: int,
-        y_ptr: int,
+        ys: ctypes.Array[ctypes.c_int64],
+        accumulate: bool,
     ) -> None:
-        """Shrink + expand of `rows` rows (layouts in bgmv_avx512.cpp); raises on a bad plan."""
+        """Shrink + expand of `rows` rows (layouts in bgmv_avx512.cpp); raises on a bad plan.
+
+        `ys`: each member's output rows; written, or with `accumulate` added to (in bf16).
+        """
         status = self._bgmv(
-            rows, in_features, members, outs_ptr, x_ptr, classes, plan_ptr, route_ptr, y_ptr
+            rows,
+            in_features,
+            members,
+            outs_ptr,
+            x_ptr,
+            classes,
+            plan_ptr,
+            route_ptr,
+            ys,
+            int(accumulate),
         )
         if status != 0:
             raise RuntimeError(f"native LoRA kernel refused its arguments (status {status})")
