@@ -236,3 +236,30 @@ def test_deltas_are_added_into_the_outputs_as_torch_adds_them(shape: str) -> Non
             for row, slot in enumerate(slots):
                 if slot == 0 or (slot == 6 and member == 1):
                     assert torch.equal(got[member][row], bases[member][row])
+
+
+@pytest.mark.parametrize("shape", ["qkv", "gate_up", "odd"])
+def test_a_row_gets_the_same_bits_alone_and_among_many_adapters(shape: str) -> None:
+    """A lone row (batch 1) or a pair runs on the calling thread, a crowd of adapters a
+    tile per thread of the team, and rows share tiles with their adapter's other rows: a
+    row's delta must not depend on its company (the batch it decodes in)."""
+    in_features, outs = SHAPES[shape]
+    group = _group(in_features, outs)
+    backend = group.context.backend
+    assert isinstance(backend, CpuNativeBackend)
+    crowd = [4, 1, 2, 3, 9, 5, 6, 7, 8, 1, 2, 3]
+    x = torch.randn(len(crowd), in_features, generator=torch.Generator().manual_seed(23))
+    x = x.bfloat16()
+    together = backend.native_deltas(group, x, group.context.route(crowd, 1, CPU).row_route)
+    for row in (0, 4):  # slots 4 and 9 (rank 64); then slot 1's two rows as one tile
+        alone = backend.native_deltas(
+            group, x[row : row + 1], group.context.route(crowd[row : row + 1], 1, CPU).row_route
+        )
+        for member in range(group.members):
+            assert torch.equal(alone[member][0], together[member][row]), (row, member)
+    rows = [1, 9]  # slot 1 twice: one tile of two rows
+    pair = backend.native_deltas(
+        group, x[rows], group.context.route([crowd[r] for r in rows], 1, CPU).row_route
+    )
+    for member in range(group.members):
+        assert torch.equal(pair[member], together[member][rows]), member
