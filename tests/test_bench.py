@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import adapters, engine
+import pytest
+
+from bench import adapters, engine, lora_kernel
+from loramux.server.lora.backend.native import cpu_supports_kernel
 
 NEW_TOKENS = engine.NEW_TOKENS
 
@@ -71,3 +74,30 @@ def test_adapter_benchmark_measures_each_tier(tmp_path: Path) -> None:
     # A cold load includes its disk read: the store really went back to disk every time.
     assert all(d > 0 and c >= d for c, d in zip(cold, disk, strict=True))
     assert (tmp_path / "adapters.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(cpu_supports_kernel() is not None, reason="no AVX-512 BF16 CPU")
+def test_lora_kernel_benchmark_checks_and_times_each_reader(tmp_path: Path) -> None:
+    payload = lora_kernel.main(
+        [
+            "--configs",
+            "one1,ranks",
+            "--layers",
+            "2",
+            "--steps",
+            "1",
+            "--reps",
+            "1",
+            "--check",
+            "--results-dir",
+            str(tmp_path),
+        ]
+    )
+    # The kernel it times computes what a float32 reference does, to bf16 rounding, on a
+    # single row and on mixed rank classes.
+    assert {c["config"] for c in payload["checks"]} == {"one1", "ranks"}
+    assert all(c["max_rel_error"] < 1e-2 for c in payload["checks"]), payload["checks"]
+    readers = {(r["config"], r["kernel"]) for r in payload["results"]}
+    assert len(readers) == 6  # 2 configs x (kernel, plain read per call, one pass)
+    assert all(r["step_ms_p50"] > 0 and r["weight_mb"] > 0 for r in payload["results"])
+    assert json.loads((tmp_path / "lora_kernel.json").read_text())["results"]
