@@ -45,6 +45,15 @@ def _events(engine: Engine, max_new_tokens: int = NEW_TOKENS) -> list[TokenEvent
     return list(engine.submit(GenerationRequest("r", engine.tokenize(PROMPT), params)))
 
 
+def test_at_interval_one_each_token_is_due_at_once() -> None:
+    """Interval 1: an event is handed over as it is put, so a reader that keeps up gets one
+    event per token (a reader's timing is not asserted: see the tests below)."""
+    stream = RequestStream("r", prompt_tokens=3, wake=lambda: None)
+    for token, text in ((5, "a"), (6, "b")):
+        stream._put(TokenEvent((token,), text))
+        assert stream.next_event() == TokenEvent((token,), text)
+
+
 def test_a_reader_behind_gets_what_piled_up_as_one_event() -> None:
     """Interval 1: the engine's events wait for a slow reader, which takes them at once,
     merged in order with the finish last, instead of waking once per token."""
@@ -60,10 +69,12 @@ def test_a_reader_behind_gets_what_piled_up_as_one_event() -> None:
 
 def test_the_reader_wakes_once_per_interval(engines: dict[int, Engine]) -> None:
     """Interval 4: every event before the last carries at least 4 tokens, the last the rest
-    and the finish; the tokens and text are exactly interval 1's (one event per token)."""
+    and the finish; the tokens and text are exactly interval 1's. (Interval 1 gives one
+    event per token only while its reader keeps up; one that falls behind, as a busy
+    machine's test thread may, takes what piled up as one event: the test below.)"""
     single = _events(engines[1])
     batched = _events(engines[INTERVAL])
-    assert [len(e.token_ids) for e in single] == [1] * NEW_TOKENS
+    assert sum(len(e.token_ids) for e in single) == NEW_TOKENS
     assert all(len(e.token_ids) >= INTERVAL for e in batched[:-1])
     assert len(batched) <= -(-NEW_TOKENS // INTERVAL)
     assert [t for e in batched for t in e.token_ids] == [t for e in single for t in e.token_ids]
