@@ -137,6 +137,17 @@ def _engine(smollm2: ResolvedModel, dirs: dict[str, Path], **settings: Any) -> E
     return engine
 
 
+def _tiny_engine(tiny_llama: ResolvedModel, **settings: Any) -> Engine:
+    """The tiny random Llama, KV blocks of BLOCK tokens, the eager LoRA kernel."""
+    return Engine(
+        load_base_model(tiny_llama, "nf4", "cpu"),
+        load_tokenizer(tiny_llama),
+        Settings(kv_block_size=BLOCK, **settings),
+        tiny_llama,
+        lora_kernel="eager",
+    )
+
+
 def _block_bytes(smollm2: ResolvedModel) -> int:
     from transformers import AutoConfig
 
@@ -332,13 +343,7 @@ def test_steps_with_decoding_rows_prefill_at_most_the_budget_while_decoding(
     tiny_llama: ResolvedModel,
 ) -> None:
     """--max-prefill-tokens-while-decoding caps a step's prefill only while rows decode."""
-    engine = Engine(
-        load_base_model(tiny_llama, "nf4", "cpu"),
-        load_tokenizer(tiny_llama),
-        Settings(max_batch_tokens=64, max_prefill_tokens_while_decoding=8, kv_block_size=BLOCK),
-        tiny_llama,
-        lora_kernel="eager",
-    )
+    engine = _tiny_engine(tiny_llama, max_batch_tokens=64, max_prefill_tokens_while_decoding=8)
     log = PassLog(engine)
     try:
         running = engine.submit(_request(list(range(100, 120)), None, 12, "short"))
@@ -370,13 +375,7 @@ def test_a_burst_of_short_prompts_beside_decoding_rows_is_prefilled_in_one_pass(
     each step is a pass over every weight (and every adapter the batch names), so 30 gRPC
     calls arriving over ~20 ms took 15 passes (docs/performance.md, issue 13). A prompt
     longer than the cap still creeps in at most the cap per step (the test above)."""
-    engine = Engine(
-        load_base_model(tiny_llama, "nf4", "cpu"),
-        load_tokenizer(tiny_llama),
-        Settings(max_batch_tokens=128, max_prefill_tokens_while_decoding=16, kv_block_size=BLOCK),
-        tiny_llama,
-        lora_kernel="eager",
-    )
+    engine = _tiny_engine(tiny_llama, max_batch_tokens=128, max_prefill_tokens_while_decoding=16)
     burst = [list(range(300 + 20 * i, 310 + 20 * i)) for i in range(6)]  # 6 x 10 tokens
     log = PassLog(engine)
     try:
@@ -410,17 +409,11 @@ def test_chunks_beside_decoding_rows_shrink_as_their_context_grows(
     """--max-prefill-attention-while-decoding: a chunk of w tokens after c cached ones,
     in a step that also decodes, keeps w x (c + w) within the budget (at least 1 token)."""
     area = 16 * 40
-    engine = Engine(
-        load_base_model(tiny_llama, "nf4", "cpu"),
-        load_tokenizer(tiny_llama),
-        Settings(
-            max_batch_tokens=64,
-            max_prefill_tokens_while_decoding=16,
-            max_prefill_attention_while_decoding=area,
-            kv_block_size=BLOCK,
-        ),
+    engine = _tiny_engine(
         tiny_llama,
-        lora_kernel="eager",
+        max_batch_tokens=64,
+        max_prefill_tokens_while_decoding=16,
+        max_prefill_attention_while_decoding=area,
     )
     chunks: list[tuple[int, int, int]] = []  # (step, cached before, tokens)
     prefill, mixed = engine.runner.prefill, engine.runner.mixed
