@@ -21,8 +21,7 @@
 //     [width, capacity, A ptr [capacity, members * width, in] bf16,
 //      row_scale ptr [capacity, members * width] f32, Bt_0 ptr [capacity, width, out_0] bf16, ...]
 // Route: [n, 2] int64: (class width, index in that class's stack); width 0 = no adapter.
-// Outputs: ys[m] points at member m's [n, out_m] bf16 rows (contiguous). With accumulate 0
-// they are written (rows with no adapter get zeros); with accumulate 1 each delta is
+// Outputs: ys[m] points at member m's [n, out_m] bf16 rows (contiguous). Each delta is
 // rounded to bf16 and added to what is there, rounded again (rows with no adapter are left
 // alone): `out.add_(delta.to(bf16))`, as PEFT adds a delta to a 4-bit layer's output, so the
 // layer's own output takes the delta with no separate delta tensor, split or add.
@@ -130,7 +129,7 @@ void shrink_tile(const Tile& tile, const uint16_t* a, const float* scale, int64_
 template <int R, int C>
 inline void expand_chunk(const Tile& tile, const uint16_t* bt, int64_t width, int64_t out,
                          int64_t o, const float* h, int64_t h_stride, uint16_t* y,
-                         bool accumulate, Prefetcher& pf) {
+                         Prefetcher& pf) {
   __m512 acc[R][C];
   for (int j = 0; j < R; ++j)
     for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
@@ -152,12 +151,12 @@ inline void expand_chunk(const Tile& tile, const uint16_t* bt, int64_t width, in
   for (int j = 0; j < R; ++j) {
     uint16_t* yrow = y + tile.row[j] * out + o;
     for (int c = 0; c < C; ++c) {
-      __m256i packed = (__m256i)_mm512_cvtneps_pbh(acc[j][c]);
-      if (accumulate) {  // bf16(y + bf16(delta)), each rounding to nearest even as torch's
-        const __m256i old = c == C - 1 ? _mm256_maskz_loadu_epi16(last, yrow + 16 * c)
-                                       : _mm256_loadu_si256((const __m256i*)(yrow + 16 * c));
-        packed = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(bf16_to_f32(old), bf16_to_f32(packed)));
-      }
+      // bf16(y + bf16(delta)), each rounding to nearest even as torch's
+      const __m256i delta = (__m256i)_mm512_cvtneps_pbh(acc[j][c]);
+      const __m256i old = c == C - 1 ? _mm256_maskz_loadu_epi16(last, yrow + 16 * c)
+                                     : _mm256_loadu_si256((const __m256i*)(yrow + 16 * c));
+      const __m256i packed =
+          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(bf16_to_f32(old), bf16_to_f32(delta)));
       if (c == C - 1)
         _mm256_mask_storeu_epi16(yrow + 16 * c, last, packed);
       else
@@ -168,21 +167,20 @@ inline void expand_chunk(const Tile& tile, const uint16_t* bt, int64_t width, in
 
 template <int R>
 void expand_stream(const Tile& tile, const uint16_t* bt, int64_t width, int64_t out,
-                   const float* h, int64_t h_stride, uint16_t* y, bool accumulate,
-                   Prefetcher& pf) {
+                   const float* h, int64_t h_stride, uint16_t* y, Prefetcher& pf) {
   constexpr int C = R == 1 ? 8 : 4;  // R x C accumulators: 8 or up to 16 of 32 registers
   int64_t o = 0;
   for (; o + 16 * C <= out; o += 16 * C)
-    expand_chunk<R, C>(tile, bt, width, out, o, h, h_stride, y, accumulate, pf);
+    expand_chunk<R, C>(tile, bt, width, out, o, h, h_stride, y, pf);
   for (; o < out; o += 16)
-    expand_chunk<R, 1>(tile, bt, width, out, o, h, h_stride, y, accumulate, pf);
+    expand_chunk<R, 1>(tile, bt, width, out, o, h, h_stride, y, pf);
 }
 
 }  // namespace
 
 extern "C" int loramux_bgmv(int64_t n, int64_t in, int64_t members, const int64_t* outs,
                             const uint16_t* x, int64_t num_classes, const int64_t* plan,
-                            const int64_t* route, const int64_t* ys, int64_t accumulate) {
+                            const int64_t* route, const int64_t* ys) {
   if (members < 1 || members > kMaxMembers || num_classes < 0 || n < 0) return -1;
   std::vector<ClassPlan> classes(static_cast<size_t>(num_classes));
   int64_t max_width = 0;
@@ -204,13 +202,7 @@ extern "C" int loramux_bgmv(int64_t n, int64_t in, int64_t members, const int64_
   std::vector<int64_t> order;
   order.reserve(n);
   for (int64_t t = 0; t < n; ++t) {
-    if (route[2 * t] == 0) {
-      if (!accumulate)
-        for (int64_t m = 0; m < members; ++m)
-          std::memset(y[m] + t * outs[m], 0, sizeof(uint16_t) * outs[m]);
-    } else {
-      order.push_back(t);
-    }
+    if (route[2 * t] != 0) order.push_back(t);
   }
   std::stable_sort(order.begin(), order.end(), [route](int64_t l, int64_t r) {
     return route[2 * l] != route[2 * r] ? route[2 * l] < route[2 * r]
@@ -242,7 +234,6 @@ extern "C" int loramux_bgmv(int64_t n, int64_t in, int64_t members, const int64_
   int64_t weight_bytes = 0;
   for (const Tile& t : tiles) weight_bytes += t.cls->width * members * in * 2;
   const int64_t count = static_cast<int64_t>(tiles.size());
-  const bool add = accumulate != 0;
   auto weights = [&](const Tile& t, Prefetcher& pf) {
     const int64_t rows = members * t.cls->width;
     pf.add(t.cls->a + t.index * rows * in, rows * in);
@@ -279,10 +270,10 @@ extern "C" int loramux_bgmv(int64_t n, int64_t in, int64_t members, const int64_
       const float* hm = h + m * c.width;
       uint16_t* ym = y[m];
       switch (tile.rows) {
-        case 1: expand_stream<1>(tile, bt, c.width, out, hm, h_stride, ym, add, pf); break;
-        case 2: expand_stream<2>(tile, bt, c.width, out, hm, h_stride, ym, add, pf); break;
-        case 3: expand_stream<3>(tile, bt, c.width, out, hm, h_stride, ym, add, pf); break;
-        default: expand_stream<4>(tile, bt, c.width, out, hm, h_stride, ym, add, pf); break;
+        case 1: expand_stream<1>(tile, bt, c.width, out, hm, h_stride, ym, pf); break;
+        case 2: expand_stream<2>(tile, bt, c.width, out, hm, h_stride, ym, pf); break;
+        case 3: expand_stream<3>(tile, bt, c.width, out, hm, h_stride, ym, pf); break;
+        default: expand_stream<4>(tile, bt, c.width, out, hm, h_stride, ym, pf); break;
       }
     }
     pf.finish();

@@ -24,7 +24,6 @@ class KernelPlan:
     version: int  # the group's fitted SlotTable version (its stacks change only with it)
     plan: torch.Tensor  # [K, 4 + M] int64: width, capacity, A, row_scale, Bt_0..Bt_{M-1}
     outs: torch.Tensor  # [M] int64: out_features per member
-    total_out: int
     # The kernel's fixed arguments, as ints: ~1 us each to ask torch for on every call
     plan_ptr: int
     outs_ptr: int
@@ -63,7 +62,7 @@ class CpuNativeBackend(CpuBackend):
     def deltas(
         self, group: LoraGroup, x: torch.Tensor, batch: LoraBatchMetadata
     ) -> list[torch.Tensor]:
-        outs = [x.new_zeros(x.shape[0], out, dtype=torch.bfloat16) for out in group.outs]
+        outs = _zeros(group, x)
         self.add_deltas(group, x, batch, outs)  # 0 + bf16(delta) is bf16(delta) exactly
         return outs
 
@@ -87,12 +86,12 @@ class CpuNativeBackend(CpuBackend):
                 return
         if 0 < len(batch.chunks) <= self.peft_chunks_max:  # those as PEFT, the rest here
             if batch.token_route is not None:
-                self._native(group, x, batch.token_route, outs, accumulate=True)
+                self._native(group, x, batch.token_route, outs)
             rows = [out.view(-1, out.shape[-1]) for out in outs]
             for chunk in batch.chunks:
                 self.prompt_chunk(group, x, chunk, rows)
             return
-        self._native(group, x, batch.route_per_token, outs, accumulate=True)
+        self._native(group, x, batch.route_per_token, outs)
 
     def native_deltas(
         self,
@@ -100,10 +99,9 @@ class CpuNativeBackend(CpuBackend):
         x: torch.Tensor,  # [n, in] bf16
         route: torch.Tensor,  # [n, 2] int64: (rank class width or 0, index in its stack)
     ) -> list[torch.Tensor]:  # M x [n, out_m] bf16
-        """Every member's delta alone, written by the kernel (rows with no adapter: zero)."""
-        n = x.shape[0]
-        outs = [torch.empty(n, out, dtype=torch.bfloat16, device=x.device) for out in group.outs]
-        self._native(group, x, route, outs, accumulate=False)
+        """Every member's delta alone, added to zeros (rows with no adapter stay zero)."""
+        outs = _zeros(group, x)
+        self._native(group, x, route, outs)
         return outs
 
     def _native(
@@ -111,8 +109,7 @@ class CpuNativeBackend(CpuBackend):
         group: LoraGroup,
         x: torch.Tensor,  # [n, in]
         route: torch.Tensor,  # [n, 2] int64
-        outs: Sequence[torch.Tensor],  # M x [n, out_m] bf16, contiguous
-        accumulate: bool,
+        outs: Sequence[torch.Tensor],  # M x [n, out_m] bf16, contiguous: deltas added
     ) -> None:
         plan = self._plan(group)
         if x.dtype != torch.bfloat16 or not x.is_contiguous():
@@ -127,7 +124,6 @@ class CpuNativeBackend(CpuBackend):
             plan.plan_ptr,
             route.data_ptr(),
             (ctypes.c_int64 * group.members)(*[out.data_ptr() for out in outs]),
-            accumulate,
         )
 
     def _plan(self, group: LoraGroup) -> KernelPlan:
@@ -151,7 +147,6 @@ class CpuNativeBackend(CpuBackend):
             version=group.version,
             plan=table,
             outs=outs,
-            total_out=sum(group.outs),
             plan_ptr=table.data_ptr(),
             outs_ptr=outs.data_ptr(),
             classes=table.shape[0],
@@ -161,3 +156,8 @@ class CpuNativeBackend(CpuBackend):
 
     def warm(self, group: LoraGroup) -> None:
         """Nothing to compile: the library was built (or found in its cache) at start."""
+
+
+def _zeros(group: LoraGroup, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each member's [tokens, out_m] bf16 zeros, for deltas on their own."""
+    return [x.new_zeros(x.shape[0], out, dtype=torch.bfloat16) for out in group.outs]

@@ -35,7 +35,7 @@ class NativeKernel:
         self.path = path
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._bgmv = entry_point(
-            path, "loramux_bgmv", [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64]
+            path, "loramux_bgmv", [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr]
         )
 
     def bgmv(
@@ -49,11 +49,10 @@ class NativeKernel:
         plan_ptr: int,
         route_ptr: int,
         ys: ctypes.Array[ctypes.c_int64],
-        accumulate: bool,
     ) -> None:
         """Shrink + expand of `rows` rows (layouts in bgmv_avx512.cpp); raises on a bad plan.
 
-        `ys`: each member's output rows; written, or with `accumulate` added to (in bf16).
+        `ys`: each member's output rows, to which its deltas are added (in bf16).
         """
         status = self._bgmv(
             rows,
@@ -65,7 +64,6 @@ class NativeKernel:
             plan_ptr,
             route_ptr,
             ys,
-            int(accumulate),
         )
         if status != 0:
             raise RuntimeError(f"native LoRA kernel refused its arguments (status {status})")
