@@ -605,3 +605,47 @@ def test_metric_labels_stay_bounded(server: RunningServer, tenants: dict) -> Non
     labels = set(re.findall(r'^loramux_requests_total\{adapter="([^"]*)"', text, re.MULTILINE))
     assert len(labels) <= metrics.adapter_label.limit + 3  # + base, unknown, other
     assert "other" in labels
+
+
+def test_an_adapter_deleted_while_a_request_resolves_it_is_not_found(
+    server: RunningServer,
+    admin: LoramuxClient,
+    address: str,
+    linears: dict[str, LinearShape],
+    tmp_path: Path,
+) -> None:
+    """A request found the adapter's row; before it reached the engine the adapter was
+    deleted (its entry evicted, its files removed), so the request registered it again and
+    its load found no files. The answer is NOT_FOUND, as if the delete had come first, not
+    a FAILED_PRECONDITION about missing files (the soak test met this race once)."""
+    admin.create_tenant("initech")
+    _, key = admin.create_key("initech")
+    state = server.state
+    with LoramuxClient(address, key) as initech:
+        # Files of its own (stored files are shared by digest and stay while any row uses them)
+        files = write_random_adapter(
+            tmp_path / "own", linears, rank=8, alpha=16, seed=99, scale=0.06
+        )
+        record = initech.upload_adapter(files, "short-lived")
+        registry = state.registry
+        find = registry.find
+        racing = threading.Event()
+
+        def find_then_delete(tenant: str, ref: str, **kwargs: object) -> object:
+            found = find(tenant, ref, **kwargs)  # type: ignore[arg-type]
+            if ref == "short-lived" and not kwargs and not racing.is_set():
+                racing.set()  # the delete runs in full between this lookup and the engine
+                initech.delete_adapter("short-lived")
+                engine_id = found.engine_id
+                assert eventually(lambda: engine_id not in state.engine.adapters)
+            return found
+
+        registry.find = find_then_delete  # type: ignore[method-assign]
+        try:
+            with pytest.raises(NotFound) as info:
+                initech.generate("hi", adapter="short-lived", max_new_tokens=1)
+        finally:
+            registry.find = find  # type: ignore[method-assign]
+        assert racing.is_set()
+        assert info.value.field == "adapter"
+        assert record.name not in [a.name for a in initech.list_adapters()]

@@ -10,13 +10,14 @@ back into its own messages, and calls `cancel()` when its client goes away.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 
-from loramux.core.errors import Cancelled, LoramuxError, NotFound
+from loramux.core.errors import Cancelled, FailedPrecondition, LoramuxError, NotFound
 from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.state import ServerState, register_record
@@ -43,6 +44,9 @@ class GenerationCall:
         self.last_token: float | None = None
         self._gone = threading.Event()
         self._streams: list[RequestStream] = []
+        # (field, ref, engine id) of adapters this call made known to the engine: their
+        # rows may be deleted between the lookup and the registration (`_deleted_meanwhile`)
+        self._registered: list[tuple[str, str, str]] = []
 
     def resolve(self, ref: str | None) -> str | None:
         """The engine id of adapter `ref` (own name or `owner/name`); None for the base."""
@@ -53,6 +57,7 @@ class GenerationCall:
         self.adapter_label = f"{record.owner}/{record.name}"
         if record.engine_id not in self.state.engine.adapters:
             register_record(self.state, record)
+            self._registered.append(("adapter", ref, record.engine_id))
         return record.engine_id
 
     def resolve_weighted(self, entries: Sequence[tuple[str, float]], field: str) -> str | None:
@@ -69,10 +74,29 @@ class GenerationCall:
                 raise NotFound(f"{field}[{i}].name", str(error).split(": ", 1)[-1]) from None
             if record.engine_id not in self.state.engine.adapters:
                 register_record(self.state, record)
+                self._registered.append((f"{field}[{i}].name", ref, record.engine_id))
             parts.append(WeightedAdapter(record.engine_id, weight))
             labels.append(f"{record.owner}/{record.name}")
         self.adapter_label = labels[0] if len(labels) == 1 else COMPOSED_LABEL
         return self.state.engine.adapters.weighted(parts)
+
+    def _deleted_meanwhile(self) -> None:
+        """Raise NOT_FOUND if an adapter this call registered was deleted meanwhile.
+
+        Between this call's lookup of the row and its registration with the engine, a
+        delete may have run in full (entry evicted, files removed): the registration then
+        brought back an adapter with no files, and its load failed. The caller gets what it
+        would have got had the delete come first, and the stale entry goes.
+        """
+        for field, ref, engine_id in self._registered:
+            try:
+                current = self.state.registry.find(self.principal.tenant, ref).engine_id
+            except NotFound:
+                current = None
+            if current != engine_id:
+                with contextlib.suppress(NotFound):
+                    self.state.engine.adapters.unregister(engine_id)
+                raise NotFound(field, f"adapter {ref!r} was deleted")
 
     def request(
         self,
@@ -174,6 +198,8 @@ class GenerationCall:
             if event.finished:
                 metrics.tokens(self.principal.tenant, event.prompt_tokens, event.completion_tokens)
                 if event.error is not None:
+                    if isinstance(event.error, FailedPrecondition):
+                        self._deleted_meanwhile()
                     raise event.error
                 if event.finish_reason is FinishReason.CANCELLED:
                     raise Cancelled(None, "the request was cancelled")
