@@ -77,3 +77,104 @@ def test_mixed_pass_attention_equals_sdpa_per_row(context: int, chunk: int) -> N
     gemms = chunk <= EAGER_MAX_CHUNK and length >= EAGER_MIN_CONTEXT
     tolerance = 2e-2 if gemms else 0.0
     torch.testing.assert_close(out[0, 3:], expected[0], atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("softcap", "window", "sinks"),
+    [(1.0, None, False), (None, 16, False), (1.0, 16, False), (None, 16, True), (None, None, True)],
+)
+def test_soft_capping_sinks_and_sliding_windows_equal_the_families_eager_attention(
+    softcap: float | None, window: int | None, sinks: bool
+) -> None:
+    """Gemma 2's attention (logit soft-capping, sliding windows) and GPT-OSS's (attention
+    sinks: one extra softmax column per head), which SDPA does not take:
+    in a padded prefill pass and in a mixed pass (three decoding rows, one chunk), each
+    row's output is transformers' own Gemma 2 eager attention on the row's keys and values
+    under a mask built here from positions (column c allowed when p - window < c <= p),
+    bit for bit (the same GEMMs, the capped scores masked, softmax in float32); with a
+    window alone, transformers' SDPA attention (as Mistral's, StarCoder2's), bit for bit;
+    with sinks, GPT-OSS's own eager attention, bit for bit."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+    from transformers.models.gpt_oss.modeling_gpt_oss import (
+        eager_attention_forward as sinks_attention_forward,
+    )
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
+    module.training = False
+    module.sinks = torch.randn(HEADS, dtype=torch.bfloat16) if sinks else None
+    scale = HEAD_DIM**-0.5
+
+    def reference(
+        query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: list[int]
+    ) -> torch.Tensor:
+        columns = torch.arange(keys.shape[2])
+        at = torch.tensor(positions)[:, None]
+        allowed = (columns[None, :] <= at) & (columns[None, :] < max(positions) + 1)
+        if window is not None:
+            allowed &= columns[None, :] > at - window
+        mask = _additive(allowed)[None, None]
+        if sinks:
+            out, _ = sinks_attention_forward(module, query, keys, values, mask, scaling=scale)
+        elif softcap is None:  # a window alone: transformers' SDPA attention, as Mistral's
+            out, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=scale)
+        else:
+            out, _ = eager_attention_forward(
+                module, query, keys, values, mask, scaling=scale, softcap=softcap
+            )
+        return out[0]  # [T, heads, head_dim]
+
+    kwargs = {"softcap": softcap, "sliding_window": window, "s_aux": module.sinks}
+    # a padded prefill pass: two rows of 40 and 25 tokens from position 0
+    lengths = [40, 25]
+    keys = torch.randn(2, KV_HEADS, 40, HEAD_DIM, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    query = torch.randn(2, HEADS, 40, HEAD_DIM, dtype=torch.bfloat16)
+    columns = torch.arange(40)
+    ends = torch.tensor(lengths)[:, None, None]
+    allowed = (columns[None, None, :] <= columns[None, :, None]) & (columns[None, None, :] < ends)
+    out, _ = paged_attention_forward(
+        module, query, keys, values, _additive(allowed[:, None]), scaling=scale, **kwargs
+    )
+    for row, n in enumerate(lengths):
+        # over the pass's padded width, the padding masked, as transformers pads a batch
+        expected = reference(
+            query[row : row + 1, :, :n], keys[row : row + 1], values[row : row + 1],
+            list(range(n)),
+        )  # fmt: skip
+        torch.testing.assert_close(out[row, :n], expected, atol=0, rtol=0)
+
+    # a mixed pass: decoding rows at positions 49, 119, 74, and a chunk of 20 after 30
+    decode_lengths = [50, 120, 75]
+    start, chunk = 30, 20
+    row_keys = [torch.randn(1, KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16) for n in decode_lengths]
+    row_keys.append(torch.randn(1, KV_HEADS, start + chunk, HEAD_DIM, dtype=torch.bfloat16))
+    row_values = [torch.randn_like(k) for k in row_keys]
+    tokens = len(decode_lengths) + chunk
+    query = torch.randn(1, HEADS, tokens, HEAD_DIM, dtype=torch.bfloat16)
+    longest = max(decode_lengths)
+    padded = [torch.nn.functional.pad(k, (0, 0, 0, longest - k.shape[2])) for k in row_keys[:3]]
+    padded_v = [torch.nn.functional.pad(v, (0, 0, 0, longest - v.shape[2])) for v in row_values[:3]]
+    decode_mask = _additive(torch.arange(longest)[None, :] < torch.tensor(decode_lengths)[:, None])
+    chunk_columns = torch.arange(start + chunk)
+    chunk_mask = _additive(chunk_columns[None, :] <= torch.arange(start, start + chunk)[:, None])
+    groups = [
+        SegmentGroup(slice(0, 3), 3, torch.zeros(3, 1), longest, decode_mask[:, None, None]),
+        SegmentGroup(slice(3, tokens), 1, torch.zeros(1, 1), start + chunk, chunk_mask[None, None]),
+    ]
+    out, _ = paged_attention_forward(
+        module,
+        query,
+        GroupedKV(groups, [torch.cat(padded), row_keys[3]]),
+        GroupedKV(groups, [torch.cat(padded_v), row_values[3]]),
+        None,
+        scaling=scale,
+        **kwargs,
+    )
+    for row, n in enumerate(decode_lengths):
+        expected = reference(query[:, :, row : row + 1], padded[row], padded_v[row], [n - 1])
+        torch.testing.assert_close(out[0, row], expected[0], atol=0, rtol=0)
+    expected = reference(
+        query[:, :, 3:], row_keys[3], row_values[3], list(range(start, start + chunk))
+    )
+    torch.testing.assert_close(out[0, 3:], expected, atol=0, rtol=0)

@@ -58,13 +58,29 @@ def paged_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:  # ([rows, T, heads, head_dim], no weights)
+    # Gemma 2's attention logit soft-capping, GPT-OSS's attention sinks and the sliding
+    # windows of Mistral, Gemma 2/3, StarCoder2, GPT-OSS (per layer): computed here on the
+    # torch path (the kernels are not chosen for such models: paged_attention.unsupported).
+    softcap: float | None = kwargs.pop("softcap", None)
+    window: int | None = kwargs.pop("sliding_window", None)
+    sinks: torch.Tensor | None = kwargs.pop("s_aux", None)  # [heads] GPT-OSS attention sinks
+    eager = softcap is not None or sinks is not None  # SDPA takes neither
     if isinstance(key, PoolKV):  # decoding rows, every one by the kernel
         assert isinstance(value, PoolKV) and query.shape[2] == 1
+        assert not eager and window is None, "the paged kernels take none of these"
         out = query.new_empty(query.shape[0], query.shape[1], query.shape[3])
         _attend_in_pool(key.kernel_batch, query[:, :, 0], key.pool, value.pool, scaling, out)
         return out[:, None], None
     if not isinstance(key, GroupedKV):
         assert isinstance(value, torch.Tensor)
+        if window is not None and attention_mask is not None:
+            attention_mask = _windowed(attention_mask, window)
+        if eager:
+            assert attention_mask is not None
+            out = _grouped_query_attention(
+                query, key, value, attention_mask, scaling, softcap, sinks
+            )
+            return out, None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -81,12 +97,15 @@ def paged_attention_forward(
         part = query[0, :, group.tokens]  # [heads, rows * T, head_dim]
         per_row = part.shape[1] // group.rows
         rows_query = part.reshape(heads, group.rows, per_row, head_dim).transpose(0, 1)
-        if per_row == 1:  # decoding rows: transformers stacks the heads of a KV head itself
+        mask = group.mask if window is None else _windowed(group.mask, window)
+        if per_row == 1 and not eager:  # decoding rows: transformers stacks the heads
             result, _ = sdpa_attention_forward(
-                module, rows_query, keys, values, group.mask, scaling=scaling, **kwargs
+                module, rows_query, keys, values, mask, scaling=scaling, **kwargs
             )
         else:
-            result = _grouped_query_attention(rows_query, keys, values, group.mask, scaling)
+            result = _grouped_query_attention(
+                rows_query, keys, values, mask, scaling, softcap, sinks
+            )
         out[group.tokens] = result.reshape(-1, heads, head_dim)  # [rows, T, heads, head_dim]
     return out[None], None  # [1, tokens, heads, head_dim]
 
@@ -108,8 +127,13 @@ def _grouped_query_attention(
     value: torch.Tensor,  # [rows, kv_heads, kv_length, head_dim]
     mask: torch.Tensor,  # [rows, 1, T, kv_length] additive
     scaling: float | None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [heads]
 ) -> torch.Tensor:  # [rows, T, heads, head_dim]
     """SDPA with the query heads that share a KV head stacked as query rows.
+
+    With attention logit soft-capping (Gemma 2) or attention sinks (GPT-OSS), which SDPA
+    does not take, always the two GEMMs of the family's own eager attention.
 
     With a mask, transformers' SDPA path copies every key/value head out to its query
     heads (`repeat_kv`: 3x the bytes on SmolLM2's 9 query / 3 KV heads) for any query
@@ -126,8 +150,16 @@ def _grouped_query_attention(
     stacked = query.reshape(rows, kv_heads, groups * length, head_dim)
     stacked_mask = mask[:, :, None].expand(rows, 1, groups, length, kv_length)
     stacked_mask = stacked_mask.reshape(rows, 1, groups * length, kv_length)
-    if length <= EAGER_MAX_CHUNK and kv_length >= EAGER_MIN_CONTEXT:
-        out = _eager_attention(stacked, key, value, stacked_mask, scaling or head_dim**-0.5)
+    if sinks is not None:  # stacked row g * T + t of KV head k is query head k * groups + g
+        sinks = sinks.reshape(kv_heads, groups, 1).expand(kv_heads, groups, length)
+        sinks = sinks.reshape(1, kv_heads, groups * length, 1).expand(rows, -1, -1, -1)
+    if (
+        softcap is not None
+        or sinks is not None
+        or (length <= EAGER_MAX_CHUNK and kv_length >= EAGER_MIN_CONTEXT)
+    ):
+        scale = scaling or head_dim**-0.5
+        out = _eager_attention(stacked, key, value, stacked_mask, scale, softcap, sinks)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
             stacked, key, value, attn_mask=stacked_mask, scale=scaling
@@ -141,6 +173,8 @@ def _eager_attention(
     value: torch.Tensor,
     mask: torch.Tensor,  # [rows, 1, Q, kv_length] additive
     scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [rows, kv_heads, Q, 1]
 ) -> torch.Tensor:  # [rows, kv_heads, Q, head_dim]
     """Scores, softmax in float32, weighted values: transformers' eager attention.
 
@@ -153,9 +187,33 @@ def _eager_attention(
     # Contiguous first: the batched GEMMs copy a strided operand each (keys once for the
     # scores, values once more), a gathered row sliced to its length is strided.
     key, value = key.contiguous(), value.contiguous()
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling + mask
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:  # Gemma 2, as its eager attention: tanh(scores / cap) * cap
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask
+    if sinks is not None:  # GPT-OSS: a sink column per head in a softmax in the scores' dtype
+        combined = torch.cat([scores, sinks.to(scores.dtype)], dim=-1)
+        combined = combined - combined.amax(dim=-1, keepdim=True)
+        weights = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+        return torch.matmul(weights.to(value.dtype), value)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(weights, value)
+
+
+def _windowed(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """A causal additive mask [rows, 1, T, kv_length] cut to a sliding window: each query
+    sees the `window` positions up to its own, as transformers' sliding-window masks do
+    (`kv > q - window`).
+
+    Every mask the runner builds allows a query exactly the columns up to its own position
+    (its row's cache holds position p in column p), so the query's position is its last
+    allowed column; the window is cut from there, whichever pass built the mask.
+    """
+    allowed = mask == 0  # [rows, 1, T, kv_length]
+    columns = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(allowed, columns, -1).amax(dim=-1, keepdim=True)  # [rows, 1, T, 1]
+    keep = allowed & (columns > last - window)
+    return torch.zeros_like(mask).masked_fill_(~keep, torch.finfo(mask.dtype).min)
 
 
 def register_engine_attention() -> str:
