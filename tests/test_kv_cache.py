@@ -24,7 +24,6 @@ from loramux.server.kv_blocks import BlockPool
 from loramux.server.kv_cache import PagedKVCache
 from loramux.server.lora import base_linear_shapes
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
-from loramux.server.runner import kv_geometry
 from loramux.server.synthetic import write_random_adapter
 
 BLOCK = 16
@@ -151,8 +150,14 @@ def _tiny_engine(tiny_llama: ResolvedModel, **settings: Any) -> Engine:
 def _block_bytes(smollm2: ResolvedModel) -> int:
     from transformers import AutoConfig
 
-    geometry = kv_geometry(AutoConfig.from_pretrained(str(smollm2.path)))
-    return PagedKVCache.bytes_per_block(block_size=BLOCK, dtype=torch.bfloat16, **geometry)
+    config = AutoConfig.from_pretrained(str(smollm2.path))  # a Llama: no head_dim field needed
+    return PagedKVCache.bytes_per_block(
+        num_layers=config.num_hidden_layers,
+        block_size=BLOCK,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.hidden_size // config.num_attention_heads,
+        dtype=torch.bfloat16,
+    )
 
 
 @pytest.fixture(scope="module")

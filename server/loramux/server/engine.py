@@ -64,9 +64,10 @@ from loramux.server.lora import (
     make_context,
     wrap_linear_layers,
 )
+from loramux.server.model_support import check_quantized, probe_model
 from loramux.server.paged_attention import choose_kernel
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
-from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch, kv_geometry
+from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch
 from loramux.server.sampling import RowSampler, sample_next_tokens
 from loramux.server.streams import RequestStream
 from loramux.server.threads import compute_thread_count, in_own_thread, use_compute_threads
@@ -159,7 +160,11 @@ class Engine:
         self.prompts = PromptEncoder(tokenizer)  # the trainer tokenises with the same rules
         self.model = model
         device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # What the engine relies on in this model, or a start-up refusal naming what it lacks.
+        shape = probe_model(model, pad)
         base_linears: dict[str, LinearShape] = base_linear_shapes(model)
+        check_quantized(model, base_linears)
         module_names = [name for name, _ in model.named_modules()]  # before wrapping
         self._lora: LoraContext | None = None
         layers = {}
@@ -183,24 +188,30 @@ class Engine:
             table=self._lora.table if self._lora is not None else None,
             module_names=module_names,
         )
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
-        geometry = kv_geometry(config)
+        geometry = shape.geometry
         num_blocks = self._pool_blocks(settings, geometry, device)
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
         # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
         self.prefill_attention_while_decoding = self._attention_budget(settings, device)
-        attention_kernel = choose_kernel(
-            settings.attention_kernel,
-            device,
-            config,
-            head_dim=geometry["head_dim"],
-            kv_heads=geometry["kv_heads"],
-            block_size=settings.kv_block_size,
-        )
+        attention_kernel = None
+        if shape.attention_variant is None:
+            attention_kernel = choose_kernel(
+                settings.attention_kernel,
+                device,
+                config,
+                head_dim=geometry["head_dim"],
+                kv_heads=geometry["kv_heads"],
+                block_size=settings.kv_block_size,
+            )
+        elif settings.attention_kernel == "native":
+            raise ValueError(
+                "--attention-kernel native is not available here: this model has "
+                f"{shape.attention_variant}"
+            )
         self.runner = ModelRunner(
-            model, self._lora, pad, num_blocks, settings.kv_block_size, attention_kernel
+            model, self._lora, pad, num_blocks, settings.kv_block_size, shape, attention_kernel
         )
         self.blocks = BlockPool(
             num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching

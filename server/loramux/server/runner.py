@@ -31,6 +31,7 @@ from loramux.server.kv_cache import (
     SegmentGroup,
 )
 from loramux.server.lora import LoraBatchMetadata, LoraContext
+from loramux.server.model_support import ModelShape
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,12 @@ class ModelRunner:
         pad_token_id: int,
         num_blocks: int,
         block_size: int,
+        shape: ModelShape,
         attention_kernel: PoolAttention | None = None,
     ) -> None:
         self.model = model
+        # The family's own step from the output layer to its logits (model_support.py).
+        self.logit_transform = shape.logits
         # Attends decode rows (and chunks over long contexts) straight from the block pool;
         # None: every pass gathers each row's blocks for torch's SDPA (paged_attention/).
         self.kernel = attention_kernel
@@ -78,7 +82,7 @@ class ModelRunner:
             block_size=block_size,
             dtype=self.dtype,
             device=self.device,
-            **kv_geometry(model.config),
+            **shape.geometry,
         )
         model.set_attn_implementation(register_engine_attention())
         params = inspect.signature(self.decoder.forward).parameters
@@ -122,7 +126,7 @@ class ModelRunner:
         return out.last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, hidden] -> [rows, vocab]
-        return self.lm_head(hidden).float()
+        return self.logit_transform(self.lm_head(hidden)).float()
 
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
         """Run each row's chunk; return the logits after its last token [rows, vocab] float32."""
@@ -333,13 +337,3 @@ class ModelRunner:
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-
-
-def kv_geometry(config: Any) -> dict[str, int]:
-    """Layers, KV heads and head size of a HF decoder config (what a KV block holds)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {
-        "num_layers": config.num_hidden_layers,
-        "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        "head_dim": head_dim,
-    }
