@@ -2,6 +2,7 @@
 #   make serve   install everything, prepare the default model, start a development server
 #                (--dev: no keys, 127.0.0.1 only; `make serve SERVE_ARGS="--admin-keys-file F --host 0.0.0.0"`)
 #   make test    install everything, prepare the default model, lint, type-check, run all tests
+#   make models-doc  rewrite docs/models.md (the support matrix) from a run of its test
 #
 # torch: on a machine without a GPU we want the CPU build. TORCH_SPEC is what pip is asked
 # for when .venv has no torch yet; on these machines `torch==2.13.0` is a CPU build on local
@@ -16,7 +17,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.loramux-installed
 SERVE_ARGS ?= --dev --http-port 8000
 
-.PHONY: install system-deps serve test lint typecheck proto bench clean
+.PHONY: install system-deps serve test lint typecheck proto bench models-doc clean
 
 # Debian packages the fleet tests start for real (tests/test_fleet.py): PostgreSQL and
 # nginx. Installed only when missing, and only where apt-get can (root on Debian); the
@@ -65,6 +66,11 @@ proto: install
 test: install system-deps lint typecheck
 	$(BIN)/loramux models prepare
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# docs/models.md: the support matrix, rewritten from a run of its test (issue 23).
+models-doc: install
+	$(BIN)/loramux models prepare
+	LORAMUX_MODELS_DOC=1 $(BIN)/python -m pytest -q tests/test_model_families.py
 
 bench: install
 	$(BIN)/loramux models prepare

@@ -159,6 +159,30 @@ def near_tie(scores: Any) -> tuple[int, ...] | None:
     return tuple(int(t) for t in close[order])
 
 
+def peft_generate(
+    model: Any, ids: list[int], adapter: str | None, new_tokens: int
+) -> tuple[list[int], list[tuple[int, ...] | None]]:
+    """PEFT's greedy tokens (`adapter`, or the base model for None) and, per position, its
+    nearly tied best tokens (or None)."""
+    import torch
+
+    if adapter is None:
+        context: Any = model.disable_adapter()
+    else:
+        model.set_adapter(adapter)
+        context = torch.inference_mode()
+    with context, torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(ids) :].tolist(), [near_tie(s[0]) for s in out.scores]
+
+
 def tokens_before_parting(
     got: list[int], want: list[int], ties: list[tuple[int, ...] | None], context: Any
 ) -> int:

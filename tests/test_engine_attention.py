@@ -3,6 +3,7 @@ transformers' own SDPA attention on the same keys and values."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +21,50 @@ def _additive(allowed: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(torch.bfloat16).min)
 
 
+@dataclass
+class _MixedPass:
+    """Three decoding rows (50, 120, 75 tokens) and one chunk of `chunk` tokens after
+    `context` cached ones, flattened as the mixed pass does: its inputs and per-row parts."""
+
+    query: torch.Tensor  # [1, heads, tokens, head_dim]
+    keys: list[torch.Tensor]  # per row [1, kv_heads, its length, head_dim]; the chunk's last
+    values: list[torch.Tensor]
+    padded: list[torch.Tensor]  # decoding rows' keys padded to the longest
+    padded_v: list[torch.Tensor]
+    decode_mask: torch.Tensor  # [3, longest] additive
+    chunk_mask: torch.Tensor  # [chunk, context + chunk] additive
+    grouped_k: GroupedKV
+    grouped_v: GroupedKV
+
+
+DECODE_LENGTHS = [50, 120, 75]
+
+
+def _mixed_pass(context: int, chunk: int) -> _MixedPass:
+    length = context + chunk
+    keys = [torch.randn(1, KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16) for n in DECODE_LENGTHS]
+    keys.append(torch.randn(1, KV_HEADS, length, HEAD_DIM, dtype=torch.bfloat16))
+    values = [torch.randn_like(k) for k in keys]
+    tokens = len(DECODE_LENGTHS) + chunk
+    query = torch.randn(1, HEADS, tokens, HEAD_DIM, dtype=torch.bfloat16)
+    # the decode group: rows padded to the longest, masked past their own length
+    longest = max(DECODE_LENGTHS)
+    padded = [torch.nn.functional.pad(k, (0, 0, 0, longest - k.shape[2])) for k in keys[:3]]
+    padded_v = [torch.nn.functional.pad(v, (0, 0, 0, longest - v.shape[2])) for v in values[:3]]
+    columns = torch.arange(longest)
+    decode_mask = _additive(columns[None, :] < torch.tensor(DECODE_LENGTHS)[:, None])
+    chunk_mask = _additive(torch.arange(length)[None, :] <= torch.arange(context, length)[:, None])
+    groups = [
+        SegmentGroup(slice(0, 3), 3, torch.zeros(3, 1), longest, decode_mask[:, None, None]),
+        SegmentGroup(slice(3, tokens), 1, torch.zeros(1, 1), length, chunk_mask[None, None]),
+    ]
+    grouped_k = GroupedKV(groups, [torch.cat(padded), keys[3]])
+    grouped_v = GroupedKV(groups, [torch.cat(padded_v), values[3]])
+    return _MixedPass(
+        query, keys, values, padded, padded_v, decode_mask, chunk_mask, grouped_k, grouped_v
+    )
+
+
 @pytest.mark.parametrize(
     ("context", "chunk"),
     [(EAGER_MIN_CONTEXT, 4), (EAGER_MIN_CONTEXT + 100, EAGER_MAX_CHUNK), (300, 4), (200, 40)],
@@ -32,26 +77,11 @@ def test_mixed_pass_attention_equals_sdpa_per_row(context: int, chunk: int) -> N
     long context; SDPA's path, bit for bit, otherwise)."""
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
-    decode_lengths = [50, 120, 75]
-    length = context + chunk
-    keys = [torch.randn(1, KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16) for n in decode_lengths]
-    keys.append(torch.randn(1, KV_HEADS, length, HEAD_DIM, dtype=torch.bfloat16))
-    values = [torch.randn_like(k) for k in keys]
+    mixed = _mixed_pass(context, chunk)
+    decode_lengths, query, keys, values = DECODE_LENGTHS, mixed.query, mixed.keys, mixed.values
+    padded, padded_v, decode_mask = mixed.padded, mixed.padded_v, mixed.decode_mask
+    chunk_mask, grouped_k, grouped_v = mixed.chunk_mask, mixed.grouped_k, mixed.grouped_v
     tokens = len(decode_lengths) + chunk
-    query = torch.randn(1, HEADS, tokens, HEAD_DIM, dtype=torch.bfloat16)
-    # the decode group: rows padded to the longest, masked past their own length
-    longest = max(decode_lengths)
-    padded = [torch.nn.functional.pad(k, (0, 0, 0, longest - k.shape[2])) for k in keys[:3]]
-    padded_v = [torch.nn.functional.pad(v, (0, 0, 0, longest - v.shape[2])) for v in values[:3]]
-    columns = torch.arange(longest)
-    decode_mask = _additive(columns[None, :] < torch.tensor(decode_lengths)[:, None])
-    chunk_mask = _additive(torch.arange(length)[None, :] <= torch.arange(context, length)[:, None])
-    groups = [
-        SegmentGroup(slice(0, 3), 3, torch.zeros(3, 1), longest, decode_mask[:, None, None]),
-        SegmentGroup(slice(3, tokens), 1, torch.zeros(1, 1), length, chunk_mask[None, None]),
-    ]
-    grouped_k = GroupedKV(groups, [torch.cat(padded), keys[3]])
-    grouped_v = GroupedKV(groups, [torch.cat(padded_v), values[3]])
     out, _ = paged_attention_forward(
         module, query, grouped_k, grouped_v, None, scaling=HEAD_DIM**-0.5
     )
@@ -74,7 +104,7 @@ def test_mixed_pass_attention_equals_sdpa_per_row(context: int, chunk: int) -> N
         chunk_mask[None, None],
         scaling=HEAD_DIM**-0.5,
     )
-    gemms = chunk <= EAGER_MAX_CHUNK and length >= EAGER_MIN_CONTEXT
+    gemms = chunk <= EAGER_MAX_CHUNK and context + chunk >= EAGER_MIN_CONTEXT
     tolerance = 2e-2 if gemms else 0.0
     torch.testing.assert_close(out[0, 3:], expected[0], atol=tolerance, rtol=tolerance)
 
@@ -145,36 +175,18 @@ def test_soft_capping_sinks_and_sliding_windows_equal_the_families_eager_attenti
         torch.testing.assert_close(out[row, :n], expected, atol=0, rtol=0)
 
     # a mixed pass: decoding rows at positions 49, 119, 74, and a chunk of 20 after 30
-    decode_lengths = [50, 120, 75]
     start, chunk = 30, 20
-    row_keys = [torch.randn(1, KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16) for n in decode_lengths]
-    row_keys.append(torch.randn(1, KV_HEADS, start + chunk, HEAD_DIM, dtype=torch.bfloat16))
-    row_values = [torch.randn_like(k) for k in row_keys]
-    tokens = len(decode_lengths) + chunk
-    query = torch.randn(1, HEADS, tokens, HEAD_DIM, dtype=torch.bfloat16)
-    longest = max(decode_lengths)
-    padded = [torch.nn.functional.pad(k, (0, 0, 0, longest - k.shape[2])) for k in row_keys[:3]]
-    padded_v = [torch.nn.functional.pad(v, (0, 0, 0, longest - v.shape[2])) for v in row_values[:3]]
-    decode_mask = _additive(torch.arange(longest)[None, :] < torch.tensor(decode_lengths)[:, None])
-    chunk_columns = torch.arange(start + chunk)
-    chunk_mask = _additive(chunk_columns[None, :] <= torch.arange(start, start + chunk)[:, None])
-    groups = [
-        SegmentGroup(slice(0, 3), 3, torch.zeros(3, 1), longest, decode_mask[:, None, None]),
-        SegmentGroup(slice(3, tokens), 1, torch.zeros(1, 1), start + chunk, chunk_mask[None, None]),
-    ]
+    mixed = _mixed_pass(start, chunk)
+    query = mixed.query
     out, _ = paged_attention_forward(
-        module,
-        query,
-        GroupedKV(groups, [torch.cat(padded), row_keys[3]]),
-        GroupedKV(groups, [torch.cat(padded_v), row_values[3]]),
-        None,
-        scaling=scale,
-        **kwargs,
+        module, query, mixed.grouped_k, mixed.grouped_v, None, scaling=scale, **kwargs
     )
-    for row, n in enumerate(decode_lengths):
-        expected = reference(query[:, :, row : row + 1], padded[row], padded_v[row], [n - 1])
+    for row, n in enumerate(DECODE_LENGTHS):
+        expected = reference(
+            query[:, :, row : row + 1], mixed.padded[row], mixed.padded_v[row], [n - 1]
+        )
         torch.testing.assert_close(out[0, row], expected[0], atol=0, rtol=0)
     expected = reference(
-        query[:, :, 3:], row_keys[3], row_values[3], list(range(start, start + chunk))
+        query[:, :, 3:], mixed.keys[3], mixed.values[3], list(range(start, start + chunk))
     )
     torch.testing.assert_close(out[0, 3:], expected, atol=0, rtol=0)
