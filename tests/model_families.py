@@ -202,6 +202,25 @@ def _gpt_oss(c: dict[str, Any]) -> Any:
     )
 
 
+def _deepseek_v3(c: dict[str, Any]) -> Any:
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        **c,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=HIDDEN,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=HEAD_DIM,
+        v_head_dim=HEAD_DIM,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+    )
+
+
 QKV = ("q_proj", "v_proj")
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -224,6 +243,7 @@ FAMILIES: dict[str, Family] = {
         Family("GPT-NeoX", "gpt_neox", _gpt_neox, ("query_key_value",)),
         Family("Falcon", "falcon", _falcon, ("query_key_value",)),
         Family("GPT-OSS", "gpt_oss", _gpt_oss, QKV, moe=True),
+        Family("DeepSeek-V3", "deepseek_v3", _deepseek_v3, ("q_b_proj", "kv_b_proj"), moe=True),
     ]
 }
 

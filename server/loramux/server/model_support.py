@@ -31,7 +31,7 @@ model, with a recording cache and a recording attention function, says
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +146,8 @@ def _recording_attention(calls: list[dict[str, Any]]) -> Any:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         calls.append({"layer": getattr(module, "layer_idx", None), **kwargs})
-        return query.transpose(1, 2).contiguous(), None  # [rows, T, heads, head_dim]
+        rows, heads, length = query.shape[:3]  # [rows, T, heads, value head_dim]
+        return query.new_zeros(rows, length, heads, value.shape[-1]), None
 
     return attend
 
@@ -195,7 +196,7 @@ def probe_model(model: Any, pad_token_id: int) -> ModelShape:
     return ModelShape(layers, shape[1], shape[3], windows, softcaps, sinks, transform)
 
 
-def check_quantized(model: Any, linears: Iterable[str]) -> None:
+def check_quantized(model: Any, linears: Collection[str]) -> None:
     """On a 4-bit base, every adaptable linear layer must be a 4-bit one.
 
     transformers' bitsandbytes integration replaces `nn.Linear` modules only: Falcon's
@@ -206,6 +207,11 @@ def check_quantized(model: Any, linears: Iterable[str]) -> None:
         return
     import bitsandbytes as bnb
 
+    if not linears:
+        raise UnsupportedModel(
+            "linear layers the 4-bit quantizer takes",
+            "it has no nn.Linear layers, so bitsandbytes quantizes none",
+        )
     modules = dict(model.named_modules())
     plain = sorted(
         {
@@ -244,6 +250,12 @@ def _kv_shape(cache: _RecordingCache, layers: int) -> tuple[int, ...]:
             + (f"; layers {twice} more than once" * bool(twice)),
         )
     ((key, value),) = shapes
+    if len(key) == len(value) == 4 and key[-1] != value[-1]:
+        raise UnsupportedModel(
+            "keys and values of one head size",
+            f"keys {list(key)}, values {list(value)} for one token "
+            "(multi-head latent attention, as DeepSeek's)",
+        )
     if key != value or len(key) != 4 or key[0] != 1 or key[2] != 1:
         raise UnsupportedModel(
             "keys and values as [rows, kv_heads, tokens, head_dim]",
