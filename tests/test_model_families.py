@@ -33,6 +33,8 @@ from loramux.server.engine import Engine
 from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.synthetic import write_random_adapter
 
+pytestmark = [pytest.mark.slow, pytest.mark.peft_reference]
+
 NEW_TOKENS = 8
 # Longer than the 16-token sliding windows, of different lengths so that with 24 tokens a
 # step the prompts are prefilled in chunks beside rows already decoding (mixed passes).
