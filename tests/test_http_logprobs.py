@@ -25,6 +25,7 @@ from test_http_api import (
     url,
 )
 
+from loramux.client import InvalidArgument
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer
 
@@ -253,3 +254,47 @@ def test_vllm_extensions_are_honoured(url: str, keys: dict[str, str]) -> None:
     }
     done = httpx.post(f"{url}/v1/chat/completions", json=chat, headers=headers, timeout=60).json()
     assert done["usage"]["completion_tokens"] == 3
+
+
+def test_client_score_is_the_continuations_loglikelihood(
+    server: RunningServer, keys: dict[str, str], reference: Any
+) -> None:
+    """LoramuxClient.score: the sum of each continuation's token logprobs after the prompt,
+    PEFT's; bad scoring requests are INVALID_ARGUMENT naming the field, and the server
+    goes on serving."""
+    prompt, continuations = "The sky is", [" blue", " a green field"]
+    with grpc_client(server, keys["acme"]) as rpc:
+        scores = rpc.score(prompt, continuations, adapter="alpha")
+        context = rpc.tokenize(prompt)
+        for continuation, got in zip(continuations, scores, strict=True):
+            ids = rpc.tokenize(prompt + continuation)
+            assert ids[: len(context)] == context
+            want, span = _logprobs(reference, ids, "alpha")
+            expected = sum(float(want[q - 1, ids[q]]) for q in range(len(context), len(ids)))
+            worst = float(span[len(context) - 1 :].max()) * (len(ids) - len(context))
+            _close(got, expected, worst, continuation)
+        bad = [
+            ({"token_ids": [1, 10**6]}, "token_ids"),
+            ({"token_ids": [1, 2], "logprobs": 21}, "logprobs"),
+            ({"token_ids": [1, 2], "prompt_logprobs": 21}, "prompt_logprobs"),
+            ({"token_ids": [1, 2], "max_new_tokens": 0}, "max_new_tokens"),
+        ]
+        for kwargs, field in bad:
+            with pytest.raises(InvalidArgument) as info:
+                rpc.generate(**kwargs)  # type: ignore[arg-type]
+            assert info.value.field == field, kwargs
+        assert rpc.generate("Hi", max_new_tokens=2).completion_tokens == 2
+
+
+def test_cli_generate_prints_logprobs(
+    server: RunningServer, keys: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loramux.cli import main as loramux_main
+
+    address = f"127.0.0.1:{server.port}"
+    args = ["generate", "Hello", "--max-new-tokens", "3", "--logprobs", "2"]
+    capsys.readouterr()
+    assert loramux_main([*args, "--address", address, "--api-key", keys["acme"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("\t") for line in lines[-3:]]
+    assert all(len(row) == 3 and float(row[1]) <= 0 for row in rows), lines
