@@ -812,7 +812,7 @@ class Engine:
         """Digests of the full blocks a prefix hit may cover (never the last token: its
         logits are needed), computed once per request. None while its prompt is to be
         scored: every position's logits are needed then, so it is recomputed (its blocks
-        are still offered to others; measured in docs/performance.md, prompt scoring)."""
+        are still offered to others; docs/engine.md, Logprobs and prompt scoring)."""
         if not self.blocks.prefix_caching or active.scoring:
             return []
         size = self.blocks.block_size

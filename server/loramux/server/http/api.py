@@ -243,7 +243,9 @@ class OpenAIFront:
         return {"object": "list", "data": data}
 
 
-def _named_model(model: str, build: Callable[[], GenerationRequest]) -> GenerationRequest:
+def _named_model(
+    model: str, build: Callable[[], list[GenerationRequest]]
+) -> list[GenerationRequest]:
     """`build()`, with an adapter that does not resolve reported as the unknown `model`."""
     try:
         return build()

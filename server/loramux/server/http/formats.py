@@ -153,7 +153,10 @@ class CompletionFormat(ResponseFormat):
         self, entries: Sequence[tuple[int, TokenLogprob | None]], choice: Choice
     ) -> dict[str, Any]:
         """OpenAI's legacy logprobs object for (token id, its logprob) entries."""
-        tokens, values, tops, offsets = [], [], [], []
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for token_id, scored in entries:
             text = self.token_text(token_id)
             tokens.append(text)
