@@ -29,6 +29,8 @@ from loramux.client import InvalidArgument
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer
 
+pytestmark = pytest.mark.peft_reference
+
 TOLERANCE = 0.04  # x the position's logit range, as tests/test_logprobs.py
 
 

@@ -26,7 +26,7 @@ from loramux.server.requests import (
     TokenLogprob,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.peft_reference]
 
 ADAPTERS = [
     ("all8", 8, 16.0, False, None),
