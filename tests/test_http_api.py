@@ -234,14 +234,25 @@ def test_keys_are_required_and_checked(url: str, keys: dict[str, str]) -> None:
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 10**6}, "max_tokens"),
-        ({"n": 2}, "n"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"n": 17}, "n"),  # over --max-n (16)
+        ({"n": 0}, "n"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"echo": True, "logprobs": 21, "max_tokens": 0}, "logprobs"),
+        ({"echo": True, "stream": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"logit_bias": {"x": 1}}, "logit_bias['x']"),
+        ({"logit_bias": {"5": 101}}, "logit_bias[5]"),
+        ({"min_tokens": 5}, "min_tokens"),  # more than max_tokens 2
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"no_such_field": 1}, "no_such_field"),
         ({"prompt": ""}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt[1]"),
         ({"prompt": [10**9]}, "prompt"),
+        ({"prompt": [[5, 6], [7, 10**9]]}, "prompt[1]"),
+        ({"prompt": [[5] * 1000] * 3}, "prompt"),  # over --max-batch-tokens (2048) in total
         ({"seed": -1}, "seed"),
         ({"stop": [""]}, "stop"),
     ],
@@ -267,6 +278,9 @@ def test_bad_chat_requests_name_the_field(url: str, keys: dict[str, str]) -> Non
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
+        ({"n": 17}, "n"),
     ]
     for extra, param in cases:
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}

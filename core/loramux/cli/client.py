@@ -57,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     generate.add_argument(
         "--no-stream", action="store_true", help="one unary call, print at the end"
     )
+    generate.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="after the text, each generated token's log-probability (the model's raw "
+        "log_softmax) and its K (0..20) most likely alternatives, one line a token",
+    )
     add_settings_arguments(generate, ["client"])
     generate.set_defaults(func=_generate)
 
@@ -172,6 +180,7 @@ def _generate(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "seed": args.seed,
         "stop": args.stop,
+        "logprobs": args.logprobs,
     }
     if args.chat:
         messages = [("system", args.system)] if args.system else []
@@ -180,8 +189,12 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompt = args.prompt
     with _client(args) as client:
-        if args.no_stream:
-            print(client.generate(prompt, **kwargs).text)
+        if args.no_stream or args.logprobs is not None:
+            done = client.generate(prompt, **kwargs)
+            print(done.text)
+            for scored in done.logprobs:
+                top = "  ".join(f"{t.text!r} {t.logprob:.4f}" for t in scored.top)
+                print(f"{scored.text!r}\t{scored.logprob:.4f}\t{top}")
             return 0
         for chunk in client.generate_stream(prompt, **kwargs):
             sys.stdout.write(chunk.text)

@@ -190,6 +190,12 @@ class Settings:
         True, "keep full KV blocks after a request ends and reuse them for equal prefixes", "engine"
     )
     max_new_tokens_limit: int = setting(1024, "largest max_new_tokens a request may ask", "engine")
+    max_n: int = setting(
+        16,
+        "most samples (`n`) one completion request may ask; the samples share one prefill "
+        "through the prefix cache",
+        "engine",
+    )
     max_queued_requests: int = setting(1024, "requests waiting for a batch slot", "engine")
     max_rank: int = setting(64, "largest LoRA rank accepted", "engine")
     compute_threads: int = setting(
@@ -303,6 +309,7 @@ class Settings:
             "max_batch_size",
             "max_batch_tokens",
             "max_new_tokens_limit",
+            "max_n",
             "max_rank",
             "kv_block_size",
             "max_loaded_adapters",

@@ -15,9 +15,18 @@ _WINDOW = 6  # tokens of left context re-decoded so that spaces/merges come out 
 
 
 class IncrementalText:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stop: Sequence[str] = (),
+        *,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop  # keep the matched stop string (vLLM's option)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self.text = ""  # all decoded text so far
@@ -26,7 +35,7 @@ class IncrementalText:
         self._read_offset = 0
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens))
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Append a token; return (text safe to emit now, whether a stop string matched)."""
@@ -40,9 +49,10 @@ class IncrementalText:
         self._read_offset = len(self.ids)
         if self.stop:
             search_from = max(0, self.emitted - self.hold)
-            hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+            hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                at, stop = min(hits)
+                self.text = self.text[: at + len(stop) if self.include_stop else at]
                 return self._release(final=True), True
         return self._release(final=False), False
 

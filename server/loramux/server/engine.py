@@ -57,6 +57,7 @@ from loramux.server.adapters import LinearShape
 from loramux.server.detokenize import IncrementalText
 from loramux.server.kv_blocks import ROOT_DIGEST, BlockPool, block_digest
 from loramux.server.kv_cache import PagedKVCache
+from loramux.server.logprobs import score
 from loramux.server.lora import (
     LoraContext,
     base_linear_shapes,
@@ -66,7 +67,13 @@ from loramux.server.lora import (
 )
 from loramux.server.model_support import check_quantized, probe_model
 from loramux.server.paged_attention import choose_kernel
-from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
+from loramux.server.requests import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch
 from loramux.server.sampling import RowSampler, sample_next_tokens
 from loramux.server.streams import RequestStream
@@ -137,11 +144,28 @@ class _Active:
     admitted_once: bool = False
     done: bool = field(default=False)
     final: TokenEvent | None = None  # its last event, held until its resources are back
+    # prompt_logprobs asked: the prompt tokens' so far, by position (the first is None)
+    prompt_scores: list[TokenLogprob | None] = field(default_factory=list)
+    scores_sent: bool = False  # handed out with its first event
 
     @property
     def pending(self) -> int:
         """Tokens still to run through the model (1 when decoding, more while prefilling)."""
         return len(self.tokens) - self.cached
+
+    @property
+    def scoring(self) -> bool:
+        """Its prompt's tokens still need their logprobs (so every position must be run:
+        no prefix-cache hit, as the cached positions' logits are gone)."""
+        prompt = len(self.request.prompt_token_ids)
+        return self.request.params.prompt_logprobs is not None and len(self.prompt_scores) < prompt
+
+    def take_prompt_scores(self) -> tuple[TokenLogprob | None, ...]:
+        """The prompt's logprobs once, for its first event (empty when not asked)."""
+        if self.scores_sent or self.request.params.prompt_logprobs is None:
+            return ()
+        self.scores_sent = True
+        return tuple(self.prompt_scores)
 
 
 class Engine:
@@ -405,6 +429,9 @@ class Engine:
             )
         if any(not 0 <= t < self.info.vocab_size for t in prompt):
             raise InvalidArgument("prompt", "token id outside the vocabulary")
+        for token, _ in params.logit_bias:
+            if not 0 <= token < self.info.vocab_size:
+                raise InvalidArgument("logit_bias", f"token id {token} outside the vocabulary")
         longest = len(prompt) + params.max_new_tokens
         if self.blocks.blocks_for(longest) > self.blocks.num_blocks:
             raise ResourceExhausted(
@@ -425,10 +452,16 @@ class Engine:
         active = _Active(
             request=request,
             stream=stream,
-            sampler=RowSampler(params, prompt),
-            text=IncrementalText(self.tokenizer, params.stop),
+            sampler=RowSampler(params, prompt, self._ending_ids(params)),
+            text=IncrementalText(
+                self.tokenizer,
+                params.stop,
+                skip_special_tokens=params.skip_special_tokens,
+                include_stop=params.include_stop_str_in_output,
+            ),
             seq=seq,
             tokens=list(prompt),
+            prompt_scores=[None] if params.prompt_logprobs is not None else [],
         )
         with self._cv:
             if self._stopping:
@@ -439,6 +472,11 @@ class Engine:
             self._woken = True
             self._cv.notify()
         return stream
+
+    def _ending_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The tokens that end an output (held back before min_tokens)."""
+        ending = frozenset(params.stop_token_ids)
+        return ending if params.ignore_eos else ending | self.eos_token_ids
 
     def stats(self) -> EngineStats:
         with self._cv:
@@ -656,6 +694,7 @@ class Engine:
             slots=[a.slot for a, _ in chunks],
             block_tables=[a.blocks for a, _ in chunks],
             starts=[a.cached for a, _ in chunks],
+            scored=[a.scoring for a, _ in chunks],
         )
 
     @staticmethod
@@ -668,17 +707,42 @@ class Engine:
         )
 
     def _prefilled(self, chunks: list[tuple[_Active, int]], logits: torch.Tensor) -> None:
-        """After a pass ran these chunks: count them, offer full blocks, sample for the
-        rows whose prompt is now cached."""
+        """After a pass ran these chunks: score the prompts that asked, count the chunks,
+        offer full blocks, sample for the rows whose prompt is now cached (a row that
+        asked for no new tokens, only its prompt's scores, ends there).
+
+        `logits`: [chunks, vocab] after each chunk's last token, then [chunk tokens, vocab]
+        of each scoring row's chunk (runner.PrefillBatch.scored)."""
         finished = []
+        offset = len(chunks)
+        for active, n in chunks:
+            if active.scoring:
+                self._score_prompt(active, logits[offset : offset + n])
+                offset += n
         for index, (active, n) in enumerate(chunks):
             active.cached += n
             self._prefill_tokens += n
             self._register_full_blocks(active)
-            if active.pending == 0:
+            if active.pending == 0 and active.request.params.max_new_tokens == 0:
+                self._finish(active, FinishReason.LENGTH)
+            elif active.pending == 0:
                 finished.append(index)
         if finished:
             self._advance([chunks[i][0] for i in finished], logits[finished])
+
+    @staticmethod
+    def _score_prompt(active: _Active, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk's positions predict: logits [chunk
+        tokens, vocab] at positions [cached, cached + chunk tokens) score the tokens one
+        position later, those not scored yet (a preempted request runs its prompt again)."""
+        prompt = active.request.prompt_token_ids
+        first = len(active.prompt_scores)  # the next prompt position to score (>= 1)
+        last = min(active.cached + len(logits), len(prompt) - 1)  # inclusive
+        if last < first:
+            return
+        rows = logits[first - 1 - active.cached : last - active.cached]
+        top = active.request.params.prompt_logprobs or 0
+        active.prompt_scores += score(rows, prompt[first : last + 1], top)
 
     def _decoded(self, decoding: list[_Active], logits: torch.Tensor) -> None:
         for active in decoding:
@@ -757,8 +821,10 @@ class Engine:
 
     def _prefix_digests(self, active: _Active) -> list[bytes]:
         """Digests of the full blocks a prefix hit may cover (never the last token: its
-        logits are needed), computed once per request."""
-        if not self.blocks.prefix_caching:
+        logits are needed), computed once per request. None while its prompt is to be
+        scored: every position's logits are needed then, so it is recomputed (its blocks
+        are still offered to others; docs/engine.md, Logprobs and prompt scoring)."""
+        if not self.blocks.prefix_caching or active.scoring:
             return []
         size = self.blocks.block_size
         wanted = (len(active.tokens) - 1) // size
@@ -866,25 +932,41 @@ class Engine:
             self._waiting.remove(active)
 
     def _advance(self, rows: list[_Active], logits: torch.Tensor) -> None:
+        """Sample each row's next token (logits [rows, vocab]), with its logprob when asked:
+        from the raw logits, taken before sampling adjusts them (penalties, bias)."""
+        asking = [i for i, a in enumerate(rows) if a.request.params.logprobs is not None]
+        raw = logits[asking].clone() if asking else None  # [asking rows, vocab]
         tokens = sample_next_tokens(logits, [a.sampler for a in rows])
-        for active, token in zip(rows, tokens, strict=True):
+        scored: list[TokenLogprob | None] = [None] * len(rows)
+        for j, i in enumerate(asking):
+            assert raw is not None
+            top = rows[i].request.params.logprobs or 0
+            scored[i] = score(raw[j : j + 1], [tokens[i]], top)[0]
+        for active, token, logprob in zip(rows, tokens, scored, strict=True):
             active.generated += 1
             active.tokens.append(token)
             self._generated_tokens += 1
             params = active.request.params
             if token in self.eos_token_ids and not params.ignore_eos:
-                self._finish(active, FinishReason.EOS, token)
+                self._finish(active, FinishReason.EOS, token, logprob=logprob)
                 continue
             if token in params.stop_token_ids:
-                self._finish(active, FinishReason.STOP, token)
+                self._finish(active, FinishReason.STOP, token, logprob=logprob)
                 continue
             delta, stopped = active.text.add(token)
             if stopped:
-                self._finish(active, FinishReason.STOP, token, delta)
+                self._finish(active, FinishReason.STOP, token, delta, logprob=logprob)
             elif active.generated >= params.max_new_tokens:
-                self._finish(active, FinishReason.LENGTH, token, delta)
+                self._finish(active, FinishReason.LENGTH, token, delta, logprob=logprob)
             else:
-                active.stream._put(TokenEvent(token_ids=(token,), text=delta))
+                active.stream._put(
+                    TokenEvent(
+                        token_ids=(token,),
+                        text=delta,
+                        logprobs=(logprob,) if logprob is not None else (),
+                        prompt_logprobs=active.take_prompt_scores(),
+                    )
+                )
 
     def _finish(
         self,
@@ -893,6 +975,7 @@ class Engine:
         token: int | None = None,
         delta: str = "",
         error: LoramuxError | None = None,
+        logprob: TokenLogprob | None = None,
     ) -> None:
         """End a request. Its last event reaches its stream once its KV blocks and adapter
         slot are back (now, or at the step's `_retire`): a client that has seen its stream
@@ -909,6 +992,8 @@ class Engine:
             prompt_tokens=len(active.request.prompt_token_ids),
             completion_tokens=active.generated,
             error=error,
+            logprobs=(logprob,) if logprob is not None else (),
+            prompt_logprobs=active.take_prompt_scores() if error is None else (),
         )
         if not active.blocks and not active.holds_slot:
             self._deliver_final(active)

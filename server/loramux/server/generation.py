@@ -115,20 +115,61 @@ class GenerationCall:
         (which may depend on the prompt's length) checked against the server's limits.
         `weighted` (adapters with weights, GenerateRequest.adapters) replaces `adapter`.
         """
+        (one,) = self.requests(
+            adapter,
+            lambda: [prompt()],
+            params,
+            request_id=request_id,
+            deadline=deadline,
+            weighted=weighted,
+        )
+        return one
+
+    def requests(
+        self,
+        adapter: str | None,
+        prompts: Callable[[], list[list[int]]],
+        params: Callable[[list[int]], SamplingParams],
+        *,
+        request_id: str,
+        n: int = 1,
+        deadline: float | None = None,
+        weighted: Sequence[tuple[str, float]] | None = None,
+    ) -> list[GenerationRequest]:
+        """`request` for several prompts and `n` samples of each, prompt by prompt.
+
+        Sample j of a seeded request draws with seed + j, so that the samples differ and
+        the request stays reproducible. Only the first sample of a prompt scores it
+        (prompt_logprobs): the others take its KV blocks from the prefix cache instead of
+        recomputing them, and the caller copies its scores. Each engine request is
+        `request_id`-k for choice k when there are several.
+        """
         if weighted is not None:
             adapter_id = self.resolve_weighted(weighted, "adapters")
         else:
             adapter_id = self.resolve(adapter)
-        token_ids = prompt()
-        checked = params(token_ids)
-        checked.validate(self.state.settings.max_new_tokens_limit)
-        return GenerationRequest(
-            request_id=request_id,
-            prompt_token_ids=token_ids,
-            params=checked,
-            adapter_id=adapter_id,
-            deadline=deadline,
-        )
+        out = []
+        token_lists = prompts()
+        for i, token_ids in enumerate(token_lists):
+            checked = params(token_ids)
+            checked.validate(self.state.settings.max_new_tokens_limit)
+            for j in range(n):
+                sample = checked
+                if j:
+                    seed = None if checked.seed is None else (checked.seed + j) % 2**64
+                    scored = checked.prompt_logprobs if checked.max_new_tokens == 0 else None
+                    sample = replace(checked, seed=seed, prompt_logprobs=scored)
+                several = n > 1 or len(token_lists) > 1
+                out.append(
+                    GenerationRequest(
+                        request_id=f"{request_id}-{i * n + j}" if several else request_id,
+                        prompt_token_ids=token_ids,
+                        params=sample,
+                        adapter_id=adapter_id,
+                        deadline=deadline,
+                    )
+                )
+        return out
 
     def cancel(self) -> None:
         self._gone.set()
@@ -164,29 +205,45 @@ class GenerationCall:
 
         The request shares cached KV blocks only with its own tenant's (`cache_scope`).
         """
+        with self.submitted_all([request], wait_timeout) as streams:
+            yield streams[0]
+
+    @contextmanager
+    def submitted_all(
+        self, requests: Sequence[GenerationRequest], wait_timeout: float | None
+    ) -> Iterator[list[RequestStream]]:
+        """`submitted` for the requests of one call (several prompts, n samples): they hold
+        one tenant slot together, and all are cancelled when the call ends."""
         if self._gone.is_set():
             raise Cancelled(None, "the call ended before generation started")
-        request = replace(request, cache_scope=self.principal.tenant)
         with self.state.gate.slot(self.principal, wait_timeout, self._gone):
-            stream = self.state.engine.submit(request)
-            self._streams.append(stream)
+            streams: list[RequestStream] = []
             try:
+                for request in requests:
+                    stream = self.state.engine.submit(
+                        replace(request, cache_scope=self.principal.tenant)
+                    )
+                    self._streams.append(stream)
+                    streams.append(stream)
                 if self._gone.is_set():  # ended between the slot and the submit
-                    stream.cancel()
-                yield stream
+                    for stream in streams:
+                        stream.cancel()
+                yield streams
             finally:
-                stream.cancel()  # a no-op once finished; frees the row if the caller left
+                for stream in streams:
+                    stream.cancel()  # a no-op once finished; frees the row if the caller left
 
-    def events(self, stream: RequestStream) -> Iterator[TokenEvent]:
+    def events(self, stream: RequestStream, timed: bool = True) -> Iterator[TokenEvent]:
         """The stream's events, timing first and later tokens; raises on a failed finish.
 
         An event may carry several tokens (`--stream-interval`, or a reader that fell
         behind): the caller receives them together, so the first one's latency is the gap
-        since the last token and the others' is 0.
+        since the last token and the others' is 0. `timed` False: a call's later choices,
+        read after the first (their tokens came meanwhile) are not timed.
         """
         metrics = self.state.metrics
         for event in stream:
-            if event.token_ids:
+            if event.token_ids and timed:
                 now = time.monotonic()
                 if self.last_token is None:
                     metrics.ttft.observe(now - self.started)

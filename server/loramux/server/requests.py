@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from loramux.core.errors import InvalidArgument
 
+MAX_LOGPROBS = 20  # most alternatives per position (top_logprobs, as OpenAI and vLLM)
+MAX_LOGIT_BIAS = 300  # most entries in logit_bias (OpenAI's own limit)
+
 
 class FinishReason(enum.StrEnum):
     LENGTH = "length"  # max_new_tokens reached
@@ -36,13 +39,44 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities, from the model's raw distribution (log_softmax of its logits, before
+    # temperature, penalties, bias or top-k/top-p; vLLM's default): None asks for none; k
+    # gives each token's own and the k most likely alternatives (0..MAX_LOGPROBS).
+    logprobs: int | None = None  # of every generated token
+    prompt_logprobs: int | None = None  # of every prompt token (the first has none)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    include_stop_str_in_output: bool = False  # keep a matched stop string in the text
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Refuse values that cannot be honoured, naming the field."""
-        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+        # 0 new tokens: only prompt scoring (echo with max_tokens 0), as OpenAI allows.
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not least <= self.max_new_tokens <= max_new_tokens_limit:
             raise InvalidArgument(
-                "max_new_tokens", f"must be in 1..{max_new_tokens_limit}, got {self.max_new_tokens}"
+                "max_new_tokens",
+                f"must be in {least}..{max_new_tokens_limit}, got {self.max_new_tokens}",
             )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidArgument(name, f"must be in 0..{MAX_LOGPROBS}, got {value}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidArgument(
+                "min_tokens", f"must be in 0..max_new_tokens ({self.max_new_tokens})"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise InvalidArgument(name, f"must be in [-2, 2], got {value}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidArgument("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
+        for token, bias in self.logit_bias:
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise InvalidArgument(f"logit_bias[{token}]", f"must be in [-100, 100], got {bias}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument("temperature", f"must be >= 0, got {self.temperature}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
@@ -77,6 +111,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability at its position and, when asked, the most likely ones."""
+
+    token_id: int
+    logprob: float  # log_softmax of the model's raw logits at the previous position
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """A piece of a request's output: new tokens and their text, or the final word."""
 
@@ -86,6 +129,9 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None  # set when finish_reason is ERROR
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids entry, when asked
+    # Every prompt token's (None for the first), when asked: on the request's first event.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -107,4 +153,6 @@ class TokenEvent:
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             error=last.error,
+            logprobs=tuple(lp for e in events for lp in e.logprobs),
+            prompt_logprobs=tuple(lp for e in events for lp in e.prompt_logprobs),
         )

@@ -42,6 +42,13 @@ class PrefillBatch:
     slots: list[int]  # adapter slot per row (0 = base only)
     block_tables: list[list[int]]  # per row: its blocks, covering at least start + len(chunk)
     starts: list[int] | None = None  # tokens already cached per row (None: all 0)
+    # Rows that want the logits at every position of their chunk (prompt scoring), not
+    # only after its last token (None: none). Their [chunk tokens, vocab] rows follow the
+    # [rows, vocab] last-token logits in the pass's output, in row order.
+    scored: list[bool] | None = None
+
+    def scored_rows(self) -> list[int]:
+        return [i for i, s in enumerate(self.scored or ()) if s]
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,8 @@ class ModelRunner:
         return self.logit_transform(self.lm_head(hidden)).float()
 
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
-        """Run each row's chunk; return the logits after its last token [rows, vocab] float32."""
+        """Run each row's chunk; return the logits after its last token [rows, vocab] float32,
+        followed by every position's of the scored rows' chunks (`PrefillBatch.scored`)."""
         rows = len(batch.prompts)
         block_size = self.cache.block_size
         starts = torch.tensor(batch.starts or [0] * rows, dtype=torch.long, device=self.device)
@@ -169,7 +177,8 @@ class ModelRunner:
             ),
         )
         last = hidden[torch.arange(rows, device=self.device), lengths - 1]
-        return self._logits(last)
+        scored = [hidden[i, : len(batch.prompts[i])] for i in batch.scored_rows()]
+        return self._logits(torch.cat([last, *scored]) if scored else last)
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """Advance every decoding row by one token; return logits [rows, vocab] float32."""
@@ -203,7 +212,8 @@ class ModelRunner:
         """Decode rows and prefill chunks in one pass over the weights.
 
         Returns (decode logits [decode rows, vocab], logits after each chunk's last token
-        [chunks, vocab]), both float32. The tokens are flattened, decode rows first, then
+        [chunks, vocab] then every position's of the scored chunks, as `prefill`), float32.
+        The tokens are flattened, decode rows first, then
         each chunk's: no padding anywhere, and attention runs per group (the decode rows
         together, each chunk alone) on the same numbers as `decode` and `prefill` would.
         """
@@ -246,6 +256,9 @@ class ModelRunner:
             ),
             self._routing(slots, 1, prompts),
         )
+        for i in prefill.scored_rows():
+            first, count = prompts[i]
+            lasts += range(first, first + count)
         logits = self._logits(hidden[0, lasts])
         rows = len(decode.tokens)
         return logits[:rows], logits[rows:]

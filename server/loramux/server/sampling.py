@@ -15,9 +15,18 @@ from loramux.server.requests import SamplingParams
 
 
 class RowSampler:
-    """Per-request sampling state: its generator and the tokens it has seen."""
+    """Per-request sampling state: its generator and the tokens it has seen.
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int]) -> None:
+    `ending`: the token ids that would end the output (EOS, stop_token_ids), held back
+    until `min_tokens` tokens were generated, as vLLM does.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int],
+        ending: frozenset[int] = frozenset(),
+    ) -> None:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
@@ -27,10 +36,41 @@ class RowSampler:
             else:
                 self.generator.seed()
         self.seen: set[int] = set(prompt_token_ids) if params.repetition_penalty != 1.0 else set()
+        self.counts: dict[int, int] = {}  # generated tokens, for presence/frequency penalties
+        self.generated = 0
+        self.ending = sorted(ending)
+        self.adjusts = bool(
+            params.repetition_penalty != 1.0
+            or params.presence_penalty
+            or params.frequency_penalty
+            or params.logit_bias
+            or (params.min_tokens and self.ending)
+        )
 
     def observe(self, token_id: int) -> None:
+        self.generated += 1
         if self.params.repetition_penalty != 1.0:
             self.seen.add(token_id)
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            self.counts[token_id] = self.counts.get(token_id, 0) + 1
+
+    def adjust(self, row: torch.Tensor) -> None:
+        """[vocab] logits, in place: repetition, presence and frequency penalties, logit_bias,
+        and the ending tokens masked while fewer than min_tokens were generated."""
+        params = self.params
+        if params.repetition_penalty != 1.0:
+            _penalise(row, self.seen, params.repetition_penalty)
+        if self.counts and (params.presence_penalty or params.frequency_penalty):
+            ids = torch.tensor(list(self.counts), dtype=torch.long, device=row.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=row.dtype, device=row.device)
+            row.index_add_(0, ids, -(counts * params.frequency_penalty + params.presence_penalty))
+        vocab = row.shape[0]
+        for token, bias in params.logit_bias:
+            if token < vocab:
+                row[token] += bias
+        if self.generated < params.min_tokens and self.ending:
+            ids = torch.tensor([t for t in self.ending if t < vocab], dtype=torch.long)
+            row.index_fill_(0, ids.to(row.device), float("-inf"))
 
 
 def _penalise(row: torch.Tensor, seen: set[int], penalty: float) -> None:
@@ -76,8 +116,8 @@ def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Gene
 def sample_next_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
     """logits [rows, vocab] float32 -> one token id per row."""
     for i, sampler in enumerate(samplers):
-        if sampler.params.repetition_penalty != 1.0:
-            _penalise(logits[i], sampler.seen, sampler.params.repetition_penalty)
+        if sampler.adjusts:
+            sampler.adjust(logits[i])
     tokens = logits.argmax(dim=-1).tolist()
     for i, sampler in enumerate(samplers):
         if sampler.generator is not None:

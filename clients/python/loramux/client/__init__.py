@@ -10,6 +10,7 @@ from loramux.client.client import (
     AsyncLoramuxClient,
     Chunk,
     Completion,
+    Logprob,
     LoramuxClient,
     to_error,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
+    "Logprob",
     "LoramuxClient",
     "LoramuxError",
     "NotFound",

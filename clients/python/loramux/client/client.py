@@ -60,6 +60,26 @@ def to_error(error: grpc.RpcError) -> LoramuxError:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability where it stands (the model's raw log_softmax) and, when
+    asked, the most likely tokens there (best first, without `top` of their own)."""
+
+    token_id: int
+    logprob: float
+    text: str
+    top: list[Logprob] = field(default_factory=list)
+
+    @classmethod
+    def from_pb(cls, message: pb.TokenLogprob) -> Logprob:
+        return cls(
+            message.token_id,
+            message.logprob,
+            message.text,
+            [cls(t.token_id, t.logprob, t.text) for t in message.top],
+        )
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     token_ids: list[int]
@@ -67,6 +87,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     request_id: str
+    logprobs: list[Logprob] = field(default_factory=list)  # per token_ids entry, when asked
+    # the prompt's tokens from the second on, when asked (prompt_logprobs=)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,8 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -133,13 +158,34 @@ def build_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     request_id: str = "",
+    token_ids: Sequence[int] | None = None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    min_tokens: int = 0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from plain arguments: give `prompt` (raw text) or chat `messages`.
+    """A GenerateRequest from plain arguments: give `prompt` (raw text), chat `messages`
+    or `token_ids`.
 
     `adapters` (instead of `adapter`): adapter names with weights, e.g. {"tone": 0.5} for
-    half strength or {"tone": 0.7, "facts": 0.3} for their weighted sum.
+    half strength or {"tone": 0.7, "facts": 0.3} for their weighted sum. `logprobs=k`:
+    each generated token's log-probability and its k most likely alternatives;
+    `prompt_logprobs=k` the same for the prompt's tokens (max_new_tokens=0: only those).
     """
-    sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k)
+    sampling = pb.SamplingParameters(
+        temperature=temperature,
+        top_k=top_k,
+        min_tokens=min_tokens,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=dict(logit_bias or {}),
+    )
+    if logprobs is not None:
+        sampling.logprobs = logprobs
+    if prompt_logprobs is not None:
+        sampling.prompt_logprobs = prompt_logprobs
     if top_p is not None:
         sampling.top_p = top_p
     if repetition_penalty is not None:
@@ -164,6 +210,8 @@ def build_request(
         request.chat.CopyFrom(
             pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in pairs])
         )
+    elif token_ids is not None:
+        request.token_ids.CopyFrom(pb.TokenIds(ids=list(token_ids)))
     elif prompt is not None:
         request.prompt = prompt
     return request
@@ -177,6 +225,8 @@ def _completion(response: pb.GenerateResponse) -> Completion:
         prompt_tokens=response.usage.prompt_tokens,
         completion_tokens=response.usage.completion_tokens,
         request_id=response.request_id,
+        logprobs=[Logprob.from_pb(m) for m in response.logprobs],
+        prompt_logprobs=[Logprob.from_pb(m) for m in response.prompt_logprobs],
     )
 
 
@@ -187,6 +237,8 @@ def _chunk(message: pb.GenerateStreamResponse) -> Chunk:
         finish_reason=FINISH_REASONS.get(message.finish_reason),
         prompt_tokens=message.usage.prompt_tokens,
         completion_tokens=message.usage.completion_tokens,
+        logprobs=[Logprob.from_pb(m) for m in message.logprobs],
+        prompt_logprobs=[Logprob.from_pb(m) for m in message.prompt_logprobs],
     )
 
 
@@ -407,6 +459,42 @@ class LoramuxClient:
                 raise to_error(error) from None
             finally:
                 call.cancel()
+
+    def score(
+        self,
+        prompt: str,
+        continuations: Sequence[str],
+        *,
+        adapter: str = "",
+        timeout: float | None = None,
+    ) -> list[float]:
+        """The loglikelihood of each continuation after `prompt`: the sum of its tokens'
+        log-probabilities (the primitive of multiple-choice evaluation, as lm-eval's).
+
+        The text is tokenised as a whole and split where the prompt's own tokens end
+        (lm-eval's rule; where the two do not line up, prompt and continuation are
+        tokenised apart); one scoring call per continuation, no token generated.
+        """
+        context = self.tokenize(prompt)
+        out = []
+        for continuation in continuations:
+            whole = self.tokenize(prompt + continuation)
+            if whole[: len(context)] == context and len(whole) > len(context):
+                ids, count = whole, len(whole) - len(context)
+            else:
+                tail = self.tokenize(continuation)
+                ids, count = context + tail, len(tail)
+            if count == 0 or not context:
+                raise ValueError("prompt and continuation must each have tokens")
+            done = self.generate(
+                token_ids=ids,
+                adapter=adapter,
+                max_new_tokens=0,
+                prompt_logprobs=0,
+                timeout=timeout,
+            )
+            out.append(sum(lp.logprob for lp in done.prompt_logprobs[-count:]))
+        return out
 
     def model_info(self) -> pb.ModelInfoResponse:
         return self._unary(self.inference.ModelInfo, pb.ModelInfoRequest())

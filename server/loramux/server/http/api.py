@@ -33,7 +33,7 @@ from loramux.server.http.errors import (
 )
 from loramux.server.http.formats import ChatFormat, CompletionFormat, ResponseFormat
 from loramux.server.http.schemas import ChatCompletionBody, CompletionBody, _GenerationBody
-from loramux.server.requests import GenerationRequest, SamplingParams, TokenEvent
+from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.state import ServerState
 from loramux.server.tenants import Principal
 
@@ -58,7 +58,9 @@ class OpenAIFront:
         """The adapter `model` names (None: the base model)."""
         return None if model == self.base_name else model
 
-    def sampling(self, body: _GenerationBody, max_tokens: int) -> SamplingParams:
+    def sampling(
+        self, body: _GenerationBody, max_tokens: int, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_tokens,
             temperature=body.temperature,
@@ -69,7 +71,28 @@ class OpenAIFront:
             stop=body.stop_strings(),
             stop_token_ids=tuple(body.stop_token_ids),
             ignore_eos=body.ignore_eos,
+            logprobs=body.top_logprobs_asked(),
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=body.min_tokens,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=body.bias(),
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
         )
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text, decoded alone (logprobs' `tokens`)."""
+        return str(self.state.engine.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def format_options(self, body: _GenerationBody) -> dict[str, Any]:
+        return {
+            "include_usage": body.include_usage,
+            "continuous_usage": body.continuous_usage,
+            "n": body.n,
+            "logprobs": body.top_logprobs_asked(),
+            "token_text": self.token_text,
+        }
 
     # -- generation --
 
@@ -78,10 +101,10 @@ class OpenAIFront:
         request: Request,
         body: _GenerationBody,
         answer: ResponseFormat,
-        build: Callable[[GenerationCall], GenerationRequest],
+        build: Callable[[GenerationCall], list[GenerationRequest]],
         renamed: dict[str, str],
     ) -> Response:
-        body.refuse_unsupported()
+        body.refuse_unsupported(self.state.settings.max_n)
         call = GenerationCall(self.state, await self.authenticate(request))
         job = GenerationJob(call, lambda: build(call), renamed)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
@@ -96,41 +119,71 @@ class OpenAIFront:
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            text: list[str] = []
             while (item := await job.next()) is not END:
-                assert isinstance(item, TokenEvent)
-                text.append(item.text)
-                last = item
-            return JSONResponse(answer.response("".join(text), last))
+                assert isinstance(item, tuple)
+                answer.add(*item)
+            return JSONResponse(answer.response())
         except BaseException:
             call.cancel()
             raise
         finally:
             await _stop(watcher)
 
-    def completion_request(
-        self, body: CompletionBody, request_id: str
-    ) -> Callable[[GenerationCall], GenerationRequest]:
-        def prompt() -> list[int]:
-            text_or_ids = body.single_prompt()
-            if isinstance(text_or_ids, str):
-                return self.state.engine.tokenize(text_or_ids)
-            return list(text_or_ids)
+    def completion_prompts(self, body: CompletionBody) -> list[list[int]]:
+        """Every prompt's token ids: texts tokenised, ids checked against the vocabulary;
+        several prompts together at most --max-batch-tokens (one step's worth)."""
+        engine = self.state.engine
+        given = body.prompts()
+        many = len(given) > 1
+        prompts = []
+        for i, one in enumerate(given):
+            field = f"prompt[{i}]" if many else "prompt"
+            if isinstance(one, str):
+                prompts.append(engine.tokenize(one))
+                continue
+            if any(not 0 <= t < engine.info.vocab_size for t in one):
+                raise InvalidArgument(
+                    field, f"token id outside the vocabulary (0..{engine.info.vocab_size - 1})"
+                )
+            prompts.append(list(one))
+        total = sum(map(len, prompts))
+        limit = self.state.settings.max_batch_tokens
+        if many and total > limit:
+            raise InvalidArgument(
+                "prompt",
+                f"{len(prompts)} prompts of {total} tokens exceed --max-batch-tokens {limit}",
+            )
+        return prompts
 
+    def completion_request(
+        self, body: CompletionBody, request_id: str, answer: CompletionFormat
+    ) -> Callable[[GenerationCall], list[GenerationRequest]]:
+        """The engine requests of a completion; with `echo`, the prompts' ids and texts go
+        to `answer` (and with `logprobs`, their tokens are scored)."""
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
+        scored = body.logprobs if body.echo else None
+
+        def prompts() -> list[list[int]]:
+            ids = self.completion_prompts(body)
+            if body.echo:
+                tokenizer = self.state.engine.tokenizer
+                answer.echo = [(p, str(tokenizer.decode(p, skip_special_tokens=True))) for p in ids]
+            return ids
+
         return lambda call: _named_model(
             body.model,
-            lambda: call.request(
+            lambda: call.requests(
                 self.model(body.model),
-                prompt,
-                lambda _: self.sampling(body, max_tokens),
+                prompts,
+                lambda _: self.sampling(body, max_tokens, scored),
                 request_id=request_id,
+                n=body.n,
             ),
         )
 
     def chat_request(
         self, body: ChatCompletionBody, request_id: str
-    ) -> Callable[[GenerationCall], GenerationRequest]:
+    ) -> Callable[[GenerationCall], list[GenerationRequest]]:
         def params(prompt: list[int]) -> SamplingParams:
             max_tokens = body.requested_max_tokens()
             if max_tokens is None:  # OpenAI: as long as the context allows
@@ -140,11 +193,12 @@ class OpenAIFront:
 
         return lambda call: _named_model(
             body.model,
-            lambda: call.request(
+            lambda: call.requests(
                 self.model(body.model),
-                lambda: self.state.engine.render_chat(body.chat()),
+                lambda: [self.state.engine.render_chat(body.chat())],
                 params,
                 request_id=request_id,
+                n=body.n,
             ),
         )
 
@@ -189,7 +243,9 @@ class OpenAIFront:
         return {"object": "list", "data": data}
 
 
-def _named_model(model: str, build: Callable[[], GenerationRequest]) -> GenerationRequest:
+def _named_model(
+    model: str, build: Callable[[], list[GenerationRequest]]
+) -> list[GenerationRequest]:
     """`build()`, with an adapter that does not resolve reported as the unknown `model`."""
     try:
         return build()
@@ -231,14 +287,12 @@ async def _sse(job: GenerationJob, answer: ResponseFormat) -> AsyncIterator[byte
     try:
         for chunk in answer.first_chunks():
             yield _event(chunk)
-        last: TokenEvent | None = None
         while (item := await job.next()) is not END:
-            assert isinstance(item, TokenEvent)
-            last = item
-            for chunk in answer.chunks(item):
+            assert isinstance(item, tuple)
+            for chunk in answer.chunks(*item):
                 yield _event(chunk)
-        if answer.include_usage and last is not None:
-            yield _event(answer.usage_chunk(last))
+        if answer.include_usage:
+            yield _event(answer.usage_chunk())
     except LoramuxError as error:
         yield _event(error_body(error))
     finally:
@@ -270,19 +324,19 @@ def create_app(state: ServerState, executor: Executor) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Response:
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        answer = CompletionFormat(request_id, body.model, body.include_usage)
+        answer = CompletionFormat(request_id, body.model, **front.format_options(body))
         return await front.generate(
             request,
             body,
             answer,
-            front.completion_request(body, request_id),
-            {"max_new_tokens": "max_tokens"},
+            front.completion_request(body, request_id, answer),
+            {"max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs"},
         )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        answer = ChatFormat(request_id, body.model, body.include_usage)
+        answer = ChatFormat(request_id, body.model, **front.format_options(body))
         tokens_field = (
             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         )
@@ -291,7 +345,7 @@ def create_app(state: ServerState, executor: Executor) -> FastAPI:
             body,
             answer,
             front.chat_request(body, request_id),
-            {"max_new_tokens": tokens_field, "prompt": "messages"},
+            {"max_new_tokens": tokens_field, "prompt": "messages", "logprobs": "top_logprobs"},
         )
 
     @app.get("/v1/models")

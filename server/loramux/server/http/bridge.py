@@ -26,12 +26,17 @@ END = "end"  # the worker is done; nothing follows
 
 
 class GenerationJob:
-    """Runs `call` on a worker; `next()` gives STARTED, TokenEvents, then END (or raises)."""
+    """Runs `call` on a worker; `next()` gives STARTED, (choice index, TokenEvent) pairs,
+    then END (or raises).
+
+    A call of several engine requests (prompts x n) reads them one after the other: the
+    engine runs them together meanwhile, so a later choice's events come in few pieces.
+    """
 
     def __init__(
         self,
         call: GenerationCall,
-        build: Callable[[], GenerationRequest],
+        build: Callable[[], list[GenerationRequest]],
         renamed: dict[str, str],
     ) -> None:
         self.call = call
@@ -43,7 +48,7 @@ class GenerationJob:
     def start(self, executor: Executor) -> None:
         executor.submit(self._work)
 
-    async def next(self) -> TokenEvent | str:
+    async def next(self) -> tuple[int, TokenEvent] | str:
         item = await self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -59,11 +64,12 @@ class GenerationJob:
         call, state = self.call, self.call.state
         try:
             with state.tracked(), call.recorded():
-                request = self._build()
-                with call.submitted(request, None) as stream:
+                requests = self._build()
+                with call.submitted_all(requests, None) as streams:
                     self._put(STARTED)
-                    for event in call.events(stream):
-                        self._put(event)
+                    for index, stream in enumerate(streams):
+                        for event in call.events(stream, timed=index == 0):
+                            self._put((index, event))
         except LoramuxError as error:
             self._put(self._rename(error))
         except Exception as exc:  # a bug: report it as INTERNAL, keep serving

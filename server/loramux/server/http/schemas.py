@@ -1,10 +1,12 @@
 """Request bodies of the OpenAI-compatible endpoints, checked by pydantic.
 
-Fields OpenAI defines that LoRAMux cannot honour (logprobs, penalties, tools, n > 1, ...)
-are refused with a message naming them when set to anything but their neutral value, never
+Fields OpenAI defines that LoRAMux cannot honour (tools, suffix, best_of > 1, ...) are
+refused with a message naming them when set to anything but their neutral value, never
 silently ignored; fields nobody defines are refused too (as OpenAI does). `top_k`,
-`repetition_penalty`, `stop_token_ids` and `ignore_eos` are the extensions vLLM accepts,
-sent by the openai client through `extra_body`.
+`min_tokens`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
+`include_stop_str_in_output` and `stream_options.continuous_usage_stats` are the
+extensions vLLM accepts, sent by its clients (the openai client through `extra_body`).
+docs/http-api.md lists every field.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from loramux.core.errors import InvalidArgument
 
 MAX_SEED = 2**64 - 1
+MAX_PROMPTS = 4096  # entries of a list `prompt` (each is also bounded by --max-batch-tokens)
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
 class _GenerationBody(BaseModel):
@@ -39,12 +43,15 @@ class _GenerationBody(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
     # Accepted and not acted on: they change nothing in what is generated.
     user: str | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = None
@@ -56,17 +63,10 @@ class _GenerationBody(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def refuse_unsupported(self) -> None:
+    def refuse_unsupported(self, max_n: int) -> None:
         """Refuse what would silently differ from OpenAI's meaning, naming the field."""
-        if self.n != 1:
-            raise InvalidArgument("n", "only n=1 is supported; send separate requests")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise InvalidArgument(
-                    name, "is not supported; use `repetition_penalty` (extra_body) instead"
-                )
-        if self.logit_bias:
-            raise InvalidArgument("logit_bias", "is not supported")
+        if not 1 <= self.n <= max_n:
+            raise InvalidArgument("n", f"must be in 1..{max_n} (--max-n), got {self.n}")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options", "is only allowed together with stream=true")
 
@@ -74,9 +74,29 @@ class _GenerationBody(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias); a key that is not a token id is refused."""
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidArgument(f"logit_bias[{key!r}]", "keys are token ids") from None
+            pairs.append((token, value))
+        return tuple(pairs)
+
+    def top_logprobs_asked(self) -> int | None:
+        """Alternatives per generated token (None: no logprobs)."""
+        raise NotImplementedError
+
 
 class CompletionBody(_GenerationBody):
-    """POST /v1/completions. `prompt` is one text or one list of token ids."""
+    """POST /v1/completions. `prompt`: a text, a list of texts, token ids, or a list of
+    token-id lists; each is one prompt, with `n` choices."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
@@ -84,29 +104,33 @@ class CompletionBody(_GenerationBody):
     logprobs: int | None = None
     suffix: str | None = None
 
-    def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
-        if self.echo:
-            raise InvalidArgument("echo", "is not supported")
-        if self.best_of not in (None, 1):
-            raise InvalidArgument("best_of", "only best_of=1 is supported")
-        if self.logprobs is not None:
-            raise InvalidArgument("logprobs", "is not supported")
+    def refuse_unsupported(self, max_n: int) -> None:
+        super().refuse_unsupported(max_n)
+        if self.echo and self.stream:
+            raise InvalidArgument("echo", "is not supported together with stream=true")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidArgument("best_of", "only best_of equal to n (or unset) is supported")
         if self.suffix:
             raise InvalidArgument("suffix", "is not supported")
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt: a text or token ids (a batch of several is refused)."""
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt, each a text or token ids (refused when the list or one is empty)."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) != 1:
-                raise InvalidArgument(
-                    "prompt", f"one prompt per request is supported, got {len(prompt)}"
-                )
-            prompt = prompt[0]
-        if not prompt:
-            raise InvalidArgument("prompt", "is empty")
-        return prompt  # type: ignore[return-value]
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts: list[str | list[int]] = [prompt]  # type: ignore[list-item]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts:
+            raise InvalidArgument("prompt", "is an empty list")
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidArgument("prompt", f"at most {MAX_PROMPTS} prompts, got {len(prompts)}")
+        for i, one in enumerate(prompts):
+            if not one:
+                raise InvalidArgument("prompt" if len(prompts) == 1 else f"prompt[{i}]", "is empty")
+        return prompts
 
 
 class TextPart(BaseModel):
@@ -151,10 +175,10 @@ class ChatCompletionBody(_GenerationBody):
     response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None
 
-    def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise InvalidArgument("logprobs", "is not supported")
+    def refuse_unsupported(self, max_n: int) -> None:
+        super().refuse_unsupported(max_n)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidArgument("top_logprobs", "needs logprobs=true")
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise InvalidArgument(name, "tool and function calling are not supported")
@@ -167,6 +191,11 @@ class ChatCompletionBody(_GenerationBody):
     def chat(self) -> list[tuple[str, str]]:
         """(role, text) pairs; OpenAI's `developer` role is the system prompt."""
         return [("system" if m.role == "developer" else m.role, m.text()) for m in self.messages]
+
+    def top_logprobs_asked(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
 
     def requested_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:

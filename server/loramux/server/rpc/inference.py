@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import grpc
@@ -12,7 +12,7 @@ import grpc
 from loramux.core.errors import Cancelled, InvalidArgument
 from loramux.server.affinity import requested_adapter, weighted_adapters
 from loramux.server.generation import GenerationCall
-from loramux.server.requests import FinishReason, SamplingParams, TokenEvent
+from loramux.server.requests import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from loramux.server.rpc.wrapper import Servicer, rpc, time_left
 from loramux.server.streams import RequestStream
 from loramux.server.tenants import Principal
@@ -51,7 +51,36 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
+        logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
+        prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None,
+        min_tokens=sampling.min_tokens,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        logit_bias=tuple(sorted(sampling.logit_bias.items())),
     )
+
+
+class LogprobWriter:
+    """TokenLogprobs into their protobuf form, token texts decoded alone."""
+
+    def __init__(self, token_text: Callable[[int], str]) -> None:
+        self.token_text = token_text
+
+    def one(self, scored: TokenLogprob) -> pb.TokenLogprob:
+        return pb.TokenLogprob(
+            token_id=scored.token_id,
+            logprob=scored.logprob,
+            text=self.token_text(scored.token_id),
+            top=[
+                pb.TokenLogprob(token_id=t, logprob=v, text=self.token_text(t))
+                for t, v in scored.top
+            ],
+        )
+
+    def many(self, scored: Sequence[TokenLogprob | None]) -> list[pb.TokenLogprob]:
+        """The prompt's first token has no logprob: left out (prompt_logprobs[i] is the
+        (i + 2)-th prompt token's)."""
+        return [self.one(s) for s in scored if s is not None]
 
 
 class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
@@ -65,7 +94,21 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
             return engine.tokenize(text)
         if which == "chat":
             return engine.render_chat([(m.role, m.content) for m in request.chat.messages])
-        raise InvalidArgument("input", "give `prompt` or `chat`")
+        if which == "token_ids":
+            ids = list(request.token_ids.ids)  # type: ignore[union-attr]
+            if not ids:
+                raise InvalidArgument("token_ids", "is empty")
+            if any(t >= engine.info.vocab_size for t in ids):
+                raise InvalidArgument(
+                    "token_ids",
+                    f"token id outside the vocabulary (0..{engine.info.vocab_size - 1})",
+                )
+            return ids
+        raise InvalidArgument("input", "give `prompt`, `chat` or `token_ids`")
+
+    def _logprobs(self) -> LogprobWriter:
+        tokenizer = self.state.engine.tokenizer
+        return LogprobWriter(lambda t: str(tokenizer.decode([t], skip_special_tokens=False)))
 
     @contextmanager
     def _generation(
@@ -101,13 +144,20 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         with call.recorded(), self._generation(request, context, call) as stream:
             text: list[str] = []
             tokens: list[int] = []
+            logprobs: list[TokenLogprob] = []
+            prompt_logprobs: list[TokenLogprob | None] = []
             for event in call.events(stream):
                 text.append(event.text)
                 tokens.extend(event.token_ids)
+                logprobs += event.logprobs
+                prompt_logprobs += event.prompt_logprobs
+            writer = self._logprobs()
             return pb.GenerateResponse(
                 request_id=stream.request_id,
                 text="".join(text),
                 token_ids=tokens,
+                logprobs=writer.many(logprobs),
+                prompt_logprobs=writer.many(prompt_logprobs),
                 finish_reason=finish_reason(event),
                 usage=pb.Usage(
                     prompt_tokens=event.prompt_tokens,
@@ -120,12 +170,15 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
     ) -> Iterator[pb.GenerateStreamResponse]:
         call = GenerationCall(self.state, principal)
+        writer = self._logprobs()
         with call.recorded(), self._generation(request, context, call) as stream:
             for event in call.events(stream):
                 message = pb.GenerateStreamResponse(
                     request_id=stream.request_id,
                     text=event.text,
                     token_ids=list(event.token_ids),
+                    logprobs=writer.many(event.logprobs),
+                    prompt_logprobs=writer.many(event.prompt_logprobs),
                 )
                 if event.finished:
                     message.finish_reason = finish_reason(event)
