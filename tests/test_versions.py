@@ -193,7 +193,7 @@ def test_listing_pages_in_a_stable_order_with_tokens_bound_to_their_query(
         assert info.value.field == "page_token"
 
 
-def _schema_3_with_one_adapter(tmp_path: Path, database: str) -> str:
+def _schema_3_with_one_adapter(tmp_path: Path, database: str) -> str:  # noqa: F811
     """A registry as LoRAMux left it before versions: one adapter row and its folder."""
     from loramux.server.db.postgres import PostgresDatabase
     from loramux.server.db.sqlite import SqliteDatabase
