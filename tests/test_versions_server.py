@@ -252,3 +252,24 @@ def test_listing_pages_and_bad_tokens_over_grpc(
     versions = call(adapters.ListAdapterVersions, pb.ListAdapterVersionsRequest(name="x"), alice)
     assert [v.version for v in versions.response.versions] == [1, 2]
     assert "default" in {a.name for a in versions.response.aliases}
+
+
+def test_the_cli_downloads_a_version_as_a_peft_folder(
+    server: RunningServer,
+    api: tuple[Any, Any, dict[str, str]],
+    stored: dict[str, list[int]],
+    folders: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    _, _, keys = api
+    done = subprocess.run(
+        [sys.executable, "-m", "loramux.cli", "adapters", "download", "x@v1", str(tmp_path / "d"),
+         "--address", f"127.0.0.1:{server.port}", "--api-key", keys["alice"]],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "alice/x@v1" in done.stdout
+    assert read_folder(tmp_path / "d") == read_folder(folders["a"])
