@@ -392,7 +392,7 @@ def test_metrics_expose_the_series(server: RunningServer, tenants: dict) -> None
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     for series in (
-        'loramux_requests_total{adapter="acme/shared-name",status="OK",tenant="acme"}',
+        'loramux_requests_total{adapter="acme/shared-name@v1",status="OK",tenant="acme"}',
         'loramux_requests_total{adapter="unknown",status="NOT_FOUND",tenant="acme"}',
         "loramux_time_to_first_token_seconds_bucket",
         "loramux_inter_token_latency_seconds_bucket",

@@ -306,7 +306,7 @@ def test_a_client_that_goes_away_frees_its_row_and_slot(
     server: RunningServer, url: str, keys: dict[str, str]
 ) -> None:
     samples = server.state.metrics.registry.get_sample_value
-    labels = {"tenant": "acme", "adapter": "acme/alpha", "status": "CANCELLED"}
+    labels = {"tenant": "acme", "adapter": "acme/alpha@v1", "status": "CANCELLED"}
     cancelled = samples("loramux_requests_total", labels) or 0.0
     generated = samples("loramux_generated_tokens_total", {"tenant": "acme"}) or 0.0
     headers = {"Authorization": f"Bearer {keys['acme']}"}

@@ -248,3 +248,12 @@ def test_an_existing_registry_upgrades_in_place(tmp_path: Path, database: str) -
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         db.close()
         assert "adapters" not in tables
+
+
+def test_the_listing_benchmark_walks_every_visible_adapter_once() -> None:
+    from bench.listing import TENANTS, measure
+
+    result = measure("sqlite", 300, 50, 1)
+    visible = [i for i in range(300) if i % 3 == 0 or i % TENANTS == 0]
+    assert result["visible"] == len(visible)
+    assert result["pages"] == math.ceil(len(visible) / 50)

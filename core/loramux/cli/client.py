@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loramux.core.config import add_settings_arguments, load_settings
+from loramux.core.errors import FailedPrecondition
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -108,6 +109,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     download.add_argument("name", metavar="NAME[@VERSION]")
     download.add_argument("dir", type=Path)
+    push = actions.add_parser(
+        "push",
+        help="publish a stored version to a Hugging Face Hub repo",
+        description="Download NAME[@VERSION] from the server and push its files to REPO_ID "
+        "on the Hub in one commit, printing the commit. The Hub token is yours (--hub-token, "
+        "else HF_TOKEN or `hf auth login`) and never reaches the LoRAMux server.",
+    )
+    push.add_argument("name", metavar="NAME[@VERSION]")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--branch", default=None, help="push to this branch (default: main)")
+    push.add_argument("--hub-token", default=None, help="your Hub token")
+    push.add_argument("--hub-endpoint", default=None, help="the Hub (default: HF_ENDPOINT)")
     versions = actions.add_parser(
         "versions",
         help="list a name's versions and aliases",
@@ -264,6 +278,8 @@ def _adapters(args: argparse.Namespace) -> int:
             adapter = client.download_adapter(args.name, args.dir)
             print(f"wrote {adapter.ref} to {args.dir}")
             return 0
+        elif args.action == "push":
+            return _push(client, args)
         elif args.action == "versions":
             found, aliases = client.list_versions(args.name)
             if args.json:
@@ -287,6 +303,30 @@ def _adapters(args: argparse.Namespace) -> int:
                 "unload": client.unload_adapter,
             }[args.action](args.name)
         _print_adapter(adapter, args.json)
+    return 0
+
+
+def _push(client: Any, args: argparse.Namespace) -> int:
+    """The stored version, downloaded to a private folder, pushed as the trainer publishes."""
+    import tempfile
+
+    try:
+        from loramux.trainer.publish import push_to_hub
+    except ImportError as exc:  # the trainer's Hub upload is what pushes
+        raise FailedPrecondition("push", f"the LoRAMux trainer is not installed: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="loramux-push-") as folder:
+        adapter = client.download_adapter(args.name, folder)
+        published = push_to_hub(
+            Path(folder),
+            args.repo_id,
+            private=args.private,
+            branch=args.branch,
+            token=args.hub_token,
+            endpoint=args.hub_endpoint,
+            commit_message=f"Upload {adapter.ref} (LoRAMux)",
+        )
+    print(f"pushed {adapter.ref} to {published.url}")
+    print(f"commit {published.commit_sha} {published.commit_url}")
     return 0
 
 
