@@ -169,6 +169,8 @@ def test_listing_pages_in_a_stable_order_with_tokens_bound_to_their_query(
         seen += page
         after = page[-1]
     assert seen == expected
+    served = registry.served_versions(seen)
+    assert [(r.owner, r.name, r.version) for r in served] == [(*n, 1) for n in expected]
     only_public = registry.list_names(AdapterQuery("acme", public=True), 100, None)
     assert only_public == [n for n in expected if n[0] != "acme"]
     assert registry.list_names(AdapterQuery("acme", owner="globex"), 100, None) == [
@@ -257,3 +259,24 @@ def test_the_listing_benchmark_walks_every_visible_adapter_once() -> None:
     visible = [i for i in range(300) if i % 3 == 0 or i % TENANTS == 0]
     assert result["visible"] == len(visible)
     assert result["pages"] == math.ceil(len(visible) / 50)
+
+
+def test_a_restart_drops_versions_whose_files_are_lost(tmp_path: Path) -> None:
+    """A lost version no alias serves goes alone; one an alias serves takes its name along
+    (its traffic must not move elsewhere silently)."""
+    registry = Registry(tmp_path, QUOTA)
+    registry.ensure_tenant("acme")
+    store(registry, "acme", "x", b"kept")
+    lost = store(registry, "acme", "x", b"lost, unserved")
+    store(registry, "acme", "y", b"y one")
+    served = store(registry, "acme", "y", b"lost, served")
+    registry.set_alias("acme", "y", "canary", Split.of(2))
+    registry.close()
+    for record in (lost, served):
+        for path in (tmp_path / "adapters" / record.digest).iterdir():
+            path.unlink()
+    reopened = Registry(tmp_path, QUOTA)
+    try:
+        assert [(r.name, r.version) for r in reopened.all_adapters()] == [("x", 1)]
+    finally:
+        reopened.close()

@@ -288,9 +288,16 @@ class Registry:
             for r in self.all_adapters()
             if not all((self.path_of(r) / f).is_file() for f in REQUIRED_FILES)
         ]
-        for name in sorted({(r.owner, r.name) for r in broken}):
-            # A name with lost files goes whole: its aliases may point at the lost version.
-            self.delete(next(r for r in broken if (r.owner, r.name) == name))
+        for owner, name in sorted({(r.owner, r.name) for r in broken}):
+            lost = [r for r in broken if (r.owner, r.name) == (owner, name)]
+            served = {v for split in self.aliases(owner, name).values() for v in split.versions}
+            if served & {r.version for r in lost}:
+                # An alias sends traffic to files that are gone: the name cannot be served
+                # as its owner set it, so it goes whole rather than silently elsewhere.
+                self.delete(lost[0])
+            else:
+                for record in lost:
+                    self.delete_version(record)
 
     @staticmethod
     def _abandoned(leftover: Path) -> bool:
@@ -801,10 +808,9 @@ class Registry:
                 (r["owner"], r["name"])
                 for r in self._rows(
                     "SELECT n.owner, n.name FROM adapter_names n WHERE n.public = 1 "
-                    f"AND (n.owner > ? OR (n.owner = ? AND n.name > ?)){by_owner}{extra} "
+                    f"AND (n.owner, n.name) > (?, ?){by_owner}{extra} "
                     "ORDER BY n.owner, n.name LIMIT ?",
                     (
-                        start[0],
                         start[0],
                         start[1],
                         *([query.owner] if query.owner else []),
@@ -825,21 +831,29 @@ class Registry:
         return self.served_versions(names)
 
     def served_versions(self, names: list[tuple[str, str]]) -> list[AdapterRecord]:
-        """Each name at the version its default alias serves most (the first on a tie)."""
-        records = []
-        for owner, name in names:
-            rows = self._rows(
-                "SELECT targets FROM adapter_aliases WHERE owner=? AND name=? AND alias=?",
-                (owner, name, DEFAULT_ALIAS),
-            )
-            if not rows:
-                continue  # deleted since the page was read
-            split = Split.loads(rows[0]["targets"])
-            version = max(split.targets, key=lambda t: t[1])[0]
-            records += self._adapters(
-                "WHERE v.owner=? AND v.name=? AND v.version=?", (owner, name, version)
-            )
-        return records
+        """Each name at the version its default alias serves most (the first on a tie), in
+        the order given: two queries for the whole page, each an index lookup per name."""
+        if not names:
+            return []
+        pairs = ", ".join("(?, ?)" for _ in names)
+        rows = self._rows(
+            "SELECT owner, name, targets FROM adapter_aliases WHERE alias = ? "
+            f"AND (owner, name) IN (VALUES {pairs})",
+            (DEFAULT_ALIAS, *(part for pair in names for part in pair)),
+        )
+        chosen = [
+            (r["owner"], r["name"], max(Split.loads(r["targets"]).targets, key=lambda t: t[1])[0])
+            for r in rows
+        ]
+        if not chosen:
+            return []  # deleted since the page was read
+        triples = ", ".join("(?, ?, ?)" for _ in chosen)
+        records = self._adapters(
+            f"WHERE (v.owner, v.name, v.version) IN (VALUES {triples})",
+            tuple(part for triple in chosen for part in triple),
+        )
+        order = {pair: i for i, pair in enumerate(names)}
+        return sorted(records, key=lambda r: order[(r.owner, r.name)])
 
     def list_versions(self, owner: str, name: str, size: int, after: int) -> list[AdapterRecord]:
         return self._adapters(
