@@ -599,7 +599,7 @@ def test_cli_commands_against_the_server(
 def test_metric_labels_stay_bounded(server: RunningServer, tenants: dict) -> None:
     metrics = server.state.metrics
     for i in range(2000):
-        metrics.request_done("acme", f"acme/many-{i}", "OK")
+        metrics.request_done("acme", f"acme/many-{i}", "OK", 0.0)
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     labels = set(re.findall(r'^loramux_requests_total\{adapter="([^"]*)"', text, re.MULTILINE))

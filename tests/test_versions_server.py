@@ -311,3 +311,24 @@ def test_the_cli_pushes_a_stored_version_to_a_hub_with_the_callers_token(
         )  # fmt: skip
         assert refused.returncode != 0
         assert not hub.has_repo("alice/other")
+
+
+def test_metrics_count_each_version_apart(
+    server: RunningServer, api: tuple[Any, Any, dict[str, str]], stored: dict[str, list[int]]
+) -> None:
+    inference, _, keys = api
+    sample = server.state.metrics.registry.get_sample_value
+
+    def figures(version: str) -> tuple[float, float, float]:
+        adapter = {"adapter": f"alice/x@{version}"}
+        return (
+            sample("loramux_requests_total", {**adapter, "tenant": "alice", "status": "OK"}) or 0,
+            sample("loramux_adapter_generated_tokens_total", adapter) or 0,
+            sample("loramux_adapter_request_seconds_count", adapter) or 0,
+        )
+
+    before = {v: figures(v) for v in ("v1", "v2")}
+    generate(inference, "x@v2", keys["alice"])
+    after = {v: figures(v) for v in ("v1", "v2")}
+    assert after["v1"] == before["v1"]
+    assert [b - a for a, b in zip(before["v2"], after["v2"], strict=True)] == [1, 12, 1]

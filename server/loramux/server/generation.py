@@ -167,7 +167,9 @@ class GenerationCall:
             status = "CANCELLED"
             raise
         finally:
-            self.state.metrics.request_done(self.principal.tenant, self.adapter_label, status)
+            self.state.metrics.request_done(
+                self.principal.tenant, self.adapter_label, status, time.monotonic() - self.started
+            )
 
     @contextmanager
     def submitted(
@@ -209,7 +211,12 @@ class GenerationCall:
                     metrics.itl.observe(0.0)
                 self.last_token = now
             if event.finished:
-                metrics.tokens(self.principal.tenant, event.prompt_tokens, event.completion_tokens)
+                metrics.tokens(
+                    self.principal.tenant,
+                    self.adapter_label,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                )
                 if event.error is not None:
                     if isinstance(event.error, FailedPrecondition):
                         self._deleted_meanwhile()
