@@ -21,7 +21,6 @@ from hub_server import HubServer, local_hub
 
 from loramux.cli import main as loramux_main
 from loramux.client import (
-    AlreadyExists,
     AsyncLoramuxClient,
     DeadlineExceeded,
     FailedPrecondition,
@@ -320,8 +319,9 @@ def test_upload_checks_and_quotas(
     before = sorted(p.name for p in (home / "adapters").iterdir())
     with pytest.raises(InvalidArgument):
         acme.upload_adapter(adapters["beta"], "../escape")
-    with pytest.raises(AlreadyExists):
-        acme.upload_adapter(adapters["beta"], "shared-name")
+    # Uploading to a name that exists adds its next version; the bare name still serves v1.
+    second = acme.upload_adapter(adapters["beta"], "shared-name")
+    assert second.version == 2 and acme.get_adapter("shared-name").version == 1
     # A header whose sha256 does not match the bytes sent.
     messages = list(upload_messages(adapters["beta"], "tampered"))
     messages[0].header.files[1].sha256 = "0" * 64
@@ -329,11 +329,10 @@ def test_upload_checks_and_quotas(
         acme.adapters.UploadAdapter(iter(messages), metadata=acme._cfg.metadata)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sha256" in info.value.details()
-    # Over the tenant's adapter-count quota (3): acme has two, this is the third, then a fourth.
-    acme.upload_adapter(adapters["beta"], "third")
+    # Over the tenant's adapter-count quota (3, counting versions): acme has three now.
     with pytest.raises(ResourceExhausted):
         acme.upload_adapter(adapters["gamma"], "fourth")
-    acme.delete_adapter("third")
+    acme.delete_adapter("shared-name@v2")
     after = sorted(p.name for p in (home / "adapters").iterdir())
     assert after == before  # nothing partial or orphaned left behind
     assert not any((home / "tmp").iterdir())

@@ -289,27 +289,24 @@ def test_the_cli_pushes_a_stored_version_to_a_hub_with_the_callers_token(
 
     _, _, keys = api
     with local_hub(token="hf_caller") as hub:
-        done = subprocess.run(
-            [sys.executable, "-m", "loramux.cli", "adapters", "push", "x@v2", "alice/pushed",
-             "--hub-token", "hf_caller", "--hub-endpoint", hub.endpoint,
-             "--address", f"127.0.0.1:{server.port}", "--api-key", keys["alice"]],
-            capture_output=True, text=True, timeout=180, check=False,
-            env={**os.environ, "HF_HUB_DISABLE_XET": "1"},
-        )  # fmt: skip
+
+        def push(ref: str, repo_id: str, token: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "loramux.cli", "adapters", "push", ref, repo_id,
+                 "--hub-token", token, "--hub-endpoint", hub.endpoint,
+                 "--address", f"127.0.0.1:{server.port}", "--api-key", keys["alice"]],
+                capture_output=True, text=True, timeout=180, check=False,
+                env={**os.environ, "HF_HUB_DISABLE_XET": "1"},
+            )  # fmt: skip
+
+        done = push("x@v2", "alice/pushed", "hf_caller")
         assert done.returncode == 0, done.stderr
         assert f"commit {hub.head('alice/pushed')}" in done.stdout
         pushed = hub.files("alice/pushed")
         pushed.pop(".gitattributes")  # the Hub's own, made with the repo
         assert pushed == read_folder(folders["b"])
         # Without the caller's token the Hub refuses, and nothing is pushed.
-        refused = subprocess.run(
-            [sys.executable, "-m", "loramux.cli", "adapters", "push", "x@v1", "alice/other",
-             "--hub-token", "wrong", "--hub-endpoint", hub.endpoint,
-             "--address", f"127.0.0.1:{server.port}", "--api-key", keys["alice"]],
-            capture_output=True, text=True, timeout=180, check=False,
-            env={**os.environ, "HF_HUB_DISABLE_XET": "1"},
-        )  # fmt: skip
-        assert refused.returncode != 0
+        assert push("x@v1", "alice/other", "wrong").returncode != 0
         assert not hub.has_repo("alice/other")
 
 
