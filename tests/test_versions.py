@@ -255,7 +255,7 @@ def test_an_existing_registry_upgrades_in_place(tmp_path: Path, database: str) -
 def test_the_listing_benchmark_walks_every_visible_adapter_once() -> None:
     from bench.listing import TENANTS, measure
 
-    result = measure("sqlite", 300, 50, 1)
+    (result,) = measure(["sqlite"], [300], 50, 1)
     visible = [i for i in range(300) if i % 3 == 0 or i % TENANTS == 0]
     assert result["visible"] == len(visible)
     assert result["pages"] == math.ceil(len(visible) / 50)

@@ -1,12 +1,14 @@
 """The adapter registry: which tenant owns which adapter, and where its files are.
 
 A database (`loramux.server.db`: the SQLite file in the data dir by default, or a
-PostgreSQL shared by replicas) holds tenants, hashed API keys and adapter rows; adapter
+PostgreSQL shared by replicas) holds tenants, hashed API keys, adapter names, their
+immutable versions, aliases and evaluation results (versions.py says what `name@v3` and
+`name@alias` mean, listing.py how pages are read); adapter
 files live content-addressed under ``adapters/<digest>/`` in the data dir, which replicas
 may share (a shared volume). An adapter becomes visible in one order only: files written
 to a private temporary folder and fsynced, checked, renamed into place atomically, and
-then the row inserted in one transaction. A crash at any point leaves either no trace
-(temp folders are swept at start) or a complete adapter.
+then the version's row inserted in one transaction. A crash at any point leaves either no
+trace (temp folders are swept at start) or a complete version.
 
 Replicas sharing the folder change a digest's folder and the rows naming it only while
 holding the database's lock for that digest, so one replica never removes a folder that
@@ -832,14 +834,18 @@ class Registry:
 
     def served_versions(self, names: list[tuple[str, str]]) -> list[AdapterRecord]:
         """Each name at the version its default alias serves most (the first on a tie), in
-        the order given: two queries for the whole page, each an index lookup per name."""
+        the order given: two queries for the whole page."""
         if not names:
             return []
+        # The page as a VALUES table joined to the rows: each name one primary-key probe.
+        # (`(owner, name) IN (VALUES ...)` made SQLite scan every alias: 344 ms a page at
+        # 100,000 adapters, against 12 ms so.)
         pairs = ", ".join("(?, ?)" for _ in names)
         rows = self._rows(
-            "SELECT owner, name, targets FROM adapter_aliases WHERE alias = ? "
-            f"AND (owner, name) IN (VALUES {pairs})",
-            (DEFAULT_ALIAS, *(part for pair in names for part in pair)),
+            f"WITH page(owner, name) AS (VALUES {pairs}) SELECT a.owner, a.name, a.targets "
+            "FROM page JOIN adapter_aliases a ON a.owner = page.owner AND a.name = page.name "
+            "AND a.alias = ?",
+            (*(part for pair in names for part in pair), DEFAULT_ALIAS),
         )
         chosen = [
             (r["owner"], r["name"], max(Split.loads(r["targets"]).targets, key=lambda t: t[1])[0])
@@ -848,10 +854,16 @@ class Registry:
         if not chosen:
             return []  # deleted since the page was read
         triples = ", ".join("(?, ?, ?)" for _ in chosen)
-        records = self._adapters(
-            f"WHERE (v.owner, v.name, v.version) IN (VALUES {triples})",
-            tuple(part for triple in chosen for part in triple),
-        )
+        records = [
+            _record(r)
+            for r in self._rows(
+                f"WITH page(owner, name, version) AS (VALUES {triples}) "
+                "SELECT v.*, n.public FROM page JOIN adapter_versions v ON v.owner = page.owner "
+                "AND v.name = page.name AND v.version = page.version "
+                "JOIN adapter_names n ON n.owner = v.owner AND n.name = v.name",
+                tuple(part for triple in chosen for part in triple),
+            )
+        ]
         order = {pair: i for i, pair in enumerate(names)}
         return sorted(records, key=lambda r: order[(r.owner, r.name)])
 
