@@ -4,10 +4,10 @@ A registry is filled with N adapter names (one version each, a third of them pub
 rest spread over 100 tenants; rows written in one transaction, no files: listing reads
 rows only), then one tenant lists as ListAdapters does (`Registry.list_names` + the
 versions its default aliases serve): the first page's latency (median of --repeats, the
-sizes timed in turns) and the time to walk every page. On a shared machine the median carries other processes'
-time slices; the minimum is the listing's own cost. The sizes run side by side in one
-process, so the ratio of first-page latencies says whether the first page grows with the
-registry.
+sizes timed in turns) and the time to walk every page. On a shared machine the median
+carries other processes' time slices; the minimum is the listing's own cost. The sizes run
+side by side in one process, so the ratio of first-page latencies says whether the first
+page grows with the registry.
 
     python -m bench.listing                                   # SQLite, 1,000 vs 100,000
     python -m bench.listing --registry postgresql://.../postgres  # a database per size made there
