@@ -329,3 +329,31 @@ def test_metrics_count_each_version_apart(
     after = {v: figures(v) for v in ("v1", "v2")}
     assert after["v1"] == before["v1"]
     assert [b - a for a, b in zip(before["v2"], after["v2"], strict=True)] == [1, 12, 1]
+
+
+def test_2000_requests_on_a_90_10_alias_split_within_binomial_bounds(
+    server: RunningServer, api: tuple[Any, Any, dict[str, str]], stored: dict[str, list[int]]
+) -> None:
+    """Real requests, no key: the versions' request counters split 90/10 within 5 standard
+    deviations (a correct split falls outside with p < 1e-6)."""
+    import math
+    from concurrent.futures import ThreadPoolExecutor
+
+    inference, adapters, keys = api
+    alice = keys["alice"]
+    assert set_alias(adapters, alice, "split", {"v1": 90, "v2": 10}).code == OK
+    sample = server.state.metrics.registry.get_sample_value
+
+    def served(version: str) -> float:
+        labels = {"adapter": f"alice/x@{version}", "tenant": "alice", "status": "OK"}
+        return sample("loramux_requests_total", labels) or 0.0
+
+    before = {v: served(v) for v in ("v1", "v2")}
+    request = generate_request(PROMPT, "x@split", 1)
+    metadata = [("authorization", f"Bearer {alice}")]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: inference.Generate(request, metadata=metadata), range(2000)))
+    counts = {v: served(v) - before[v] for v in ("v1", "v2")}
+    assert counts["v1"] + counts["v2"] == 2000
+    sd = math.sqrt(2000 * 0.1 * 0.9)
+    assert 200 - 5 * sd <= counts["v2"] <= 200 + 5 * sd, counts
