@@ -357,3 +357,40 @@ def test_2000_requests_on_a_90_10_alias_split_within_binomial_bounds(
     assert counts["v1"] + counts["v2"] == 2000
     sd = math.sqrt(2000 * 0.1 * 0.9)
     assert 200 - 5 * sd <= counts["v2"] <= 200 + 5 * sd, counts
+
+
+def test_anyone_downloads_a_public_adapter_and_only_its_owner_moves_its_aliases(
+    server: RunningServer,
+    api: tuple[Any, Any, dict[str, str]],
+    stored: dict[str, list[int]],
+    folders: dict[str, Path],
+) -> None:
+    from hardening_helpers import ADMIN_KEY
+
+    inference, adapters, keys = api
+    channel, _, _, admin = stubs(f"127.0.0.1:{server.port}")
+    try:
+        public = pb.SetAdapterPublicRequest(owner="alice", name="x", public=True)
+        assert call(admin.SetAdapterPublic, public, ADMIN_KEY).code == OK
+        got = stream_call(
+            adapters.DownloadAdapter, pb.AdapterRef(name="alice/x@v2"), keys["mallory"]
+        )
+        assert got.code == OK, got.details
+        files = {m.chunk.path: b"" for m in got.response if m.WhichOneof("part") == "chunk"}
+        for message in got.response:
+            if message.WhichOneof("part") == "chunk":
+                files[message.chunk.path] += message.chunk.data
+        assert files == read_folder(folders["b"])
+        assert generate(inference, "alice/x@v2", keys["mallory"]) == stored["only-b"]
+        moved = call(
+            adapters.SetAlias,
+            pb.SetAliasRequest(
+                name="alice/x", alias="prod", targets=[pb.AliasTarget(version="v2", weight=100)]
+            ),
+            keys["mallory"],
+        )
+        assert moved.code == grpc.StatusCode.NOT_FOUND, moved  # public is for use, not for writes
+    finally:
+        public.public = False
+        assert call(admin.SetAdapterPublic, public, ADMIN_KEY).code == OK
+        channel.close()
