@@ -109,7 +109,7 @@ def test_alias_moves_are_checked_atomic_and_roll_back_in_one_call(registry: Regi
             registry.set_alias("acme", "x", "prod", Split.parse(targets))
         assert info.value.field == field, targets  # type: ignore[attr-defined]
         assert registry.aliases("acme", "x") == before  # nothing changed
-    for alias in ("v2", "latest", "-x", ""):
+    for alias in ("v2", "v0", "v007", "latest", "-x", ""):
         with pytest.raises(InvalidArgument) as info:
             registry.set_alias("acme", "x", alias, Split.of(1))
         assert info.value.field == "alias"

@@ -70,7 +70,7 @@ def check_alias(alias: str, field: str = "alias") -> str:
         raise InvalidArgument(
             field, "must be 1-64 of [A-Za-z0-9._-], starting with a letter or '_'"
         )
-    if VERSION_PATTERN.match(alias):
+    if re.fullmatch(r"v[0-9]+", alias):  # v0 and v007 too: they read as versions
         raise InvalidArgument(field, f"{alias!r} is a version, not an alias name")
     if alias == LATEST:
         raise InvalidArgument(field, "'latest' is the highest version and cannot be set")
