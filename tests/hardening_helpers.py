@@ -130,10 +130,10 @@ def read_folder(folder: Path) -> dict[str, bytes]:
 
 
 def registry_rows(home: Path) -> list[tuple[str, str, str]]:
-    """(owner, name, digest) of every stored adapter, read straight from the SQLite file."""
+    """(owner, name, digest) of every stored version, read straight from the SQLite file."""
     db = sqlite3.connect(f"file:{home / 'registry.sqlite3'}?mode=ro", uri=True)
     try:
-        return sorted(db.execute("SELECT owner, name, digest FROM adapters").fetchall())
+        return sorted(db.execute("SELECT owner, name, digest FROM adapter_versions").fetchall())
     finally:
         db.close()
 

@@ -160,6 +160,9 @@ class HubServer:
         # What model_info reports as the commit instead of the real one: a misbehaving Hub
         # (or a proxy in between) for tests of what a client does with its answer.
         self.reported_sha: str | None = None
+        # False: model_info lists files without their sizes, as some Hub mirrors and proxies
+        # do (no `size`, no `lfs` block, even when asked for blobs).
+        self.lists_sizes = True
         self._secret = secrets.token_hex(8)  # signs LFS upload URLs
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -642,7 +645,7 @@ class _Handler(BaseHTTPRequestHandler):
         siblings = []
         for path, f in sorted(commit.files.items()):
             sibling: dict[str, Any] = {"rfilename": path}
-            if blobs:
+            if blobs and self.hub.lists_sizes:
                 sibling.update(size=f.size, blobId=f.blob_id)
                 if f.lfs_sha256:
                     sibling["lfs"] = {

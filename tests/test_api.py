@@ -21,7 +21,6 @@ from hub_server import HubServer, local_hub
 
 from loramux.cli import main as loramux_main
 from loramux.client import (
-    AlreadyExists,
     AsyncLoramuxClient,
     DeadlineExceeded,
     FailedPrecondition,
@@ -320,8 +319,9 @@ def test_upload_checks_and_quotas(
     before = sorted(p.name for p in (home / "adapters").iterdir())
     with pytest.raises(InvalidArgument):
         acme.upload_adapter(adapters["beta"], "../escape")
-    with pytest.raises(AlreadyExists):
-        acme.upload_adapter(adapters["beta"], "shared-name")
+    # Uploading to a name that exists adds its next version; the bare name still serves v1.
+    second = acme.upload_adapter(adapters["beta"], "shared-name")
+    assert second.version == 2 and acme.get_adapter("shared-name").version == 1
     # A header whose sha256 does not match the bytes sent.
     messages = list(upload_messages(adapters["beta"], "tampered"))
     messages[0].header.files[1].sha256 = "0" * 64
@@ -329,11 +329,10 @@ def test_upload_checks_and_quotas(
         acme.adapters.UploadAdapter(iter(messages), metadata=acme._cfg.metadata)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sha256" in info.value.details()
-    # Over the tenant's adapter-count quota (3): acme has two, this is the third, then a fourth.
-    acme.upload_adapter(adapters["beta"], "third")
+    # Over the tenant's adapter-count quota (3, counting versions): acme has three now.
     with pytest.raises(ResourceExhausted):
         acme.upload_adapter(adapters["gamma"], "fourth")
-    acme.delete_adapter("third")
+    acme.delete_adapter("shared-name@v2")
     after = sorted(p.name for p in (home / "adapters").iterdir())
     assert after == before  # nothing partial or orphaned left behind
     assert not any((home / "tmp").iterdir())
@@ -392,7 +391,7 @@ def test_metrics_expose_the_series(server: RunningServer, tenants: dict) -> None
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     for series in (
-        'loramux_requests_total{adapter="acme/shared-name",status="OK",tenant="acme"}',
+        'loramux_requests_total{adapter="acme/shared-name@v1",status="OK",tenant="acme"}',
         'loramux_requests_total{adapter="unknown",status="NOT_FOUND",tenant="acme"}',
         "loramux_time_to_first_token_seconds_bucket",
         "loramux_inter_token_latency_seconds_bucket",
@@ -599,7 +598,7 @@ def test_cli_commands_against_the_server(
 def test_metric_labels_stay_bounded(server: RunningServer, tenants: dict) -> None:
     metrics = server.state.metrics
     for i in range(2000):
-        metrics.request_done("acme", f"acme/many-{i}", "OK")
+        metrics.request_done("acme", f"acme/many-{i}", "OK", 0.0)
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     labels = set(re.findall(r'^loramux_requests_total\{adapter="([^"]*)"', text, re.MULTILINE))
@@ -633,7 +632,7 @@ def test_an_adapter_deleted_while_a_request_resolves_it_is_not_found(
 
         def find_then_delete(tenant: str, ref: str, **kwargs: object) -> object:
             found = find(tenant, ref, **kwargs)  # type: ignore[arg-type]
-            if ref == "short-lived" and not kwargs and not racing.is_set():
+            if ref == "short-lived" and not kwargs.get("for_write") and not racing.is_set():
                 racing.set()  # the delete runs in full between this lookup and the engine
                 initech.delete_adapter("short-lived")
                 engine_id = found.engine_id

@@ -117,7 +117,7 @@ def test_two_replicas_behind_nginx_share_a_postgres_registry(
         served = {s.port: request_counts(scrape(s.metrics_port)) for s in (a, b)}
         home_of = {}
         for name in names:
-            counts = {port: served[port].get(f"admin/{name}", 0.0) for port in served}
+            counts = {port: served[port].get(f"admin/{name}@v1", 0.0) for port in served}
             assert sorted(counts.values()) == [0.0, 3.0], (name, counts)
             home_of[name] = max(counts, key=lambda p: counts[p])
         assert set(home_of.values()) == {a.port, b.port}  # the hash spreads the adapters
@@ -149,7 +149,7 @@ def test_two_replicas_behind_nginx_share_a_postgres_registry(
         )
         after = {s.port: request_counts(scrape(s.metrics_port)) for s in (a, b)}
         for name in pair:
-            assert after[home_of[name]][f"admin/{name}"] == 4.0
+            assert after[home_of[name]][f"admin/{name}@v1"] == 4.0
 
         # Delete through B an adapter that A serves from a device slot: A refuses it and
         # frees the slot within 2 s.
@@ -212,6 +212,30 @@ def test_two_replicas_behind_nginx_share_a_postgres_registry(
                 outcomes = list(pool.map(upload, (a.address, b.address), ("first", "second")))
             assert sorted(type(o).__name__ for o in outcomes) == ["Adapter", "ResourceExhausted"]
 
+        # Issue 28: an alias moved through one replica holds on both for every request that
+        # starts after the move returned (each request reads the registry at admission).
+        with (
+            LoramuxClient(a.address, ADMIN_KEY) as via_a,
+            LoramuxClient(b.address, ADMIN_KEY) as via_b,
+        ):
+            for folder in adapters[:2]:
+                via_a.upload_adapter(folder, "canaried")
+
+            def tokens(client: LoramuxClient, ref: str) -> list[int]:
+                reply = client.generate("Hi", adapter=ref, max_new_tokens=4, ignore_eos=True)
+                return reply.token_ids
+
+            want = {v: tokens(via_a, f"canaried@{v}") for v in ("v1", "v2")}
+            assert want["v1"] != want["v2"]
+            via_b.set_alias("canaried", "prod", "v1")
+            assert [tokens(c, "canaried@prod") for c in (via_a, via_b)] == [want["v1"]] * 2
+            via_b.set_alias("canaried", "prod", "v2")
+            for client in (via_a, via_b, via_a, via_b):
+                assert tokens(client, "canaried@prod") == want["v2"]
+            assert via_a.rollback_alias("canaried", "prod") == {"v1": 100}
+            assert [tokens(c, "canaried@prod") for c in (via_b, via_a)] == [want["v1"]] * 2
+            via_b.delete_adapter("canaried")  # what follows counts the 19 fleet adapters
+
         # Stop A: every adapter still answers through nginx, now from B.
         a.stop()
         with LoramuxClient(nginx.address, ADMIN_KEY) as client:
@@ -229,7 +253,8 @@ def test_two_replicas_behind_nginx_share_a_postgres_registry(
         )
         final = request_counts(scrape(b.metrics_port))
         moved = [n for n in names if home_of[n] == a.port and n != on_a]
-        assert moved and all(final.get(f"admin/{n}", 0.0) >= 1.0 for n in moved)
+        assert moved and all(final.get(f"admin/{n}@v1", 0.0) >= 1.0 for n in moved)
+
     finally:
         nginx.stop()
         for server in (a, b):
@@ -254,7 +279,7 @@ def test_two_replicas_on_the_sqlite_default(
             # Not shared: which adapters sit in device slots.
             assert via_b.get_adapter("shared").state == "device"
             assert via_a.get_adapter("shared").state == "stored"
-            assert request_counts(scrape(a.metrics_port)).get("admin/shared", 0.0) == 0.0
+            assert request_counts(scrape(a.metrics_port)).get("admin/shared@v1", 0.0) == 0.0
 
             slots_before = device_slots_used(b)
             via_a.delete_adapter("shared")

@@ -320,7 +320,7 @@ def test_a_client_that_goes_away_frees_its_row_and_slot(
     server: RunningServer, url: str, keys: dict[str, str]
 ) -> None:
     samples = server.state.metrics.registry.get_sample_value
-    labels = {"tenant": "acme", "adapter": "acme/alpha", "status": "CANCELLED"}
+    labels = {"tenant": "acme", "adapter": "acme/alpha@v1", "status": "CANCELLED"}
     cancelled = samples("loramux_requests_total", labels) or 0.0
     generated = samples("loramux_generated_tokens_total", {"tenant": "acme"}) or 0.0
     headers = {"Authorization": f"Bearer {keys['acme']}"}
@@ -476,3 +476,43 @@ def test_draining_turns_ready_off_and_refuses_new_requests(
         running.close()
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"{url}/health", timeout=5)
+
+
+def test_model_takes_versions_and_aliases_and_models_lists_the_aliases(
+    server: RunningServer,
+    url: str,
+    keys: dict[str, str],
+    tiny_llama: ResolvedModel,
+    tmp_path: Path,
+) -> None:
+    """Issue 28: `model` is `name`, `name@v2` or `name@alias`, as gRPC's `adapter`."""
+    shapes = linear_shapes(tiny_llama.path)
+    second = write_random_adapter(tmp_path / "second", shapes, rank=4, seed=77, scale=0.5)
+    acme = client(url, keys["acme"])
+    with grpc_client(server, keys["acme"]) as rpc:
+        stored = rpc.upload_adapter(second, "alpha")
+        assert stored.version == 2
+        rpc.set_alias("alpha", "canary", "v2")
+        try:
+            texts = {}
+            for model in ("alpha", "alpha@v1", "alpha@v2", "alpha@canary"):
+                done = acme.completions.create(
+                    model=model,
+                    prompt="Once upon a time",
+                    max_tokens=8,
+                    temperature=0,
+                    extra_headers={"loramux-route-key": "conversation-1"},
+                )
+                texts[model] = done.choices[0].text
+                assert done.model == model
+                expected = rpc.generate("Once upon a time", adapter=model, max_new_tokens=8)
+                assert texts[model] == expected.text
+            assert texts["alpha"] == texts["alpha@v1"] != texts["alpha@v2"] == texts["alpha@canary"]
+            ids = {m.id for m in acme.models.list().data}
+            assert {"alpha", "alpha@canary"} <= ids
+            with pytest.raises(openai.NotFoundError) as info:
+                acme.completions.create(model="alpha@v9", prompt="x", max_tokens=1)
+            assert "alpha@v9" in str(info.value)
+        finally:
+            rpc.delete_alias("alpha", "canary")
+            rpc.delete_adapter("alpha@v2")

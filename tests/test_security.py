@@ -523,7 +523,7 @@ def test_metrics_labels_name_hash_or_omit_tenants(
     served = _served(text)
     assert len(served) == 1, text
     if mode == "plain":
-        assert served[0] == {"tenant": "acme-secret", "adapter": "acme-secret/private-bot"}
+        assert served[0] == {"tenant": "acme-secret", "adapter": "acme-secret/private-bot@v1"}
         return
     assert "acme-secret" not in text and "private-bot" not in text
     if mode == "off":

@@ -192,3 +192,62 @@ def test_hub_commit_id_is_checked_before_use(
     assert pulled.response.revision == hub.head("acme/pinned")
     deleted = call(adapters.DeleteAdapter, pb.AdapterRef(name="pinned"), keys["alice"])
     assert deleted.code == OK, deleted.details
+
+
+def test_a_hub_that_lists_no_sizes_still_pulls(
+    api: tuple[Any, Any, Any, dict[str, str]],
+    server: RunningServer,
+    files: dict[str, bytes],
+    hub: HubServer,
+) -> None:
+    """Hub mirrors (and proxies) that list files without sizes: the pull works, the files
+    stored are the Hub's, byte for byte. It failed with RESOURCE_EXHAUSTED "the Hub listed
+    0 bytes ... but sent N" before the quota was counted as the bytes arrive."""
+    _, adapters, _, keys = api
+    hub.commit("acme/sizeless", files)
+    hub.lists_sizes = False
+    try:
+        pulled = call(
+            adapters.PullAdapter,
+            pb.PullAdapterRequest(name="sizeless", repo_id="acme/sizeless"),
+            keys["alice"],
+        )
+    finally:
+        hub.lists_sizes = True
+    assert pulled.code == OK, pulled.details
+    assert pulled.response.size_bytes == sum(len(data) for data in files.values())
+    digest = next(r[2] for r in registry_rows(server.state.registry.home) if r[1] == "sizeless")
+    assert read_folder(server.state.registry.files_dir / digest) == files
+    deleted = call(adapters.DeleteAdapter, pb.AdapterRef(name="sizeless"), keys["alice"])
+    assert deleted.code == OK, deleted.details
+
+
+def test_a_hub_that_lists_no_sizes_meets_the_byte_quota_as_bytes_arrive(
+    api: tuple[Any, Any, Any, dict[str, str]],
+    server: RunningServer,
+    files: dict[str, bytes],
+    hub: HubServer,
+) -> None:
+    """Without listed sizes nothing can be reserved up front: the bytes are counted against
+    the tenant's byte quota as they arrive, and the pull stops at the first byte over it."""
+    _, adapters, admin, _ = api
+    weights = len(files["adapter_model.safetensors"])
+    quota = pb.TenantQuota(max_bytes=weights // 2)  # the weights file alone breaks it
+    created = call(admin.CreateTenant, pb.CreateTenantRequest(name="small", quota=quota), ADMIN_KEY)
+    assert created.code == OK, created.details
+    key = call(admin.CreateKey, pb.CreateKeyRequest(tenant="small"), ADMIN_KEY).response.key
+    if not hub.has_repo("acme/sizeless-big"):
+        hub.commit("acme/sizeless-big", files)
+    hub.lists_sizes = False
+    try:
+        refused = call(
+            adapters.PullAdapter,
+            pb.PullAdapterRequest(name="big", repo_id="acme/sizeless-big"),
+            key,
+        )
+    finally:
+        hub.lists_sizes = True
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details
+    assert "tenant quota" in refused.details
+    assert not any(row[0] == "small" for row in registry_rows(server.state.registry.home))
+    assert not any(p.is_file() for p in server.state.registry.tmp_dir.rglob("*"))

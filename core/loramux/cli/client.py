@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loramux.core.config import add_settings_arguments, load_settings
+from loramux.core.errors import FailedPrecondition
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -108,9 +109,48 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     actions.add_parser(
         "list", help="list visible adapters", description="List your adapters and public ones."
     )
+    download = actions.add_parser(
+        "download",
+        help="download a stored version as a PEFT folder",
+        description="Write a stored version's files (checked against their sha256) into DIR: "
+        "a folder PeftModel.from_pretrained loads. NAME may carry @v3 or @alias.",
+    )
+    download.add_argument("name", metavar="NAME[@VERSION]")
+    download.add_argument("dir", type=Path)
+    push = actions.add_parser(
+        "push",
+        help="publish a stored version to a Hugging Face Hub repo",
+        description="Download NAME[@VERSION] from the server and push its files to REPO_ID "
+        "on the Hub in one commit, printing the commit. The Hub token is yours (--hub-token, "
+        "else HF_TOKEN or `hf auth login`) and never reaches the LoRAMux server.",
+    )
+    push.add_argument("name", metavar="NAME[@VERSION]")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--branch", default=None, help="push to this branch (default: main)")
+    push.add_argument("--hub-token", default=None, help="your Hub token")
+    push.add_argument("--hub-endpoint", default=None, help="the Hub (default: HF_ENDPOINT)")
+    versions = actions.add_parser(
+        "versions",
+        help="list a name's versions and aliases",
+        description="List a name's versions and aliases.",
+    )
+    versions.add_argument("name")
+    alias = actions.add_parser(
+        "alias",
+        help="point an alias at a version or a weighted split",
+        description="Point ALIAS of NAME at versions, atomically: `v3` or `v3:90 v4:10` "
+        "(weights sum to 100). --rollback restores where it pointed before; --delete "
+        "removes it.",
+    )
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("targets", nargs="*", metavar="VERSION[:WEIGHT]")
+    alias.add_argument("--rollback", action="store_true")
+    alias.add_argument("--delete", action="store_true")
     for action, text in (
         ("show", "show one adapter"),
-        ("rm", "delete an adapter"),
+        ("rm", "delete an adapter name (all versions), or one version as NAME@v3"),
         ("load", "warm an adapter into a device slot"),
         ("unload", "evict an adapter from device and CPU memory"),
     ):
@@ -247,6 +287,24 @@ def _adapters(args: argparse.Namespace) -> int:
             for a in adapters if not args.json else []:
                 _print_adapter(a, False)
             return 0
+        elif args.action == "download":
+            adapter = client.download_adapter(args.name, args.dir)
+            print(f"wrote {adapter.ref} to {args.dir}")
+            return 0
+        elif args.action == "push":
+            return _push(client, args)
+        elif args.action == "versions":
+            found, aliases = client.list_versions(args.name)
+            if args.json:
+                print(json.dumps({"versions": [asdict(a) for a in found], "aliases": aliases}))
+                return 0
+            for a in found:
+                print(f"v{a.version:<4} {a.id[:12]}  {a.size_bytes:>10} B  {' '.join(a.aliases)}")
+            for name, split in aliases.items():
+                print(f"{name} = {', '.join(f'{v}: {w}' for v, w in split.items())}")
+            return 0
+        elif args.action == "alias":
+            return _alias(client, args)
         elif args.action == "rm":
             client.delete_adapter(args.name)
             print(f"deleted {args.name}")
@@ -258,6 +316,51 @@ def _adapters(args: argparse.Namespace) -> int:
                 "unload": client.unload_adapter,
             }[args.action](args.name)
         _print_adapter(adapter, args.json)
+    return 0
+
+
+def _push(client: Any, args: argparse.Namespace) -> int:
+    """The stored version, downloaded to a private folder, pushed as the trainer publishes."""
+    import tempfile
+
+    try:
+        from loramux.trainer.publish import push_to_hub
+    except ImportError as exc:  # the trainer's Hub upload is what pushes
+        raise FailedPrecondition("push", f"the LoRAMux trainer is not installed: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="loramux-push-") as folder:
+        adapter = client.download_adapter(args.name, folder)
+        published = push_to_hub(
+            Path(folder),
+            args.repo_id,
+            private=args.private,
+            branch=args.branch,
+            token=args.hub_token,
+            endpoint=args.hub_endpoint,
+            commit_message=f"Upload {adapter.ref} (LoRAMux)",
+        )
+    print(f"pushed {adapter.ref} to {published.url}")
+    print(f"commit {published.commit_sha} {published.commit_url}")
+    return 0
+
+
+def _alias(client: Any, args: argparse.Namespace) -> int:
+    if args.delete:
+        client.delete_alias(args.name, args.alias)
+        print(f"deleted alias {args.alias} of {args.name}")
+        return 0
+    if args.rollback:
+        split = client.rollback_alias(args.name, args.alias)
+    else:
+        targets: dict[str, int] = {}
+        for target in args.targets:
+            version, _, weight = target.partition(":")
+            try:
+                targets[version] = int(weight) if weight else 100
+            except ValueError:
+                raise SystemExit(f"{target!r}: a weight is an integer (v3:90)") from None
+        client.set_alias(args.name, args.alias, targets)
+        split = targets
+    print(f"{args.name}@{args.alias} = {', '.join(f'{v}: {w}' for v, w in split.items())}")
     return 0
 
 

@@ -257,7 +257,7 @@ class Settings:
     )
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
     tenant_max_queued: int = setting(64, "default per-tenant queued requests", "server")
-    tenant_max_adapters: int = setting(100, "default per-tenant stored adapters", "server")
+    tenant_max_adapters: int = setting(100, "default per-tenant stored adapter versions", "server")
     tenant_max_bytes: int = setting(
         10 * 1024 * 1024 * 1024, "default per-tenant stored adapter bytes", "server"
     )

@@ -16,6 +16,8 @@ from typing import Any
 from loramux.core.errors import InvalidArgument
 
 ADAPTER_METADATA = "loramux-adapter"
+# A caller's sticky key for weighted aliases (versions.py): gRPC metadata or HTTP header.
+ROUTE_KEY_METADATA = "loramux-route-key"
 RAY_SERVE_METADATA = "multiplexed_model_id"
 
 

@@ -18,11 +18,13 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from loramux.core.errors import Cancelled, FailedPrecondition, LoramuxError, NotFound
+from loramux.server.affinity import ROUTE_KEY_METADATA
 from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.state import ServerState, register_record
 from loramux.server.streams import RequestStream
 from loramux.server.tenants import Principal
+from loramux.server.versions import check_key
 
 BASE_LABEL = "base"
 UNKNOWN_LABEL = "unknown"
@@ -36,10 +38,17 @@ class GenerationCall:
     place in the tenant's wait line at once and its engine row at the next engine step.
     """
 
-    def __init__(self, state: ServerState, principal: Principal) -> None:
+    def __init__(
+        self, state: ServerState, principal: Principal, route_key: str | None = None
+    ) -> None:
         self.state = state
         self.principal = principal
-        self.adapter_label = BASE_LABEL  # "owner/name" once resolved, "unknown" if not found
+        # The caller's sticky key: every request of one key lands on one version of a
+        # weighted alias (versions.py); None: picked at random.
+        self.route_key = check_key(route_key, ROUTE_KEY_METADATA)
+        # "owner/name@vN" once resolved (the version: a canary is judged by its metrics),
+        # "unknown" if not found
+        self.adapter_label = BASE_LABEL
         self.started = time.monotonic()
         self.last_token: float | None = None
         self._gone = threading.Event()
@@ -49,15 +58,19 @@ class GenerationCall:
         self._registered: list[tuple[str, str, str]] = []
 
     def resolve(self, ref: str | None) -> str | None:
-        """The engine id of adapter `ref` (own name or `owner/name`); None for the base."""
+        """The engine id of adapter `ref` (`[owner/]name[@version|@alias]`); None for the base.
+
+        A weighted alias is resolved here, once, at admission: the request finishes on the
+        version picked even if the alias moves while it runs.
+        """
         if not ref:
             return None
         self.adapter_label = UNKNOWN_LABEL
-        record = self.state.registry.find(self.principal.tenant, ref)
-        self.adapter_label = f"{record.owner}/{record.name}"
+        record = self.state.registry.find(self.principal.tenant, ref, key=self.route_key)
+        self.adapter_label = record.ref
         if record.engine_id not in self.state.engine.adapters:
             register_record(self.state, record)
-            self._registered.append(("adapter", ref, record.engine_id))
+            self._registered.append(("adapter", record.ref, record.engine_id))
         return record.engine_id
 
     def resolve_weighted(self, entries: Sequence[tuple[str, float]], field: str) -> str | None:
@@ -69,14 +82,14 @@ class GenerationCall:
         self.adapter_label = UNKNOWN_LABEL
         for i, (ref, weight) in enumerate(entries):
             try:
-                record = self.state.registry.find(self.principal.tenant, ref)
+                record = self.state.registry.find(self.principal.tenant, ref, key=self.route_key)
             except NotFound as error:
                 raise NotFound(f"{field}[{i}].name", str(error).split(": ", 1)[-1]) from None
             if record.engine_id not in self.state.engine.adapters:
                 register_record(self.state, record)
-                self._registered.append((f"{field}[{i}].name", ref, record.engine_id))
+                self._registered.append((f"{field}[{i}].name", record.ref, record.engine_id))
             parts.append(WeightedAdapter(record.engine_id, weight))
-            labels.append(f"{record.owner}/{record.name}")
+            labels.append(record.ref)
         self.adapter_label = labels[0] if len(labels) == 1 else COMPOSED_LABEL
         return self.state.engine.adapters.weighted(parts)
 
@@ -195,7 +208,9 @@ class GenerationCall:
             status = "CANCELLED"
             raise
         finally:
-            self.state.metrics.request_done(self.principal.tenant, self.adapter_label, status)
+            self.state.metrics.request_done(
+                self.principal.tenant, self.adapter_label, status, time.monotonic() - self.started
+            )
 
     @contextmanager
     def submitted(
@@ -253,7 +268,12 @@ class GenerationCall:
                     metrics.itl.observe(0.0)
                 self.last_token = now
             if event.finished:
-                metrics.tokens(self.principal.tenant, event.prompt_tokens, event.completion_tokens)
+                metrics.tokens(
+                    self.principal.tenant,
+                    self.adapter_label,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                )
                 if event.error is not None:
                     if isinstance(event.error, FailedPrecondition):
                         self._deleted_meanwhile()

@@ -4,6 +4,11 @@ Pulling is two steps, so the caller can reserve quota in between: `resolve` asks
 which commit a revision names and what the adapter's files weigh; `download` fetches
 exactly that commit. Transport-neutral; the errors are LoRAMux's own, naming the field.
 
+The files are streamed here, not by `snapshot_download`, so every byte is counted as it
+arrives: a Hub (or mirror, or proxy) that lists no sizes cannot be checked up front, and
+one that lists too few must not get to write more than it listed. The caller's `arrived`
+callback holds the bytes against the tenant's quota and refuses the first one over it.
+
 Only the caller's token is sent; without one the pull is anonymous, so a tenant can never
 reach private repos through credentials the server process happens to hold.
 """
@@ -11,8 +16,7 @@ reach private repos through credentials the server process happens to hold.
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,8 @@ from loramux.core.errors import (
 from loramux.server.registry import ALLOWED_FILES, REQUIRED_FILES
 
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # a git commit id, as the Hub reports it
+CHUNK_BYTES = 1 << 20  # one read from the Hub: the quota is checked this often at most
+HTTP_TIMEOUT_SECONDS = 60.0  # between two reads, not for a whole file
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class HubListing:
     repo_id: str
     revision: str  # what the caller asked for (branch, tag or commit)
     sha: str  # the commit it named: 40 hex digits, checked
-    size_bytes: int  # the listed sizes of the files LoRAMux stores
+    files: tuple[str, ...]  # the files LoRAMux stores that the commit holds
+    size_bytes: int | None  # their listed sizes; None when the Hub listed no size for some
 
 
 class HubClient:
@@ -68,38 +75,79 @@ class HubClient:
                 f"the Hub answered {str(sha)[:80]!r} as the commit of {repo_id}@{revision}: "
                 "not a 40-hex-digit commit id, so the pull could not be pinned",
             )
-        files = {s.rfilename: s.size or 0 for s in info.siblings or []}
-        missing = [f for f in REQUIRED_FILES if f not in files]
+        sizes = {s.rfilename: s.size for s in info.siblings or [] if s.rfilename in ALLOWED_FILES}
+        missing = [f for f in REQUIRED_FILES if f not in sizes]
         if missing:
             raise FailedPrecondition("repo_id", f"{repo_id}@{sha[:12]} has no {', '.join(missing)}")
-        total = sum(size for name, size in files.items() if name in ALLOWED_FILES)
-        if total > max_bytes:
+        listed = [size for size in sizes.values() if size is not None]
+        total = sum(listed) if len(listed) == len(sizes) else None  # a mirror may list none
+        if sum(listed) > max_bytes:
             raise ResourceExhausted(
-                "repo_id", f"adapter of {total} bytes exceeds the limit of {max_bytes}"
+                "repo_id", f"adapter of {sum(listed)} bytes exceeds the limit of {max_bytes}"
             )
-        return HubListing(repo_id, revision, sha, total)
+        return HubListing(repo_id, revision, sha, tuple(sorted(sizes)), total)
 
-    def download(self, listing: HubListing, staged: Path) -> None:
-        """Fetch the listed commit's adapter files into `staged`; refuse more bytes than listed."""
-        from huggingface_hub import snapshot_download
+    def download(
+        self,
+        listing: HubListing,
+        staged: Path,
+        max_bytes: int,
+        arrived: Callable[[int], None],
+    ) -> None:
+        """Stream the listed commit's adapter files into `staged`, counting every byte.
 
-        with _hub_errors(listing.repo_id, listing.revision):
-            snapshot_download(
-                listing.repo_id,
-                revision=listing.sha,
-                allow_patterns=list(ALLOWED_FILES),
-                local_dir=str(staged),
-                endpoint=self.endpoint,
-                token=self._credential,
-            )
-        shutil.rmtree(staged / ".cache", ignore_errors=True)
-        size = sum(p.stat().st_size for p in staged.iterdir() if p.is_file())
-        if size > listing.size_bytes:  # the listing understated the sizes
-            raise ResourceExhausted(
+        `arrived(total)` is called with the bytes received so far before each chunk is
+        written (it raises to stop the pull: the tenant's quota); more than `max_bytes`,
+        or more than the Hub listed, is refused at the first byte over.
+        """
+        import httpx
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        cap = max_bytes if listing.size_bytes is None else min(max_bytes, listing.size_bytes)
+        headers = build_hf_headers(token=self._credential)
+        total = 0
+        with (
+            _hub_errors(listing.repo_id, listing.revision),
+            httpx.Client(follow_redirects=True, timeout=HTTP_TIMEOUT_SECONDS) as client,
+        ):
+            for name in listing.files:
+                url = hf_hub_url(
+                    listing.repo_id, name, revision=listing.sha, endpoint=self.endpoint
+                )
+                with (
+                    client.stream("GET", url, headers=headers) as response,
+                    (staged / name).open("wb") as out,
+                ):
+                    _check_status(response.status_code, listing.repo_id, name)
+                    for chunk in response.iter_bytes(CHUNK_BYTES):
+                        total += len(chunk)
+                        if total > cap:
+                            raise self._too_much(listing, total, max_bytes)
+                        arrived(total)
+                        out.write(chunk)
+
+    @staticmethod
+    def _too_much(listing: HubListing, total: int, max_bytes: int) -> LoramuxError:
+        if listing.size_bytes is not None and total > listing.size_bytes:
+            return FailedPrecondition(
                 "repo_id",
                 f"the Hub listed {listing.size_bytes} bytes for {listing.repo_id}@"
-                f"{listing.sha[:12]} but sent {size}",
+                f"{listing.sha[:12]} but sent more",
             )
+        return ResourceExhausted(
+            "repo_id", f"adapter of more than {max_bytes} bytes exceeds the limit of {max_bytes}"
+        )
+
+
+def _check_status(status: int, repo_id: str, name: str) -> None:
+    """A file request's HTTP status as LoRAMux's error naming the field."""
+    if status in (401, 403):
+        raise PermissionDenied("repo_id", f"the Hub refused access to {repo_id}")
+    if status == 404:
+        raise NotFound("repo_id", f"{repo_id} has no {name} at the listed commit")
+    if status >= 400:
+        raise Unavailable("repo_id", f"the Hub answered {status} for {name}")
 
 
 @contextmanager

@@ -234,6 +234,22 @@ class Metrics:
         self.generated_tokens = Counter(
             "loramux_generated_tokens", "Tokens generated", tenant, registry=self.registry
         )
+        # Per adapter version ("owner/name@v3"): what a canary is judged by beside the
+        # version it replaces (requests and errors: `loramux_requests` by status).
+        adapter = ["adapter"] if named else []
+        self.adapter_tokens = Counter(
+            "loramux_adapter_generated_tokens",
+            "Tokens generated, by adapter version",
+            adapter,
+            registry=self.registry,
+        )
+        self.adapter_seconds = Histogram(
+            "loramux_adapter_request_seconds",
+            "Generation request duration (admission to last token), by adapter version",
+            adapter,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         if engine is not None:
             self.attach(engine)
 
@@ -252,20 +268,25 @@ class Metrics:
             return [self.adapter_label.label_for(n) for n in names]
         return names
 
-    def request_done(self, tenant: str, adapter: str, status: str) -> None:
+    def request_done(self, tenant: str, adapter: str, status: str, seconds: float) -> None:
         if self.mode is MetricsLabels.OFF:
             self.requests.labels(status).inc()
+            self.adapter_seconds.observe(seconds)
             return
-        self.requests.labels(self.tenant_label(tenant), self.adapter_label(adapter), status).inc()
+        label = self.adapter_label(adapter)
+        self.requests.labels(self.tenant_label(tenant), label, status).inc()
+        self.adapter_seconds.labels(label).observe(seconds)
 
-    def tokens(self, tenant: str, prompt: int, generated: int) -> None:
+    def tokens(self, tenant: str, adapter: str, prompt: int, generated: int) -> None:
         if self.mode is MetricsLabels.OFF:  # a counter without labels takes no .labels()
             self.prompt_tokens.inc(prompt)
             self.generated_tokens.inc(generated)
+            self.adapter_tokens.inc(generated)
             return
         label = self.tenant_label(tenant)
         self.prompt_tokens.labels(label).inc(prompt)
         self.generated_tokens.labels(label).inc(generated)
+        self.adapter_tokens.labels(self.adapter_label(adapter)).inc(generated)
 
     def serve(self, host: str, port: int) -> object:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -121,6 +121,17 @@ class Adapter:
     state: str = "stored"
     public: bool = False
     use_rslora: bool = False
+    version: int = 1
+    aliases: list[str] = field(default_factory=list)  # the name's aliases serving this version
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+    base_model: str = ""
+    evaluations: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        """`owner/name@vN`: this very version, whatever the aliases do later."""
+        return f"{self.owner}/{self.name}@v{self.version}"
 
     @classmethod
     def from_pb(cls, info: pb.AdapterInfo) -> Adapter:
@@ -139,6 +150,12 @@ class Adapter:
             state=STATES.get(info.state, "stored"),
             public=info.public,
             use_rslora=info.use_rslora,
+            version=info.version,
+            aliases=list(info.aliases),
+            description=info.metadata.description,
+            tags=list(info.metadata.tags),
+            base_model=info.metadata.base_model,
+            evaluations={e.name: e.value for e in info.evaluations},
         )
 
 
@@ -260,6 +277,14 @@ def upload_messages(folder: Path, name: str) -> Iterator[pb.UploadAdapterRequest
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(CHUNK_BYTES), b""):
                 yield pb.UploadAdapterRequest(chunk=pb.FileChunk(path=path.name, data=block))
+
+
+def _messages(stream: Iterator[T]) -> Iterator[T]:
+    """A server stream's messages, its failure as LoRAMux's typed error."""
+    try:
+        yield from stream
+    except grpc.RpcError as error:
+        raise to_error(error) from None
 
 
 def _tokenize_request(
@@ -540,9 +565,102 @@ class LoramuxClient:
         request = _pull_request(repo_id, revision, name, hub_token)
         return Adapter.from_pb(self._unary(self.adapters.PullAdapter, request, timeout))
 
-    def list_adapters(self) -> list[Adapter]:
-        response = self._unary(self.adapters.ListAdapters, pb.ListAdaptersRequest())
-        return [Adapter.from_pb(a) for a in response.adapters]
+    def list_adapters(self, page_size: int = 1000, **filters: Any) -> list[Adapter]:
+        """Every adapter name the caller may use, page by page (filters: name_prefix,
+        owner, public), each at the version its default alias serves."""
+        found: list[Adapter] = []
+        token = ""
+        while True:
+            response = self._unary(
+                self.adapters.ListAdapters,
+                pb.ListAdaptersRequest(page_size=page_size, page_token=token, **filters),
+            )
+            found += [Adapter.from_pb(a) for a in response.adapters]
+            token = response.next_page_token
+            if not token:
+                return found
+
+    def list_versions(self, name: str) -> tuple[list[Adapter], dict[str, dict[str, int]]]:
+        """A name's versions (oldest first) and its aliases ({alias: {"v3": weight}})."""
+        versions: list[Adapter] = []
+        token = ""
+        while True:
+            response = self._unary(
+                self.adapters.ListAdapterVersions,
+                pb.ListAdapterVersionsRequest(name=name, page_size=1000, page_token=token),
+            )
+            versions += [Adapter.from_pb(a) for a in response.versions]
+            token = response.next_page_token
+            if not token:
+                aliases = {
+                    a.name: {t.version: t.weight for t in a.targets} for a in response.aliases
+                }
+                return versions, aliases
+
+    def set_alias(self, name: str, alias: str, targets: str | Mapping[str, int]) -> dict[str, int]:
+        """Point `alias` at a version ("v3") or a split ({"v3": 90, "v4": 10}); what it
+        pointed at before ({} when new)."""
+        split = {targets: 100} if isinstance(targets, str) else dict(targets)
+        request = pb.SetAliasRequest(
+            name=name,
+            alias=alias,
+            targets=[pb.AliasTarget(version=v, weight=w) for v, w in split.items()],
+        )
+        response = self._unary(self.adapters.SetAlias, request)
+        return {t.version: t.weight for t in response.previous.targets}
+
+    def rollback_alias(self, name: str, alias: str) -> dict[str, int]:
+        """Point `alias` back where it was before its last move; where that is."""
+        response = self._unary(self.adapters.RollbackAlias, pb.AliasRef(name=name, alias=alias))
+        return {t.version: t.weight for t in response.alias.targets}
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._unary(self.adapters.DeleteAlias, pb.AliasRef(name=name, alias=alias))
+
+    def add_evaluations(self, name: str, results: Mapping[str, float]) -> Adapter:
+        request = pb.AddEvaluationsRequest(
+            name=name, evaluations=[pb.Evaluation(name=k, value=v) for k, v in results.items()]
+        )
+        return Adapter.from_pb(self._unary(self.adapters.AddEvaluations, request))
+
+    def download_adapter(self, name: str, folder: Path | str) -> Adapter:
+        """Write a stored version's files (a PEFT folder) into `folder`, each checked
+        against the sha256 the server sent; `name` may carry `@v3` or `@alias`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        info: Adapter | None = None
+        expected: dict[str, pb.FileEntry] = {}
+        digests: dict[str, Any] = {}
+        handle = None
+        stream = self.adapters.DownloadAdapter(
+            pb.AdapterRef(name=name), metadata=self._cfg.metadata, timeout=self._cfg.timeout
+        )
+        try:
+            for message in _messages(stream):
+                part = message.WhichOneof("part")
+                if part == "info":
+                    info = Adapter.from_pb(message.info)
+                elif part == "file":
+                    if handle is not None:
+                        handle.close()
+                    entry = message.file
+                    if entry.path not in UPLOAD_FILES:
+                        raise ValueError(f"the server sent an unexpected file {entry.path!r}")
+                    expected[entry.path] = entry
+                    digests[entry.path] = hashlib.sha256()
+                    handle = (folder / entry.path).open("wb")
+                elif part == "chunk" and handle is not None:
+                    handle.write(message.chunk.data)
+                    digests[message.chunk.path].update(message.chunk.data)
+        finally:
+            if handle is not None:
+                handle.close()
+        for path, entry in expected.items():
+            if digests[path].hexdigest() != entry.sha256:
+                raise ValueError(f"{path}: sha256 does not match what the server sent")
+        if info is None:
+            raise ValueError("the server sent no adapter")
+        return info
 
     def get_adapter(self, name: str) -> Adapter:
         return Adapter.from_pb(self._unary(self.adapters.GetAdapter, pb.AdapterRef(name=name)))

@@ -232,7 +232,7 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("id", "name", "owner", "source", "repo_id", "revision", "sha256", "rank", "alpha", "target_modules", "size_bytes", "state", "public", "created_at", "use_rslora")
+    __slots__ = ("id", "name", "owner", "source", "repo_id", "revision", "sha256", "rank", "alpha", "target_modules", "size_bytes", "state", "public", "created_at", "use_rslora", "version", "aliases", "metadata", "evaluations", "has_model_card")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,11 @@ class AdapterInfo(_message.Message):
     PUBLIC_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    HAS_MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     owner: str
@@ -263,7 +268,30 @@ class AdapterInfo(_message.Message):
     public: bool
     created_at: int
     use_rslora: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., source: _Optional[_Union[AdapterSource, str]] = ..., repo_id: _Optional[str] = ..., revision: _Optional[str] = ..., sha256: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., public: _Optional[bool] = ..., created_at: _Optional[int] = ..., use_rslora: _Optional[bool] = ...) -> None: ...
+    version: int
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    metadata: AdapterMetadata
+    evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
+    has_model_card: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., source: _Optional[_Union[AdapterSource, str]] = ..., repo_id: _Optional[str] = ..., revision: _Optional[str] = ..., sha256: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., public: _Optional[bool] = ..., created_at: _Optional[int] = ..., use_rslora: _Optional[bool] = ..., version: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Union[AdapterMetadata, _Mapping]] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., has_model_card: _Optional[bool] = ...) -> None: ...
+
+class AdapterMetadata(_message.Message):
+    __slots__ = ("description", "tags", "base_model")
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    description: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    base_model: str
+    def __init__(self, description: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("path", "size", "sha256")
@@ -276,12 +304,14 @@ class FileEntry(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("name", "files")
+    __slots__ = ("name", "files", "metadata")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     files: _containers.RepeatedCompositeFieldContainer[FileEntry]
-    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ...) -> None: ...
+    metadata: AdapterMetadata
+    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., metadata: _Optional[_Union[AdapterMetadata, _Mapping]] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("path", "data")
@@ -300,26 +330,62 @@ class UploadAdapterRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class PullAdapterRequest(_message.Message):
-    __slots__ = ("name", "repo_id", "revision", "hub_token")
+    __slots__ = ("name", "repo_id", "revision", "hub_token", "metadata")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REPO_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     HUB_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     repo_id: str
     revision: str
     hub_token: str
-    def __init__(self, name: _Optional[str] = ..., repo_id: _Optional[str] = ..., revision: _Optional[str] = ..., hub_token: _Optional[str] = ...) -> None: ...
+    metadata: AdapterMetadata
+    def __init__(self, name: _Optional[str] = ..., repo_id: _Optional[str] = ..., revision: _Optional[str] = ..., hub_token: _Optional[str] = ..., metadata: _Optional[_Union[AdapterMetadata, _Mapping]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token", "name_prefix", "owner", "public", "source")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    name_prefix: str
+    owner: str
+    public: bool
+    source: AdapterSource
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., name_prefix: _Optional[str] = ..., owner: _Optional[str] = ..., public: _Optional[bool] = ..., source: _Optional[_Union[AdapterSource, str]] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters",)
+    __slots__ = ("adapters", "next_page_token")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
-    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListAdapterVersionsRequest(_message.Message):
+    __slots__ = ("name", "page_size", "page_token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    page_size: int
+    page_token: str
+    def __init__(self, name: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAdapterVersionsResponse(_message.Message):
+    __slots__ = ("versions", "next_page_token", "aliases")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    next_page_token: str
+    aliases: _containers.RepeatedCompositeFieldContainer[Alias]
+    def __init__(self, versions: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
     __slots__ = ("name",)
@@ -330,6 +396,70 @@ class AdapterRef(_message.Message):
 class DeleteAdapterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AliasTarget(_message.Message):
+    __slots__ = ("version", "weight")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    weight: int
+    def __init__(self, version: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class Alias(_message.Message):
+    __slots__ = ("name", "targets")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
+    def __init__(self, name: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ...) -> None: ...
+
+class SetAliasRequest(_message.Message):
+    __slots__ = ("name", "alias", "targets")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    alias: str
+    targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ...) -> None: ...
+
+class AliasRef(_message.Message):
+    __slots__ = ("name", "alias")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    alias: str
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class SetAliasResponse(_message.Message):
+    __slots__ = ("alias", "previous")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    alias: Alias
+    previous: Alias
+    def __init__(self, alias: _Optional[_Union[Alias, _Mapping]] = ..., previous: _Optional[_Union[Alias, _Mapping]] = ...) -> None: ...
+
+class DeleteAliasResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DownloadAdapterResponse(_message.Message):
+    __slots__ = ("info", "file", "chunk")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    info: AdapterInfo
+    file: FileEntry
+    chunk: FileChunk
+    def __init__(self, info: _Optional[_Union[AdapterInfo, _Mapping]] = ..., file: _Optional[_Union[FileEntry, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+
+class AddEvaluationsRequest(_message.Message):
+    __slots__ = ("name", "evaluations")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
+    def __init__(self, name: _Optional[str] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ...) -> None: ...
 
 class TenantQuota(_message.Message):
     __slots__ = ("max_concurrent", "max_queued", "max_adapters", "max_bytes")

@@ -263,6 +263,11 @@ class AdapterServiceStub:
                 request_serializer=loramux_dot_v1_dot_loramux__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=loramux_dot_v1_dot_loramux__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.ListAdapterVersions = channel.unary_unary(
+                '/loramux.v1.AdapterService/ListAdapterVersions',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.ListAdapterVersionsRequest.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.ListAdapterVersionsResponse.FromString,
+                _registered_method=True)
         self.GetAdapter = channel.unary_unary(
                 '/loramux.v1.AdapterService/GetAdapter',
                 request_serializer=loramux_dot_v1_dot_loramux__pb2.AdapterRef.SerializeToString,
@@ -281,6 +286,31 @@ class AdapterServiceStub:
         self.UnloadAdapter = channel.unary_unary(
                 '/loramux.v1.AdapterService/UnloadAdapter',
                 request_serializer=loramux_dot_v1_dot_loramux__pb2.AdapterRef.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/loramux.v1.AdapterService/SetAlias',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.SetAliasResponse.FromString,
+                _registered_method=True)
+        self.RollbackAlias = channel.unary_unary(
+                '/loramux.v1.AdapterService/RollbackAlias',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.AliasRef.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.SetAliasResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/loramux.v1.AdapterService/DeleteAlias',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.AliasRef.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.DeleteAliasResponse.FromString,
+                _registered_method=True)
+        self.DownloadAdapter = channel.unary_stream(
+                '/loramux.v1.AdapterService/DownloadAdapter',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.AdapterRef.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.DownloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.AddEvaluations = channel.unary_unary(
+                '/loramux.v1.AdapterService/AddEvaluations',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.AddEvaluationsRequest.SerializeToString,
                 response_deserializer=loramux_dot_v1_dot_loramux__pb2.AdapterInfo.FromString,
                 _registered_method=True)
 
@@ -307,7 +337,16 @@ class AdapterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One page of the names the caller may use (own and public), in (owner, name) order,
+        each shown at the version its default alias serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapterVersions(self, request, context):
+        """One page of a name's versions (oldest first), with its aliases.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -319,7 +358,9 @@ class AdapterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAdapter(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """"name" deletes the name with every version; "name@v3" one version (refused while an
+        alias points at it). Files shared by digest are freed when nothing references them.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -333,6 +374,41 @@ class AdapterServiceServicer:
 
     def UnloadAdapter(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Point an alias at a version or a weighted split of versions, atomically (owner or
+        admin). The answer carries the targets it had, which RollbackAlias restores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadAdapter(self, request, context):
+        """A stored version's files, each announced with its size and sha256, then its bytes
+        (owner, admin, or anyone for a public adapter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddEvaluations(self, request, context):
+        """Evaluation results (name, value) kept with a version; a name given again is replaced.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -355,6 +431,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     request_deserializer=loramux_dot_v1_dot_loramux__pb2.ListAdaptersRequest.FromString,
                     response_serializer=loramux_dot_v1_dot_loramux__pb2.ListAdaptersResponse.SerializeToString,
             ),
+            'ListAdapterVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapterVersions,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.ListAdapterVersionsRequest.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.ListAdapterVersionsResponse.SerializeToString,
+            ),
             'GetAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAdapter,
                     request_deserializer=loramux_dot_v1_dot_loramux__pb2.AdapterRef.FromString,
@@ -373,6 +454,31 @@ def add_AdapterServiceServicer_to_server(servicer, server):
             'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.UnloadAdapter,
                     request_deserializer=loramux_dot_v1_dot_loramux__pb2.AdapterRef.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.AdapterInfo.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.SetAliasRequest.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'RollbackAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAlias,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.AliasRef.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.AliasRef.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.DeleteAliasResponse.SerializeToString,
+            ),
+            'DownloadAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadAdapter,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.AdapterRef.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.DownloadAdapterResponse.SerializeToString,
+            ),
+            'AddEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddEvaluations,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.AddEvaluationsRequest.FromString,
                     response_serializer=loramux_dot_v1_dot_loramux__pb2.AdapterInfo.SerializeToString,
             ),
     }
@@ -459,6 +565,33 @@ class AdapterService:
             '/loramux.v1.AdapterService/ListAdapters',
             loramux_dot_v1_dot_loramux__pb2.ListAdaptersRequest.SerializeToString,
             loramux_dot_v1_dot_loramux__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapterVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.AdapterService/ListAdapterVersions',
+            loramux_dot_v1_dot_loramux__pb2.ListAdapterVersionsRequest.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.ListAdapterVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -566,6 +699,141 @@ class AdapterService:
             target,
             '/loramux.v1.AdapterService/UnloadAdapter',
             loramux_dot_v1_dot_loramux__pb2.AdapterRef.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.AdapterService/SetAlias',
+            loramux_dot_v1_dot_loramux__pb2.SetAliasRequest.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.AdapterService/RollbackAlias',
+            loramux_dot_v1_dot_loramux__pb2.AliasRef.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.AdapterService/DeleteAlias',
+            loramux_dot_v1_dot_loramux__pb2.AliasRef.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.DeleteAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loramux.v1.AdapterService/DownloadAdapter',
+            loramux_dot_v1_dot_loramux__pb2.AdapterRef.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.DownloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.AdapterService/AddEvaluations',
+            loramux_dot_v1_dot_loramux__pb2.AddEvaluationsRequest.SerializeToString,
             loramux_dot_v1_dot_loramux__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,

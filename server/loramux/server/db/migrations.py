@@ -87,6 +87,75 @@ MIGRATIONS: tuple[Migration, ...] = (
         "one, so a key made for it to keep its adapters was an admin key)",
         ("UPDATE tenants SET admin = 0 WHERE name = 'default'",),
     ),
+    Migration(
+        4,
+        "adapter versions and aliases: every adapter becomes v1 of its name, the name's "
+        "'default' alias pointing at it; evaluation results per version",
+        (
+            """CREATE TABLE adapter_names (
+                owner TEXT NOT NULL,
+                name TEXT NOT NULL,
+                public INTEGER NOT NULL DEFAULT 0,
+                created_at BIGINT NOT NULL,
+                next_version BIGINT NOT NULL,
+                PRIMARY KEY (owner, name)
+            )""",
+            """CREATE TABLE adapter_versions (
+                owner TEXT NOT NULL,
+                name TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                digest TEXT NOT NULL,
+                source TEXT NOT NULL,
+                repo_id TEXT,
+                revision TEXT,
+                sha256 TEXT NOT NULL,
+                rank BIGINT NOT NULL,
+                alpha DOUBLE PRECISION NOT NULL,
+                use_rslora INTEGER NOT NULL,
+                target_modules TEXT NOT NULL,
+                size_bytes BIGINT NOT NULL,
+                created_at BIGINT NOT NULL,
+                description TEXT NOT NULL DEFAULT '',
+                tags TEXT NOT NULL DEFAULT '[]',
+                base_model TEXT NOT NULL DEFAULT '',
+                PRIMARY KEY (owner, name, version)
+            )""",
+            """CREATE TABLE adapter_aliases (
+                owner TEXT NOT NULL,
+                name TEXT NOT NULL,
+                alias TEXT NOT NULL,
+                targets TEXT NOT NULL,
+                previous TEXT,
+                updated_at BIGINT NOT NULL,
+                PRIMARY KEY (owner, name, alias)
+            )""",
+            """CREATE TABLE adapter_evals (
+                owner TEXT NOT NULL,
+                name TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                metric TEXT NOT NULL,
+                value DOUBLE PRECISION NOT NULL,
+                created_at BIGINT NOT NULL,
+                PRIMARY KEY (owner, name, version, metric)
+            )""",
+            "INSERT INTO adapter_names (owner, name, public, created_at, next_version) "
+            "SELECT owner, name, public, created_at, 2 FROM adapters",
+            "INSERT INTO adapter_versions (version, owner, name, digest, source, repo_id, "
+            "revision, sha256, rank, alpha, use_rslora, target_modules, size_bytes, created_at) "
+            "SELECT 1, owner, name, digest, source, repo_id, revision, sha256, rank, alpha, "
+            "use_rslora, target_modules, size_bytes, created_at FROM adapters",
+            "INSERT INTO adapter_aliases (owner, name, alias, targets, previous, updated_at) "
+            "SELECT owner, name, 'default', '[[1, 100]]', NULL, created_at FROM adapters",
+            "DROP TABLE adapters",
+            "CREATE INDEX adapter_versions_digest ON adapter_versions (digest)",
+            # Listing pages of public adapters in (owner, name) order without a scan.
+            "CREATE INDEX adapter_names_public ON adapter_names (public, owner, name)",
+            """CREATE TABLE registry_secret (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                secret TEXT NOT NULL
+            )""",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from loramux.core.errors import InvalidArgument, LoramuxError, NotFound
+from loramux.server.affinity import ROUTE_KEY_METADATA
 from loramux.server.generation import GenerationCall
 from loramux.server.http.bridge import END, GenerationJob
 from loramux.server.http.errors import (
@@ -36,6 +37,7 @@ from loramux.server.http.schemas import ChatCompletionBody, CompletionBody, _Gen
 from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.state import ServerState
 from loramux.server.tenants import Principal
+from loramux.server.versions import DEFAULT_ALIAS
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -105,7 +107,11 @@ class OpenAIFront:
         renamed: dict[str, str],
     ) -> Response:
         body.refuse_unsupported(self.state.settings.max_n)
-        call = GenerationCall(self.state, await self.authenticate(request))
+        call = GenerationCall(
+            self.state,
+            await self.authenticate(request),
+            request.headers.get(ROUTE_KEY_METADATA),
+        )
         job = GenerationJob(call, lambda: build(call), renamed)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
         try:
@@ -227,19 +233,24 @@ class OpenAIFront:
                     adapters.state(record.engine_id) if record.engine_id in adapters else "stored"
                 )
                 own = record.owner == principal.tenant
-                data.append(
-                    {
-                        "id": record.name if own else f"{record.owner}/{record.name}",
-                        "object": "model",
-                        "created": record.created_at,
-                        "owned_by": record.owner,
-                        "root": f"{record.owner}/{record.name}",
-                        "parent": self.base_name,
-                        "loaded": resident == "device",
-                        "state": resident,
-                        "public": record.public,
-                    }
-                )
+                name = record.name if own else f"{record.owner}/{record.name}"
+                entry = {
+                    "id": name,
+                    "object": "model",
+                    "created": record.created_at,
+                    "owned_by": record.owner,
+                    "root": f"{record.owner}/{record.name}",
+                    "parent": self.base_name,
+                    "loaded": resident == "device",
+                    "state": resident,
+                    "public": record.public,
+                    "version": f"v{record.version}",
+                }
+                data.append(entry)
+                # Its other aliases: `name@alias` is a model id too (`name@v3` as well).
+                for alias, split in state.registry.aliases(record.owner, record.name).items():
+                    if alias != DEFAULT_ALIAS:
+                        data.append({**entry, "id": f"{name}@{alias}", "version": split.describe()})
         return {"object": "list", "data": data}
 
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import grpc
 
 from loramux.core.errors import Cancelled, InvalidArgument
-from loramux.server.affinity import requested_adapter, weighted_adapters
+from loramux.server.affinity import ROUTE_KEY_METADATA, requested_adapter, weighted_adapters
 from loramux.server.generation import GenerationCall
 from loramux.server.requests import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from loramux.server.rpc.wrapper import Servicer, rpc, time_left
@@ -140,7 +140,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
     ) -> pb.GenerateResponse:
-        call = GenerationCall(self.state, principal)
+        call = GenerationCall(self.state, principal, _route_key(context))
         with call.recorded(), self._generation(request, context, call) as stream:
             text: list[str] = []
             tokens: list[int] = []
@@ -169,7 +169,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
     ) -> Iterator[pb.GenerateStreamResponse]:
-        call = GenerationCall(self.state, principal)
+        call = GenerationCall(self.state, principal, _route_key(context))
         writer = self._logprobs()
         with call.recorded(), self._generation(request, context, call) as stream:
             for event in call.events(stream):
@@ -213,3 +213,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         self, request: pb.TokenizeRequest, context: grpc.ServicerContext, principal: Principal
     ) -> pb.TokenizeResponse:
         return pb.TokenizeResponse(token_ids=self._prompt(request))
+
+
+def _route_key(context: grpc.ServicerContext) -> str | None:
+    return dict(context.invocation_metadata()).get(ROUTE_KEY_METADATA)
