@@ -64,6 +64,7 @@ from loramux.server.lora import (
     make_context,
     wrap_linear_layers,
 )
+from loramux.server.nf4 import use_nf4_kernel
 from loramux.server.paged_attention import choose_kernel
 from loramux.server.requests import FinishReason, GenerationRequest, TokenEvent
 from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch, kv_geometry
@@ -159,6 +160,8 @@ class Engine:
         self.prompts = PromptEncoder(tokenizer)  # the trainer tokenises with the same rules
         self.model = model
         device = next(model.parameters()).device
+        # The 4-bit layers' matmul, chosen once here, before the LoRA wrappers take them.
+        self.native_nf4 = use_nf4_kernel(model, settings.nf4_kernel, device)
         base_linears: dict[str, LinearShape] = base_linear_shapes(model)
         module_names = [name for name, _ in model.named_modules()]  # before wrapping
         self._lora: LoraContext | None = None
