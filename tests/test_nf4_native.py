@@ -180,3 +180,11 @@ def test_swapped_model_keeps_parameters_and_footprint(smollm2: ResolvedModel) ->
     assert not four_bit_layers(model)
     assert {name for name, _ in model.named_parameters()} == names
     assert model.get_memory_footprint() == footprint
+
+
+def test_a_hooked_layer_is_refused() -> None:
+    """The native layer replaces the module: hooks on the old one would silently not run."""
+    model = nn.Sequential(_layer(128, 64))
+    model[0].register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="0 has hooks on the layer"):
+        choose_kernel("native", CPU, model)
