@@ -5,7 +5,9 @@
   scales, blocksize 128, and a bias;
 * its products are the exact float64 product of those weights and the input, rounded to
   bf16, within the error bound of a float32 sum (only the summation order is its own), in
-  both paths: a few rows (decode) and many (a batch, a prompt chunk);
+  both paths: a few rows and many (a decode batch);
+* prompt tokens ([rows, T > 1, in]) give bitsandbytes' own outputs bit for bit (its
+  weights, then torch's GEMM): the engine's prompt passes stay PEFT's numbers;
 * a model it cannot read exactly (fp4) is refused with the reason, never computed.
 
 Greedy tokens equal to PEFT's with the kernel in the engine: tests/test_engine.py and the
@@ -138,9 +140,13 @@ def test_products_within_the_float32_bound_in_both_paths(model: Any, rows: int) 
         x = x.bfloat16()
         with torch.inference_mode():
             got = native(x)
-            ours_shaped = native(x.view(1, rows, -1))  # [batch, tokens, in] as the model calls
-        torch.testing.assert_close(ours_shaped.view(rows, -1), got, rtol=0, atol=0)
+            decode_shaped = native(x.view(rows, 1, -1))  # [rows, 1 token, in] as decode calls
+            prompt = native(x.view(1, rows, -1))  # [1, tokens, in]: a prompt
+            bnb_prompt = layer(x.view(1, rows, -1))
+        torch.testing.assert_close(decode_shaped.view(rows, -1), got, rtol=0, atol=0)
         _assert_within_float32_sum_bound(got, x, _bnb_weights(layer), None)
+        if rows > 1:  # prompt tokens: bitsandbytes' numbers, bit for bit
+            _assert_same_bits(prompt, bnb_prompt, f"{name}, a prompt of {rows} tokens")
 
 
 def test_bias_and_odd_output_count() -> None:

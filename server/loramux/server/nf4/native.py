@@ -141,6 +141,16 @@ class NativeNf4Linear(nn.Module):
         self._bias_ptr = self.bias.data_ptr() if self.bias is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        """One token per row (decode, [rows, 1, in] or [rows, in]): the kernel's matmul.
+        Prompt tokens ([rows, T > 1, in], a prefill or mixed pass): the kernel's weights,
+        bitsandbytes' bits, then torch's bf16 GEMM on the same shapes, which is how
+        bitsandbytes computes the layer and so PEFT's numbers bit for bit. The engine's
+        prompt passes depend on that: they compute the LoRA deltas of prompt chunks as PEFT
+        does (LoraBackend.prompt_chunk), and with the kernel's own float32 sums there,
+        tests/test_engine.py saw two of four requests part from PEFT at near-ties (one at
+        its first token) where it allows one."""
+        if x.dim() > 2 and x.shape[-2] > 1:
+            return self._as_bitsandbytes(x)
         dtype = x.dtype
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != torch.bfloat16 or flat.stride(-1) != 1:
@@ -162,6 +172,12 @@ class NativeNf4Linear(nn.Module):
             raise RuntimeError(f"NF4 kernel refused its arguments (status {status})")
         y = y.view(*x.shape[:-1], self.out_features)
         return y if dtype == torch.bfloat16 else y.to(dtype)
+
+    def _as_bitsandbytes(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.kernel.dequantize(self.weight)  # [out, in] bf16
+        bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
+        y = torch.nn.functional.linear(x.to(torch.bfloat16), weights, bias)
+        return y.to(x.dtype)
 
     # Called straight, without nn.Module's hook dispatch (~0.7 us a call, 210 calls a step
     # on SmolLM2), as MultiLoraLinear is: the layers it replaces had no hooks (`unsupported`).

@@ -291,25 +291,43 @@ int loramux_nf4_matmul(int64_t rows, int64_t in, int64_t out, const uint16_t* x,
   return 0;
 }
 
-// The weights as the matmul decodes them, W [out, in] bf16 in element order (tests: they
-// must equal bitsandbytes' dequantize_4bit bit for bit).
+// W [out, in] bf16 in element order: the same per-block tables and byte shuffles as the
+// matmul, the words interleaved back into element order. The engine's prompt passes use it
+// (NativeNf4Linear: these bits, then torch's bf16 GEMM, as bitsandbytes computes them), and
+// tests compare it with bitsandbytes' dequantize_4bit bit for bit.
 int loramux_nf4_dequantize(int64_t in, int64_t out, const uint8_t* packed,
                            const uint8_t* absmax_q, const float* absmax, const float* code2,
                            float offset, const float* nf4, int64_t blocksize, int64_t blocksize2,
                            uint16_t* w_out) {
   const Weights w{packed, absmax_q, absmax, code2, offset, nf4, blocksize, blocksize2, in};
   if (!valid(w, out)) return 1;
-  std::vector<float> buf(in);
-  int order[64];
-  for (int p = 0; p < 64; ++p) order[p] = decoded_element(p);
+  const int64_t per_block = blocksize / 64;
+#pragma omp parallel for schedule(static)
   for (int64_t o = 0; o < out; ++o) {
-    decode_rows(w, o, 1, buf.data());
-    for (int64_t k = 0; k < in; k += 64)
-      for (int p = 0; p < 64; ++p) {
-        uint32_t bits;
-        std::memcpy(&bits, &buf[k + p], 4);
-        w_out[o * in + k + order[p]] = uint16_t(bits >> 16);
+    const __m256 nf4_lo = _mm256_loadu_ps(nf4), nf4_hi = _mm256_loadu_ps(nf4 + 8);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int64_t k = 0, b = o * in / blocksize; k < in; ++b) {
+      const Tables t = block_tables(w, nf4_lo, nf4_hi, b);
+      for (int64_t c = 0; c < per_block; ++c, k += 64) {
+        const __m256i bytes =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk_codes(w, o, k)));
+        const __m256i even = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);  // 2j
+        const __m256i odd = _mm256_and_si256(bytes, mask);                        // 2j + 1
+        const __m256i el = _mm256_shuffle_epi8(t.low, even), eh = _mm256_shuffle_epi8(t.high, even);
+        const __m256i ol = _mm256_shuffle_epi8(t.low, odd), oh = _mm256_shuffle_epi8(t.high, odd);
+        // words of byte j: [0-7 | 16-23] and [8-15 | 24-31]
+        const __m256i a = _mm256_unpacklo_epi8(el, eh), bb = _mm256_unpackhi_epi8(el, eh);
+        const __m256i cc = _mm256_unpacklo_epi8(ol, oh), d = _mm256_unpackhi_epi8(ol, oh);
+        // elements [0-7 | 32-39], [8-15 | 40-47], [16-23 | 48-55], [24-31 | 56-63]
+        const __m256i p0 = _mm256_unpacklo_epi16(a, cc), p1 = _mm256_unpackhi_epi16(a, cc);
+        const __m256i p2 = _mm256_unpacklo_epi16(bb, d), p3 = _mm256_unpackhi_epi16(bb, d);
+        __m256i* dst = reinterpret_cast<__m256i*>(w_out + o * in + k);
+        _mm256_storeu_si256(dst + 0, _mm256_permute2x128_si256(p0, p1, 0x20));
+        _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(p2, p3, 0x20));
+        _mm256_storeu_si256(dst + 2, _mm256_permute2x128_si256(p0, p1, 0x31));
+        _mm256_storeu_si256(dst + 3, _mm256_permute2x128_si256(p2, p3, 0x31));
       }
+    }
   }
   return 0;
 }
