@@ -145,6 +145,19 @@ def entry_point(path: Path, symbol: str, argtypes: list[Any]) -> Any:
     return function
 
 
+def choose_native(mode: str, option: str, fallback: str, load: Callable[[], K]) -> K | None:
+    """`load()`'s kernel, or None where it cannot run: then `native` (`mode`) is a start-up
+    error naming why (`option` is the flag, e.g. "--nf4-kernel"), and auto logs the reason
+    with what runs instead (`fallback`)."""
+    try:
+        return load()
+    except NativeKernelUnavailable as exc:
+        if mode == "native":
+            raise ValueError(f"{option} native is not available here: {exc}") from exc
+        log.info("%s (the native kernel cannot run here: %s)", fallback, exc)
+        return None
+
+
 class KernelLoader(Generic[K]):
     """One kernel library per process: checked, built (or found in the cache) and wrapped
     on first use, from any thread; later calls answer the same object."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from loramux.server.native_build import NativeKernelUnavailable
+from loramux.server.native_build import NativeKernelUnavailable, choose_native
 from loramux.server.nf4.native import NativeNf4Linear, Nf4Kernel, load_kernel, unsupported
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def choose_kernel(mode: str, device: torch.device, model: Any) -> Nf4Kernel | No
         raise ValueError(f"unknown NF4 kernel {mode!r}: one of {', '.join(KERNEL_MODES)}")
     if mode == "bnb":
         return None
-    try:
+
+    def load() -> Nf4Kernel:
         if device.type != "cpu":
             raise NativeKernelUnavailable(f"it runs on the CPU, not {device.type}")
         layers = four_bit_layers(model)
@@ -57,11 +58,8 @@ def choose_kernel(mode: str, device: torch.device, model: Any) -> Nf4Kernel | No
             if reason is not None:
                 raise NativeKernelUnavailable(f"{name} has {reason}")
         return load_kernel()
-    except NativeKernelUnavailable as exc:
-        if mode == "native":
-            raise ValueError(f"--nf4-kernel native is not available here: {exc}") from exc
-        log.info("NF4 matmul: bitsandbytes (the native kernel cannot run here: %s)", exc)
-        return None
+
+    return choose_native(mode, "--nf4-kernel", "NF4 matmul: bitsandbytes", load)
 
 
 def use_nf4_kernel(model: Any, mode: str, device: torch.device) -> bool:
