@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         position = 32
         tokens = [5] * args.batch
         pool = engine.blocks
-        most = 32 + 3 + 2 * args.steps  # prompt, warm-up steps, two timed runs
+        most = 32 + 3 + 3 * args.steps  # prompt, warm-up steps, three timed runs
         tables = [pool.allocate(pool.blocks_for(most)) or [] for _ in range(args.batch)]
 
         def step() -> None:
