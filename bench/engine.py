@@ -22,6 +22,10 @@ the GPU run does):
 * *_compiled      mux_one / mux_k32 / mux_k128 / mux_ranks on the torch.compile'd kernel
                   (`--lora-kernel compiled`), side by side with the default (auto: the
                   hand-written AVX-512 BF16 kernel where it runs)
+* base_bnb, mux_one_bnb, mux_k32_bnb
+                  base / mux_one / mux_k32 with the 4-bit layers computed by bitsandbytes
+                  (`--nf4-kernel bnb`), side by side with the default (auto: the native
+                  NF4 kernel where it runs, server/loramux/server/nf4/)
 * peft_mixed      PEFT, the same 32 adapters, `generate(adapter_names=[...])`
 * peft_sequential PEFT, one adapter at a time: `set_adapter` + `generate` per group of rows
 
@@ -81,6 +85,9 @@ ALL_CONFIGS = (
     "mux_k32_compiled",
     "mux_k128_compiled",
     "mux_ranks_compiled",
+    "base_bnb",
+    "mux_one_bnb",
+    "mux_k32_bnb",
     "peft_mixed",
     "peft_sequential",
 )
@@ -195,6 +202,7 @@ class EngineSystem:
         adapters: dict[str, Path] | None = None,
         slot_dtype: str = "bf16",
         lora_kernel: str = "auto",
+        nf4_kernel: str = "auto",
     ) -> None:
         from loramux.core.config import Settings
         from loramux.server.engine import Engine
@@ -207,6 +215,7 @@ class EngineSystem:
             max_batch_tokens=max(2048, max_batch * 160),
             lora_slot_dtype=slot_dtype,
             lora_kernel=lora_kernel,
+            nf4_kernel=nf4_kernel,
             # Every repetition sends the same prompts: with the prefix cache on, a system
             # that repeats its adapters (base, mux_k32) would prefill only the tokens past
             # the cached blocks, and mux_k128 (a new adapter set, so new cache keys, each
@@ -339,6 +348,7 @@ class SystemSpec:
     adapters: dict[str, Path] = field(default_factory=dict)  # engine: all preloaded
     slot_dtype: str = "bf16"  # engine: --lora-slot-dtype
     lora_kernel: str = "auto"  # engine: --lora-kernel
+    nf4_kernel: str = "auto"  # engine: --nf4-kernel
 
 
 class LocalSystem:
@@ -359,6 +369,7 @@ class LocalSystem:
                 adapters=spec.adapters,
                 slot_dtype=spec.slot_dtype,
                 lora_kernel=spec.lora_kernel,
+                nf4_kernel=spec.nf4_kernel,
             )
             engine.preload(list(spec.adapters))
             self.system = engine
@@ -460,6 +471,7 @@ def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
         "mux_k32": ("a", 32),
         "mux_k32_int8": ("a", 32),
         "mux_k32_compiled": ("a", 32),
+        "mux_k32_bnb": ("a", 32),
         "mux_ranks_compiled": ("r", 32),
         "peft_mixed": ("a", 32),
         "peft_sequential": ("a", 32),
@@ -467,9 +479,9 @@ def row_adapters(config: str, batch: int, rep: int) -> list[str | None]:
         "mux_k128_compiled": ("c", 128),
         "mux_ranks": ("r", 32),
     }
-    if config in ("base", "hf_base", "mux_none"):
+    if config in ("base", "base_bnb", "hf_base", "mux_none"):
         return [None] * batch
-    if config in ("mux_one", "mux_one_compiled"):
+    if config in ("mux_one", "mux_one_compiled", "mux_one_bnb"):
         return ["a0"] * batch
     prefix, k = pools[config]
     return [f"{prefix}{(rep * batch + i) % k}" for i in range(batch)]
@@ -652,6 +664,12 @@ def main(argv: Sequence[str] | None = None, base: BaseModel | None = None) -> di
         if need & {"mux_none", "mux_one", "mux_k8", "mux_k32"}:
             specs["mux"] = SystemSpec("engine", adapters=adapters_a)
             serves.update(dict.fromkeys(("mux_none", "mux_one", "mux_k8", "mux_k32"), "mux"))
+        if "base_bnb" in need:
+            specs["bare_bnb"] = SystemSpec("engine", enable_lora=False, nf4_kernel="bnb")
+            serves["base_bnb"] = "bare_bnb"
+        if need & {"mux_one_bnb", "mux_k32_bnb"}:
+            specs["mux_bnb"] = SystemSpec("engine", adapters=adapters_a, nf4_kernel="bnb")
+            serves.update(dict.fromkeys(("mux_one_bnb", "mux_k32_bnb"), "mux_bnb"))
         if "mux_k32_int8" in need:
             specs["mux_int8"] = SystemSpec("engine", adapters=adapters_a, slot_dtype="int8")
             serves["mux_k32_int8"] = "mux_int8"

@@ -25,6 +25,33 @@ from bench.common import RESULTS_DIR, load_model, machine_info, print_machine, s
 from bench.common import write_adapters as write_random_adapters
 
 
+def _nf4_share(step: Any, steps: int) -> tuple[float, int] | None:
+    """Per step: ms inside the native NF4 layers' forward, and their call count (None when
+    the 4-bit layers are bitsandbytes'). Timed by wrapping the forward for `steps` steps."""
+    from loramux.server.nf4.native import NativeNf4Linear
+
+    original = NativeNf4Linear.forward
+    spent = [0.0, 0]
+
+    def timed(self: NativeNf4Linear, x: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(self, x)
+        finally:
+            spent[0] += time.perf_counter() - started
+            spent[1] += 1
+
+    NativeNf4Linear.__call__ = timed  # type: ignore[method-assign]
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        NativeNf4Linear.__call__ = original  # type: ignore[method-assign]
+    if not spent[1]:
+        return None
+    return spent[0] / steps * 1000, int(spent[1]) // steps
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
@@ -37,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--lora-kernel", default="auto", help="auto, native, compiled or eager (--lora-kernel)"
     )
+    parser.add_argument("--nf4-kernel", default="auto", help="auto, native or bnb (--nf4-kernel)")
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
     args = parser.parse_args(argv)
 
@@ -54,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             device=str(base.device),
             max_batch_size=max(32, args.batch),
             lora_kernel=args.lora_kernel,
+            nf4_kernel=args.nf4_kernel,
         ),
         base.resolved,
         enable_lora=not args.bare,
@@ -79,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         position = 32
         tokens = [5] * args.batch
         pool = engine.blocks
-        most = 32 + 3 + 2 * args.steps  # prompt, warm-up steps, two timed runs
+        most = 32 + 3 + 3 * args.steps  # prompt, warm-up steps, three timed runs
         tables = [pool.allocate(pool.blocks_for(most)) or [] for _ in range(args.batch)]
 
         def step() -> None:
@@ -94,18 +123,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         for _ in range(args.steps):
             step()
         plain_ms = (time.perf_counter() - started) / args.steps * 1000
+        nf4_ms = _nf4_share(step, args.steps)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(args.steps):
                 step()
         for table in tables:
             pool.release(table)
-        return plain_ms, prof
+        return plain_ms, nf4_ms, prof
 
     # On the engine thread, between its steps (no request is running): the passes see the
     # engine's own torch thread settings, as in serving.
-    plain_ms, prof = engine.run_on_engine_thread(profile_steps)
+    plain_ms, nf4_ms, prof = engine.run_on_engine_thread(profile_steps)
     engine.shutdown()
     print(f"\n## {config}, batch {args.batch}: {plain_ms:.1f} ms per decode step (unprofiled)")
+    if nf4_ms is not None:
+        print(
+            f"# native NF4 layers: {nf4_ms[0]:.1f} ms per step in {nf4_ms[1]} calls (their "
+            "Python wrapper included; the kernel runs outside torch's ops, so the operator "
+            "table below does not list it)"
+        )
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total",
         row_limit=args.rows,

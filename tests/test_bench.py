@@ -19,7 +19,10 @@ NEW_TOKENS = engine.NEW_TOKENS
 
 
 def test_engine_benchmark_times_every_token_of_every_configuration(tmp_path: Path) -> None:
-    configs = "base,mux_none,mux_one,mux_k8,mux_k128,mux_ranks,peft_mixed,peft_sequential"
+    configs = (
+        "base,mux_none,mux_one,mux_k8,mux_k128,mux_ranks,base_bnb,mux_one_bnb,"
+        "peft_mixed,peft_sequential"
+    )
     payload = engine.main(
         [
             "--model",

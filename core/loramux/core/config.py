@@ -234,6 +234,16 @@ class Settings:
         "engine",
         choices=("auto", "native", "torch"),
     )
+    nf4_kernel: str = setting(
+        "auto",
+        "the 4-bit base model's matmul on the CPU: native (hand-written AVX2 kernel reading "
+        "bitsandbytes' packed NF4 codes and scales in place, the same dequantised values "
+        "bit for bit; built at start with g++ or $CXX), bnb (bitsandbytes' own layers: "
+        "dequantise the whole weight, then a bf16 GEMM), auto (native where the CPU, the "
+        "compiler and the model's 4-bit layers allow it, else bnb); CUDA always runs bnb",
+        "engine",
+        choices=("auto", "native", "bnb"),
+    )
     lora_slot_dtype: str = setting(
         "bf16",
         "adapter weights in device slots: bf16 (exact) or int8 (per-row scales, half the bytes)",

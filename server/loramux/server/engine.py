@@ -66,6 +66,7 @@ from loramux.server.lora import (
     wrap_linear_layers,
 )
 from loramux.server.model_support import check_quantized, probe_model
+from loramux.server.nf4 import use_nf4_kernel
 from loramux.server.paged_attention import choose_kernel
 from loramux.server.requests import (
     FinishReason,
@@ -187,8 +188,11 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # What the engine relies on in this model, or a start-up refusal naming what it lacks.
         shape = probe_model(model, pad)
+        check_quantized(model, base_linear_shapes(model))
+        # The 4-bit layers' matmul, chosen once here (after the checks, which look at
+        # bitsandbytes' own layers), before the LoRA wrappers take them.
+        self.native_nf4 = use_nf4_kernel(model, settings.nf4_kernel, device)
         base_linears: dict[str, LinearShape] = base_linear_shapes(model)
-        check_quantized(model, base_linears)
         module_names = [name for name, _ in model.named_modules()]  # before wrapping
         self._lora: LoraContext | None = None
         layers = {}

@@ -3,8 +3,8 @@
 A kernel is one C++ file built as a plain shared library (no torch headers, so a build
 takes seconds instead of the ~1 min of a torch extension), cached under the LoRAMux home
 by a hash of its source, the flags and the compiler's version, and called through ctypes.
-Used by the native LoRA kernel (lora/backend/native.py) and the paged-attention kernel
-(paged_attention/native.py).
+Used by the native LoRA kernel (lora/backend/native.py), the paged-attention kernel
+(paged_attention/native.py) and the NF4 matmul (nf4/native.py).
 
 The libraries link libgomp by its soname, which resolves to the copy torch has already
 loaded, so their parallel regions run on the engine thread's own OpenMP team (see
@@ -42,6 +42,19 @@ AVX512_BF16_FLAGS = (
     "-shared",
 )
 AVX512_BF16_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma")
+# The NF4 matmul (nf4/nf4_avx2.cpp): AVX2 + FMA, which every x86-64 server CPU of the last
+# decade has (the 2-CPU AMD EPYC these numbers come from has AVX2 but no AVX-512).
+AVX2_FMA_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-mavx2",
+    "-mfma",
+    "-ffp-contract=off",  # a*b+c as two roundings, as bitsandbytes computes the scales
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+)
+AVX2_FMA_CPU_FLAGS = ("avx2", "fma")
 BUILD_TIMEOUT_S = 120.0  # a few seconds on an idle core; a build past this is abandoned
 
 
@@ -132,13 +145,34 @@ def entry_point(path: Path, symbol: str, argtypes: list[Any]) -> Any:
     return function
 
 
+def choose_native(mode: str, option: str, fallback: str, load: Callable[[], K]) -> K | None:
+    """`load()`'s kernel, or None where it cannot run: then `native` (`mode`) is a start-up
+    error naming why (`option` is the flag, e.g. "--nf4-kernel"), and auto logs the reason
+    with what runs instead (`fallback`)."""
+    try:
+        return load()
+    except NativeKernelUnavailable as exc:
+        if mode == "native":
+            raise ValueError(f"{option} native is not available here: {exc}") from exc
+        log.info("%s (the native kernel cannot run here: %s)", fallback, exc)
+        return None
+
+
 class KernelLoader(Generic[K]):
     """One kernel library per process: checked, built (or found in the cache) and wrapped
     on first use, from any thread; later calls answer the same object."""
 
-    def __init__(self, source: Path, wrap: Callable[[Path], K]) -> None:
+    def __init__(
+        self,
+        source: Path,
+        wrap: Callable[[Path], K],
+        flags: tuple[str, ...] = AVX512_BF16_FLAGS,
+        cpu_flags: tuple[str, ...] = AVX512_BF16_CPU_FLAGS,
+    ) -> None:
         self.source = source
         self._wrap = wrap
+        self._flags = flags
+        self._cpu_flags = cpu_flags
         self._lock = threading.Lock()
         self._loaded: K | None = None
 
@@ -146,10 +180,10 @@ class KernelLoader(Generic[K]):
         """The wrapped library, or `NativeKernelUnavailable` saying why it cannot run here."""
         with self._lock:
             if self._loaded is None:
-                missing = cpu_lacks()
+                missing = cpu_lacks(self._cpu_flags)
                 if missing is not None:
                     raise NativeKernelUnavailable(missing)
-                path = build_library(self.source, timeout=timeout)
+                path = build_library(self.source, self._flags, timeout=timeout)
                 try:
                     self._loaded = self._wrap(path)
                 except OSError as exc:

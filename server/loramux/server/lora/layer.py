@@ -348,7 +348,14 @@ def _is_linear(module: nn.Module) -> bool:
     try:
         import bitsandbytes as bnb
 
-        linear_types: tuple[type, ...] = (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        from loramux.server.nf4.native import NativeNf4Linear
+
+        linear_types: tuple[type, ...] = (
+            nn.Linear,
+            bnb.nn.Linear4bit,
+            bnb.nn.Linear8bitLt,
+            NativeNf4Linear,
+        )
     except ImportError:  # pragma: no cover - bitsandbytes is a dependency
         linear_types = (nn.Linear,)
     return isinstance(module, linear_types)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from loramux.server.native_build import NativeKernelUnavailable
+from loramux.server.native_build import NativeKernelUnavailable, choose_native
 from loramux.server.paged_attention.native import (
     MAX_BLOCK_SIZE,
     MAX_HEAD_DIM,
@@ -64,18 +64,18 @@ def choose_kernel(
         raise ValueError(f"unknown attention kernel {mode!r}: one of {', '.join(KERNEL_MODES)}")
     if mode == "torch":
         return None
-    try:
+
+    def load() -> PagedAttentionKernel:
         if device.type != "cpu":
             raise NativeKernelUnavailable(f"it runs on the CPU, not {device.type}")
         reason = unsupported(config, head_dim, kv_heads, block_size)
         if reason is not None:
             raise NativeKernelUnavailable(f"this model has {reason}")
         return load_kernel()
-    except NativeKernelUnavailable as exc:
-        if mode == "native":
-            raise ValueError(f"--attention-kernel native is not available here: {exc}") from exc
-        log.info("paged attention: torch (SDPA over gathered blocks): %s", exc)
-        return None
+
+    return choose_native(
+        mode, "--attention-kernel", "paged attention: torch (SDPA over gathered blocks)", load
+    )
 
 
 __all__ = ["KERNEL_MODES", "PagedAttentionKernel", "choose_kernel", "unsupported"]
