@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA, Triton's kernels (--lora-kernel triton, --attention-kernel triton) run
+# through its interpreter, which must be on before triton's first import (triton_runtime).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from loramux.core.config import DEFAULT_BASE_MODEL, Settings
 from loramux.core.models import ResolvedModel, resolve_base_model
 

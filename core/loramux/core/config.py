@@ -212,21 +212,25 @@ class Settings:
     )
     lora_kernel: str = setting(
         "auto",
-        "LoRA kernel: compiled (torch.compile'd gather-reduce, dense GEMMs for few adapters), "
-        "eager (the same uncompiled), native (hand-written AVX-512 BF16 kernel, CPU with "
-        "bf16 slots; built at start with g++ or $CXX), auto (native where the CPU, bf16 "
-        "slots and the compiler allow it, else compiled)",
+        "LoRA kernel: triton (explicit Triton SGMV/BGMV kernels: compiled on CUDA, through "
+        "Triton's interpreter on the CPU, slow, for tests), compiled (torch.compile'd "
+        "gather-reduce, dense GEMMs for few adapters), eager (the same uncompiled), native "
+        "(hand-written AVX-512 BF16 kernel, CPU with bf16 slots; built at start with g++ or "
+        "$CXX), auto (CUDA: triton where installed, else compiled; CPU: native where the "
+        "CPU, bf16 slots and the compiler allow it, else compiled)",
         "engine",
-        choices=("auto", "native", "compiled", "eager"),
+        choices=("auto", "native", "triton", "compiled", "eager"),
     )
     attention_kernel: str = setting(
         "auto",
         "paged attention for decoding rows and chunks over long contexts: native (hand-"
         "written AVX-512 BF16 kernel reading the KV block pool directly, CPU; built at start "
-        "with g++ or $CXX), torch (each row's blocks gathered, then SDPA), auto (native "
-        "where the CPU, the compiler and the model's attention allow it, else torch)",
+        "with g++ or $CXX), triton (Triton kernel over the same pool: compiled on CUDA, "
+        "through Triton's interpreter on the CPU, slow, for tests), torch (each row's blocks "
+        "gathered, then SDPA), auto (CUDA: triton where installed; CPU: native where the "
+        "CPU, the compiler and the model's attention allow it; else torch)",
         "engine",
-        choices=("auto", "native", "torch"),
+        choices=("auto", "native", "triton", "torch"),
     )
     lora_slot_dtype: str = setting(
         "bf16",

@@ -211,7 +211,9 @@ class Engine:
             settings.kv_block_size,
             self.runner.cache.nbytes / 2**20,
             num_blocks * settings.kv_block_size,
-            "native paged kernel" if attention_kernel is not None else "torch SDPA over gathers",
+            f"{attention_kernel.name} paged kernel"
+            if attention_kernel is not None
+            else "torch SDPA over gathers",
         )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         base_bytes = (

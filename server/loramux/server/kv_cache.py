@@ -32,7 +32,10 @@ import torch
 
 
 class PoolAttention(Protocol):
-    """A kernel that attends straight from the block pool (paged_attention/native.py)."""
+    """A kernel that attends straight from the block pool (paged_attention/: native.py,
+    triton_ops.py)."""
+
+    name: str  # as --attention-kernel names it
 
     def attend(
         self,
