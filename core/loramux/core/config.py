@@ -182,7 +182,15 @@ class Settings:
     kv_cache_bytes: int = setting(
         0,
         "KV cache pool, preallocated at start (0: auto, 1 GiB on the CPU capped at what "
-        "--max-batch-size full context windows need, 90%% of free memory on CUDA)",
+        "--max-batch-size full context windows need; on CUDA what --gpu-memory-fraction "
+        "leaves after the weights, the adapter slots at their largest and a pass's "
+        "activations)",
+        "engine",
+    )
+    gpu_memory_fraction: float = setting(
+        0.9,
+        "share of the CUDA device's memory this server may hold (weights, adapter slots, "
+        "activations and the KV pool, which gets the rest; docs/engine.md)",
         "engine",
     )
     kv_block_size: int = setting(16, "token positions per KV cache block", "engine")
@@ -324,6 +332,10 @@ class Settings:
                 raise ValueError(
                     f"--{_flag(name)} must be >= 0 (0: auto), got {getattr(self, name)}"
                 )
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(
+                f"--gpu-memory-fraction must be in (0, 1], got {self.gpu_memory_fraction}"
+            )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
         if not 0 <= self.tenant_max_calls < self.grpc_workers:

@@ -28,13 +28,14 @@ def make_backend(
     through Triton's interpreter on the CPU (slow: tests and dry runs); an error naming
     why where Triton cannot run them. compiled: the torch.compile'd gather-reduce with
     dense GEMMs for few adapters (on CUDA, Triton); eager: the same uncompiled. native
-    (CPU only): the hand-written AVX-512 BF16 kernel, or an error saying why it cannot run here (CPU without the instructions, int8
-    slots, no compiler, a failed build). auto: native where it can run (CPU, bf16 slots,
-    the kernel built), else compiled with the reason logged; in the side-by-side engine
-    benchmark (docs/performance.md) native was ahead in every configuration after its
-    prompt tokens were computed as PEFT computes them (cd10d7d). On CUDA, auto is triton
-    where Triton is installed (else compiled, the reason logged): explicit kernels a
-    reader can review and CI checks through the interpreter, where torch.compile's are
+    (CPU only): the hand-written AVX-512 BF16 kernel, or an error saying why it cannot
+    run here (CPU without the instructions, int8 slots, no compiler, a failed build).
+    auto: native where it can run (CPU, bf16 slots, the kernel built), else compiled
+    with the reason logged; in the side-by-side engine benchmark (docs/performance.md)
+    native was ahead in every configuration after its prompt tokens were computed as PEFT
+    computes them (cd10d7d). On CUDA, auto is triton where Triton is installed (else
+    compiled, the reason logged): explicit kernels a reader can review and CI checks
+    through the interpreter, where torch.compile's are
     generated at run time (not yet measured against each other on a GPU).
     """
     if kernel not in KERNEL_MODES:
