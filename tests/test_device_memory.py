@@ -50,7 +50,7 @@ def test_memory_used_by_another_process_is_not_taken_again() -> None:
 
 
 def test_nothing_left_is_an_error_naming_the_setting() -> None:
-    with pytest.raises(ValueError, match="--gpu-memory-fraction 0.5 allows"):
+    with pytest.raises(ValueError, match=r"--gpu-memory-fraction 0\.5 allows"):
         cuda_kv_budget(40 * GIB, 80 * GIB, 0.5, adapter_slots=GIB, activations=GIB)
     with pytest.raises(ValueError, match="must be in"):
         cuda_kv_budget(40 * GIB, 80 * GIB, 1.5, 0, 0)

@@ -45,7 +45,7 @@ def _reference(
     specs: list[tuple[int, int, list[int]]],  # (query tokens, first position, table)
     scale: float,
 ) -> torch.Tensor:  # [tokens, heads, head_dim] float64
-    kv_heads, _, block, head_dim = keys.shape
+    kv_heads, _, _, head_dim = keys.shape
     groups = query.shape[1] // kv_heads
     out = torch.zeros(query.shape, dtype=torch.float64)
     token = 0
