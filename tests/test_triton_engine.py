@@ -1,13 +1,14 @@
 """The engine end to end with both Triton kernels (`--lora-kernel triton --attention-kernel
 triton`) through Triton's interpreter on CPU tensors, against PEFT.
 
-The tiny random 2-layer Llama (conftest, its decisive variant) in NF4, as the other engine tests load it; one
-mixed batch of the base model, three adapters of different ranks and targets, and a
-composition of two of them, all submitted together: their prompts prefill in one pass
-(SGMV over padded rows) and they decode together (BGMV, the Triton paged attention for
-every decoding row). Each request's greedy tokens must be PEFT's on its own copy of the
-same NF4 base (PEFT's `add_weighted_adapter(..., "cat")` for the composition), up to a
-parting where PEFT's own best logits were nearly tied (the rule of the other PEFT tests).
+The tiny random 2-layer Llama (conftest, its decisive variant) in NF4, as the other
+engine tests load it; one mixed batch of the base model, three adapters of different
+ranks and targets, and a composition of two of them, all submitted together: their
+prompts prefill in one pass (SGMV over padded rows) and they decode together (BGMV, the
+Triton paged attention for every decoding row). Each request's greedy tokens must be
+PEFT's on its own copy of the same NF4 base (PEFT's `add_weighted_adapter(..., "cat")`
+for the composition), up to a parting where PEFT's own best logits were nearly tied (the
+rule of the other PEFT tests).
 """
 
 from __future__ import annotations
