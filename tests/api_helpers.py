@@ -173,6 +173,42 @@ def tokens_before_parting(
     return min(len(got), len(want))
 
 
+def peft_greedy(
+    model: Any, ids: list[int], adapter: str | None, new_tokens: int
+) -> tuple[list[int], list[tuple[int, ...] | None]]:
+    """PEFT's greedy tokens after `ids` with `adapter` active (None: the base model) and,
+    per position, its nearly tied best tokens (`near_tie`, or None)."""
+    import torch
+
+    if adapter is None:
+        context = model.disable_adapter()
+    else:
+        model.set_adapter(adapter)
+        context = torch.inference_mode()
+    with context, torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(ids) :].tolist(), [near_tie(s[0]) for s in out.scores]
+
+
+def peft_request_adapter(model: Any, parts: list[tuple[str, float]], name: str) -> str | None:
+    """The PEFT adapter that answers a request's (adapter, weight) parts: None (the base)
+    for no parts or one at weight 0, the adapter itself at weight 1 (PEFT's copy would keep
+    rsLoRA's factor), else PEFT's `add_weighted_adapter(..., "cat")`, added as `name`."""
+    weights = [w for _, w in parts]
+    if not parts or weights == [0.0]:
+        return None
+    if weights == [1.0]:
+        return parts[0][0]
+    model.add_weighted_adapter([n for n, _ in parts], weights, name, combination_type="cat")
+    return name
+
+
 def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:
     """The reference: the NF4 base in a PeftModel with every adapter of `dirs`, eval mode."""
     from peft import PeftModel

@@ -18,7 +18,7 @@ import torch
 from api_helpers import (
     engine_with_adapters,
     linear_shapes,
-    near_tie,
+    peft_greedy,
     peft_with_adapters,
     tokens_before_parting,
 )
@@ -140,26 +140,6 @@ def peft_model(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Any:
     return peft_with_adapters(smollm2, adapter_dirs)
 
 
-def _peft_generate(
-    model: Any, ids: list[int], adapter: str | None
-) -> tuple[list[int], list[tuple[int, ...] | None]]:
-    """PEFT's greedy tokens and, per position, its nearly tied best tokens (or None)."""
-    if adapter is None:
-        context = model.disable_adapter()
-    else:
-        model.set_adapter(adapter)
-        context = torch.inference_mode()
-    with context, torch.inference_mode():
-        out = model.generate(
-            input_ids=torch.tensor([ids]),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences[0, len(ids) :].tolist(), [near_tie(s[0]) for s in out.scores]
-
-
 @pytest.mark.parametrize("name", ["no-alpha", "patterns", "exclude", "layers", "regex"])
 def test_served_output_matches_peft(engine: Engine, peft_model: Any, name: str) -> None:
     """Token for token; a sequence may part from PEFT only where PEFT's own best logits
@@ -172,7 +152,7 @@ def test_served_output_matches_peft(engine: Engine, peft_model: Any, name: str) 
             GenerationRequest(f"{name}-{i}", ids, SamplingParams(max_new_tokens=NEW_TOKENS), name)
         )
         tokens = [t for event in stream for t in event.token_ids]
-        expected, ties = _peft_generate(peft_model, ids, name)
+        expected, ties = peft_greedy(peft_model, ids, name, NEW_TOKENS)
         tokens_before_parting(tokens, expected, ties, (name, prompt))
-        differs_from_base |= expected != _peft_generate(peft_model, ids, None)[0]
+        differs_from_base |= expected != peft_greedy(peft_model, ids, None, NEW_TOKENS)[0]
     assert differs_from_base, f"{name}: too weak to tell apart from the base model"

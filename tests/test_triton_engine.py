@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from api_helpers import (
     engine_with_adapters,
     linear_shapes,
-    near_tie,
+    peft_greedy,
+    peft_request_adapter,
     peft_with_adapters,
     tokens_before_parting,
     write_adapter_plan,
@@ -90,29 +90,10 @@ def _peft_outputs(
 ) -> list[tuple[list[int], list[tuple[int, ...] | None]]]:
     """Per request: PEFT's greedy tokens and its nearly tied top tokens per position."""
     model = peft_with_adapters(decisive_tiny_llama, dirs)
-    outputs = []
-    for r, parts in enumerate(REQUESTS):
-        names, weights = [n for n, _ in parts], [w for _, w in parts]
-        if not parts:
-            context = model.disable_adapter()
-        elif weights == [1.0]:
-            model.set_adapter(names[0])
-            context = torch.inference_mode()
-        else:
-            model.add_weighted_adapter(names, weights, f"req{r}", combination_type="cat")
-            model.set_adapter(f"req{r}")
-            context = torch.inference_mode()
-        with context, torch.inference_mode():
-            out = model.generate(
-                input_ids=torch.tensor([prompt]),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        ties = [near_tie(scores[0]) for scores in out.scores]
-        outputs.append((out.sequences[0, len(prompt) :].tolist(), ties))
-    return outputs
+    return [
+        peft_greedy(model, prompt, peft_request_adapter(model, parts, f"req{r}"), NEW_TOKENS)
+        for r, parts in enumerate(REQUESTS)
+    ]
 
 
 def test_mixed_batch_with_both_triton_kernels_gives_pefts_tokens(

@@ -13,11 +13,14 @@ in the class stack). A prompt chunk is one segment; each decoding row a segment 
 * expand: out_m[t] += bf16(s[t, m*W:(m+1)*W] @ Bt_m[index]), in place into the base
   output, rounded to the output's dtype before the add as PEFT's 4-bit layers do.
 
-Each has two kernels, as Punica, vLLM and SGLang do: `sgmv_*` tiles a segment's tokens
-(BLOCK_T rows per program, `tl.dot`), so a prompt's adapter weights are read once per
-tile of tokens; `bgmv_*` takes one token per program and reduces with `tl.sum`, no 16-row
-tile wasted on a decoding row.
-x and the weights are widened to float32 (exactly: bf16 and int8 values are float32
+Both are one operation, y[t, n] = sum_k in[t, k] * w[index, n, k] over a segment's
+tokens, with the weights' layout given by strides (A is [n, k] row-major, Bt [k, n]) and
+an epilogue: scale and store (shrink) or round and add (expand). It has two kernels, as
+Punica, vLLM and SGLang do: `_sgmv` tiles a segment's tokens (BLOCK_T rows per program,
+`tl.dot`), so a prompt's adapter weights are read once per tile of tokens; `_bgmv` takes
+one token per program and reduces with `tl.sum`, no 16-row tile wasted on a decoding row.
+
+The inputs and weights are widened to float32 (exactly: bf16 and int8 values are float32
 values) and multiplied in float32 (`tl.dot(..., input_precision="ieee")`, no TF32), as
 PEFT keeps its LoRA weights in float32 and runs its two GEMMs in float32. A bf16
 tensor-core shrink would be faster on a GPU (its products are exact in float32 too) but
@@ -32,10 +35,8 @@ import triton
 import triton.language as tl
 
 BLOCK_T = 16  # tokens per SGMV tile (tl.dot needs >= 16)
-BLOCK_R = 16  # rank rows per shrink program
-BLOCK_K = 64  # input features per step of the shrink
-BLOCK_N = 64  # output features per expand program
-BLOCK_W = 16  # rank rows per step of the expand
+BLOCK_N = 32  # outputs (rank rows of a shrink, features of an expand) per program
+BLOCK_K = 32  # reduction steps (input features, rank rows) per iteration
 
 
 @triton.jit
@@ -64,117 +65,37 @@ def add_rounded(where, acc, ok):
 
 
 @triton.jit
-def _sgmv_shrink(
-    x_ptr,  # [T, in]
-    a_ptr,  # [C, R, in]
-    scale_ptr,  # [C, R] float32
-    out_ptr,  # [T, R] float32
-    starts_ptr,  # [S] int64
+def _epilogue(acc, y_ptr, rows, offs_n, ok, stride_y, scale_ptr, n_size, SHRINK: tl.constexpr):
+    """Shrink: acc x row_scale stored as float32; expand: acc rounded, added in place."""
+    where = y_ptr + rows * stride_y + offs_n
+    if SHRINK:
+        scale = tl.load(scale_ptr + offs_n, mask=offs_n < n_size, other=0.0)  # [1, N] or [N]
+        tl.store(where, acc * scale, mask=ok)
+    else:
+        add_rounded(where, acc, ok)
+
+
+@triton.jit
+def _sgmv(
+    in_ptr,  # [T, *] the tokens' inputs (x, or a member's columns of the shrunk s)
+    w_ptr,  # [C, ...] the class stack: w[c, n, k] at c*stride_wc + n*stride_wn + k*stride_wk
+    scale_ptr,  # [C, N] float32 row_scale (shrink only)
+    y_ptr,  # [T, N]: float32 shrunk (shrink) or the base output (expand, added into)
+    starts_ptr,  # [S] int64 contiguous
     lens_ptr,  # [S] int64
-    index_ptr,  # [S] int64
-    in_features: tl.constexpr,
-    rank_rows: tl.constexpr,
-    stride_x,
-    stride_ac,
-    stride_ar,
+    index_ptr,  # [S] int64: the segment's adapter in the class stack
+    n_size: tl.constexpr,
+    k_size: tl.constexpr,
+    stride_in,
+    stride_wc,
+    stride_wn,
+    stride_wk,
     stride_sc,
-    stride_o,
+    stride_y,
+    SHRINK: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    seg = tl.program_id(0)
-    tile = tl.program_id(1)
-    part = tl.program_id(2)
-    length = tl.load(lens_ptr + seg)
-    if tile * BLOCK_T < length:
-        start = tl.load(starts_ptr + seg)
-        index = tl.load(index_ptr + seg)
-        offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_r = part * BLOCK_R + tl.arange(0, BLOCK_R)
-        t_ok = offs_t < length
-        r_ok = offs_r < rank_rows
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, in_features, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < in_features
-            xs = tl.load(
-                x_ptr + (start + offs_t)[:, None] * stride_x + offs_k[None, :],
-                mask=t_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            a = tl.load(
-                a_ptr + index * stride_ac + offs_r[:, None] * stride_ar + offs_k[None, :],
-                mask=r_ok[:, None] & k_ok[None, :],
-                other=0,
-            )
-            acc += tl.dot(xs.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="ieee")
-        scale = tl.load(scale_ptr + index * stride_sc + offs_r, mask=r_ok, other=0.0)
-        acc = acc * scale[None, :]
-        tl.store(
-            out_ptr + (start + offs_t)[:, None] * stride_o + offs_r[None, :],
-            acc,
-            mask=t_ok[:, None] & r_ok[None, :],
-        )
-
-
-@triton.jit
-def _bgmv_shrink(
-    x_ptr,  # [T, in]
-    a_ptr,  # [C, R, in]
-    scale_ptr,  # [C, R] float32
-    out_ptr,  # [T, R] float32
-    starts_ptr,  # [S] int64: the token of each one-token segment
-    index_ptr,  # [S] int64
-    in_features: tl.constexpr,
-    rank_rows: tl.constexpr,
-    stride_x,
-    stride_ac,
-    stride_ar,
-    stride_sc,
-    stride_o,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    seg = tl.program_id(0)
-    part = tl.program_id(1)
-    token = tl.load(starts_ptr + seg)
-    index = tl.load(index_ptr + seg)
-    offs_r = part * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rank_rows
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < in_features
-        xs = tl.load(x_ptr + token * stride_x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        a = tl.load(
-            a_ptr + index * stride_ac + offs_r[:, None] * stride_ar + offs_k[None, :],
-            mask=r_ok[:, None] & k_ok[None, :],
-            other=0,
-        ).to(tl.float32)
-        acc += tl.sum(a * xs[None, :], axis=1)
-    scale = tl.load(scale_ptr + index * stride_sc + offs_r, mask=r_ok, other=0.0)
-    tl.store(out_ptr + token * stride_o + offs_r, acc * scale, mask=r_ok)
-
-
-@triton.jit
-def _sgmv_expand(
-    s_ptr,  # [T, M*W] float32 (member m's columns start at col0)
-    bt_ptr,  # [C, W, out] this member's B^T
-    out_ptr,  # [T, out]: deltas added in place
-    starts_ptr,
-    lens_ptr,
-    index_ptr,
-    col0,
-    width: tl.constexpr,
-    out_features: tl.constexpr,
-    stride_s,
-    stride_bc,
-    stride_bw,
-    stride_o,
-    BLOCK_T: tl.constexpr,
-    BLOCK_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     seg = tl.program_id(0)
     tile = tl.program_id(1)
@@ -186,61 +107,105 @@ def _sgmv_expand(
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_n = part * BLOCK_N + tl.arange(0, BLOCK_N)
         t_ok = offs_t < length
-        n_ok = offs_n < out_features
+        n_ok = offs_n < n_size
+        w_base = w_ptr + index * stride_wc + offs_n[None, :] * stride_wn
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for w0 in range(0, width, BLOCK_W):
-            offs_w = w0 + tl.arange(0, BLOCK_W)
-            w_ok = offs_w < width
-            s = tl.load(
-                s_ptr + (start + offs_t)[:, None] * stride_s + col0 + offs_w[None, :],
-                mask=t_ok[:, None] & w_ok[None, :],
+        for k0 in range(0, k_size, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_size
+            xs = tl.load(
+                in_ptr + (start + offs_t)[:, None] * stride_in + offs_k[None, :],
+                mask=t_ok[:, None] & k_ok[None, :],
                 other=0.0,
             )
-            b = tl.load(
-                bt_ptr + index * stride_bc + offs_w[:, None] * stride_bw + offs_n[None, :],
-                mask=w_ok[:, None] & n_ok[None, :],
-                other=0,
-            ).to(tl.float32)
-            acc += tl.dot(s, b, input_precision="ieee")
-        where = out_ptr + (start + offs_t)[:, None] * stride_o + offs_n[None, :]
-        add_rounded(where, acc, t_ok[:, None] & n_ok[None, :])
+            w = tl.load(
+                w_base + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0
+            )  # [K, N]
+            acc += tl.dot(xs.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        _epilogue(
+            acc,
+            y_ptr,
+            (start + offs_t)[:, None],
+            offs_n[None, :],
+            t_ok[:, None] & n_ok[None, :],
+            stride_y,
+            scale_ptr + index * stride_sc,
+            n_size,
+            SHRINK,
+        )
 
 
 @triton.jit
-def _bgmv_expand(
-    s_ptr,  # [T, M*W] float32
-    bt_ptr,  # [C, W, out]
-    out_ptr,  # [T, out]
-    starts_ptr,
+def _bgmv(
+    in_ptr,
+    w_ptr,
+    scale_ptr,
+    y_ptr,
+    starts_ptr,  # [S] int64: each one-token segment's token
     index_ptr,
-    col0,
-    width: tl.constexpr,
-    out_features: tl.constexpr,
-    stride_s,
-    stride_bc,
-    stride_bw,
-    stride_o,
-    BLOCK_W: tl.constexpr,
+    n_size: tl.constexpr,
+    k_size: tl.constexpr,
+    stride_in,
+    stride_wc,
+    stride_wn,
+    stride_wk,
+    stride_sc,
+    stride_y,
+    SHRINK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     seg = tl.program_id(0)
     part = tl.program_id(1)
     token = tl.load(starts_ptr + seg)
     index = tl.load(index_ptr + seg)
     offs_n = part * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < out_features
+    n_ok = offs_n < n_size
+    w_base = w_ptr + index * stride_wc + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for w0 in range(0, width, BLOCK_W):
-        offs_w = w0 + tl.arange(0, BLOCK_W)
-        w_ok = offs_w < width
-        s = tl.load(s_ptr + token * stride_s + col0 + offs_w, mask=w_ok, other=0.0)
-        b = tl.load(
-            bt_ptr + index * stride_bc + offs_w[:, None] * stride_bw + offs_n[None, :],
-            mask=w_ok[:, None] & n_ok[None, :],
-            other=0,
-        ).to(tl.float32)
-        acc += tl.sum(s[:, None] * b, axis=0)
-    add_rounded(out_ptr + token * stride_o + offs_n, acc, n_ok)
+    for k0 in range(0, k_size, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_size
+        xs = tl.load(in_ptr + token * stride_in + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(
+            w_base + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0
+        ).to(tl.float32)  # [K, N]
+        acc += tl.sum(xs[:, None] * w, axis=0)
+    scale = scale_ptr + index * stride_sc
+    _epilogue(acc, y_ptr, token, offs_n, n_ok, stride_y, scale, n_size, SHRINK)
+
+
+def _launch(
+    inputs: torch.Tensor,  # [T, k] (a view: the member's columns for an expand)
+    weights: torch.Tensor,  # [C, ...]
+    strides: tuple[int, int],  # (stride of n, stride of k) in `weights`
+    sizes: tuple[int, int],  # (n, k)
+    scale: torch.Tensor | None,  # [C, n] float32 for a shrink; None: expand (add into y)
+    y: torch.Tensor,  # [T, n]
+    starts: torch.Tensor,
+    lens: torch.Tensor | None,  # None: one-token segments (BGMV)
+    index: torch.Tensor,
+    longest: int,
+) -> None:
+    segments = starts.shape[0]
+    if segments == 0:
+        return
+    for tensor in (starts, index, *(() if lens is None else (lens,))):
+        assert tensor.is_contiguous() and tensor.dtype == torch.int64
+    assert inputs.stride(1) == 1 and y.stride(1) == 1
+    shrink = scale is not None
+    scale_arg = scale if scale is not None else y  # unread by an expand
+    args = (
+        inputs, weights, scale_arg, y, starts, *(() if lens is None else (lens,)), index,
+        sizes[0], sizes[1], inputs.stride(0), weights.stride(0), *strides,
+        scale.stride(0) if scale is not None else 0, y.stride(0),
+    )  # fmt: skip
+    parts = triton.cdiv(sizes[0], BLOCK_N)
+    if lens is None:
+        _bgmv[(segments, parts)](*args, SHRINK=shrink, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        return
+    grid = (segments, triton.cdiv(longest, BLOCK_T), parts)
+    _sgmv[grid](*args, SHRINK=shrink, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
 
 def shrink(
@@ -253,23 +218,8 @@ def shrink(
     index: torch.Tensor,  # [S] int64
     longest: int,  # the longest segment's tokens
 ) -> None:
-    segments, rank_rows, in_features = starts.shape[0], a.shape[1], a.shape[2]
-    if segments == 0:
-        return
-    args = (in_features, rank_rows, x.stride(0), a.stride(0), a.stride(1), row_scale.stride(0))
-    parts = triton.cdiv(rank_rows, BLOCK_R)
-    if lens is None:
-        grid = (segments, parts)
-        _bgmv_shrink[grid](
-            x, a, row_scale, out, starts, index, *args, out.stride(0),
-            BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-        )  # fmt: skip
-        return
-    grid3 = (segments, triton.cdiv(longest, BLOCK_T), parts)
-    _sgmv_shrink[grid3](
-        x, a, row_scale, out, starts, lens, index, *args, out.stride(0),
-        BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
+    sizes = (a.shape[1], a.shape[2])
+    _launch(x, a, (a.stride(1), a.stride(2)), sizes, row_scale, out, starts, lens, index, longest)
 
 
 def expand(
@@ -282,18 +232,9 @@ def expand(
     index: torch.Tensor,
     longest: int,
 ) -> None:
-    segments, width, out_features = starts.shape[0], bt.shape[1], bt.shape[2]
-    if segments == 0:
-        return
-    args = (col0, width, out_features, shrunk.stride(0), bt.stride(0), bt.stride(1), out.stride(0))
-    parts = triton.cdiv(out_features, BLOCK_N)
-    if lens is None:
-        _bgmv_expand[(segments, parts)](
-            shrunk, bt, out, starts, index, *args, BLOCK_W=BLOCK_W, BLOCK_N=BLOCK_N
-        )
-        return
-    grid = (segments, triton.cdiv(longest, BLOCK_T), parts)
-    _sgmv_expand[grid](
-        shrunk, bt, out, starts, lens, index, *args,
-        BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
+    width = bt.shape[1]
+    inputs = shrunk[:, col0 : col0 + width]
+    sizes = (bt.shape[2], width)
+    _launch(
+        inputs, bt, (bt.stride(2), bt.stride(1)), sizes, None, out, starts, lens, index, longest
+    )
