@@ -87,7 +87,8 @@ def _run(
         first_token += count
     kernel = _kernel(heads, kv_heads)
     assert kernel is not None and kernel.name == "triton"
-    batch = KernelBatch(torch.tensor(rows), torch.tensor(flat), kernel)
+    longest = max(count for count, _, _ in specs)
+    batch = KernelBatch(torch.tensor(rows), torch.tensor(flat), kernel, longest)
     out = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
     kernel.attend(query, keys, values, batch, scale, out)

@@ -127,9 +127,8 @@ class TritonPagedAttention:
         sequences = batch.sequences
         if sequences.shape[0] == 0:
             return
-        longest = int(sequences[:, 1].max())
         groups = heads // kv_heads
-        grid = (sequences.shape[0], longest, kv_heads)
+        grid = (sequences.shape[0], batch.longest, kv_heads)
         _paged_attention[grid](
             query, keys, values, out, sequences, batch.tables,
             query.stride(0), query.stride(1),
