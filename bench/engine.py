@@ -203,6 +203,8 @@ class EngineSystem:
         slot_dtype: str = "bf16",
         lora_kernel: str = "auto",
         nf4_kernel: str = "auto",
+        attention_kernel: str = "auto",
+        max_cpu_adapters: int = 256,
     ) -> None:
         from loramux.core.config import Settings
         from loramux.server.engine import Engine
@@ -211,11 +213,12 @@ class EngineSystem:
             device=str(base.device),
             max_batch_size=max_batch,
             max_loaded_adapters=slots,
-            max_cpu_adapters=256,
+            max_cpu_adapters=max(max_cpu_adapters, slots),
             max_batch_tokens=max(2048, max_batch * 160),
             lora_slot_dtype=slot_dtype,
             lora_kernel=lora_kernel,
             nf4_kernel=nf4_kernel,
+            attention_kernel=attention_kernel,
             # Every repetition sends the same prompts: with the prefix cache on, a system
             # that repeats its adapters (base, mux_k32) would prefill only the tokens past
             # the cached blocks, and mux_k128 (a new adapter set, so new cache keys, each
@@ -236,11 +239,17 @@ class EngineSystem:
             self.engine.adapters.load(adapter_id)
 
     def run(
-        self, config: str, batch: int, rep: int, prompts: list[list[int]], rows: list[str | None]
+        self,
+        config: str,
+        batch: int,
+        rep: int,
+        prompts: list[list[int]],
+        rows: list[str | None],
+        new_tokens: int = NEW_TOKENS,
     ) -> Measurement:
         from loramux.server.requests import GenerationRequest, SamplingParams
 
-        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         self.recorder.take()
         start = time.perf_counter()
         streams = [

@@ -197,6 +197,19 @@ def tokens_before_parting(
     return min(len(got), len(want))
 
 
+def peft_request_adapter(model: Any, parts: list[tuple[str, float]], name: str) -> str | None:
+    """The PEFT adapter that answers a request's (adapter, weight) parts: None (the base)
+    for no parts or one at weight 0, the adapter itself at weight 1 (PEFT's copy would keep
+    rsLoRA's factor), else PEFT's `add_weighted_adapter(..., "cat")`, added as `name`."""
+    weights = [w for _, w in parts]
+    if not parts or weights == [0.0]:
+        return None
+    if weights == [1.0]:
+        return parts[0][0]
+    model.add_weighted_adapter([n for n, _ in parts], weights, name, combination_type="cat")
+    return name
+
+
 def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:
     """The reference: the NF4 base in a PeftModel with every adapter of `dirs`, eval mode."""
     from peft import PeftModel

@@ -104,3 +104,27 @@ def test_lora_kernel_benchmark_checks_and_times_each_reader(tmp_path: Path) -> N
     assert len(readers) == 6  # 2 configs x (kernel, plain read per call, one pass)
     assert all(r["step_ms_p50"] > 0 and r["weight_mb"] > 0 for r in payload["results"])
     assert json.loads((tmp_path / "lora_kernel.json").read_text())["results"]
+
+
+def test_gpu_script_dry_run_compares_the_backends_on_the_cpu(tmp_path: Path) -> None:
+    """`bash bench/gpu.sh --dry-run`: the GPU comparison script itself, on a tiny model with
+    the Triton kernels interpreted, so the script is known to work before a GPU runs it."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["bash", str(root / "bench" / "gpu.sh"), "--dry-run", "--results-dir", str(tmp_path)],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "dry_run_lora_backends.json").read_text())
+    seen = {(r["system"], r["adapters"]) for r in payload["results"]}
+    assert seen == {(s, k) for s in ("base", "triton", "eager") for k in (1, 8)}
+    assert all(r["decode_tps"] > 0 for r in payload["results"])
+    assert "| 8        | triton |" in done.stdout

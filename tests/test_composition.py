@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from api_helpers import (
     engine_with_adapters,
     linear_shapes,
-    near_tie,
+    peft_generate,
+    peft_request_adapter,
     peft_with_adapters,
     tokens_before_parting,
     write_adapter_plan,
@@ -78,27 +78,9 @@ def _peft_outputs(
     model = peft_with_adapters(smollm2, {n: dirs[n] for n in ("all8", "qv16rs", "mlp32")})
     outputs = {}
     for r, parts in enumerate(REQUESTS):
-        names, weights = [n for n, _ in parts], [w for _, w in parts]
-        if weights == [0.0]:
-            context = model.disable_adapter()
-        elif weights == [1.0]:  # the adapter as is (PEFT's copy would keep rsLoRA's factor)
-            model.set_adapter(names[0])
-            context = torch.inference_mode()
-        else:
-            model.add_weighted_adapter(names, weights, f"req{r}", combination_type="cat")
-            model.set_adapter(f"req{r}")
-            context = torch.inference_mode()
-        with context, torch.inference_mode():
-            for p, ids in enumerate(prompts):
-                out = model.generate(
-                    input_ids=torch.tensor([ids]),
-                    max_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                )
-                ties = [near_tie(scores[0]) for scores in out.scores]
-                outputs[r, p] = (out.sequences[0, len(ids) :].tolist(), ties)
+        adapter = peft_request_adapter(model, parts, f"req{r}")
+        for p, ids in enumerate(prompts):
+            outputs[r, p] = peft_generate(model, ids, adapter, NEW_TOKENS)
     return outputs
 
 

@@ -17,12 +17,21 @@ from loramux.server.synthetic import write_random_adapter
 pytestmark = pytest.mark.gpu
 
 
-def test_cuda_engine_matches_peft(smollm2: ResolvedModel, tmp_path: Path) -> None:
+# (LoRA kernel, paged attention): the Triton pair CUDA's auto picks, and the alternatives.
+KERNELS = [("triton", "triton"), ("compiled", "torch")]
+
+
+@pytest.mark.parametrize(("lora_kernel", "attention_kernel"), KERNELS)
+def test_cuda_engine_matches_peft(
+    smollm2: ResolvedModel, tmp_path: Path, lora_kernel: str, attention_kernel: str
+) -> None:
     from peft import PeftModel
 
     model = load_base_model(smollm2, "nf4", "cuda")
     assert next(model.parameters()).device.type == "cuda"
-    engine = Engine(model, load_tokenizer(smollm2), Settings(device="cuda"), smollm2)
+    settings = Settings(device="cuda", lora_kernel=lora_kernel, attention_kernel=attention_kernel)
+    engine = Engine(model, load_tokenizer(smollm2), settings, smollm2)
+    assert engine._lora is not None and engine._lora.backend.kernel_mode == lora_kernel
     try:
         engine.warm_up()
         folders = [

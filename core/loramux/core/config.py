@@ -182,7 +182,15 @@ class Settings:
     kv_cache_bytes: int = setting(
         0,
         "KV cache pool, preallocated at start (0: auto, 1 GiB on the CPU capped at what "
-        "--max-batch-size full context windows need, 90%% of free memory on CUDA)",
+        "--max-batch-size full context windows need; on CUDA what --gpu-memory-fraction "
+        "leaves after the weights, the adapter slots at their largest and a pass's "
+        "activations)",
+        "engine",
+    )
+    gpu_memory_fraction: float = setting(
+        0.9,
+        "share of the CUDA device's memory this server may hold (weights, adapter slots, "
+        "activations and the KV pool, which gets the rest; docs/engine.md)",
         "engine",
     )
     kv_block_size: int = setting(16, "token positions per KV cache block", "engine")
@@ -218,21 +226,25 @@ class Settings:
     )
     lora_kernel: str = setting(
         "auto",
-        "LoRA kernel: compiled (torch.compile'd gather-reduce, dense GEMMs for few adapters), "
-        "eager (the same uncompiled), native (hand-written AVX-512 BF16 kernel, CPU with "
-        "bf16 slots; built at start with g++ or $CXX), auto (native where the CPU, bf16 "
-        "slots and the compiler allow it, else compiled)",
+        "LoRA kernel: triton (explicit Triton SGMV/BGMV kernels: compiled on CUDA, through "
+        "Triton's interpreter on the CPU, slow, for tests), compiled (torch.compile'd "
+        "gather-reduce, dense GEMMs for few adapters), eager (the same uncompiled), native "
+        "(hand-written AVX-512 BF16 kernel, CPU with bf16 slots; built at start with g++ or "
+        "$CXX), auto (CUDA: triton where installed, else compiled; CPU: native where the "
+        "CPU, bf16 slots and the compiler allow it, else compiled)",
         "engine",
-        choices=("auto", "native", "compiled", "eager"),
+        choices=("auto", "native", "triton", "compiled", "eager"),
     )
     attention_kernel: str = setting(
         "auto",
         "paged attention for decoding rows and chunks over long contexts: native (hand-"
         "written AVX-512 BF16 kernel reading the KV block pool directly, CPU; built at start "
-        "with g++ or $CXX), torch (each row's blocks gathered, then SDPA), auto (native "
-        "where the CPU, the compiler and the model's attention allow it, else torch)",
+        "with g++ or $CXX), triton (Triton kernel over the same pool: compiled on CUDA, "
+        "through Triton's interpreter on the CPU, slow, for tests), torch (each row's blocks "
+        "gathered, then SDPA), auto (CUDA: triton where installed; CPU: native where the "
+        "CPU, the compiler and the model's attention allow it; else torch)",
         "engine",
-        choices=("auto", "native", "torch"),
+        choices=("auto", "native", "triton", "torch"),
     )
     nf4_kernel: str = setting(
         "auto",
@@ -337,6 +349,10 @@ class Settings:
                 raise ValueError(
                     f"--{_flag(name)} must be >= 0 (0: auto), got {getattr(self, name)}"
                 )
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(
+                f"--gpu-memory-fraction must be in (0, 1], got {self.gpu_memory_fraction}"
+            )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
         if not 0 <= self.tenant_max_calls < self.grpc_workers:

@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _serve(args: argparse.Namespace) -> int:
     from loramux.core.config import load_settings
+    from loramux.server.triton_runtime import configure_process
+
+    settings = load_settings(args)
+    # Before the server's imports: they import triton (through torch._dynamo).
+    configure_process(settings.lora_kernel, settings.attention_kernel, settings.device)
     from loramux.server.app import run_server
 
-    return run_server(load_settings(args))
+    return run_server(settings)

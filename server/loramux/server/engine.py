@@ -55,6 +55,7 @@ from loramux.core.prompts import PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.detokenize import IncrementalText
+from loramux.server.device_memory import activation_bytes, adapter_slot_bytes, cuda_kv_budget
 from loramux.server.kv_blocks import ROOT_DIGEST, BlockPool, block_digest
 from loramux.server.kv_cache import PagedKVCache
 from loramux.server.logprobs import score
@@ -85,7 +86,6 @@ R = TypeVar("R")
 
 CHAT_ROLES = ("system", "user", "assistant")
 CPU_KV_BYTES = 1 << 30  # default KV pool on the CPU; resident from start (zeroed)
-CUDA_KV_FRACTION = 0.9  # default KV pool on CUDA: of the memory free once the model is loaded
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class Engine:
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
         geometry = shape.geometry
-        num_blocks = self._pool_blocks(settings, geometry, device)
+        num_blocks = self._pool_blocks(settings, geometry, device, base_linears)
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
         # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
         self.prefill_attention_while_decoding = self._attention_budget(settings, device)
@@ -233,10 +233,10 @@ class Engine:
                 kv_heads=geometry["kv_heads"],
                 block_size=settings.kv_block_size,
             )
-        elif settings.attention_kernel == "native":
+        elif settings.attention_kernel in ("native", "triton"):
             raise ValueError(
-                "--attention-kernel native is not available here: this model has "
-                f"{shape.attention_variant}"
+                f"--attention-kernel {settings.attention_kernel} is not available here: this "
+                f"model has {shape.attention_variant}"
             )
         self.runner = ModelRunner(
             model, self._lora, pad, num_blocks, settings.kv_block_size, shape, attention_kernel
@@ -250,7 +250,9 @@ class Engine:
             settings.kv_block_size,
             self.runner.cache.nbytes / 2**20,
             num_blocks * settings.kv_block_size,
-            "native paged kernel" if attention_kernel is not None else "torch SDPA over gathers",
+            f"{attention_kernel.name} paged kernel"
+            if attention_kernel is not None
+            else "torch SDPA over gathers",
         )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         base_bytes = (
@@ -304,16 +306,41 @@ class Engine:
         return engine
 
     def _pool_blocks(
-        self, settings: Settings, geometry: dict[str, int], device: torch.device
+        self,
+        settings: Settings,
+        geometry: dict[str, int],
+        device: torch.device,
+        shapes: dict[str, LinearShape],
     ) -> int:
-        """How many KV blocks --kv-cache-bytes buys (auto: see the setting's help)."""
+        """How many KV blocks --kv-cache-bytes buys (auto: see the setting's help; on CUDA
+        `device_memory.cuda_kv_budget`)."""
         per_block = PagedKVCache.bytes_per_block(
             block_size=settings.kv_block_size, dtype=torch.bfloat16, **geometry
         )
         budget = settings.kv_cache_bytes
         if budget == 0 and device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * CUDA_KV_FRACTION)
+            free, total = torch.cuda.mem_get_info(device)
+            config = self.model.config
+            plan = cuda_kv_budget(
+                free,
+                total,
+                settings.gpu_memory_fraction,
+                adapter_slot_bytes(
+                    shapes.values(),
+                    settings.max_rank,
+                    settings.max_loaded_adapters,
+                    element_size=1 if settings.lora_slot_dtype == "int8" else 2,
+                ),
+                activation_bytes(
+                    settings.max_batch_tokens,
+                    settings.max_batch_size,
+                    config.hidden_size,
+                    getattr(config, "intermediate_size", 4 * config.hidden_size),
+                    config.vocab_size,
+                ),
+            )
+            log.info("CUDA memory: %s", plan)
+            budget = plan.kv
         elif budget == 0:
             context_blocks = -(-self.context_length // settings.kv_block_size)
             budget = min(CPU_KV_BYTES, settings.max_batch_size * context_blocks * per_block)

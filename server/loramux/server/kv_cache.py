@@ -32,7 +32,10 @@ import torch
 
 
 class PoolAttention(Protocol):
-    """A kernel that attends straight from the block pool (paged_attention/native.py)."""
+    """A kernel that attends straight from the block pool (paged_attention/: native.py,
+    triton_ops.py)."""
+
+    name: str  # as --attention-kernel names it
 
     def attend(
         self,
@@ -54,6 +57,9 @@ class KernelBatch:
     #                          position of the first query, offset of its table in `tables`
     tables: torch.Tensor  # [total blocks] int64: the sequences' block tables, concatenated
     kernel: PoolAttention
+    # The most query tokens of a sequence, known on the host (a kernel's grid needs it;
+    # reading it from `sequences` on CUDA would wait for the device in every layer)
+    longest: int = 1
 
 
 @dataclass

@@ -303,6 +303,7 @@ class ModelRunner:
             torch.tensor(rows, dtype=torch.long, device=self.device),
             torch.tensor(flat, dtype=torch.long, device=self.device),
             self.kernel,
+            max(count for _, count, _, _ in rows),
         )
 
     def _decode_group(self, batch: DecodeBatch, masked: bool = True) -> SegmentGroup:

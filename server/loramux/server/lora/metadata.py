@@ -51,6 +51,20 @@ class PromptChunk:
 
 
 @dataclass(frozen=True)
+class Segments:
+    """One rank class's tokens as runs of consecutive tokens on one adapter (SGMV/BGMV
+    kernels, backend/triton_ops.py): decoding rows are runs of one token (`singles`), a
+    prompt chunk or a padded prefill row one longer run (`runs`)."""
+
+    single_tokens: torch.Tensor  # [S1] int64: the token of each one-token run
+    single_index: torch.Tensor  # [S1] int64: its adapter's index in the class stack
+    run_starts: torch.Tensor  # [S2] int64: first token of each longer run
+    run_lens: torch.Tensor  # [S2] int64: its tokens
+    run_index: torch.Tensor  # [S2] int64
+    longest: int  # the longest run's tokens (1 when there are only singles)
+
+
+@dataclass(frozen=True)
 class LoraBatchMetadata:
     row_slots: tuple[int, ...]  # device slot per batch row, 0 = base model only
     slots_in_batch: frozenset[int]  # distinct non-zero slots (layers skip what they don't hold)
@@ -63,6 +77,8 @@ class LoraBatchMetadata:
     # With chunks: [tokens, 2] int64, row_route per token with every chunk token at width
     # 0; None when no token is left outside the chunks (a padded prefill's padding is not)
     token_route: torch.Tensor | None = None
+    device: torch.device | None = None  # where the routing tensors live
+    route_list: tuple[tuple[int, int], ...] = ()  # row_route as Python ints
 
     @cached_property
     def route_per_token(self) -> torch.Tensor:  # [tokens, 2] int64: row_route per token
@@ -70,6 +86,23 @@ class LoraBatchMetadata:
         if self.tokens_per_row == 1:
             return self.row_route
         return self.row_route.repeat_interleave(self.tokens_per_row, 0)
+
+    @cached_property
+    def segments(self) -> dict[int, Segments]:
+        """Per rank class present, its tokens as runs on one adapter (once per pass): each
+        prompt chunk (or padded prefill row) a run, each other token a run of one."""
+        runs: dict[int, list[tuple[int, int, int]]] = {}  # width -> (start, length, index)
+        per_row = self.tokens_per_row
+        in_chunk = [False] * len(self.route_list)
+        if per_row == 1:  # a ragged pass: its chunks are runs (a padded one: its rows)
+            for chunk in self.chunks:
+                width, index = self.route_list[chunk.start]
+                runs.setdefault(width, []).append((chunk.start, chunk.stop - chunk.start, index))
+                in_chunk[chunk.start : chunk.stop] = [True] * (chunk.stop - chunk.start)
+        for row, (width, index) in enumerate(self.route_list):
+            if width and not in_chunk[row]:
+                runs.setdefault(width, []).append((row * per_row, per_row, index))
+        return {width: _segments(found, self.device) for width, found in runs.items()}
 
     @classmethod
     def build(
@@ -142,10 +175,28 @@ class LoraBatchMetadata:
             row_route=torch.tensor(row_route, dtype=torch.long, device=device).view(-1, 2),
             dense=dense,
             chunks=chunks,
+            device=device,
+            route_list=tuple((int(w), int(i)) for w, i in row_route),
             token_route=None
             if token_route is None
             else torch.tensor(token_route, dtype=torch.long, device=device).view(-1, 2),
         )
+
+
+def _segments(runs: list[tuple[int, int, int]], device: torch.device | None) -> Segments:
+    """(start, length, index) runs -> the kernels' tensors, one-token runs apart."""
+    singles = [(start, index) for start, length, index in runs if length == 1]
+    longer = [run for run in runs if run[1] > 1]
+    single = torch.tensor(singles, dtype=torch.long, device=device).view(-1, 2)
+    run = torch.tensor(longer, dtype=torch.long, device=device).view(-1, 3)
+    return Segments(  # contiguous: the kernels index them as flat arrays
+        single_tokens=single[:, 0].contiguous(),
+        single_index=single[:, 1].contiguous(),
+        run_starts=run[:, 0].contiguous(),
+        run_lens=run[:, 1].contiguous(),
+        run_index=run[:, 2].contiguous(),
+        longest=max((length for _, length, _ in runs), default=0),
+    )
 
 
 @dataclass

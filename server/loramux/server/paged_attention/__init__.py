@@ -8,6 +8,9 @@
   to 256, no sliding window, no logit soft-capping, bf16); otherwise torch, with the
   reason logged;
 * native: the same, or a start-up error naming why it cannot run here;
+* triton: the Triton kernel (triton_ops.py) on any device (through Triton's interpreter on
+  the CPU: slow, for tests and dry runs), for any head size, block size and GQA ratio of
+  plain causal softmax attention; auto takes it on CUDA where Triton is installed;
 * torch: always the torch path.
 """
 
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 
+from loramux.server.kv_cache import PoolAttention
 from loramux.server.native_build import NativeKernelUnavailable, choose_native
 from loramux.server.paged_attention.native import (
     MAX_BLOCK_SIZE,
@@ -27,10 +31,24 @@ from loramux.server.paged_attention.native import (
     PagedAttentionKernel,
     load_kernel,
 )
+from loramux.server.triton_runtime import TritonUnavailable, prepare
 
 log = logging.getLogger(__name__)
 
-KERNEL_MODES = ("auto", "native", "torch")
+KERNEL_MODES = ("auto", "native", "triton", "torch")
+
+
+def unsupported_attention(config: Any, kv_heads: int) -> str | None:
+    """Why this model's attention is not the plain causal softmax attention the paged
+    kernels compute, or None."""
+    if config.num_attention_heads % kv_heads:
+        return f"{config.num_attention_heads} query heads over {kv_heads} KV heads"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    for field in ("attn_logit_softcapping", "attention_logit_softcapping"):
+        if getattr(config, field, None):
+            return f"attention logit soft-capping ({field})"
+    return None
 
 
 def unsupported(config: Any, head_dim: int, kv_heads: int, block_size: int) -> str | None:
@@ -43,12 +61,7 @@ def unsupported(config: Any, head_dim: int, kv_heads: int, block_size: int) -> s
         return f"KV block size {block_size} (the kernel takes {limit})"
     if heads % kv_heads or heads // kv_heads > MAX_QUERY_GROUPS:
         return f"{heads} query heads over {kv_heads} KV heads"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    for field in ("attn_logit_softcapping", "attention_logit_softcapping"):
-        if getattr(config, field, None):
-            return f"attention logit soft-capping ({field})"
-    return None
+    return unsupported_attention(config, kv_heads)
 
 
 def choose_kernel(
@@ -58,12 +71,20 @@ def choose_kernel(
     head_dim: int,
     kv_heads: int,
     block_size: int,
-) -> PagedAttentionKernel | None:
+) -> PoolAttention | None:
     """The paged-attention kernel for this model and machine (None: the torch path)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"unknown attention kernel {mode!r}: one of {', '.join(KERNEL_MODES)}")
     if mode == "torch":
         return None
+    if mode == "triton" or (mode == "auto" and device.type == "cuda"):
+        try:
+            return _triton_kernel(device, config, kv_heads)
+        except TritonUnavailable as exc:
+            if mode == "triton":
+                raise ValueError(f"--attention-kernel triton is not available here: {exc}") from exc
+            log.info("paged attention: torch (SDPA over gathered blocks): %s", exc)
+            return None
 
     def load() -> PagedAttentionKernel:
         if device.type != "cpu":
@@ -76,6 +97,16 @@ def choose_kernel(
     return choose_native(
         mode, "--attention-kernel", "paged attention: torch (SDPA over gathered blocks)", load
     )
+
+
+def _triton_kernel(device: torch.device, config: Any, kv_heads: int) -> PoolAttention:
+    reason = unsupported_attention(config, kv_heads)
+    if reason is not None:
+        raise TritonUnavailable(f"this model has {reason}")
+    prepare(device)
+    from loramux.server.paged_attention.triton_ops import TritonPagedAttention
+
+    return TritonPagedAttention()
 
 
 __all__ = ["KERNEL_MODES", "PagedAttentionKernel", "choose_kernel", "unsupported"]

@@ -23,6 +23,8 @@ SOFTMAX_BLOCK = 512  # keys per softmax block (kSplit), as SDPA's CPU kernel tak
 class PagedAttentionKernel:
     """The loaded library's entry point, typed."""
 
+    name = "native"
+
     def __init__(self, path: Path) -> None:
         self.path = path
         i64, ptr = ctypes.c_int64, ctypes.c_void_p

@@ -1,4 +1,6 @@
-"""The CUDA backend: the BGMV gather-reduce compiled by Triton for every mixed batch."""
+"""The torch CUDA backend (`--lora-kernel compiled`/`eager` on CUDA, or auto without triton):
+the BGMV gather-reduce compiled by torch.compile for every mixed batch; auto on CUDA takes
+the explicit Triton kernels (triton_backend.py) where triton is installed."""
 
 from __future__ import annotations
 

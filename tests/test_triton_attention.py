@@ -1,0 +1,125 @@
+"""The Triton paged-attention kernel through Triton's interpreter, against float64 softmax
+attention computed from each sequence's blocks gathered by its block table.
+
+Tiny pools (the interpreter runs each program in numpy): decoding rows (one query token)
+and prefill chunks (several, causal inside the chunk) in one call, GQA (two query heads
+per KV head, and a head count that is not a power of two), block tables with holes
+(blocks scattered over the pool, unused blocks filled with NaN, which a read of them
+would spread), two sequences sharing their prefix blocks, a block size and a head size
+that are not powers of two.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loramux.server.kv_cache import KernelBatch
+from loramux.server.paged_attention import choose_kernel
+
+CPU = torch.device("cpu")
+# relative error of a bf16 output against float64: its rounding is up to 2^-9 of the
+# value, the float32 sums ~1e-6 of the largest value; twice the rounding bound.
+BF16_RTOL = 2**-8
+
+
+def _kernel(heads: int, kv_heads: int) -> object:
+    config = SimpleNamespace(num_attention_heads=heads)
+    return choose_kernel("triton", CPU, config, head_dim=16, kv_heads=kv_heads, block_size=4)
+
+
+def _pool(kv_heads: int, blocks: int, block: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (kv_heads, blocks, block, head_dim)
+    keys = (torch.randn(shape, generator=generator) * 1.5).bfloat16()
+    values = torch.randn(shape, generator=generator).bfloat16()
+    return keys, values
+
+
+def _reference(
+    query: torch.Tensor,  # [tokens, heads, head_dim]
+    keys: torch.Tensor,  # [kv_heads, blocks, block, head_dim]
+    values: torch.Tensor,
+    specs: list[tuple[int, int, list[int]]],  # (query tokens, first position, table)
+    scale: float,
+) -> torch.Tensor:  # [tokens, heads, head_dim] float64
+    kv_heads, _, _, head_dim = keys.shape
+    groups = query.shape[1] // kv_heads
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    token = 0
+    for count, first, table in specs:
+        k = keys[:, table].reshape(kv_heads, -1, head_dim).double()  # [kv_heads, len, d]
+        v = values[:, table].reshape(kv_heads, -1, head_dim).double()
+        for t in range(count):
+            seen = first + t + 1  # causal: its context and the chunk up to itself
+            for head in range(query.shape[1]):
+                kv = head // groups
+                scores = k[kv, :seen] @ query[token, head].double() * scale
+                weights = torch.softmax(scores, dim=0)
+                out[token, head] = weights @ v[kv, :seen]
+            token += 1
+    return out
+
+
+def _run(
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block: int,
+    specs: list[tuple[int, int, list[int]]],
+    blocks: int,
+) -> None:
+    keys, values = _pool(kv_heads, blocks, block, head_dim)
+    used = {b for _, _, table in specs for b in table}
+    for b in range(blocks):  # the holes: a kernel that reads them gets NaN
+        if b not in used:
+            keys[:, b] = float("nan")
+            values[:, b] = float("nan")
+    tokens = sum(count for count, _, _ in specs)
+    query = torch.randn(tokens, heads, head_dim, generator=torch.Generator().manual_seed(1))
+    query = query.bfloat16()
+    rows, flat, first_token = [], [], 0
+    for count, first, table in specs:
+        rows.append((first_token, count, first, len(flat)))
+        flat += table[: -(-(first + count) // block)]
+        first_token += count
+    kernel = _kernel(heads, kv_heads)
+    assert kernel is not None and kernel.name == "triton"
+    longest = max(count for count, _, _ in specs)
+    batch = KernelBatch(torch.tensor(rows), torch.tensor(flat), kernel, longest)
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    kernel.attend(query, keys, values, batch, scale, out)
+    expected = _reference(query, keys, values, specs, scale)
+    torch.testing.assert_close(out.double(), expected, rtol=BF16_RTOL, atol=1e-5)
+
+
+def test_decode_rows_and_chunks_with_holes_and_a_shared_prefix() -> None:
+    """Block size 4, 6 query heads over 3 KV heads, head size 16; the first two sequences
+    share their first two blocks (a prefix cache hit); tables skip over unused blocks."""
+    shared = [7, 2]
+    specs = [
+        (1, 9, [*shared, 11]),  # a decoding row at position 9 (its 10th token)
+        (3, 8, [*shared, 5]),  # a chunk of 3 tokens after 8 cached ones, same prefix
+        (1, 0, [13]),  # a first token
+        (5, 0, [1, 14]),  # a whole prompt as one chunk
+        (1, 3, [9]),  # a row whose last block is full after this token
+    ]
+    _run(heads=6, kv_heads=3, head_dim=16, block=4, specs=specs, blocks=16)
+
+
+def test_odd_block_and_head_sizes_one_query_head_per_kv_head() -> None:
+    """Block size 3 and head size 24 (padded to powers of two inside the kernel), no GQA."""
+    specs = [(2, 4, [3, 0]), (1, 6, [5, 1, 4])]
+    _run(heads=2, kv_heads=2, head_dim=24, block=3, specs=specs, blocks=7)
+
+
+def test_the_kernel_is_refused_where_the_attention_is_not_plain() -> None:
+    windowed = SimpleNamespace(num_attention_heads=4, sliding_window=8)
+    with pytest.raises(ValueError, match="sliding-window"):
+        choose_kernel("triton", CPU, windowed, head_dim=16, kv_heads=2, block_size=4)
+    uneven = SimpleNamespace(num_attention_heads=5)
+    with pytest.raises(ValueError, match="5 query heads over 2 KV heads"):
+        choose_kernel("triton", CPU, uneven, head_dim=16, kv_heads=2, block_size=4)
