@@ -63,6 +63,9 @@ class LoraBatchMetadata:
     # With chunks: [tokens, 2] int64, row_route per token with every chunk token at width
     # 0; None when no token is left outside the chunks (a padded prefill's padding is not)
     token_route: torch.Tensor | None = None
+    # [tokens] int64: each token's row of the DoRA scale stacks (0: ones); None when no
+    # slot of the batch is a DoRA adapter (the layers then do nothing DoRA at all)
+    dora_route: torch.Tensor | None = None
 
     @cached_property
     def route_per_token(self) -> torch.Tensor:  # [tokens, 2] int64: row_route per token
@@ -134,6 +137,12 @@ class LoraBatchMetadata:
                 token_route[chunk.start : chunk.stop] = [[0, 0]] * (chunk.stop - chunk.start)
             if not any(width for width, _ in token_route):
                 token_route = None
+        dora_rows = [table.dora_index(s) if s else 0 for s in slots]
+        dora_route = None
+        if any(dora_rows):
+            dora_route = torch.tensor(dora_rows, dtype=torch.long, device=device)
+            if tokens_per_row > 1:
+                dora_route = dora_route.repeat_interleave(tokens_per_row)
         return cls(
             row_slots=tuple(slots),
             slots_in_batch=frozenset(distinct),
@@ -145,6 +154,7 @@ class LoraBatchMetadata:
             token_route=None
             if token_route is None
             else torch.tensor(token_route, dtype=torch.long, device=device).view(-1, 2),
+            dora_route=dora_route,
         )
 
 
