@@ -47,11 +47,11 @@ def _peft(base: nn.Linear, module: ModuleWeights) -> PeftLinear:
     rank = module.lora_a.shape[0]
     config = LoraConfig(
         r=rank,
-        lora_alpha=module.scaling * rank,
+        lora_alpha=round(module.scaling * rank),
         use_dora=module.magnitude is not None,
         init_lora_weights=False,
     )
-    layer = PeftLinear(base, "x", config, r=rank, lora_alpha=module.scaling * rank)
+    layer = PeftLinear(base, "x", config, r=rank, lora_alpha=round(module.scaling * rank))
     with torch.no_grad():
         layer.lora_A["x"].weight.copy_(module.lora_a.float())
         layer.lora_B["x"].weight.copy_(module.lora_b.float())
