@@ -173,6 +173,29 @@ def tokens_before_parting(
     return min(len(got), len(want))
 
 
+def peft_generate(
+    model: Any, ids: list[int], adapter: str | None, new_tokens: int
+) -> tuple[list[int], list[tuple[int, ...] | None]]:
+    """PEFT's greedy tokens for `adapter` (None: the base) and, per position, its nearly
+    tied best tokens (`near_tie`)."""
+    import torch
+
+    if adapter is None:
+        context = model.disable_adapter()
+    else:
+        model.set_adapter(adapter)
+        context = torch.inference_mode()
+    with context, torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(ids) :].tolist(), [near_tie(s[0]) for s in out.scores]
+
+
 def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:
     """The reference: the NF4 base in a PeftModel with every adapter of `dirs`, eval mode."""
     from loramux.core.models import load_base_model

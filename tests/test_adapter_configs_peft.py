@@ -18,7 +18,7 @@ import torch
 from api_helpers import (
     engine_with_adapters,
     linear_shapes,
-    near_tie,
+    peft_generate,
     peft_with_adapters,
     tokens_before_parting,
 )
@@ -143,21 +143,7 @@ def peft_model(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Any:
 def _peft_generate(
     model: Any, ids: list[int], adapter: str | None
 ) -> tuple[list[int], list[tuple[int, ...] | None]]:
-    """PEFT's greedy tokens and, per position, its nearly tied best tokens (or None)."""
-    if adapter is None:
-        context = model.disable_adapter()
-    else:
-        model.set_adapter(adapter)
-        context = torch.inference_mode()
-    with context, torch.inference_mode():
-        out = model.generate(
-            input_ids=torch.tensor([ids]),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences[0, len(ids) :].tolist(), [near_tie(s[0]) for s in out.scores]
+    return peft_generate(model, ids, adapter, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("name", ["no-alpha", "patterns", "exclude", "layers", "regex"])

@@ -18,7 +18,7 @@ from api_helpers import (
     dequantized_copy,
     engine_with_adapters,
     linear_shapes,
-    near_tie,
+    peft_generate,
     peft_on,
     tokens_before_parting,
 )
@@ -88,21 +88,6 @@ def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[En
     engine.shutdown()
 
 
-def _peft_generate(model: Any, ids: list[int], adapter: str | None) -> tuple[list[int], list[Any]]:
-    context = model.disable_adapter() if adapter is None else torch.inference_mode()
-    if adapter is not None:
-        model.set_adapter(adapter)
-    with context, torch.inference_mode():
-        out = model.generate(
-            input_ids=torch.tensor([ids]),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences[0, len(ids) :].tolist(), [near_tie(s[0]) for s in out.scores]
-
-
 def test_dora_plain_and_base_rows_in_one_batch_match_peft(
     engine: Engine, reference_base: Any, adapter_dirs: dict[str, Path]
 ) -> None:
@@ -125,7 +110,7 @@ def test_dora_plain_and_base_rows_in_one_batch_match_peft(
     got = {key: [t for e in stream for t in e.token_ids] for key, stream in streams.items()}
     model = peft_on(reference_base, adapter_dirs)
     expected = {
-        (name, p): _peft_generate(model, ids, name)
+        (name, p): peft_generate(model, ids, name, NEW_TOKENS)
         for name in names
         for p, ids in enumerate(prompts)
     }
