@@ -31,8 +31,14 @@ COPY server ./server
 COPY trainer ./trainer
 COPY clients ./clients
 COPY proto ./proto
-# PyPI's default Linux torch wheel is the CUDA build (with Triton for the compiled LoRA kernels).
-RUN pip install torch==2.13.0 && pip install ./clients/python .
+COPY requirements ./requirements
+# Everything but torch from the runtime lock (pinned, with hashes; the same versions as
+# requirements/lock.txt, without the dev tools); then torch: PyPI's default Linux wheel is
+# the CUDA build (with Triton for the compiled LoRA kernels), which brings its CUDA libraries.
+RUN pip install --require-hashes --no-deps -r requirements/runtime.txt \
+    && pip install torch==2.13.0 \
+    && pip install --no-deps --no-build-isolation ./clients/python . \
+    && pip check
 
 RUN useradd --create-home --uid 10001 loramux
 USER 10001

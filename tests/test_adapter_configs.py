@@ -305,7 +305,7 @@ def test_converted_pissa_adapter_is_plain_lora(
         ({"layers_to_transform": ["0"]}, "layers_to_transform", "integer"),
         ({"layers_pattern": "layers"}, "layers_pattern", "layers_to_transform"),
         ({"exclude_modules": 5}, "exclude_modules", "string"),
-        ({"some_future_option": {"on": True}}, "some_future_option", "PEFT 0.21"),
+        ({"some_future_option": {"on": True}}, "some_future_option", "PEFT 0.22"),
     ],
 )
 def test_unsupported_or_malformed_fields_are_refused(

@@ -29,7 +29,7 @@ from loramux.server.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, Line
 from loramux.server.engine import Engine
 from loramux.server.requests import GenerationRequest, SamplingParams
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.peft_reference]
 
 NEW_TOKENS = 10
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]

@@ -51,14 +51,43 @@ def test_generated_code_is_current() -> None:
     assert pb.DESCRIPTOR.package == "loramux.v1"
 
 
-def test_stale_generated_code_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _copy_of_generated_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     copy = tmp_path / "core"
     shutil.copytree(protogen.OUT_ROOT / protogen.PACKAGE_DIR, copy / protogen.PACKAGE_DIR)
-    edited = copy / protogen.PACKAGE_DIR / "loramux_pb2.py"
-    edited.write_text(edited.read_text() + "\n# edited by hand\n")
-    (copy / protogen.PACKAGE_DIR / "leftover_pb2.py").write_text("")
     monkeypatch.setattr(protogen, "OUT_ROOT", copy)
-    assert protogen.stale_files() == ["loramux/v1/leftover_pb2.py", "loramux/v1/loramux_pb2.py"]
+    return copy / protogen.PACKAGE_DIR
+
+
+def test_stale_generated_code_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change of the API (here a message renamed inside the descriptor) and a leftover
+    file are reported with the locked grpcio-tools and with any other."""
+    generated = _copy_of_generated_code(tmp_path, monkeypatch)
+    edited = generated / "loramux_pb2.py"
+    text = edited.read_text()
+    start = text.index("AddSerializedFile(b'")
+    edited.write_text(text[:start] + text[start:].replace("Adapter", "Adaptor", 1))
+    (generated / "leftover_pb2.py").write_text("")
+    for locked in (protogen.installed_tools_version(), "0.0.1"):
+        monkeypatch.setattr(protogen, "locked_tools_version", lambda locked=locked: locked)
+        assert protogen.stale_files() == [
+            "loramux/v1/leftover_pb2.py",
+            "loramux/v1/loramux_pb2.py",
+        ]
+
+
+def test_the_locked_grpcio_tools_compares_text_another_compares_the_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edit that leaves the API alone (a comment) is stale under the locked grpcio-tools;
+    under another version only the descriptors are compared, since its own version lines
+    differ anyway (`make test-latest`)."""
+    generated = _copy_of_generated_code(tmp_path, monkeypatch)
+    edited = generated / "loramux_pb2_grpc.py"
+    edited.write_text(edited.read_text() + "\n# edited by hand\n")
+    monkeypatch.setattr(protogen, "locked_tools_version", protogen.installed_tools_version)
+    assert protogen.stale_files() == ["loramux/v1/loramux_pb2_grpc.py"]
+    monkeypatch.setattr(protogen, "locked_tools_version", lambda: "0.0.1")
+    assert protogen.stale_files() == []
 
 
 # -- the registry on its own -----------------------------------------------------------------

@@ -28,7 +28,7 @@ from loramux.server.composition import WeightedAdapter, check_weights
 from loramux.server.engine import Engine
 from loramux.server.requests import GenerationRequest, SamplingParams
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.peft_reference]
 
 NEW_TOKENS = 10
 # (name, rank, alpha, rsLoRA, targets)

@@ -27,7 +27,7 @@ from loramux.core.models import ResolvedModel
 from loramux.server.engine import Engine, RequestStream
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.peft_reference]
 
 NEW_TOKENS = 10
 # (name, rank, alpha, rsLoRA, targets): different ranks and alphas, rsLoRA among them.

@@ -1,6 +1,6 @@
 """Which base-model modules a LoRA config wraps, and with which rank/alpha pattern key.
 
-PEFT 0.21's rules, restated (`check_target_module_exists`, `get_pattern_key` and
+PEFT's rules (0.21 and 0.22), restated (`check_target_module_exists`, `get_pattern_key` and
 `LoraModel._create_and_replace`), for one config and the names of every module of the base
 model (`model.named_modules()`, before any wrapping):
 

@@ -138,9 +138,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-# Every field of PEFT 0.21's LoraConfig, by what the server does with it. Each one that
-# changes what an adapter computes is applied as PEFT applies it or refused (see
-# _check_config); the rest describe how it was made or trained.
+# Every field of PEFT's LoraConfig (0.22, the locked version; 0.21's are a subset), by what
+# the server does with it. Each one that changes what an adapter computes is applied as PEFT
+# applies it or refused (see _check_config); the rest describe how it was made or trained.
+# tests/test_dependencies.py fails when the installed PEFT has a field that is in none of the
+# three, so a new PEFT field is a decision, never a silent pass-through.
 _METADATA_FIELDS = frozenset(
     {
         "auto_mapping",
@@ -158,6 +160,7 @@ _METADATA_FIELDS = frozenset(
         "eva_config",
         "corda_config",
         "lora_ga_config",
+        "astra_config",
     }
 )
 _APPLIED_FIELDS = frozenset(
@@ -214,6 +217,15 @@ _DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha: not r (alpha = r would halve a rank
 _ON_UNLESS_NULL = frozenset({"arrow_config", "kasa_config", "monteclora_config", "velora_config"})
 
 
+def unclassified_config_fields(config_class: type) -> list[str]:
+    """The fields of a PEFT config dataclass (LoraConfig) that the server neither applies,
+    keeps as metadata, nor refuses: each one is a decision still to be made."""
+    import dataclasses
+
+    known = _METADATA_FIELDS | _APPLIED_FIELDS | _UNSUPPORTED_FIELDS.keys()
+    return sorted(f.name for f in dataclasses.fields(config_class) if f.name not in known)
+
+
 def _inert(value: Any, name: str = "") -> bool:
     """Unset, as a newer or older PEFT writes an option it does not use."""
     if name in _ON_UNLESS_NULL:
@@ -252,7 +264,7 @@ def _check_config(config: dict[str, Any]) -> LoraSettings:
         elif name not in _METADATA_FIELDS and name not in _APPLIED_FIELDS and not _inert(value):
             raise InvalidArgument(
                 name,
-                "not a LoraConfig field of PEFT 0.21, and set: what it would change is not "
+                "not a LoraConfig field of PEFT 0.22, and set: what it would change is not "
                 "guessed at (remove it if your PEFT version leaves it unused)",
             )
     _check_init(config.get("init_lora_weights", True))
@@ -301,7 +313,7 @@ def _check_init(init: Any) -> None:
     if any(init is plain or (isinstance(plain, str) and init == plain) for plain in _PLAIN_INITS):
         return
     text = str(init).lower()
-    if isinstance(init, str) and text.startswith(("pissa", "olora", "corda", "lora_ga")):
+    if isinstance(init, str) and text.startswith(("pissa", "olora", "corda", "lora_ga", "astra")):
         raise InvalidArgument(
             "init_lora_weights",
             f"{init!r}: this adapter is only right on the base model its initialisation "

@@ -238,6 +238,22 @@ def keep_4bit_layers_differentiable(model: Any) -> int:
     return changed
 
 
+def kbit_checkpointing_keyword() -> str:
+    """The name under which this PEFT's `prepare_model_for_kbit_training` takes the
+    checkpointing options: `activation_checkpointing_kwargs` from PEFT 0.22 on (the old
+    `gradient_checkpointing_kwargs` still works there but warns that it goes in 1.2), the old
+    name before. Chosen from the installed signature, so every PEFT the range allows gets
+    the form it accepts without a deprecation warning."""
+    import inspect
+
+    from peft import prepare_model_for_kbit_training
+
+    parameters = inspect.signature(prepare_model_for_kbit_training).parameters
+    if "activation_checkpointing_kwargs" in parameters:
+        return "activation_checkpointing_kwargs"
+    return "gradient_checkpointing_kwargs"
+
+
 def build_peft_model(
     base: PreTrainedModel, resolved: ResolvedModel, options: TrainOptions, quantized: bool
 ) -> PeftModel:
@@ -256,7 +272,7 @@ def build_peft_model(
         base = prepare_model_for_kbit_training(
             base,
             use_gradient_checkpointing=options.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing,
+            **{kbit_checkpointing_keyword(): checkpointing},
         )
     elif options.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
