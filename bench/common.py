@@ -220,6 +220,13 @@ class BaseModel:
         vocab = int(self.model.config.vocab_size)
         return torch.randint(3, vocab, (count, length), generator=generator).tolist()
 
+    def dequantized_weights(self) -> dict[str, torch.Tensor]:
+        """Each adaptable layer's dequantised weight [out, in] float32 (DoRA magnitudes)."""
+        from loramux.server.lora.dora import dequantized_weight
+
+        layers = self.linear_shapes()
+        return {name: dequantized_weight(self.model.get_submodule(name)) for name in layers}
+
     def linear_shapes(self) -> dict[str, Any]:
         from loramux.server.lora import base_linear_shapes
 
@@ -354,8 +361,10 @@ def write_adapters(
     *,
     distinct_files: int = 0,
     seed_offset: int = 0,
+    dora_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Path]:
-    """Random all-linear PEFT adapters `prefix0..`, one per entry of `ranks`.
+    """Random all-linear PEFT adapters `prefix0..`, one per entry of `ranks` (DoRA adapters
+    with `dora_weights`, the base's dequantised weights: see write_random_adapter).
 
     With distinct_files = N > 0, adapter i >= N hard-links adapter i % N's files (same
     rank): a separate adapter to the server (its own id, load and slot), but cheap to
@@ -365,7 +374,9 @@ def write_adapters(
     from loramux.server.threads import in_own_thread
 
     return in_own_thread(
-        lambda: _write_adapters(root, linears, ranks, prefix, distinct_files, seed_offset),
+        lambda: _write_adapters(
+            root, linears, ranks, prefix, distinct_files, seed_offset, dora_weights
+        ),
         "write-adapters",
     )
 
@@ -377,6 +388,7 @@ def _write_adapters(
     prefix: str,
     distinct_files: int,
     seed_offset: int,
+    dora_weights: Mapping[str, torch.Tensor] | None,
 ) -> dict[str, Path]:
     from loramux.server.synthetic import write_random_adapter
 
@@ -390,7 +402,13 @@ def _write_adapters(
                 os.link(file, folder / file.name)
         else:
             write_random_adapter(
-                folder, linears, rank=rank, alpha=2.0 * rank, seed=seed_offset + i, scale=0.02
+                folder,
+                linears,
+                rank=rank,
+                alpha=2.0 * rank,
+                seed=seed_offset + i,
+                scale=0.02,
+                dora_weights=dora_weights,
             )
         folders[f"{prefix}{i}"] = folder
     return folders

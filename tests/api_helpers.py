@@ -212,17 +212,9 @@ def peft_request_adapter(model: Any, parts: list[tuple[str, float]], name: str) 
 
 def peft_with_adapters(resolved: Any, dirs: dict[str, Path]) -> Any:
     """The reference: the NF4 base in a PeftModel with every adapter of `dirs`, eval mode."""
-    from peft import PeftModel
-
     from loramux.core.models import load_base_model
 
-    names = list(dirs)
-    base = load_base_model(resolved, "nf4", "cpu")
-    model = PeftModel.from_pretrained(base, str(dirs[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(dirs[name]), adapter_name=name)
-    model.eval()
-    return model
+    return peft_on(load_base_model(resolved, "nf4", "cpu"), dirs)
 
 
 def engine_with_adapters(resolved: Any, dirs: dict[str, Path], **settings: Any) -> Any:
@@ -241,3 +233,45 @@ def engine_with_adapters(resolved: Any, dirs: dict[str, Path], **settings: Any) 
     for name, folder in dirs.items():
         engine.adapters.register(name, folder)
     return engine
+
+
+def dequantized_copy(resolved: Any) -> Any:
+    """The NF4 base with every 4-bit linear layer replaced by a bf16 nn.Linear holding its
+    dequantised weight (`dequantize_4bit`, before any forward pass): the same base weights
+    in layers PEFT's DoRA reads correctly (docs/api.md, DoRA: PEFT's own DoRA on a
+    bitsandbytes 4-bit layer is not the reference)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from loramux.core.models import load_base_model
+
+    model = load_base_model(resolved, "nf4", "cpu")
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        linear = torch.nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            dtype=torch.bfloat16,
+        )
+        linear.weight.data.copy_(weight)
+        if module.bias is not None:
+            linear.bias.data.copy_(module.bias.data)
+        linear.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
+
+
+def peft_on(base: Any, dirs: dict[str, Path]) -> Any:
+    """`base` in a PeftModel with every adapter of `dirs`, eval mode."""
+    from peft import PeftModel
+
+    names = list(dirs)
+    model = PeftModel.from_pretrained(base, str(dirs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(dirs[name]), adapter_name=name)
+    model.eval()
+    return model

@@ -20,7 +20,7 @@ NEW_TOKENS = engine.NEW_TOKENS
 
 def test_engine_benchmark_times_every_token_of_every_configuration(tmp_path: Path) -> None:
     configs = (
-        "base,mux_none,mux_one,mux_k8,mux_k128,mux_ranks,base_bnb,mux_one_bnb,"
+        "base,mux_none,mux_one,mux_k8,mux_k128,mux_ranks,base_bnb,mux_one_bnb,mux_k32_dora,"
         "peft_mixed,peft_sequential"
     )
     payload = engine.main(
@@ -52,6 +52,8 @@ def test_engine_benchmark_times_every_token_of_every_configuration(tmp_path: Pat
     assert [s["config"] for s in written["summary"]] == [s["config"] for s in payload["summary"]]
     assert len(written["measurements"]) == len(seen)
     assert (tmp_path / "engine.png").stat().st_size > 0
+    assert set(payload["adapter_load_ms"]) == {"plain", "dora"}  # issue 27: DoRA load time
+    assert all(ms > 0 for ms in payload["adapter_load_ms"].values())
 
 
 def test_adapter_benchmark_measures_each_tier(tmp_path: Path) -> None:

@@ -276,8 +276,21 @@ def dora_config(files: Files, folder: Path, linears: Linears) -> Files:
 
 
 def dora_magnitudes(files: Files, folder: Path, linears: Linears) -> Files:
+    """A magnitude under a name PEFT's loader does not read (it adds ".default.weight"
+    to exactly ".lora_magnitude_vector")."""
+
     def add(tensors: dict[str, torch.Tensor]) -> None:
         key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight"
+        tensors[key] = torch.ones(64, dtype=torch.bfloat16)
+
+    return _edit_weights(files, add, folder)
+
+
+def dora_undeclared(files: Files, folder: Path, linears: Linears) -> Files:
+    """A magnitude in a file whose config does not say use_dora."""
+
+    def add(tensors: dict[str, torch.Tensor]) -> None:
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
         tensors[key] = torch.ones(64, dtype=torch.bfloat16)
 
     return _edit_weights(files, add, folder)
@@ -468,8 +481,9 @@ CASES = {
     ),
     "lm-head": (lm_head, PRECONDITION, "target_modules", r"lm_head"),
     "modules-to-save": (modules_to_save, INVALID, "modules_to_save", r"not supported"),
-    "dora-config": (dora_config, INVALID, "use_dora", r"DoRA"),
-    "dora-magnitudes": (dora_magnitudes, INVALID, "use_dora", r"DoRA"),
+    "dora-config": (dora_config, INVALID, WEIGHTS_FILE, r"lora_magnitude_vector is missing"),
+    "dora-magnitudes": (dora_magnitudes, INVALID, WEIGHTS_FILE, r"saved as <module>"),
+    "dora-undeclared": (dora_undeclared, INVALID, "use_dora", r"use_dora is not true"),
     "nan-weights": (nan_weights, INVALID, WEIGHTS_FILE, r"NaN or Inf"),
     "inf-weights": (inf_weights, INVALID, WEIGHTS_FILE, r"NaN or Inf"),
     "huge-weights": (huge_weights, INVALID, WEIGHTS_FILE, r"beyond 65504"),

@@ -28,10 +28,29 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from loramux.core.errors import FailedPrecondition, LoramuxError, NotFound, ResourceExhausted
-from loramux.server.adapters import AdapterSpec, AdapterWeights, LinearShape, inspect_adapter
-from loramux.server.composition import WeightedAdapter, compose, composite_id, composite_spec
+from loramux.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LoramuxError,
+    NotFound,
+    ResourceExhausted,
+)
+from loramux.server.adapters import (
+    AdapterSpec,
+    AdapterWeights,
+    LinearShape,
+    inspect_adapter,
+    read_config,
+)
+from loramux.server.composition import (
+    DORA_NOT_COMPOSED,
+    WeightedAdapter,
+    compose,
+    composite_id,
+    composite_spec,
+)
 from loramux.server.lora import MultiLoraLinear, SlotTable, lora_groups
+from loramux.server.lora.dora import dora_scales
 from loramux.server.threads import one_thread, use_one_thread
 
 log = logging.getLogger(__name__)
@@ -67,6 +86,7 @@ class _Entry:
     generation: int = 0  # bumped when a deleted entry is stored again (stale loads are dropped)
     parts: tuple[WeightedAdapter, ...] = ()  # a composition of these adapters (else a folder)
     incarnation: int = 0  # unique per store over entries and revivals (names its KV identity)
+    uses_dora: tuple[Path, bool] | None = None  # (the folder read, its use_dora) once asked
     stats: AdapterStats = field(default_factory=AdapterStats)
 
     @property
@@ -92,6 +112,7 @@ class AdapterStore:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._layers = layers
+        self._bases = {name: layer.base for name, layer in layers.items()}  # for DoRA's norms
         self._groups = lora_groups(dict(layers))
         # Each group with its members' layer names: an install writes a group at a time.
         members: dict[int, list[tuple[int, str]]] = {id(g): [] for g in self._groups}
@@ -168,18 +189,35 @@ class AdapterStore:
                     other.want_evict = True
         self._wake_engine()
 
-    def weighted(self, parts: Sequence[WeightedAdapter]) -> str | None:
+    def weighted(self, parts: Sequence[WeightedAdapter], field: str = "adapters") -> str | None:
         """The engine id serving these weighted adapters: None (the base model) when every
-        weight is 0, the adapter itself alone at weight 1, else a composition."""
+        weight is 0, the adapter itself alone at weight 1, else a composition (of no DoRA
+        adapter: `field`[i].name names one)."""
         with self._lock:
-            for part in parts:
-                self._get(part.adapter_id)  # NotFound for an unknown one, whatever its weight
+            entries = [self._get(part.adapter_id) for part in parts]  # NotFound first
         live = [p for p in parts if p.weight != 0]
         if not live:
             return None
         if len(live) == 1 and live[0].weight == 1.0:
             return live[0].adapter_id
+        for i, (part, entry) in enumerate(zip(parts, entries, strict=True)):
+            if part.weight != 0 and self._uses_dora(entry):
+                raise InvalidArgument(f"{field}[{i}].name", DORA_NOT_COMPOSED)
         return self.compose(live)
+
+    @staticmethod
+    def _uses_dora(entry: _Entry) -> bool:
+        """Whether the entry's adapter_config.json says use_dora (read once per entry: a
+        registry record does not say). Unreadable files: False here, the load says why."""
+        if entry.parts:
+            return False
+        if entry.uses_dora is None or entry.uses_dora[0] != entry.path:
+            try:
+                dora = read_config(entry.path).get("use_dora") is True
+            except LoramuxError:
+                return False
+            entry.uses_dora = (entry.path, dora)
+        return entry.uses_dora[1]
 
     def compose(self, parts: Sequence[WeightedAdapter]) -> str:
         """The engine id of a slot serving the weighted sum of these adapters (see
@@ -300,11 +338,13 @@ class AdapterStore:
                 width: sum(g.stacks[width].nbytes // capacity for g in self._groups)
                 for width, capacity in self._table.capacities().items()
             }
+            dora_row = sum(4 * sum(g.outs) for g in self._groups)  # one slot's g, float32
             used_bytes = 0
             for slot in range(1, self.max_loaded + 1):
                 placement = self._table.placement(slot)
                 if placement is not None:
                     used_bytes += per_slot[placement.width]
+                    used_bytes += dora_row if self._table.dora_index(slot) else 0
             allocated = sum(g.nbytes for g in self._groups)
         return {
             "cpu_bytes": cpu,
@@ -425,7 +465,8 @@ class AdapterStore:
                 return  # every slot serves a running request: wait for one to finish
             self._release_slot(victim)
         slot = self._free_slots.pop()
-        self._table.place(slot, entry.spec.rank)  # its rank class: no padding to the widest
+        # its rank class (no padding to the widest), and a DoRA row when it has magnitudes
+        self._table.place(slot, entry.spec.rank, dora=entry.cpu.uses_dora)
         with one_thread():  # hundreds of 10-400 KB copies: OpenMP fork/join costs more
             for group, names in self._group_members:
                 group.install(slot, {m: entry.cpu.modules.get(name) for m, name in names})
@@ -474,6 +515,7 @@ class AdapterStore:
             try:
                 parts = entry.parts
                 weights = self._load_composite(parts) if parts else self._inspect(path)
+                weights = dora_scales(weights, self._bases)  # DoRA's g: once, here
             except Exception as exc:  # checked when registered: the files changed since, or I/O
                 log.warning("adapter %s failed to load from %s: %s", adapter_id, path, exc)
                 # Not the caller's argument but the adapter's state; and no server paths.

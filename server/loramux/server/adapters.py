@@ -55,6 +55,10 @@ _SAFETENSORS_DTYPE_BYTES = {
 _MAX_DIMS = 8  # LoRA weights have 2; the bound keeps math.prod of a crafted shape small
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# DoRA's magnitude vector, as PEFT saves it (no adapter name, no ".weight": PEFT's loader
+# adds both to exactly this suffix, and to nothing else)
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector$")
+MAGNITUDE = "M"  # the part name of a magnitude vector beside "A" and "B"
 # The adapter name PeftModel.from_pretrained loads a key carrying one under; any other name
 # leaves the layer as initialised (PEFT warns of missing keys), so such a key is refused.
 _PEFT_ADAPTER_NAME = "default"
@@ -78,6 +82,7 @@ class AdapterSpec:
     base_model_name_or_path: str | None
     scaling: float  # alpha / rank (or alpha / sqrt(rank) with rsLoRA) for the default rank
     modules: int  # number of base linear layers it adapts
+    use_dora: bool = False  # DoRA (a magnitude vector per module); False where not known
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,11 @@ class ModuleWeights:
     scaling: float
     # [rank] float32 scaling per rank row, when they differ (composed adapters); else None
     row_scaling: torch.Tensor | None = None
+    # [out_features] float32 DoRA magnitude as saved (use_dora adapters); else None
+    magnitude: torch.Tensor | None = None
+    # [out_features] float32 DoRA's g = magnitude / ||W + scaling B A|| per output channel,
+    # computed once from the base weight when the adapter is loaded (lora/dora.py)
+    dora_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -99,11 +109,18 @@ class AdapterWeights:
     modules: Mapping[str, ModuleWeights]  # full module name in the base model -> weights
 
     @property
+    def uses_dora(self) -> bool:
+        return any(w.magnitude is not None for w in self.modules.values())
+
+    @property
     def nbytes(self) -> int:
-        return sum(
-            w.lora_a.numel() * w.lora_a.element_size() + w.lora_b.numel() * w.lora_b.element_size()
+        tensors = [
+            t
             for w in self.modules.values()
-        )
+            for t in (w.lora_a, w.lora_b, w.magnitude, w.dora_scale)
+            if t is not None
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -162,12 +179,12 @@ _APPLIED_FIELDS = frozenset(
         "fan_in_fan_out",  # PEFT sets it to False on torch.nn.Linear and bnb 4-bit layers
         "init_lora_weights",
         "bias",
+        "use_dora",  # served: a magnitude vector per module (lora/dora.py)
     }
 )
 # Set to anything but their default, these change what the adapter computes in ways the
 # server does not reproduce: refused, with what each one is.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA adapters are not supported (merge or retrain as plain LoRA)",
     "lora_bias": "LoRA with a bias on lora_B is not supported (train with lora_bias=False)",
     "modules_to_save": "adapters that replace whole modules (modules_to_save) are not "
     "supported; only LoRA matrices are",
@@ -226,6 +243,7 @@ class LoraSettings:
     targeting: dict[str, Any]  # the fields that choose modules and their ranks: see adapter_targets
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    use_dora: bool
 
 
 def _check_config(config: dict[str, Any]) -> LoraSettings:
@@ -265,6 +283,9 @@ def _check_config(config: dict[str, Any]) -> LoraSettings:
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise InvalidArgument("use_rslora", f"must be true or false, got {use_rslora!r}")
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise InvalidArgument("use_dora", f"must be true or false, got {use_dora!r}")
     patterns: dict[str, dict[str, Any]] = {}
     for name, valid, kind in (
         ("rank_pattern", _positive_int, "integer"),
@@ -284,6 +305,7 @@ def _check_config(config: dict[str, Any]) -> LoraSettings:
         targeting=_check_targeting(config),
         rank_pattern=patterns["rank_pattern"],
         alpha_pattern=patterns["alpha_pattern"],
+        use_dora=use_dora,
     )
 
 
@@ -449,12 +471,16 @@ def _natural(value: Any) -> bool:
 
 
 def _module_name(key: str) -> tuple[str, str]:
-    match = _KEY.match(key)
+    match = _KEY.match(key) or _MAGNITUDE_KEY.match(key)
     if match is None:
         if "lora_embedding" in key:
             raise FailedPrecondition("target_modules", "LoRA on embeddings is not supported")
         if "lora_magnitude_vector" in key:
-            raise InvalidArgument("use_dora", "DoRA magnitude vectors are not supported")
+            raise InvalidArgument(
+                WEIGHTS_FILE,
+                f"{key[:200]!r}: a DoRA magnitude is saved as <module>.lora_magnitude_vector "
+                "(PEFT loads no other name)",
+            )
         raise InvalidArgument(WEIGHTS_FILE, f"unexpected tensor {key!r} (not a LoRA A/B weight)")
     if not key.startswith(PEFT_PREFIX):
         raise InvalidArgument(
@@ -462,6 +488,8 @@ def _module_name(key: str) -> tuple[str, str]:
             f"{key[:200]!r}: tensor names start with {PEFT_PREFIX!r} as PEFT saves them; "
             "PEFT would not load this one",
         )
+    if "part" not in match.groupdict():
+        return match["module"].removeprefix(PEFT_PREFIX), MAGNITUDE
     if match["adapter"] not in (None, _PEFT_ADAPTER_NAME):
         raise InvalidArgument(
             WEIGHTS_FILE,
@@ -487,7 +515,11 @@ def _read_weights(
     modules: dict[str, ModuleWeights] = {}
     for module, parts in shapes.items():
         a, b = tensors[parts["A"][1]], tensors[parts["B"][1]]
-        for tensor, key in ((a, parts["A"][1]), (b, parts["B"][1])):
+        checked = [(a, parts["A"][1]), (b, parts["B"][1])]
+        magnitude = tensors[parts[MAGNITUDE][1]] if MAGNITUDE in parts else None
+        if magnitude is not None:
+            checked.append((magnitude, parts[MAGNITUDE][1]))
+        for tensor, key in checked:
             # min and max in one pass (NaN propagates into both): far cheaper than
             # isfinite().all() or a float64 sum on bf16, and it bounds the values too.
             low, high = (float(v) for v in torch.aminmax(tensor))
@@ -504,6 +536,8 @@ def _read_weights(
             # the loader thread pays for the transpose, not the engine thread's slot copy.
             lora_b=b.to(dtype).t().contiguous().t(),
             scaling=scalings[module],
+            # float32 as PEFT holds it (its DoRA layer's parameter), whatever the file's dtype
+            magnitude=None if magnitude is None else magnitude.float().contiguous(),
         )
     return modules
 
@@ -541,7 +575,7 @@ def inspect_adapter(
     settings = _check_config(config)
     header = _read_header(weights_path)
     shapes = _weight_shapes(header)
-    ranks = _check_shapes(shapes, base_linears, max_rank)
+    ranks = _check_shapes(shapes, base_linears, max_rank, settings.use_dora)
     wrapped = _wrapped_modules(settings, shapes, base_linears, module_names)
 
     scalings: dict[str, float] = {}
@@ -584,6 +618,7 @@ def inspect_adapter(
         base_model_name_or_path=_text_or_none(config.get("base_model_name_or_path")),
         scaling=_scaling(settings.alpha, settings.rank, settings.use_rslora),
         modules=len(shapes),
+        use_dora=settings.use_dora,
     )
     return AdapterWeights(spec=spec, modules=modules)
 
@@ -617,13 +652,15 @@ def _weight_shapes(header: Mapping[str, Any]) -> Shapes:
 
 
 def _check_shapes(
-    shapes: Shapes, base_linears: Mapping[str, LinearShape], max_rank: int
+    shapes: Shapes, base_linears: Mapping[str, LinearShape], max_rank: int, use_dora: bool
 ) -> dict[str, int]:
-    """Each module's A/B pair against the base layer; returns each module's rank."""
+    """Each module's A/B pair (and DoRA magnitude) against the base layer; returns each
+    module's rank."""
     ranks: dict[str, int] = {}
     for module, parts in shapes.items():
         if "A" not in parts or "B" not in parts:
             raise InvalidArgument(WEIGHTS_FILE, f"{module}: lora_A and lora_B must come in pairs")
+        _check_magnitude(module, parts, base_linears.get(module), use_dora)
         short = module.rsplit(".", 1)[-1]
         if module not in base_linears:
             if short in ("lm_head", "embed_tokens", "wte", "embed_out"):
@@ -652,6 +689,37 @@ def _check_shapes(
             raise FailedPrecondition("r", f"rank {rank} exceeds this server's max_rank {max_rank}")
         ranks[module] = rank
     return ranks
+
+
+def _check_magnitude(
+    module: str,
+    parts: Mapping[str, tuple[list[int], str]],
+    base: LinearShape | None,
+    use_dora: bool,
+) -> None:
+    """A DoRA adapter holds one magnitude per output channel of every module; a plain one none
+    (PEFT would leave a missing magnitude at its initial column norms, and ignore one that
+    use_dora does not ask for)."""
+    if MAGNITUDE not in parts:
+        if use_dora:
+            raise InvalidArgument(
+                WEIGHTS_FILE,
+                f"{module}.lora_magnitude_vector is missing: use_dora is true in "
+                f"{CONFIG_FILE}, and PEFT would start that module's magnitude from scratch",
+            )
+        return
+    shape, key = parts[MAGNITUDE]
+    if not use_dora:
+        raise InvalidArgument(
+            "use_dora",
+            f"the weights file holds {key[:200]} but use_dora is not true in {CONFIG_FILE}",
+        )
+    if base is not None and shape != [base.out_features]:
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{key[:200]}: shape {shape}, the base layer has {base.out_features} output "
+            f"channels (a magnitude is [{base.out_features}])",
+        )
 
 
 def _all_module_names(base_linears: Mapping[str, LinearShape]) -> list[str]:

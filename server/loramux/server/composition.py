@@ -25,6 +25,13 @@ from loramux.core.errors import InvalidArgument
 from loramux.server.adapters import AdapterSpec, AdapterWeights, ModuleWeights
 
 COMPOSITE_PREFIX = "composed/"
+# PEFT's add_weighted_adapter has no DoRA form ("cat" concatenates A and B; a DoRA layer's
+# magnitude and norm have no such sum), so what a weighted DoRA adapter means is not
+# defined by PEFT: refused rather than guessed.
+DORA_NOT_COMPOSED = (
+    "a DoRA adapter (use_dora) cannot be weighted or composed: PEFT defines no weighted or "
+    "combined DoRA adapter (add_weighted_adapter has no DoRA form); use it alone at weight 1"
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ def composite_spec(specs: Sequence[AdapterSpec]) -> AdapterSpec:
 
 def compose(parts: Sequence[tuple[AdapterWeights, float]]) -> AdapterWeights:
     """The parts' matrices concatenated along the rank, a scale per rank row (see above)."""
+    if any(weights.uses_dora for weights, _ in parts):
+        raise InvalidArgument("adapters", DORA_NOT_COMPOSED)
     names = sorted({name for weights, _ in parts for name in weights.modules})
     modules: dict[str, ModuleWeights] = {}
     for name in names:

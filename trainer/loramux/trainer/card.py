@@ -110,6 +110,7 @@ def render_model_card(info: CardInfo) -> str:
         f"{o['lora_dropout']:g} |",
         f"| target modules | {targets} |",
         f"| rsLoRA | {'yes' if o['use_rslora'] else 'no'} |",
+        f"| DoRA | {'yes' if o.get('use_dora') else 'no'} |",
         f"| learning rate / scheduler / warmup | {o['learning_rate']:g} / {o['lr_scheduler']} / "
         f"{o['warmup']:g} |",
         f"| batch size x gradient accumulation | {o['batch_size']} x {o['grad_accum']} |",

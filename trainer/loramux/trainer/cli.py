@@ -108,6 +108,14 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="modules to adapt: all-linear, or names such as q_proj,v_proj",
     )
     lora.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling")
+    lora.add_argument(
+        "--dora",
+        "--use-dora",
+        dest="use_dora",
+        action="store_true",
+        help="DoRA (PEFT's use_dora): LoRA plus a trained magnitude per output channel; "
+        "served like any adapter, but not weighted or composed",
+    )
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument(
@@ -276,6 +284,7 @@ def _options(args: argparse.Namespace) -> TrainOptions:
         lora_dropout=args.lora_dropout,
         target_modules=list(args.target_modules),
         use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
         learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler,
         warmup=args.warmup,

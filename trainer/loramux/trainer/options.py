@@ -46,6 +46,7 @@ class TrainOptions:
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA: PEFT's use_dora, a magnitude per output channel
     # -- optimisation --
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"

@@ -285,6 +285,7 @@ def build_peft_model(
         lora_dropout=options.lora_dropout,
         target_modules=options.lora_target_modules,
         use_rslora=options.use_rslora,
+        use_dora=options.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -8,7 +8,9 @@ vLLM's ``lora_a_stacked``/``lora_b_stacked``), one stack per rank class
 
 without merging anything into the shared 4-bit weights. `row_scale` holds, per rank row,
 the LoRA scaling times the slot format's factors (and a request's weight, for composed
-adapters).
+adapters). A DoRA adapter's slot also holds g, PEFT's magnitude over the adapted weight's
+norm per output channel (`dora.py`), and its rows get `base + (g - 1) * (base - bias) + g *
+delta` instead; a batch without a DoRA slot never touches any of it.
 
 Projections that read the same input (q/k/v of an attention block, gate/up of an MLP)
 form one `LoraGroup`: their A matrices are stacked along the rank, so one shrink serves
@@ -80,6 +82,10 @@ class LoraGroup:
         # adapter in bf16 slots: PEFT's `scaling`), else absent (see `row_scale`)
         self.scalings: list[dict[int, float]] = [{} for _ in outs]
         self.occupied: set[int] = set()  # slots holding weights for any member
+        # member -> [table.dora_capacity + 1, out_m] float32: DoRA's g per stack row (row 0,
+        # every slot without DoRA, all ones); empty while no DoRA adapter is placed
+        self.dora: tuple[torch.Tensor, ...] = ()
+        self.dora_slots: list[set[int]] = [set() for _ in outs]  # member -> slots with a g
         self._version = -1  # the SlotTable version the stacks were fitted to
         self._dense: DenseWeights | None = None
         # slot -> per member (A [r, in], B [out, r]) in float32 or None, as PEFT holds them
@@ -120,8 +126,22 @@ class LoraGroup:
                 for target, source in zip(new.bts, old.bts, strict=True):
                     target[:kept] = source
             self.stacks[width] = new
+        self._fit_dora(table.dora_capacity + 1 if table.dora_capacity else 0)
         self._version = table.version
         self._dense = None
+
+    def _fit_dora(self, rows: int) -> None:
+        """Resize the DoRA stacks to `rows` (0: none), keeping the rows that stay."""
+        have = self.dora[0].shape[0] if self.dora else 0
+        if rows == have:
+            return
+        new = tuple(
+            torch.ones(rows, out, dtype=torch.float32, device=self.device) for out in self.outs
+        )
+        kept = min(rows, have)
+        for target, source in zip(new, self.dora, strict=False):
+            target[:kept] = source[:kept]
+        self.dora = new if rows else ()
 
     def _empty_stack(self, width: int, capacity: int) -> ClassStack:
         dtype = self.context.slot_format.dtype
@@ -197,10 +217,26 @@ class LoraGroup:
             self.ranks[member][slot] = rank
         if targets:
             torch._foreach_copy_(targets, sources, non_blocking=True)
+        self._install_dora(slot, members)
         if any(slot in ranks for ranks in self.ranks):
             self.occupied.add(slot)
         else:
             self.occupied.discard(slot)
+
+    def _install_dora(self, slot: int, members: Mapping[int, ModuleWeights | None]) -> None:
+        """Write each member's g into the slot's DoRA row (ones where it has none)."""
+        row = self.context.table.dora_index(slot)
+        for member, weights in members.items():
+            scale = None if weights is None else weights.dora_scale
+            if row:
+                if scale is None:
+                    self.dora[member][row].fill_(1.0)
+                else:
+                    self.dora[member][row].copy_(scale)
+            if row and scale is not None:
+                self.dora_slots[member].add(slot)
+            else:
+                self.dora_slots[member].discard(slot)
 
     def forget(self, slot: int) -> None:
         """Release `slot` from every member without touching the stacks (an eviction).
@@ -208,9 +244,10 @@ class LoraGroup:
         Nothing reads a stack index no slot is placed at, and the next install there
         writes or zeroes all its rows; zeroing here took 1.6 ms per rank-16 eviction.
         """
-        for ranks, scalings in zip(self.ranks, self.scalings, strict=True):
+        for ranks, scalings, dora in zip(self.ranks, self.scalings, self.dora_slots, strict=True):
             ranks.pop(slot, None)
             scalings.pop(slot, None)
+            dora.discard(slot)
         self.occupied.discard(slot)
         self._dense = None
         self._pending = None
@@ -297,7 +334,12 @@ class LoraGroup:
         ):
             outs = [base(x) for base in self.bases]
             flat = x.reshape(-1, self.in_features)
-            self.context.backend.add_deltas(self, flat, batch, outs)
+            if batch.dora_route is not None and any(
+                not slots.isdisjoint(batch.slots_in_batch) for slots in self.dora_slots
+            ):
+                self._add_dora_deltas(flat, batch, outs)
+            else:
+                self.context.backend.add_deltas(self, flat, batch, outs)
             pending = (x, batch, outs, set(range(self.members)))
             self._pending = pending
         pending[3].discard(member)
@@ -305,9 +347,42 @@ class LoraGroup:
             self._pending = None  # every member served: don't keep the input alive
         return pending[2][member]
 
+    def _add_dora_deltas(
+        self,
+        x: torch.Tensor,  # [tokens, in]
+        batch: LoraBatchMetadata,
+        outs: list[torch.Tensor],  # M x [..., out_m]: the members' base outputs
+    ) -> None:
+        """Every member's output with DoRA applied to the rows of DoRA slots, as PEFT:
+        `bf16(base + (g - 1) * (base - bias) + g * delta)` in float32, rounded once (PEFT's
+        DoRA adds its float32 term to the bf16 base result, then casts). Rows without DoRA
+        have g = 1 there, which leaves exactly `base + delta`, their plain result.
+        """
+        assert batch.dora_route is not None
+        deltas = self.context.backend.deltas(self, x, batch)
+        for member, (out, delta) in enumerate(zip(outs, deltas, strict=True)):
+            rows = out.view(-1, out.shape[-1])
+            if self.dora_slots[member].isdisjoint(batch.slots_in_batch):
+                rows.add_(delta.to(rows.dtype))
+                continue
+            g = self.dora[member].index_select(0, batch.dora_route)  # [tokens, out_m]
+            bias: torch.Tensor | None = getattr(self.bases[member], "bias", None)
+            if bias is None:
+                # base + (g - 1) * base + g * delta = g * (base + delta): 5 ops, not 8
+                rows.copy_(g.mul_(rows.float().add_(delta)))
+                continue
+            full = rows.float()
+            # PEFT's `base_result - bias`, in the base result's dtype
+            plain = (rows - bias.to(rows.dtype)).float()
+            rows.copy_((g - 1).mul_(plain).addcmul_(g, delta.float()).add_(full))
+
+    @property
+    def dora_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dora)
+
     @property
     def nbytes(self) -> int:
-        return sum(stack.nbytes for stack in self.stacks.values())
+        return sum(stack.nbytes for stack in self.stacks.values()) + self.dora_bytes
 
 
 class MultiLoraLinear(nn.Module):

@@ -79,6 +79,9 @@ class LoraBatchMetadata:
     token_route: torch.Tensor | None = None
     device: torch.device | None = None  # where the routing tensors live
     route_list: tuple[tuple[int, int], ...] = ()  # row_route as Python ints
+    # [tokens] int64: each token's row of the DoRA scale stacks (0: ones); None when no
+    # slot of the batch is a DoRA adapter (the layers then do nothing DoRA at all)
+    dora_route: torch.Tensor | None = None
 
     @cached_property
     def route_per_token(self) -> torch.Tensor:  # [tokens, 2] int64: row_route per token
@@ -167,6 +170,12 @@ class LoraBatchMetadata:
                 token_route[chunk.start : chunk.stop] = [[0, 0]] * (chunk.stop - chunk.start)
             if not any(width for width, _ in token_route):
                 token_route = None
+        dora_rows = [table.dora_index(s) if s else 0 for s in slots]
+        dora_route = None
+        if any(dora_rows):
+            dora_route = torch.tensor(dora_rows, dtype=torch.long, device=device)
+            if tokens_per_row > 1:
+                dora_route = dora_route.repeat_interleave(tokens_per_row)
         return cls(
             row_slots=tuple(slots),
             slots_in_batch=frozenset(distinct),
@@ -180,6 +189,7 @@ class LoraBatchMetadata:
             token_route=None
             if token_route is None
             else torch.tensor(token_route, dtype=torch.long, device=device).view(-1, 2),
+            dora_route=dora_route,
         )
 
 

@@ -13,6 +13,8 @@ Two nouns:
   second instead of padding everything to the widest (S-LoRA and Punica keep
   heterogeneous ranks unpadded for the same reason). The table is shared by every
   layer of the model; the adapter store alone changes it, on the engine thread.
+  A DoRA adapter's slot also gets a row of the layers' DoRA scale stacks (`dora_index`):
+  row 0 is all ones (every other slot), so only DoRA adapters take that memory.
 """
 
 from __future__ import annotations
@@ -96,9 +98,12 @@ class SlotTable:
         self._where: dict[int, Placement] = {}
         self._free: dict[int, list[int]] = {}  # width -> free indices below its capacity
         self._capacity: dict[int, int] = {}  # width -> stack length the layers must hold
+        self._dora: dict[int, int] = {}  # DoRA slot -> its row of the DoRA scale stacks
+        self._dora_free: list[int] = []  # free rows below dora_capacity (row 0: ones)
+        self.dora_capacity = 0  # rows 1..dora_capacity the layers' DoRA stacks must hold
         self.version = 0  # bumped on every change (layers resize lazily when it moves)
 
-    def place(self, slot: int, rank: int) -> Placement:
+    def place(self, slot: int, rank: int, dora: bool = False) -> Placement:
         if not 0 < slot < self.num_slots:
             raise ValueError(f"slot {slot} outside [1, {self.num_slots})")
         if slot in self._where:
@@ -112,13 +117,28 @@ class SlotTable:
             self._capacity[width] = new
         placement = Placement(width, free.pop())
         self._where[slot] = placement
+        if dora:
+            if not self._dora_free:
+                old = self.dora_capacity
+                self.dora_capacity = min(max(MIN_CLASS_CAPACITY, 2 * old), self.num_slots - 1)
+                self._dora_free.extend(range(self.dora_capacity, old, -1))
+            self._dora[slot] = self._dora_free.pop()
         self.version += 1
         return placement
+
+    def dora_index(self, slot: int) -> int:
+        """The slot's row of the DoRA scale stacks; 0 (all ones) for a slot without DoRA."""
+        return self._dora.get(slot, 0)
 
     def remove(self, slot: int) -> None:
         placement = self._where.pop(slot, None)
         if placement is None:
             return
+        row = self._dora.pop(slot, None)
+        if row is not None:
+            self._dora_free.append(row)
+            if len(self._dora_free) == self.dora_capacity:  # no DoRA adapter left
+                self._dora_free, self.dora_capacity = [], 0
         self._free[placement.width].append(placement.index)
         if len(self._free[placement.width]) == self._capacity[placement.width]:
             # The class is empty: the layers release its stacks.
