@@ -109,8 +109,11 @@ test-latest: system-deps
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	@# the eager upgrade keeps the torch TORCH_SPEC installed (a newer one is another build)
+	$(LATEST_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" \
+		> $(LATEST_VENV)/keep-torch.txt
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
-		-e ./clients/python -e '.[dev,train]'
+		-c $(LATEST_VENV)/keep-torch.txt -e ./clients/python -e '.[dev,train]'
 	$(LATEST_VENV)/bin/python requirements/moved.py $(LOCK)
 	$(LATEST_VENV)/bin/loramux models prepare
 	$(LATEST_VENV)/bin/python -m pytest -ra -m "not slow or peft_reference" $(PYTEST_ARGS) || [ $$? -eq 5 ]
