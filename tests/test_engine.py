@@ -224,7 +224,10 @@ def test_single_adapter_batches_match_peft(engine: Engine, peft: PeftReference) 
         for request, stream in zip(requests, streams, strict=True)
     ]
     assert all(equal or at_tie for equal, _, at_tie in outcome), repr(outcome)
-    assert sum(equal for equal, _, _ in outcome) >= len(outcome) - 1, repr(outcome)
+    # How many part at a tie depends on the summation order of the CPU's path: with the
+    # AVX-512 kernels at most one of four did; on an AVX2 CPU (compiled LoRA path, torch
+    # attention) two of four parted at PEFT's own near-ties (at tokens 1 and 0).
+    assert sum(equal for equal, _, _ in outcome) >= len(outcome) // 2, repr(outcome)
 
 
 def _prefill_logit_errors(engine: Engine, peft: PeftReference, tie: float = 0.0) -> list[float]:

@@ -351,7 +351,9 @@ def test_sigkill_during_pull_and_upload_then_restart(
                 for future in (pull, upload):
                     with pytest.raises(grpc.RpcError):
                         future.result(60)
-            assert any(p.name.endswith(".incomplete") for p in (home / "tmp").rglob("*"))
+            # both stagings outlive the kill, the pull's safetensors cut short (the pull
+            # streams each file into its staging folder as it arrives)
+            assert len(list((home / "tmp").iterdir())) == 2
             hub.stall_suffix = None
             hub.release.set()
             release.set()
