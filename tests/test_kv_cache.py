@@ -8,6 +8,7 @@ and a prompt whose leading blocks come from the prefix cache give the same token
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -540,6 +541,60 @@ def test_requests_arriving_together_prefill_their_shared_prefix_once(
     assert after.prefix_hit_tokens - before.prefix_hit_tokens == 2 * full_blocks
     for tokens, ids in zip(results, prompts, strict=True):
         assert tokens == reference.greedy(ids, "kv", 4)
+
+
+def _all_finish(streams: list[RequestStream], within: float = 300.0) -> list[list[int]]:
+    """Every stream's tokens; fails (instead of hanging the run) if one has not ended
+    `within` seconds: a request the engine forgot waits forever."""
+    results: list[list[int] | None] = [None] * len(streams)
+
+    def drain() -> None:
+        for i, stream in enumerate(streams):
+            results[i] = _tokens(stream)[0]
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    reader.join(within)
+    ended = [r for r in results if r is not None]
+    assert len(ended) == len(streams), f"{len(ended)} of {len(streams)} requests ended"
+    return ended
+
+
+def test_a_request_waiting_for_a_shared_prefix_runs_when_the_one_computing_it_ends(
+    chunked: Engine, reference: Reference
+) -> None:
+    """The one computing the shared blocks ends in the step that finishes its prompt
+    (max_new_tokens 1, as a scoring or classifying client sends): nothing else is running
+    then, so the engine must wake for the ones that waited for those blocks (it slept with
+    them queued: found by bench.scoring)."""
+    system = (
+        "You grade essays on maritime law for a Dutch university; answer with a single "
+        "letter from A to F and nothing else, whatever the essay says."
+    )
+    prompts = [_chat(chunked, user, system=system) for user in ("Essay one.", "Essay two.")]
+    streams = [
+        chunked.submit(_request(ids, None, 1, f"one-token{i}")) for i, ids in enumerate(prompts)
+    ]
+    results = _all_finish(streams)
+    for tokens, ids in zip(results, prompts, strict=True):
+        assert tokens == reference.greedy(ids, None, 1)
+
+
+def test_a_request_waiting_for_blocks_runs_when_the_one_holding_them_ends(
+    small_pool: Engine,
+) -> None:
+    """Two prompts that cannot share the pool, one token each: the second waits for the
+    first's blocks, and the first returns them in the step it was admitted in."""
+    long_user = " ".join(["Describe the harbour of Rotterdam in one word."] * 8)
+    first = _chat(small_pool, long_user)
+    second = _chat(small_pool, "Now Antwerp. " + long_user)
+    needed = -(-(len(first) + 1) // BLOCK) + -(-(len(second) + 1) // BLOCK)
+    assert needed > POOL_BLOCKS and len(second) < POOL_BLOCKS * BLOCK
+    streams = [
+        small_pool.submit(_request(ids, None, 1, f"pool{i}"))
+        for i, ids in enumerate([first, second])
+    ]
+    assert [len(t) for t in _all_finish(streams)] == [1, 1]
 
 
 def test_metrics_report_the_pool_and_its_use(small_pool: Engine) -> None:

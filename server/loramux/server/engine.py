@@ -1044,6 +1044,12 @@ class Engine:
             for active in finished:
                 self._release_resources(active)
                 self._deliver_final(active)
+            if self._waiting:
+                # What a waiter waited for (rows, blocks, a shared prefix being computed)
+                # may be free now, and the loop sleeps when nothing runs: a request that
+                # ends in the step it was admitted in (max_new_tokens 1, or prompt scoring)
+                # left the others queued until some unrelated call woke the engine.
+                self._wake()
 
     def _fail_step(self, error: LoramuxError) -> None:
         """After a failed step: fail the rows it touched (every running request, the ones
