@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 print(json.dumps(result))
         finally:
             server.stop()
-    payload = {"machine": info, "settings": vars(args), "results": results}
-    payload["settings"]["results_dir"] = str(args.results_dir)
+    settings = {**vars(args), "results_dir": str(args.results_dir)}  # a copy: args stays
+    payload = {"machine": info, "settings": settings, "results": results}
     print(f"# wrote {write_json(args.out, payload, args.results_dir)}")
     return payload
 
