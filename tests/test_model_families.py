@@ -145,12 +145,27 @@ def _serve_and_compare(family: Family, folder: Path, root: Path) -> tuple[str, s
                 base, _ = peft_generate(models[adapter], prompts[i], None, NEW_TOKENS)
                 assert expected != base, (family.name, "expert adapter changes nothing")
         _logits_as_peft(engine, model, prompts[0], family.name)
+        if family.moe:
+            _expert_memory_counted(engine)
         served = "served as PEFT serves it (base, attention-only and all-linear adapters)"
         if family.moe:
             return served, EXPERTS_SERVED
         return served, NO_EXPERTS
     finally:
         engine.shutdown()
+
+
+def _expert_memory_counted(engine: Engine) -> None:
+    """The adapter store's memory counts the expert slots beside the linear stacks."""
+    from loramux.server.lora import lora_groups
+    from loramux.server.lora.experts import MultiLoraExperts
+
+    layers = [m for m in engine.model.modules() if isinstance(m, MultiLoraExperts)]
+    assert layers and all(layer.occupied for layer in layers)
+    linear = sum(group.nbytes for group in lora_groups(engine.adapters._layers))
+    memory = engine.adapters.memory()
+    assert memory["device_slot_bytes"] == linear + sum(layer.nbytes for layer in layers)
+    assert memory["device_used_bytes"] >= sum(layer.slot_nbytes for layer in layers) > 0
 
 
 def _logits_as_peft(engine: Engine, model: Any, ids: list[int], name: str) -> None:
