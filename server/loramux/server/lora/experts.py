@@ -16,6 +16,12 @@ activation, the same for `down_proj`, the routing weight, and the sum over the c
 experts, in the order transformers' eager experts forward adds them. The router runs
 before, in the model's own code, unchanged: the routing is the model's. A batch without
 an expert adapter calls the module as it is.
+
+Only modules that transformers' `use_experts_implementation` decorates are taken: their
+flags (`is_transposed`, `has_bias`, `has_gate`, `has_post_expert_norm`) and `_apply_gate`
+are everything transformers' own batched and grouped experts forwards read (grouped_mm is
+the default on the CPU: PEFT's reference runs it), so the computation here is the
+module's for every family that has them; a module without them is not adaptable.
 """
 
 from __future__ import annotations
