@@ -89,7 +89,7 @@ test: install system-deps lint typecheck
 # docs/models.md: the support matrix, rewritten from a run of its test (issue 23).
 models-doc: install
 	$(BIN)/loramux models prepare
-	LORAMUX_MODELS_DOC=1 $(BIN)/python -m pytest -q tests/test_model_families.py
+	LORAMUX_MODELS_DOC=1 $(BIN)/python -m pytest -q tests/test_model_families.py $(PYTEST_ARGS)
 
 # Re-resolve the locks from requirements/lock.in (pyproject.toml's ranges): pins already in
 # the lock stay where they still fit; lock-upgrade moves them all to the newest.

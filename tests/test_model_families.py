@@ -45,8 +45,16 @@ PROMPTS = [
     "told stories to every child",
 ]
 DOC = Path(__file__).parents[1] / "docs" / "models.md"
-ROW = re.compile(r"^\| (?P<family>[^|]+?) \| (?P<outcome>.+) \|$")
+ROW = re.compile(r"^\| (?P<family>[^|]+?) \| (?P<outcome>[^|]+?) \| (?P<experts>[^|]+?) \|$")
 ROUTERS = ("gate", "router")  # MoE routing layers: the all-linear adapter leaves them alone
+# PEFT's names for every MoE family's fused experts (transformers 5's 3-D parameters)
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+EXPERT_SCALE = 0.06  # of the random expert A and B: their delta is the size of the weights
+EXPERTS_SERVED = (
+    "served as PEFT serves them (target_parameters on experts.gate_up_proj and "
+    "experts.down_proj, rank 4, beside the other adapters)"
+)
+NO_EXPERTS = "-"
 
 
 def _adapters(family: Family, root: Path, linears: dict[str, LinearShape]) -> dict[str, Path]:
@@ -63,8 +71,27 @@ def _adapters(family: Family, root: Path, linears: dict[str, LinearShape]) -> di
     }  # fmt: skip
 
 
-def _serve_and_compare(family: Family, folder: Path, root: Path) -> str:
-    """The family's outcome as docs/models.md shows it; asserts served == PEFT."""
+def _expert_adapter(family: Family, folder: Path, root: Path) -> Path:
+    """A real PEFT adapter on the experts (`target_parameters`, saved by PEFT from the bf16
+    model), its A and B random (not PEFT's zero B) and large enough to change the tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERTS)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * EXPERT_SCALE)
+    peft_model.save_pretrained(str(root / "experts"))
+    return root / "experts"
+
+
+def _serve_and_compare(family: Family, folder: Path, root: Path) -> tuple[str, str]:
+    """The family's outcome and its expert-adapter outcome as docs/models.md shows them;
+    asserts served == PEFT."""
     from peft import PeftModel
 
     from loramux.server.lora import base_linear_shapes
@@ -77,15 +104,23 @@ def _serve_and_compare(family: Family, folder: Path, root: Path) -> str:
     try:
         engine = Engine(load_base_model(resolved, "nf4", "cpu"), tokenizer, settings, resolved)
     except ValueError as exc:
-        return f"refused at start: {exc}"
+        return f"refused at start: {exc}", NO_EXPERTS
     try:
         reference = load_base_model(resolved, "nf4", "cpu")
         dirs = _adapters(family, root, base_linear_shapes(reference))
-        for name, path in dirs.items():
-            engine.adapters.register(name, path)
         model = PeftModel.from_pretrained(reference, str(dirs["attention"]), "attention")
         model.load_adapter(str(dirs["all-linear"]), adapter_name="all-linear")
-        model.eval()
+        models = {name: model.eval() for name in (None, *dirs)}
+        if family.moe:
+            dirs["experts"] = _expert_adapter(family, folder, root)
+            # its own copy: PEFT puts (zero) LoRA on the experts for an all-linear adapter
+            # where the family's linear names (shared experts') map onto the fused ones, and
+            # refuses a second adapter that targets other parameters
+            models["experts"] = PeftModel.from_pretrained(
+                load_base_model(resolved, "nf4", "cpu"), str(dirs["experts"]), "experts"
+            ).eval()
+        for name, path in dirs.items():
+            engine.adapters.register(name, path)
         prompts = [engine.tokenize(p) for p in PROMPTS]
         for ids, text in zip(prompts, PROMPTS, strict=True):  # the family's own BOS rule
             assert ids == list(tokenizer(text)["input_ids"]), family.name
@@ -104,34 +139,33 @@ def _serve_and_compare(family: Family, folder: Path, root: Path) -> str:
         assert not errors, errors
         for (adapter, i), got in events.items():
             tokens = [t for e in got for t in e.token_ids]
-            expected, ties = peft_generate(model, prompts[i], adapter, NEW_TOKENS)
+            expected, ties = peft_generate(models[adapter], prompts[i], adapter, NEW_TOKENS)
             tokens_before_parting(tokens, expected, ties, (family.name, adapter, i))
+            if adapter == "experts":  # the expert deltas change what the model says
+                base, _ = peft_generate(models[adapter], prompts[i], None, NEW_TOKENS)
+                assert expected != base, (family.name, "expert adapter changes nothing")
         _logits_as_peft(engine, model, prompts[0], family.name)
+        if family.moe:
+            _expert_memory_counted(engine)
         served = "served as PEFT serves it (base, attention-only and all-linear adapters)"
         if family.moe:
-            return f"{served}; expert adapters {_expert_adapter_refused(engine, folder, root)}"
-        return served
+            return served, EXPERTS_SERVED
+        return served, NO_EXPERTS
     finally:
         engine.shutdown()
 
 
-def _expert_adapter_refused(engine: Engine, folder: Path, root: Path) -> str:
-    """A real PEFT adapter on the experts (`target_parameters`, saved by PEFT from the bf16
-    model) is refused at upload, naming the field; the outcome as docs/models.md shows it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def _expert_memory_counted(engine: Engine) -> None:
+    """The adapter store's memory counts the expert slots beside the linear stacks."""
+    from loramux.server.lora import lora_groups
+    from loramux.server.lora.experts import MultiLoraExperts
 
-    from loramux.core.errors import InvalidArgument
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
-    config = LoraConfig(
-        r=4, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
-    )
-    get_peft_model(model, config).save_pretrained(str(root / "experts"))
-    with pytest.raises(InvalidArgument) as refused:
-        engine.adapters.validate(root / "experts")
-    assert refused.value.field == "target_parameters", refused.value
-    return f"(target_parameters) refused at upload: {refused.value}"
+    layers = [m for m in engine.model.modules() if isinstance(m, MultiLoraExperts)]
+    assert layers and all(layer.occupied for layer in layers)
+    linear = sum(group.nbytes for group in lora_groups(engine.adapters._layers))
+    memory = engine.adapters.memory()
+    assert memory["device_slot_bytes"] == linear + sum(layer.nbytes for layer in layers)
+    assert memory["device_used_bytes"] >= sum(layer.slot_nbytes for layer in layers) > 0
 
 
 def _logits_as_peft(engine: Engine, model: Any, ids: list[int], name: str) -> None:
@@ -147,16 +181,16 @@ def _logits_as_peft(engine: Engine, model: Any, ids: list[int], name: str) -> No
     assert worst <= NEAR_TIE * span, (name, worst, span)
 
 
-def _documented() -> dict[str, str]:
+def _documented() -> dict[str, tuple[str, str]]:
     rows = {}
     for line in DOC.read_text().splitlines() if DOC.exists() else []:
         match = ROW.match(line)
         if match and match["family"] in FAMILIES:
-            rows[match["family"]] = match["outcome"]
+            rows[match["family"]] = (match["outcome"], match["experts"])
     return rows
 
 
-RESULTS: dict[str, str] = {}
+RESULTS: dict[str, tuple[str, str]] = {}
 HEADER = """# Supported model families
 
 Generated by `make models-doc` from tests/test_model_families.py; do not edit the table by
@@ -167,7 +201,8 @@ head size 32, sliding windows of 16 tokens, soft-capping, partial rotary, parall
 residuals and multipliers set where the family has them), saved as a local Hugging Face
 folder and loaded in 4-bit NF4 as `loramux serve --base-model DIR` loads it. A family is
 **served** when the base model and two random PEFT adapters (attention-only rank 4,
-every linear layer rank 8), in one mixed batch of 6 greedy requests whose prompts are
+every linear layer rank 8; on MoE bases an expert adapter too), in one mixed batch of 6
+greedy requests (8 on MoE bases) whose prompts are
 prefilled in chunks beside decoding rows, give PEFT's tokens on the same NF4 base (a
 sequence may part from PEFT only where PEFT's own best logits are nearly tied, by taking
 one of them), and the served logits after a prompt are PEFT's within a bf16 rounding of
@@ -180,16 +215,18 @@ its attention takes, the step from the output layer to the logits).
 MoE bases (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS): transformers 5 keeps each layer's
 experts as fused 3-D parameters, not linear layers, so bitsandbytes leaves them in bf16
 (attention and dense layers are NF4), in the engine as in PEFT, and all-linear adapters
-leave them to the base. Adapters that put LoRA on the experts (PEFT `target_parameters`)
-are refused at upload, naming the field: not served yet (the matrix checks a real one,
-saved by PEFT, on each MoE family).
+leave them to the base. The **expert adapters** column: a real PEFT adapter that puts
+LoRA on the experts (`target_parameters`, saved by PEFT, random A and B) and on q/v is
+served in the same mixed batch, each row's expert deltas on the experts the model's own
+router picked, and gives PEFT's tokens by the same rule (its tokens must differ from the
+base model's, so the deltas are seen); `-` where the family has no fused experts.
 
 The paged-attention kernels (`--attention-kernel native`) compute plain causal attention;
 a family with sliding windows, soft-capping or attention sinks takes the torch path (auto)
 or is refused at start (native).
 
-| family | outcome |
-|---|---|
+| family | outcome | expert adapters |
+|---|---|---|
 """
 
 
@@ -200,7 +237,9 @@ def _write_doc() -> Any:
     yield
     if os.environ.get("LORAMUX_MODELS_DOC") and RESULTS:
         outcomes = {**_documented(), **RESULTS}
-        rows = "".join(f"| {n} | {outcomes[n]} |\n" for n in FAMILIES if n in outcomes)
+        rows = "".join(
+            f"| {n} | {outcomes[n][0]} | {outcomes[n][1]} |\n" for n in FAMILIES if n in outcomes
+        )
         DOC.write_text(HEADER + rows)
 
 
@@ -231,7 +270,7 @@ def test_serve_refuses_an_unsupported_family_at_start(
     from api_helpers import free_port
     from transformers import AutoTokenizer
 
-    refused = [n for n, outcome in _documented().items() if outcome.startswith("refused")]
+    refused = [n for n, (outcome, _) in _documented().items() if outcome.startswith("refused")]
     assert refused, "no refused family left: pick another unsupported model here"
     family = FAMILIES[refused[0]]
     folder = build(family, tmp_path / "model", AutoTokenizer.from_pretrained(str(smollm2.path)))
@@ -244,5 +283,5 @@ def test_serve_refuses_an_unsupported_family_at_start(
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
-    message = _documented()[family.name].removeprefix("refused at start: ")
+    message = _documented()[family.name][0].removeprefix("refused at start: ")
     assert f"loramux serve: error: {message}" in done.stderr

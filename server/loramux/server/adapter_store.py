@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loramux.core.errors import (
     FailedPrecondition,
@@ -51,7 +52,12 @@ from loramux.server.composition import (
 )
 from loramux.server.lora import MultiLoraLinear, SlotTable, lora_groups
 from loramux.server.lora.dora import dora_scales
+from loramux.server.lora.experts import expert_weights_of
 from loramux.server.threads import one_thread, use_one_thread
+
+if TYPE_CHECKING:
+    from loramux.server.adapters import ExpertShape
+    from loramux.server.lora.experts import MultiLoraExperts
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,8 @@ class AdapterStore:
         table: SlotTable | None = None,
         *,
         module_names: Sequence[str] | None = None,
+        experts: Mapping[str, MultiLoraExperts] | None = None,
+        base_experts: Mapping[str, ExpertShape] | None = None,
         retry_backoff: tuple[float, float] = (1.0, 60.0),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -123,6 +131,10 @@ class AdapterStore:
         self._table = table if table is not None else SlotTable(max_loaded + 1)
         self._base_linears = base_linears
         self._module_names = list(module_names) if module_names is not None else None
+        # The fused MoE experts modules (lora/experts.py) and the parameters adapters may
+        # target in them (`target_parameters`); none on a dense base.
+        self._experts = dict(experts or {})
+        self._base_experts = dict(base_experts or {})
         self._retry_backoff = retry_backoff  # (first wait, longest wait) after a failed load
         self._clock = clock
         self.max_loaded = max_loaded
@@ -148,7 +160,12 @@ class AdapterStore:
 
     def _inspect(self, path: Path) -> AdapterWeights:
         return inspect_adapter(
-            path, self._base_linears, self.max_rank, module_names=self._module_names, load=True
+            path,
+            self._base_linears,
+            self.max_rank,
+            module_names=self._module_names,
+            load=True,
+            base_experts=self._base_experts,
         )
 
     def register(
@@ -345,7 +362,12 @@ class AdapterStore:
                 if placement is not None:
                     used_bytes += per_slot[placement.width]
                     used_bytes += dora_row if self._table.dora_index(slot) else 0
+                # expert LoRA: a slot takes its share of a stack only where it holds weights
+                used_bytes += sum(
+                    e.slot_nbytes for e in self._experts.values() if slot in e.occupied
+                )
             allocated = sum(g.nbytes for g in self._groups)
+            allocated += sum(e.nbytes for e in self._experts.values())
         return {
             "cpu_bytes": cpu,
             "device_slot_bytes": allocated,  # allocated for the rank class stacks in use
@@ -470,6 +492,10 @@ class AdapterStore:
         with one_thread():  # hundreds of 10-400 KB copies: OpenMP fork/join costs more
             for group, names in self._group_members:
                 group.install(slot, {m: entry.cpu.modules.get(name) for m, name in names})
+            for name, experts in self._experts.items():
+                weights = expert_weights_of(entry.cpu.experts, name)
+                if weights:
+                    experts.install(slot, weights)
         entry.slot = slot
         self._device_lru[entry.adapter_id] = None
         self._cpu_lru.move_to_end(entry.adapter_id) if entry.adapter_id in self._cpu_lru else None
@@ -481,6 +507,8 @@ class AdapterStore:
         with one_thread():
             for group in self._groups:
                 group.forget(entry.slot)
+            for experts in self._experts.values():
+                experts.forget(entry.slot)
             self._table.remove(entry.slot)
             for group in self._groups:
                 group.fit()  # an emptied rank class gives its memory back

@@ -14,6 +14,7 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,16 @@ class LinearShape:
 
 
 @dataclass(frozen=True)
+class ExpertShape:
+    """One fused MoE experts parameter of the base model (transformers' 3-D layout), as
+    PEFT's `ParamWrapper` sees it: one LoRA A/B per expert, mapping in -> out features."""
+
+    num_experts: int
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """What an adapter is, once checked against a base model."""
 
@@ -83,6 +94,8 @@ class AdapterSpec:
     scaling: float  # alpha / rank (or alpha / sqrt(rank) with rsLoRA) for the default rank
     modules: int  # number of base linear layers it adapts
     use_dora: bool = False  # DoRA (a magnitude vector per module); False where not known
+    # expert parameters it adapts (PEFT's target_parameters, short names: "gate_up_proj")
+    target_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,11 +115,27 @@ class ModuleWeights:
 
 
 @dataclass(frozen=True)
+class ExpertWeights:
+    """LoRA on one fused experts parameter (PEFT's `ParamWrapper`), per expert, ready to copy
+    into a slot: expert e's delta to the parameter is `scaling * lora_b[e] @ lora_a[e]`."""
+
+    lora_a: torch.Tensor  # [experts, rank, in_features]
+    lora_b: torch.Tensor  # [experts, out_features, rank]
+    scaling: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lora_a, self.lora_b))
+
+
+@dataclass(frozen=True)
 class AdapterWeights:
     """An adapter held in CPU memory (the middle tier of the adapter store)."""
 
     spec: AdapterSpec
     modules: Mapping[str, ModuleWeights]  # full module name in the base model -> weights
+    # full parameter name in the base model ("...mlp.experts.down_proj") -> expert LoRA
+    experts: Mapping[str, ExpertWeights] = dataclass_field(default_factory=dict)
 
     @property
     def uses_dora(self) -> bool:
@@ -120,7 +149,8 @@ class AdapterWeights:
             for t in (w.lora_a, w.lora_b, w.magnitude, w.dora_scale)
             if t is not None
         ]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        experts = sum(w.nbytes for w in self.experts.values())
+        return sum(t.numel() * t.element_size() for t in tensors) + experts
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -180,6 +210,7 @@ _APPLIED_FIELDS = frozenset(
         "init_lora_weights",
         "bias",
         "use_dora",  # served: a magnitude vector per module (lora/dora.py)
+        "target_parameters",  # served on fused MoE experts only (lora/experts.py)
     }
 )
 # Set to anything but their default, these change what the adapter computes in ways the
@@ -189,8 +220,6 @@ _UNSUPPORTED_FIELDS = {
     "modules_to_save": "adapters that replace whole modules (modules_to_save) are not "
     "supported; only LoRA matrices are",
     "trainable_token_indices": "trainable tokens (new embedding rows) are not supported",
-    "target_parameters": "LoRA on bare nn.Parameters (target_parameters, e.g. MoE experts) "
-    "is not supported; only linear layers",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported: "
     "PEFT applies it only after the invocation tokens",
     "layer_replication": "layer_replication duplicates base layers; not supported",
@@ -244,6 +273,7 @@ class LoraSettings:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     use_dora: bool
+    target_parameters: tuple[str, ...] = ()  # PEFT's parameter name suffixes
 
 
 def _check_config(config: dict[str, Any]) -> LoraSettings:
@@ -298,6 +328,7 @@ def _check_config(config: dict[str, Any]) -> LoraSettings:
             if not valid(item):
                 raise InvalidArgument(name, f"{key!r}: must be a positive {kind}, got {item!r}")
         patterns[name] = value
+    target_parameters = _check_target_parameters(config, use_dora, patterns)
     return LoraSettings(
         rank=int(rank),
         alpha=float(alpha),
@@ -306,7 +337,28 @@ def _check_config(config: dict[str, Any]) -> LoraSettings:
         rank_pattern=patterns["rank_pattern"],
         alpha_pattern=patterns["alpha_pattern"],
         use_dora=use_dora,
+        target_parameters=target_parameters,
     )
+
+
+def _check_target_parameters(
+    config: dict[str, Any], use_dora: bool, patterns: dict[str, dict[str, Any]]
+) -> tuple[str, ...]:
+    """PEFT's `target_parameters`: names (suffixes) of bare parameters to put LoRA on. Served
+    on fused MoE experts only (matched against the base model in `_expert_parts`)."""
+    value = config.get("target_parameters")
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidArgument("target_parameters", "must be a list of parameter names")
+    if use_dora:
+        raise InvalidArgument("target_parameters", "PEFT has no DoRA on bare parameters")
+    for name, pattern in patterns.items():
+        if pattern:
+            raise InvalidArgument(
+                name, "not supported with target_parameters (one rank and alpha for all)"
+            )
+    return tuple(sorted(set(value)))
 
 
 def _check_init(init: Any) -> None:
@@ -499,19 +551,51 @@ def _module_name(key: str) -> tuple[str, str]:
     return match["module"].removeprefix(PEFT_PREFIX), match["part"]
 
 
+def _check_values(tensor: torch.Tensor, key: str) -> None:
+    """No NaN or Inf, nothing beyond MAX_ABS_VALUE; the error names the tensor."""
+    # min and max in one pass (NaN propagates into both): far cheaper than
+    # isfinite().all() or a float64 sum on bf16, and it bounds the values too.
+    low, high = (float(v) for v in torch.aminmax(tensor))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
+    if max(-low, high) > MAX_ABS_VALUE:
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{key} holds values up to {max(-low, high):g}, beyond {MAX_ABS_VALUE:g}",
+        )
+
+
+def _read_experts(
+    tensors: Mapping[str, torch.Tensor],
+    parts: Mapping[str, ExpertParts],
+    base_experts: Mapping[str, ExpertShape],
+    scaling: float,
+    dtype: torch.dtype,
+) -> dict[str, ExpertWeights]:
+    """Checked expert A/B pairs split per expert as PEFT's `ParamWrapper.get_delta_factors`
+    does: A's rows are expert-major ([E * r, in] -> [E, r, in]), B's columns rank-major
+    ([out, r * E] -> [out, r, E] -> [E, out, r])."""
+    experts: dict[str, ExpertWeights] = {}
+    for name, part in parts.items():
+        shape = base_experts[name]
+        a, b = tensors[part.a_key], tensors[part.b_key]
+        _check_values(a, part.a_key)
+        _check_values(b, part.b_key)
+        a = a.reshape(shape.num_experts, part.rank, shape.in_features)
+        b = b.reshape(shape.out_features, part.rank, shape.num_experts).permute(2, 0, 1)
+        experts[name] = ExpertWeights(
+            lora_a=a.to(dtype).contiguous(), lora_b=b.to(dtype).contiguous(), scaling=scaling
+        )
+    return experts
+
+
 def _read_weights(
-    path: Path,
+    tensors: Mapping[str, torch.Tensor],
     shapes: Mapping[str, Mapping[str, tuple[list[int], str]]],
     scalings: Mapping[str, float],
     dtype: torch.dtype,
 ) -> dict[str, ModuleWeights]:
-    """Read checked A/B pairs; safetensors itself may still refuse the file (SafetensorError).
-
-    The whole file through `safetensors.torch.load`, not `safe_open(...).get_tensor`: the
-    latter leaks a few small objects per tensor (safetensors 0.8), which a server that
-    loads adapters all day turns into memory that never comes back.
-    """
-    tensors = load_safetensors(path.read_bytes())
+    """Read checked A/B pairs from the file's tensors."""
     modules: dict[str, ModuleWeights] = {}
     for module, parts in shapes.items():
         a, b = tensors[parts["A"][1]], tensors[parts["B"][1]]
@@ -520,16 +604,7 @@ def _read_weights(
         if magnitude is not None:
             checked.append((magnitude, parts[MAGNITUDE][1]))
         for tensor, key in checked:
-            # min and max in one pass (NaN propagates into both): far cheaper than
-            # isfinite().all() or a float64 sum on bf16, and it bounds the values too.
-            low, high = (float(v) for v in torch.aminmax(tensor))
-            if not (math.isfinite(low) and math.isfinite(high)):
-                raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
-            if max(-low, high) > MAX_ABS_VALUE:
-                raise InvalidArgument(
-                    WEIGHTS_FILE,
-                    f"{key} holds values up to {max(-low, high):g}, beyond {MAX_ABS_VALUE:g}",
-                )
+            _check_values(tensor, key)
         modules[module] = ModuleWeights(
             lora_a=a.to(dtype).contiguous(),
             # Laid out so that lora_b.t() ([rank, out], as the slots hold B) is contiguous:
@@ -550,11 +625,14 @@ def inspect_adapter(
     module_names: Sequence[str] | None = None,
     load: bool = True,
     dtype: torch.dtype = torch.bfloat16,
+    base_experts: Mapping[str, ExpertShape] | None = None,
 ) -> AdapterWeights:
     """Check a PEFT adapter folder against the base model and (optionally) read its weights.
 
     `module_names`: every module of the base model (`named_modules()` before wrapping), for
     matching target_modules as PEFT does; without it, the linear layers and their parents.
+    `base_experts`: the base model's fused experts parameters (`lora.experts`), in each
+    module's declaration order, which `target_parameters` may name.
     Raises InvalidArgument for malformed or unsupported files and FailedPrecondition for
     adapters that are well-formed but do not fit this base model or the server's limits.
     """
@@ -575,8 +653,11 @@ def inspect_adapter(
     settings = _check_config(config)
     header = _read_header(weights_path)
     shapes = _weight_shapes(header)
+    expert_parts = _expert_parts(settings, shapes, base_experts or {}, max_rank)
     ranks = _check_shapes(shapes, base_linears, max_rank, settings.use_dora)
-    wrapped = _wrapped_modules(settings, shapes, base_linears, module_names)
+    wrapped: dict[str, tuple[int | None, int | None]] = {}
+    if shapes or not expert_parts or settings.targeting["target_modules"]:
+        wrapped = _wrapped_modules(settings, shapes, base_linears, module_names)
 
     scalings: dict[str, float] = {}
     for module, rank in ranks.items():
@@ -602,25 +683,39 @@ def inspect_adapter(
             )
         scalings[module] = scaling
 
+    expert_scaling = _scaling(settings.alpha, settings.rank, settings.use_rslora)
+    if expert_parts and expert_scaling > MAX_ABS_VALUE:
+        raise InvalidArgument(
+            "lora_alpha", f"scaling {expert_scaling:g} is beyond {MAX_ABS_VALUE:g}"
+        )
     modules: dict[str, ModuleWeights] = {}
+    experts: dict[str, ExpertWeights] = {}
     if load:
         try:
-            modules = _read_weights(weights_path, shapes, scalings, dtype)
+            # The whole file through `safetensors.torch.load`, not `safe_open(...)
+            # .get_tensor`: the latter leaks a few small objects per tensor (safetensors
+            # 0.8), which a server that loads adapters all day turns into memory that
+            # never comes back.
+            tensors = load_safetensors(weights_path.read_bytes())
         except SafetensorError as exc:  # what safetensors checks beyond _read_header
             raise InvalidArgument(WEIGHTS_FILE, f"corrupt: {exc}") from exc
+        modules = _read_weights(tensors, shapes, scalings, dtype)
+        experts = _read_experts(tensors, expert_parts, base_experts or {}, expert_scaling, dtype)
 
+    all_ranks = [*ranks.values(), *(part.rank for part in expert_parts.values())]
     spec = AdapterSpec(
-        rank=max(ranks.values()),
+        rank=max(all_ranks),
         alpha=settings.alpha,
         use_rslora=settings.use_rslora,
         target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in shapes})),
         size_bytes=weights_path.stat().st_size,
         base_model_name_or_path=_text_or_none(config.get("base_model_name_or_path")),
         scaling=_scaling(settings.alpha, settings.rank, settings.use_rslora),
-        modules=len(shapes),
+        modules=len(shapes) + len(expert_parts),
         use_dora=settings.use_dora,
+        target_parameters=tuple(sorted({n.rsplit(".", 1)[-1] for n in expert_parts})),
     )
-    return AdapterWeights(spec=spec, modules=modules)
+    return AdapterWeights(spec=spec, modules=modules, experts=experts)
 
 
 def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -633,6 +728,99 @@ def _text_or_none(value: Any) -> str | None:
 
 
 Shapes = dict[str, dict[str, tuple[list[int], str]]]  # module -> "A"/"B" -> (shape, tensor key)
+_NESTED = ".base_layer"  # PEFT nests one ParamWrapper per parameter of a module
+
+
+@dataclass(frozen=True)
+class ExpertParts:
+    """Where one expert parameter's LoRA is in the weights file, checked against the base."""
+
+    a_key: str  # [experts * rank, in_features]
+    b_key: str  # [out_features, rank * experts]
+    rank: int
+
+
+def _expert_parts(
+    settings: LoraSettings,
+    shapes: Shapes,
+    base_experts: Mapping[str, ExpertShape],
+    max_rank: int,
+) -> dict[str, ExpertParts]:
+    """The expert parameters `target_parameters` names, their A/B keys taken out of `shapes`.
+
+    PEFT matches a target against `<module>.<parameter>` (equal, or a suffix after a dot),
+    and wraps a module once per matched parameter in declaration order, each wrapper around
+    the last: the last parameter's LoRA is saved as `<module>.lora_A`, the one before as
+    `<module>.base_layer.lora_A`, and so on. Only fused MoE experts are served: a target
+    that names no expert parameter of the base model is refused, as is any pair whose
+    shape, expert count or rank does not fit, naming the tensor.
+    """
+    targets = settings.target_parameters
+    if not targets:
+        return {}
+    matched: dict[str, list[str]] = {}  # module -> its matched parameter names, in order
+    used: set[str] = set()
+    for name in base_experts:
+        hits = [t for t in targets if name == t or name.endswith(f".{t}")]
+        if hits:
+            used.update(hits)
+            module, _, _ = name.rpartition(".")
+            matched.setdefault(module, []).append(name)
+    unused = [t for t in targets if t not in used]
+    if unused:
+        raise InvalidArgument(
+            "target_parameters",
+            f"{_listed(unused)} names no fused MoE expert parameter of the base model "
+            "(LoRA on other bare parameters is not supported)",
+        )
+    parts: dict[str, ExpertParts] = {}
+    for module, names in matched.items():
+        for depth, name in enumerate(reversed(names)):
+            key_module = module + _NESTED * depth
+            found = shapes.pop(key_module, None)
+            if found is None or "A" not in found or "B" not in found or len(found) != 2:
+                raise InvalidArgument(
+                    WEIGHTS_FILE,
+                    f"{PEFT_PREFIX}{key_module}.lora_A/lora_B: the pair PEFT saves for {name} "
+                    "(target_parameters) is missing or incomplete",
+                )
+            parts[name] = _expert_pair(name, found, base_experts[name], settings, max_rank)
+    return parts
+
+
+def _expert_pair(
+    name: str,
+    found: Mapping[str, tuple[list[int], str]],
+    base: ExpertShape,
+    settings: LoraSettings,
+    max_rank: int,
+) -> ExpertParts:
+    (a_shape, a_key), (b_shape, b_key) = found["A"], found["B"]
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+        raise InvalidArgument(WEIGHTS_FILE, f"{a_key} {a_shape} / {b_key} {b_shape}: not a pair")
+    rows, experts = a_shape[0], base.num_experts
+    if rows % experts:
+        raise FailedPrecondition(
+            WEIGHTS_FILE,
+            f"{a_key}: {rows} rows are not a rank per expert for the base model's {experts} "
+            f"experts of {name} (adapter for another base model?)",
+        )
+    rank = rows // experts
+    if a_shape[1] != base.in_features or b_shape[0] != base.out_features:
+        raise FailedPrecondition(
+            WEIGHTS_FILE,
+            f"{a_key}: the adapter maps {a_shape[1]}->{b_shape[0]} but {name} maps "
+            f"{base.in_features}->{base.out_features} (adapter for another base model?)",
+        )
+    if rank != settings.rank:
+        raise InvalidArgument(
+            "r",
+            f"{a_key}: adapter_config.json says rank {settings.rank}, the weights have rank "
+            f"{rank} for {experts} experts",
+        )
+    if rank > max_rank:
+        raise FailedPrecondition("r", f"rank {rank} exceeds this server's max_rank {max_rank}")
+    return ExpertParts(a_key=a_key, b_key=b_key, rank=rank)
 
 
 def _weight_shapes(header: Mapping[str, Any]) -> Shapes:

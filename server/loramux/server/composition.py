@@ -28,6 +28,10 @@ COMPOSITE_PREFIX = "composed/"
 # PEFT's add_weighted_adapter has no DoRA form ("cat" concatenates A and B; a DoRA layer's
 # magnitude and norm have no such sum), so what a weighted DoRA adapter means is not
 # defined by PEFT: refused rather than guessed.
+EXPERTS_NOT_COMPOSED = (
+    "adapters with LoRA on MoE experts (target_parameters) cannot be composed yet; "
+    "request each on its own"
+)
 DORA_NOT_COMPOSED = (
     "a DoRA adapter (use_dora) cannot be weighted or composed: PEFT defines no weighted or "
     "combined DoRA adapter (add_weighted_adapter has no DoRA form); use it alone at weight 1"
@@ -87,6 +91,8 @@ def compose(parts: Sequence[tuple[AdapterWeights, float]]) -> AdapterWeights:
     """The parts' matrices concatenated along the rank, a scale per rank row (see above)."""
     if any(weights.uses_dora for weights, _ in parts):
         raise InvalidArgument("adapters", DORA_NOT_COMPOSED)
+    if any(weights.experts for weights, _ in parts):
+        raise InvalidArgument("adapters", EXPERTS_NOT_COMPOSED)
     names = sorted({name for weights, _ in parts for name in weights.modules})
     modules: dict[str, ModuleWeights] = {}
     for name in names:

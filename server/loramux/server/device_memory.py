@@ -15,8 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from loramux.server.adapters import LinearShape
+
+if TYPE_CHECKING:
+    from loramux.server.adapters import ExpertShape
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,22 @@ class KvBudget:
 
 
 def adapter_slot_bytes(
-    shapes: Iterable[LinearShape], max_rank: int, slots: int, element_size: int
+    shapes: Iterable[LinearShape],
+    max_rank: int,
+    slots: int,
+    element_size: int,
+    experts: Iterable[ExpertShape] = (),
 ) -> int:
     """Device bytes of `slots` adapters of rank `max_rank` on every adaptable layer: per
     layer A [rank, in] and B^T [rank, out] in the slot dtype, and a float32 row scale per
-    rank row (`layer.ClassStack`; a fused group stacks its members' rows, the same sum)."""
+    rank row (`layer.ClassStack`; a fused group stacks its members' rows, the same sum);
+    per fused MoE experts parameter, every expert's A and B^T in bf16 and a float32 scale
+    (`experts.ExpertStack`): on a MoE base the experts' LoRA can outweigh all the rest."""
     per_adapter = sum(
         max_rank * ((shape.in_features + shape.out_features) * element_size + 4) for shape in shapes
+    )
+    per_adapter += sum(
+        e.num_experts * max_rank * (e.in_features + e.out_features) * 2 + 4 for e in experts
     )
     return slots * per_adapter
 

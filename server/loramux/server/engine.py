@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -66,6 +66,7 @@ from loramux.server.lora import (
     make_context,
     wrap_linear_layers,
 )
+from loramux.server.lora.experts import base_expert_shapes, wrap_experts
 from loramux.server.model_support import check_quantized, probe_model
 from loramux.server.nf4 import use_nf4_kernel
 from loramux.server.paged_attention import choose_kernel
@@ -80,6 +81,10 @@ from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch
 from loramux.server.sampling import RowSampler, sample_next_tokens
 from loramux.server.streams import RequestStream
 from loramux.server.threads import compute_thread_count, in_own_thread, use_compute_threads
+
+if TYPE_CHECKING:
+    from loramux.server.adapters import ExpertShape
+    from loramux.server.lora.experts import MultiLoraExperts
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -194,8 +199,11 @@ class Engine:
         self.native_nf4 = use_nf4_kernel(model, settings.nf4_kernel, device)
         base_linears: dict[str, LinearShape] = base_linear_shapes(model)
         module_names = [name for name, _ in model.named_modules()]  # before wrapping
+        # the fused MoE experts parameters `target_parameters` may name (lora/experts.py)
+        base_experts = base_expert_shapes(model)
         self._lora: LoraContext | None = None
         layers = {}
+        experts: dict[str, MultiLoraExperts] = {}
         if enable_lora:
             # The backend for this platform and the slot format, chosen once here.
             self._lora = make_context(
@@ -205,6 +213,7 @@ class Engine:
                 lora_kernel or settings.lora_kernel,
             )
             layers = wrap_linear_layers(model, self._lora, device)
+            experts = wrap_experts(model, self._lora, device)
         self._cv = threading.Condition()
         self.adapters = AdapterStore(
             layers,
@@ -215,11 +224,13 @@ class Engine:
             wake_engine=self._wake,
             table=self._lora.table if self._lora is not None else None,
             module_names=module_names,
+            experts=experts,
+            base_experts=base_experts if enable_lora else {},
         )
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
         geometry = shape.geometry
-        num_blocks = self._pool_blocks(settings, geometry, device, base_linears)
+        num_blocks = self._pool_blocks(settings, geometry, device, base_linears, base_experts)
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
         # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
         self.prefill_attention_while_decoding = self._attention_budget(settings, device)
@@ -311,6 +322,7 @@ class Engine:
         geometry: dict[str, int],
         device: torch.device,
         shapes: dict[str, LinearShape],
+        experts: dict[str, ExpertShape],
     ) -> int:
         """How many KV blocks --kv-cache-bytes buys (auto: see the setting's help; on CUDA
         `device_memory.cuda_kv_budget`)."""
@@ -330,6 +342,7 @@ class Engine:
                     settings.max_rank,
                     settings.max_loaded_adapters,
                     element_size=1 if settings.lora_slot_dtype == "int8" else 2,
+                    experts=experts.values(),
                 ),
                 activation_bytes(
                     settings.max_batch_tokens,

@@ -91,6 +91,12 @@ class LoraBatchMetadata:
         return self.row_route.repeat_interleave(self.tokens_per_row, 0)
 
     @cached_property
+    def slot_per_token(self) -> torch.Tensor:  # [tokens] int64: each token's device slot
+        """`row_slots` per token (the MoE experts route each token by it, lora/experts.py)."""
+        slots = torch.tensor(self.row_slots, dtype=torch.long, device=self.device)
+        return slots.repeat_interleave(self.tokens_per_row) if self.tokens_per_row > 1 else slots
+
+    @cached_property
     def segments(self) -> dict[int, Segments]:
         """Per rank class present, its tokens as runs on one adapter (once per pass): each
         prompt chunk (or padded prefill row) a run, each other token a run of one."""
