@@ -66,6 +66,7 @@ from loramux.server.lora import (
     make_context,
     wrap_linear_layers,
 )
+from loramux.server.lora.tokens import TokenTable, embedding_shape
 from loramux.server.model_support import check_quantized, probe_model
 from loramux.server.nf4 import use_nf4_kernel
 from loramux.server.paged_attention import choose_kernel
@@ -196,6 +197,7 @@ class Engine:
         module_names = [name for name, _ in model.named_modules()]  # before wrapping
         self._lora: LoraContext | None = None
         layers = {}
+        tokens: TokenTable | None = None
         if enable_lora:
             # The backend for this platform and the slot format, chosen once here.
             self._lora = make_context(
@@ -205,6 +207,7 @@ class Engine:
                 lora_kernel or settings.lora_kernel,
             )
             layers = wrap_linear_layers(model, self._lora, device)
+            tokens = TokenTable(model, device)
         self._cv = threading.Condition()
         self.adapters = AdapterStore(
             layers,
@@ -215,6 +218,8 @@ class Engine:
             wake_engine=self._wake,
             table=self._lora.table if self._lora is not None else None,
             module_names=module_names,
+            tokens=tokens,
+            embedding=embedding_shape(model, settings.max_trainable_tokens),
         )
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
@@ -239,7 +244,14 @@ class Engine:
                 f"model has {shape.attention_variant}"
             )
         self.runner = ModelRunner(
-            model, self._lora, pad, num_blocks, settings.kv_block_size, shape, attention_kernel
+            model,
+            self._lora,
+            pad,
+            num_blocks,
+            settings.kv_block_size,
+            shape,
+            attention_kernel,
+            tokens=tokens,
         )
         self.blocks = BlockPool(
             num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching
