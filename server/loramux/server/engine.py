@@ -55,7 +55,12 @@ from loramux.core.prompts import PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.detokenize import IncrementalText
-from loramux.server.device_memory import activation_bytes, adapter_slot_bytes, cuda_kv_budget
+from loramux.server.device_memory import (
+    activation_bytes,
+    adapter_slot_bytes,
+    cuda_kv_budget,
+    token_rows_bytes,
+)
 from loramux.server.kv_blocks import ROOT_DIGEST, BlockPool, block_digest
 from loramux.server.kv_cache import PagedKVCache
 from loramux.server.logprobs import score
@@ -342,6 +347,11 @@ class Engine:
                     settings.max_rank,
                     settings.max_loaded_adapters,
                     element_size=1 if settings.lora_slot_dtype == "int8" else 2,
+                )
+                + token_rows_bytes(
+                    config.hidden_size,
+                    settings.max_trainable_tokens,
+                    settings.max_loaded_adapters,
                 ),
                 activation_bytes(
                     settings.max_batch_tokens,
