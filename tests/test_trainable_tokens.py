@@ -278,6 +278,29 @@ def test_bad_token_files_are_refused_naming_the_field(
     assert info.value.field == field
 
 
+def test_upload_validation_uses_the_engine_embedding_and_cap(
+    engine: Engine, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """What the upload RPC runs (`AdapterStore.validate`): the engine's own vocabulary and
+    --max-trainable-tokens (here the default, 64)."""
+    spec = engine.adapters.validate(adapter_dirs["tokens-lora"])
+    assert spec.trainable_tokens == 3
+    for case, ids, error, message in (
+        ("outside", [1, VOCAB], InvalidArgument, "outside the base model's vocabulary"),
+        ("too-many", list(range(65)), FailedPrecondition, "above this server's max_trainable"),
+    ):
+        rows = torch.zeros(len(ids), HIDDEN)
+        folder = _edit(
+            adapter_dirs["tokens-lora"],
+            tmp_path / case,
+            _set(rows),
+            {"trainable_token_indices": ids},
+        )
+        with pytest.raises(error, match=message) as info:
+            engine.adapters.validate(folder)
+        assert info.value.field == "trainable_token_indices"
+
+
 def test_a_server_without_token_rows_refuses_them(
     adapter_dirs: dict[str, Path], smollm2: ResolvedModel
 ) -> None:
