@@ -152,8 +152,10 @@ def test_token_rows_lora_dora_and_base_rows_in_one_batch_match_peft(
 def test_token_rows_do_not_reach_other_rows_or_the_prefix_cache(engine: Engine) -> None:
     """The base rows of a batch beside a token adapter's are the base model's alone, and a
     prefix computed under the token rows is not reused for the base (nor the reverse)."""
-    # a prompt no request of this module used (its blocks are nobody's yet), several blocks
-    prompt = engine.render_chat([("user", "Name three rivers of France. " * 6)])
+    # Tokens no other request of this module starts with (a chat-rendered prompt would share
+    # the template's first blocks with them), several blocks, holding the adapter's ids.
+    ids = _token_ids_of(engine)
+    prompt = [ids[0], *engine.tokenize(" Name three rivers of France." * 6), ids[1]]
 
     def run(adapter: str | None, tag: str) -> list[int]:
         request = GenerationRequest(
@@ -167,6 +169,11 @@ def test_token_rows_do_not_reach_other_rows_or_the_prefix_cache(engine: Engine) 
     assert engine.stats().prefix_hit_tokens == hits  # the base's blocks were not reused
     assert with_rows != base_alone
     assert run(None, "third") == base_alone
+
+
+def _token_ids_of(engine: Engine) -> list[int]:
+    """<|im_start|> and " France": tokens-only's rows."""
+    return [engine.tokenize("<|im_start|>")[0], engine.tokenize(" France")[0]]
 
 
 def test_token_rows_memory_is_counted(engine: Engine) -> None:
