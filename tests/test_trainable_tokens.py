@@ -112,8 +112,25 @@ def engine(smollm2: ResolvedModel, adapter_dirs: dict[str, Path]) -> Iterator[En
     engine.shutdown()
 
 
+Expected = dict[tuple[str | None, int], tuple[list[int], list[tuple[int, ...] | None]]]
+
+
+@pytest.fixture(scope="module")
+def expected(engine: Engine, reference_base: Any, adapter_dirs: dict[str, Path]) -> Expected:
+    """PEFT's greedy tokens and near-ties, per (adapter or None, prompt index)."""
+    prompts = [engine.render_chat([("user", p)]) for p in PROMPTS]
+    # PEFT warns of "missing adapter keys" of the adapters loaded before one with trainable
+    # tokens: their weights are loaded all the same (checked by hand, PEFT 0.22)
+    model = peft_on(reference_base, adapter_dirs)
+    return {
+        (name, p): peft_generate(model, ids, name, NEW_TOKENS)
+        for name in [*adapter_dirs, None]
+        for p, ids in enumerate(prompts)
+    }
+
+
 def test_token_rows_lora_dora_and_base_rows_in_one_batch_match_peft(
-    engine: Engine, reference_base: Any, adapter_dirs: dict[str, Path]
+    engine: Engine, expected: Expected, adapter_dirs: dict[str, Path]
 ) -> None:
     """Every adapter and the base, both prompts, submitted together (one running batch):
     PEFT's greedy tokens, parting only at PEFT's own near-ties."""
@@ -132,14 +149,6 @@ def test_token_rows_lora_dora_and_base_rows_in_one_batch_match_peft(
         for p, ids in enumerate(prompts)
     }
     got = {key: [t for e in stream for t in e.token_ids] for key, stream in streams.items()}
-    # PEFT warns of "missing adapter keys" of the adapters loaded before one with trainable
-    # tokens: their weights are loaded all the same (checked by hand, PEFT 0.22)
-    model = peft_on(reference_base, adapter_dirs)
-    expected = {
-        (name, p): peft_generate(model, ids, name, NEW_TOKENS)
-        for name in names
-        for p, ids in enumerate(prompts)
-    }
     for key, tokens in got.items():
         tokens_before_parting(tokens, *expected[key], key)
     # The token rows change PEFT's output (the comparison means something): tokens-only's
@@ -147,6 +156,41 @@ def test_token_rows_lora_dora_and_base_rows_in_one_batch_match_peft(
     for p in range(len(prompts)):
         assert expected["tokens-only", p][0] != expected[None, p][0], p
         assert got["tokens-only", p] != got[None, p], p
+
+
+def test_token_rows_in_mixed_passes_match_peft(
+    engine: Engine, expected: Expected, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token adapters' prompts prefilled while other rows decode (mixed passes: each token
+    of the flattened pass with its own slot): still PEFT's greedy tokens."""
+    prompts = [engine.render_chat([("user", p)]) for p in PROMPTS]
+    chunk_slots: list[int] = []  # the slots of prompt chunks prefilled in mixed passes
+    mixed = engine.runner.mixed
+
+    def spy(decode: Any, prefill: Any) -> Any:
+        chunk_slots.extend(prefill.slots)
+        return mixed(decode, prefill)
+
+    monkeypatch.setattr(engine.runner, "mixed", spy)
+
+    def submit(name: str | None, p: int) -> Any:
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        return engine.submit(GenerationRequest(f"mixed-{name}-{p}", prompts[p], params, name))
+
+    first = {(None, 0): submit(None, 0), ("tokens-lora", 1): submit("tokens-lora", 1)}
+    events = {key: iter(stream) for key, stream in first.items()}
+    # their first tokens are out: both decode from now on, and the next prompts join them
+    got = {key: list(next(it).token_ids) for key, it in events.items()}
+    later = {
+        (name, p): submit(name, p) for name in ("tokens-only", "tokens-dora", None) for p in (0, 1)
+    }
+    for key, it in events.items():
+        got[key] += [t for e in it for t in e.token_ids]
+    for key, stream in later.items():
+        got[key] = [t for e in stream for t in e.token_ids]
+    for key, tokens in got.items():
+        tokens_before_parting(tokens, *expected[key], ("mixed", key))
+    assert any(chunk_slots)  # adapters' chunks did go through mixed passes
 
 
 def test_token_rows_do_not_reach_other_rows_or_the_prefix_cache(engine: Engine) -> None:
