@@ -151,6 +151,7 @@ def test_flag_and_token_resolution(decisive_tiny_llama: ResolvedModel) -> None:
     )
     options = cli._options(args)
     assert options.trainable_tokens == ["<|im_start|>", "<|im_end|>", "7"]
+    assert cli._options(parser.parse_args(["train", "d.jsonl", "-o", "out"])).trainable_tokens == []
     tokenizer = load_tokenizer(decisive_tiny_llama)
     ids = trainable_token_ids(options.trainable_tokens, tokenizer, len(tokenizer))
     assert ids == [*tokenizer.convert_tokens_to_ids(MARKERS), 7]

@@ -119,7 +119,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     lora.add_argument(
         "--trainable-tokens",
         type=_csv,
-        default="",
+        default=[],  # a list: argparse passes a string default through _csv, which refuses ""
         help="train these tokens' embedding rows too (PEFT's trainable_token_indices), e.g. "
         "'<|im_start|>,<|im_end|>' or ids '1,2': each must be one token of the tokenizer; "
         "served up to the server's --max-trainable-tokens, not weighted or composed",
