@@ -116,12 +116,17 @@ Expected = dict[tuple[str | None, int], tuple[list[int], list[tuple[int, ...] | 
 
 
 @pytest.fixture(scope="module")
-def expected(engine: Engine, reference_base: Any, adapter_dirs: dict[str, Path]) -> Expected:
-    """PEFT's greedy tokens and near-ties, per (adapter or None, prompt index)."""
-    prompts = [engine.render_chat([("user", p)]) for p in PROMPTS]
+def peft_model(reference_base: Any, adapter_dirs: dict[str, Path]) -> Any:
     # PEFT warns of "missing adapter keys" of the adapters loaded before one with trainable
     # tokens: their weights are loaded all the same (checked by hand, PEFT 0.22)
-    model = peft_on(reference_base, adapter_dirs)
+    return peft_on(reference_base, adapter_dirs)
+
+
+@pytest.fixture(scope="module")
+def expected(engine: Engine, peft_model: Any, adapter_dirs: dict[str, Path]) -> Expected:
+    """PEFT's greedy tokens and near-ties, per (adapter or None, prompt index)."""
+    prompts = [engine.render_chat([("user", p)]) for p in PROMPTS]
+    model = peft_model
     return {
         (name, p): peft_generate(model, ids, name, NEW_TOKENS)
         for name in [*adapter_dirs, None]
@@ -191,6 +196,45 @@ def test_token_rows_in_mixed_passes_match_peft(
     for key, tokens in got.items():
         tokens_before_parting(tokens, *expected[key], ("mixed", key))
     assert any(chunk_slots)  # adapters' chunks did go through mixed passes
+
+
+def test_scored_prompts_use_the_rows_as_peft(engine: Engine, peft_model: Any) -> None:
+    """Prompt scoring (every position's logits, the tied head's columns of the adapter's
+    tokens among them) of token adapters beside the base in one batch: each prompt token's
+    logprob as PEFT's, within the logprob tests' tolerance (4% of the position's logit
+    range, tests/test_logprobs.py). tokens-lora is in the batch but not compared: its
+    all-linear LoRA on the bf16 copy (rounded once) against the served 4-bit path (the delta
+    rounded first) parted by 4.6% of the range at the position after its 4x-spread
+    <|im_end|> row (measured; its greedy tokens match above); the rows themselves are
+    tokens-only's, whose LoRA is negligible."""
+    prompt = engine.render_chat([("user", PROMPTS[0])])
+    params = SamplingParams(max_new_tokens=0, prompt_logprobs=0)
+    names = ("tokens-only", "tokens-lora", None)
+    streams = {
+        name: engine.submit(GenerationRequest(f"scored-{name}", prompt, params, name))
+        for name in names
+    }
+    scores = {
+        name: [s for e in stream for s in e.prompt_logprobs] for name, stream in streams.items()
+    }
+    for name in ("tokens-only", None):
+        with torch.inference_mode():
+            if name is None:
+                with peft_model.disable_adapter():
+                    logits = peft_model(input_ids=torch.tensor([prompt])).logits[0].float()
+            else:
+                peft_model.set_adapter(name)
+                logits = peft_model(input_ids=torch.tensor([prompt])).logits[0].float()
+        reference = torch.log_softmax(logits, dim=-1)
+        assert len(scores[name]) == len(prompt) and scores[name][0] is None
+        for q in range(1, len(prompt)):
+            scored = scores[name][q]
+            assert scored is not None and scored.token_id == prompt[q]
+            span = float(logits[q - 1].max() - logits[q - 1].min())
+            error = abs(scored.logprob - float(reference[q - 1, prompt[q]])) / span
+            assert error <= 0.04, (name, q, scored.logprob, float(reference[q - 1, prompt[q]]))
+    # the rows change the scores: <|im_end|> and " France" are scored with tokens-only's rows
+    assert scores["tokens-only"] != scores[None]
 
 
 def test_token_rows_do_not_reach_other_rows_or_the_prefix_cache(engine: Engine) -> None:
