@@ -278,7 +278,7 @@ def test_converted_pissa_adapter_is_plain_lora(
         ({"lora_bias": True}, "lora_bias", "bias"),
         ({"bias": "lora_only"}, "bias", "bias"),
         ({"use_dora": True}, WEIGHTS_FILE, "lora_magnitude_vector is missing"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save", "modules_to_save"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save", "use trainable_token_indices"),
         ({"trainable_token_indices": [1, 2]}, "trainable_token_indices", "token"),
         ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters", "parameter"),
         ({"use_qalora": True}, "use_qalora", "QA-LoRA"),

@@ -6,7 +6,12 @@ import pytest
 
 from loramux.core.config import Settings
 from loramux.server.adapters import LinearShape
-from loramux.server.device_memory import activation_bytes, adapter_slot_bytes, cuda_kv_budget
+from loramux.server.device_memory import (
+    activation_bytes,
+    adapter_slot_bytes,
+    cuda_kv_budget,
+    token_rows_bytes,
+)
 
 GIB = 1 << 30
 # One Llama-3-8B decoder layer's adaptable projections (q, k, v, o, gate, up, down).
@@ -26,6 +31,12 @@ def test_adapter_slots_count_a_b_and_a_scale_per_rank_row() -> None:
     # rank 16: (64 + 64) x 2 bytes + 4 and (64 + 128) x 2 + 4 per rank row, 3 slots
     assert adapter_slot_bytes(shapes, 16, 3, element_size=2) == 3 * 16 * (260 + 388)
     assert adapter_slot_bytes(shapes, 16, 3, element_size=1) == 3 * 16 * (132 + 196)
+
+
+def test_token_rows_count_an_id_and_a_bf16_row_each() -> None:
+    # SmolLM2 (hidden 576), 32 slots at the default cap of 64 rows: 2.4 MB
+    assert token_rows_bytes(576, 64, 32) == 32 * 64 * (8 + 1152) == 2_375_680
+    assert token_rows_bytes(576, 0, 32) == 0
 
 
 def test_llama3_8b_slots_at_rank_64() -> None:

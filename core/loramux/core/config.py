@@ -218,6 +218,13 @@ class Settings:
     )
     max_loaded_adapters: int = setting(32, "adapter slots on the device", "engine")
     max_cpu_adapters: int = setting(256, "adapters kept in CPU memory (LRU)", "engine")
+    max_trainable_tokens: int = setting(
+        64,
+        "most embedding rows one adapter may bring (PEFT's trainable_token_indices); each "
+        "costs a row of the embedding on the device while the adapter is loaded (0: refuse "
+        "adapters with trainable tokens)",
+        "engine",
+    )
     max_composed_adapters: int = setting(
         4, "most adapters one request may combine (GenerateRequest.adapters)", "engine"
     )
@@ -362,6 +369,10 @@ class Settings:
             )
         if self.compute_threads < 0:
             raise ValueError(f"--compute-threads must be >= 0, got {self.compute_threads}")
+        if self.max_trainable_tokens < 0:
+            raise ValueError(
+                f"--max-trainable-tokens must be >= 0 (0: none), got {self.max_trainable_tokens}"
+            )
         if self.max_cpu_adapters < self.max_loaded_adapters:
             raise ValueError("--max-cpu-adapters must be >= --max-loaded-adapters")
         if not 0 < self.max_adapter_weight < float("inf"):

@@ -39,20 +39,22 @@ from loramux.core.errors import (
 from loramux.server.adapters import (
     AdapterSpec,
     AdapterWeights,
+    EmbeddingShape,
     LinearShape,
     inspect_adapter,
     read_config,
 )
 from loramux.server.composition import (
-    DORA_NOT_COMPOSED,
     WeightedAdapter,
     compose,
     composite_id,
     composite_spec,
+    not_composable,
 )
 from loramux.server.lora import MultiLoraLinear, SlotTable, lora_groups
 from loramux.server.lora.dora import dora_scales
 from loramux.server.lora.experts import expert_weights_of
+from loramux.server.lora.tokens import TokenTable
 from loramux.server.threads import one_thread, use_one_thread
 
 if TYPE_CHECKING:
@@ -92,7 +94,8 @@ class _Entry:
     generation: int = 0  # bumped when a deleted entry is stored again (stale loads are dropped)
     parts: tuple[WeightedAdapter, ...] = ()  # a composition of these adapters (else a folder)
     incarnation: int = 0  # unique per store over entries and revivals (names its KV identity)
-    uses_dora: tuple[Path, bool] | None = None  # (the folder read, its use_dora) once asked
+    # (the folder read, why it cannot be composed: DoRA, trainable tokens; None) once asked
+    refusal: tuple[Path, str | None] | None = None
     stats: AdapterStats = field(default_factory=AdapterStats)
 
     @property
@@ -116,6 +119,8 @@ class AdapterStore:
         module_names: Sequence[str] | None = None,
         experts: Mapping[str, MultiLoraExperts] | None = None,
         base_experts: Mapping[str, ExpertShape] | None = None,
+        tokens: TokenTable | None = None,
+        embedding: EmbeddingShape | None = None,
         retry_backoff: tuple[float, float] = (1.0, 60.0),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -135,6 +140,10 @@ class AdapterStore:
         # target in them (`target_parameters`); none on a dense base.
         self._experts = dict(experts or {})
         self._base_experts = dict(base_experts or {})
+        # Trainable tokens' rows per slot, and the embedding they are checked against
+        # (None: adapters with trainable tokens are refused)
+        self._tokens = tokens
+        self._embedding = embedding if tokens is not None else None
         self._retry_backoff = retry_backoff  # (first wait, longest wait) after a failed load
         self._clock = clock
         self.max_loaded = max_loaded
@@ -166,6 +175,7 @@ class AdapterStore:
             module_names=self._module_names,
             load=True,
             base_experts=self._base_experts,
+            embedding=self._embedding,
         )
 
     def register(
@@ -209,7 +219,7 @@ class AdapterStore:
     def weighted(self, parts: Sequence[WeightedAdapter], field: str = "adapters") -> str | None:
         """The engine id serving these weighted adapters: None (the base model) when every
         weight is 0, the adapter itself alone at weight 1, else a composition (of no DoRA
-        adapter: `field`[i].name names one)."""
+        adapter nor one with trainable tokens: `field`[i].name names one)."""
         with self._lock:
             entries = [self._get(part.adapter_id) for part in parts]  # NotFound first
         live = [p for p in parts if p.weight != 0]
@@ -218,23 +228,25 @@ class AdapterStore:
         if len(live) == 1 and live[0].weight == 1.0:
             return live[0].adapter_id
         for i, (part, entry) in enumerate(zip(parts, entries, strict=True)):
-            if part.weight != 0 and self._uses_dora(entry):
-                raise InvalidArgument(f"{field}[{i}].name", DORA_NOT_COMPOSED)
+            refusal = self._refusal(entry) if part.weight != 0 else None
+            if refusal is not None:
+                raise InvalidArgument(f"{field}[{i}].name", refusal)
         return self.compose(live)
 
     @staticmethod
-    def _uses_dora(entry: _Entry) -> bool:
-        """Whether the entry's adapter_config.json says use_dora (read once per entry: a
-        registry record does not say). Unreadable files: False here, the load says why."""
+    def _refusal(entry: _Entry) -> str | None:
+        """Why the entry's adapter cannot be composed, from its adapter_config.json (read
+        once per entry: a registry record does not say). Unreadable files: None here, the
+        load says why."""
         if entry.parts:
-            return False
-        if entry.uses_dora is None or entry.uses_dora[0] != entry.path:
+            return None
+        if entry.refusal is None or entry.refusal[0] != entry.path:
             try:
-                dora = read_config(entry.path).get("use_dora") is True
+                refusal = not_composable(read_config(entry.path))
             except LoramuxError:
-                return False
-            entry.uses_dora = (entry.path, dora)
-        return entry.uses_dora[1]
+                return None
+            entry.refusal = (entry.path, refusal)
+        return entry.refusal[1]
 
     def compose(self, parts: Sequence[WeightedAdapter]) -> str:
         """The engine id of a slot serving the weighted sum of these adapters (see
@@ -362,6 +374,7 @@ class AdapterStore:
                 if placement is not None:
                     used_bytes += per_slot[placement.width]
                     used_bytes += dora_row if self._table.dora_index(slot) else 0
+                    used_bytes += self._tokens.nbytes(slot) if self._tokens is not None else 0
                 # expert LoRA: a slot takes its share of a stack only where it holds weights
                 used_bytes += sum(
                     e.slot_nbytes for e in self._experts.values() if slot in e.occupied
@@ -496,6 +509,8 @@ class AdapterStore:
                 weights = expert_weights_of(entry.cpu.experts, name)
                 if weights:
                     experts.install(slot, weights)
+            if self._tokens is not None:
+                self._tokens.install(slot, entry.cpu.tokens)
         entry.slot = slot
         self._device_lru[entry.adapter_id] = None
         self._cpu_lru.move_to_end(entry.adapter_id) if entry.adapter_id in self._cpu_lru else None
@@ -509,6 +524,8 @@ class AdapterStore:
                 group.forget(entry.slot)
             for experts in self._experts.values():
                 experts.forget(entry.slot)
+            if self._tokens is not None:
+                self._tokens.forget(entry.slot)
             self._table.remove(entry.slot)
             for group in self._groups:
                 group.fit()  # an emptied rank class gives its memory back

@@ -60,6 +60,9 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?
 # adds both to exactly this suffix, and to nothing else)
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector$")
 MAGNITUDE = "M"  # the part name of a magnitude vector beside "A" and "B"
+# Trainable tokens' rows, as PEFT saves them on the input embedding (its tied output layer's
+# copy is not saved: PEFT ties it back when loading)
+_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 # The adapter name PeftModel.from_pretrained loads a key carrying one under; any other name
 # leaves the layer as initialised (PEFT warns of missing keys), so such a key is refused.
 _PEFT_ADAPTER_NAME = "default"
@@ -82,6 +85,16 @@ class ExpertShape:
 
 
 @dataclass(frozen=True)
+class EmbeddingShape:
+    """The base model's input embedding, for checking trainable tokens against it."""
+
+    name: str  # its module name, e.g. "model.embed_tokens"
+    vocab: int  # rows of the embedding matrix (token ids must be below it)
+    hidden: int  # its width (each trainable token's row is [hidden])
+    max_rows: int  # the server's max_trainable_tokens: most rows one adapter may bring
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """What an adapter is, once checked against a base model."""
 
@@ -96,6 +109,7 @@ class AdapterSpec:
     use_dora: bool = False  # DoRA (a magnitude vector per module); False where not known
     # expert parameters it adapts (PEFT's target_parameters, short names: "gate_up_proj")
     target_parameters: tuple[str, ...] = ()
+    trainable_tokens: int = 0  # embedding rows it brings (trainable_token_indices)
 
 
 @dataclass(frozen=True)
@@ -129,6 +143,29 @@ class ExpertWeights:
 
 
 @dataclass(frozen=True)
+class TokenRows:
+    """One adapter's trainable tokens, sorted by token id (lookups use searchsorted)."""
+
+    ids: torch.Tensor  # [n] int64, sorted, distinct, each in [0, vocab)
+    rows: torch.Tensor  # [n, hidden] in the embedding's dtype: the replacement rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.numel() * self.ids.element_size() + (
+            self.rows.numel() * self.rows.element_size()
+        )
+
+    @staticmethod
+    def sorted(ids: list[int], rows: torch.Tensor) -> TokenRows:
+        """From PEFT's order (`trainable_token_indices`, the delta's rows) to sorted ids."""
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        return TokenRows(
+            ids=torch.tensor([ids[i] for i in order], dtype=torch.long),
+            rows=rows[torch.tensor(order, dtype=torch.long)].contiguous(),
+        )
+
+
+@dataclass(frozen=True)
 class AdapterWeights:
     """An adapter held in CPU memory (the middle tier of the adapter store)."""
 
@@ -136,6 +173,7 @@ class AdapterWeights:
     modules: Mapping[str, ModuleWeights]  # full module name in the base model -> weights
     # full parameter name in the base model ("...mlp.experts.down_proj") -> expert LoRA
     experts: Mapping[str, ExpertWeights] = dataclass_field(default_factory=dict)
+    tokens: TokenRows | None = None  # its trainable tokens' embedding rows, if any
 
     @property
     def uses_dora(self) -> bool:
@@ -150,7 +188,8 @@ class AdapterWeights:
             if t is not None
         ]
         experts = sum(w.nbytes for w in self.experts.values())
-        return sum(t.numel() * t.element_size() for t in tensors) + experts
+        tokens = 0 if self.tokens is None else self.tokens.nbytes
+        return sum(t.numel() * t.element_size() for t in tensors) + experts + tokens
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -211,6 +250,7 @@ _APPLIED_FIELDS = frozenset(
         "bias",
         "use_dora",  # served: a magnitude vector per module (lora/dora.py)
         "target_parameters",  # served on fused MoE experts only (lora/experts.py)
+        "trainable_token_indices",  # served: embedding rows per adapter (lora/tokens.py)
     }
 )
 # Set to anything but their default, these change what the adapter computes in ways the
@@ -218,8 +258,9 @@ _APPLIED_FIELDS = frozenset(
 _UNSUPPORTED_FIELDS = {
     "lora_bias": "LoRA with a bias on lora_B is not supported (train with lora_bias=False)",
     "modules_to_save": "adapters that replace whole modules (modules_to_save) are not "
-    "supported; only LoRA matrices are",
-    "trainable_token_indices": "trainable tokens (new embedding rows) are not supported",
+    "supported (a whole embed_tokens or lm_head is a copy of the model's largest matrix per "
+    "adapter); only LoRA matrices are. To train new or special tokens' embeddings, use "
+    "trainable_token_indices (served: only those rows are saved)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported: "
     "PEFT applies it only after the invocation tokens",
     "layer_replication": "layer_replication duplicates base layers; not supported",
@@ -274,6 +315,8 @@ class LoraSettings:
     alpha_pattern: dict[str, float]
     use_dora: bool
     target_parameters: tuple[str, ...] = ()  # PEFT's parameter name suffixes
+    # trainable_token_indices as written: a list of token ids, or {layer name: ids}
+    token_indices: Any = None
 
 
 def _check_config(config: dict[str, Any]) -> LoraSettings:
@@ -338,6 +381,7 @@ def _check_config(config: dict[str, Any]) -> LoraSettings:
         alpha_pattern=patterns["alpha_pattern"],
         use_dora=use_dora,
         target_parameters=target_parameters,
+        token_indices=config.get("trainable_token_indices"),
     )
 
 
@@ -551,20 +595,6 @@ def _module_name(key: str) -> tuple[str, str]:
     return match["module"].removeprefix(PEFT_PREFIX), match["part"]
 
 
-def _check_values(tensor: torch.Tensor, key: str) -> None:
-    """No NaN or Inf, nothing beyond MAX_ABS_VALUE; the error names the tensor."""
-    # min and max in one pass (NaN propagates into both): far cheaper than
-    # isfinite().all() or a float64 sum on bf16, and it bounds the values too.
-    low, high = (float(v) for v in torch.aminmax(tensor))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
-    if max(-low, high) > MAX_ABS_VALUE:
-        raise InvalidArgument(
-            WEIGHTS_FILE,
-            f"{key} holds values up to {max(-low, high):g}, beyond {MAX_ABS_VALUE:g}",
-        )
-
-
 def _read_experts(
     tensors: Mapping[str, torch.Tensor],
     parts: Mapping[str, ExpertParts],
@@ -617,6 +647,35 @@ def _read_weights(
     return modules
 
 
+def _read_tokens(
+    tensors: Mapping[str, torch.Tensor], tokens: tuple[list[int], str] | None
+) -> TokenRows | None:
+    """Trainable tokens' checked rows (`tokens`: their ids and tensor key, from
+    _check_tokens), or None."""
+    if tokens is None:
+        return None
+    ids, key = tokens
+    _check_values(tensors[key], key)
+    # kept in float32 here; the token table casts to the embedding's dtype on the device,
+    # as PEFT's index_copy casts the delta to the weight's
+    return TokenRows.sorted(ids, tensors[key].float())
+
+
+def _check_values(tensor: torch.Tensor, key: str) -> None:
+    """Finite and within MAX_ABS_VALUE. min and max in one pass (NaN propagates into both):
+    far cheaper than isfinite().all() or a float64 sum on bf16, and it bounds the values."""
+    if tensor.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(tensor))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise InvalidArgument(WEIGHTS_FILE, f"{key} holds NaN or Inf values")
+    if max(-low, high) > MAX_ABS_VALUE:
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{key} holds values up to {max(-low, high):g}, beyond {MAX_ABS_VALUE:g}",
+        )
+
+
 def inspect_adapter(
     folder: Path,
     base_linears: Mapping[str, LinearShape],
@@ -626,6 +685,7 @@ def inspect_adapter(
     load: bool = True,
     dtype: torch.dtype = torch.bfloat16,
     base_experts: Mapping[str, ExpertShape] | None = None,
+    embedding: EmbeddingShape | None = None,
 ) -> AdapterWeights:
     """Check a PEFT adapter folder against the base model and (optionally) read its weights.
 
@@ -633,6 +693,8 @@ def inspect_adapter(
     matching target_modules as PEFT does; without it, the linear layers and their parents.
     `base_experts`: the base model's fused experts parameters (`lora.experts`), in each
     module's declaration order, which `target_parameters` may name.
+    `embedding`: the base model's input embedding and the server's row cap, for adapters
+    with trainable tokens (without it, they are refused).
     Raises InvalidArgument for malformed or unsupported files and FailedPrecondition for
     adapters that are well-formed but do not fit this base model or the server's limits.
     """
@@ -652,6 +714,7 @@ def inspect_adapter(
     config = read_config(folder)
     settings = _check_config(config)
     header = _read_header(weights_path)
+    tokens = _check_tokens(settings.token_indices, header, embedding)
     shapes = _weight_shapes(header)
     expert_parts = _expert_parts(settings, shapes, base_experts or {}, max_rank)
     ranks = _check_shapes(shapes, base_linears, max_rank, settings.use_dora)
@@ -690,6 +753,7 @@ def inspect_adapter(
         )
     modules: dict[str, ModuleWeights] = {}
     experts: dict[str, ExpertWeights] = {}
+    token_rows = None
     if load:
         try:
             # The whole file through `safetensors.torch.load`, not `safe_open(...)
@@ -701,6 +765,7 @@ def inspect_adapter(
             raise InvalidArgument(WEIGHTS_FILE, f"corrupt: {exc}") from exc
         modules = _read_weights(tensors, shapes, scalings, dtype)
         experts = _read_experts(tensors, expert_parts, base_experts or {}, expert_scaling, dtype)
+        token_rows = _read_tokens(tensors, tokens)
 
     all_ranks = [*ranks.values(), *(part.rank for part in expert_parts.values())]
     spec = AdapterSpec(
@@ -714,8 +779,89 @@ def inspect_adapter(
         modules=len(shapes) + len(expert_parts),
         use_dora=settings.use_dora,
         target_parameters=tuple(sorted({n.rsplit(".", 1)[-1] for n in expert_parts})),
+        trainable_tokens=0 if tokens is None else len(tokens[0]),
     )
-    return AdapterWeights(spec=spec, modules=modules, experts=experts)
+    return AdapterWeights(spec=spec, modules=modules, experts=experts, tokens=token_rows)
+
+
+def _check_tokens(
+    indices: Any, header: Mapping[str, Any], embedding: EmbeddingShape | None
+) -> tuple[list[int], str] | None:
+    """trainable_token_indices and the rows the weights file holds for them, checked against
+    the base model's embedding: (the ids in PEFT's order, the tensor's key), or None.
+
+    A list is PEFT's form for the input embedding; a dict names layers, and only the input
+    embedding's entry is served (PEFT ties the output layer to it where the model ties its
+    weights; an untied lm_head of its own would be a second table, not served).
+    """
+    field = "trainable_token_indices"
+    saved = [k for k in header if k != "__metadata__" and k.endswith(_TOKENS_SUFFIX)]
+    if _inert(indices):
+        if saved:
+            raise InvalidArgument(
+                field, f"the weights file holds {saved[0][:200]} but {CONFIG_FILE} sets no {field}"
+            )
+        return None
+    if embedding is None or embedding.max_rows == 0:
+        raise FailedPrecondition(
+            field, "trainable tokens are not served here (this server's max_trainable_tokens is 0)"
+        )
+    if isinstance(indices, dict):
+        if len(indices) != 1:
+            raise InvalidArgument(
+                field,
+                f"names {len(indices)} layers: only the input embedding's trainable tokens are "
+                "served (the output layer follows it where the model ties them)",
+            )
+        ((layer, ids),) = indices.items()
+        if not isinstance(layer, str) or not (
+            embedding.name == layer or embedding.name.endswith("." + layer)
+        ):
+            raise InvalidArgument(
+                field,
+                f"{str(layer)[:80]!r} is not the input embedding ({embedding.name}): only its "
+                "trainable tokens are served",
+            )
+    else:
+        ids = indices
+    if not isinstance(ids, list) or not all(_natural(i) for i in ids):
+        raise InvalidArgument(field, "must be a list of token ids (non-negative integers)")
+    if len(ids) > embedding.max_rows:
+        raise FailedPrecondition(
+            field,
+            f"{len(ids)} token rows, above this server's max_trainable_tokens "
+            f"({embedding.max_rows})",
+        )
+    outside = [i for i in ids if i >= embedding.vocab]
+    if outside:
+        raise InvalidArgument(
+            field,
+            f"token id {outside[0]} is outside the base model's vocabulary of "
+            f"{embedding.vocab} (adapter for another base model or a resized embedding?)",
+        )
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument(field, "lists a token id twice")
+    key = PEFT_PREFIX + embedding.name + _TOKENS_SUFFIX
+    others = [k for k in saved if k != key]
+    if others:
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{others[0][:200]}: only {key} (the input embedding's rows) is served",
+        )
+    if key not in header:
+        raise InvalidArgument(
+            WEIGHTS_FILE, f"{key} is missing: {field} is set, and PEFT would start its rows anew"
+        )
+    info = header[key]
+    if info["dtype"] not in _FLOAT_DTYPES:
+        raise InvalidArgument(WEIGHTS_FILE, f"{key}: dtype {info['dtype']} is not a float")
+    if info["shape"] != [len(ids), embedding.hidden]:
+        raise InvalidArgument(
+            WEIGHTS_FILE,
+            f"{key}: shape {info['shape']}, expected [{len(ids)}, {embedding.hidden}] (one row "
+            f"of the embedding's width per id in {field})",
+        )
+    return list(ids), key
 
 
 def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -826,7 +972,7 @@ def _expert_pair(
 def _weight_shapes(header: Mapping[str, Any]) -> Shapes:
     shapes: Shapes = {}
     for key, info in header.items():
-        if key == "__metadata__":
+        if key == "__metadata__" or key.endswith(_TOKENS_SUFFIX):  # see _check_tokens
             continue
         module, part = _module_name(key)
         if info["dtype"] not in _FLOAT_DTYPES:

@@ -18,6 +18,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -36,6 +37,22 @@ DORA_NOT_COMPOSED = (
     "a DoRA adapter (use_dora) cannot be weighted or composed: PEFT defines no weighted or "
     "combined DoRA adapter (add_weighted_adapter has no DoRA form); use it alone at weight 1"
 )
+
+# PEFT's add_weighted_adapter refuses adapters with trainable tokens (it combines LoRA
+# layers only); a weighted sum of replaced embedding rows is not defined either.
+TOKENS_NOT_COMPOSED = (
+    "an adapter with trainable tokens (trainable_token_indices) cannot be weighted or "
+    "composed: PEFT defines no weighted sum of replaced embedding rows; use it alone at weight 1"
+)
+
+
+def not_composable(config: dict[str, Any]) -> str | None:
+    """Why an adapter with this adapter_config.json cannot be weighted or composed, if so."""
+    if config.get("use_dora") is True:
+        return DORA_NOT_COMPOSED
+    if config.get("trainable_token_indices") not in (None, [], {}):
+        return TOKENS_NOT_COMPOSED
+    return None
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,8 @@ def compose(parts: Sequence[tuple[AdapterWeights, float]]) -> AdapterWeights:
         raise InvalidArgument("adapters", DORA_NOT_COMPOSED)
     if any(weights.experts for weights, _ in parts):
         raise InvalidArgument("adapters", EXPERTS_NOT_COMPOSED)
+    if any(weights.tokens is not None for weights, _ in parts):
+        raise InvalidArgument("adapters", TOKENS_NOT_COMPOSED)
     names = sorted({name for weights, _ in parts for name in weights.modules})
     modules: dict[str, ModuleWeights] = {}
     for name in names:

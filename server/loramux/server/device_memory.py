@@ -55,6 +55,12 @@ def adapter_slot_bytes(
     return slots * per_adapter
 
 
+def token_rows_bytes(hidden: int, max_rows: int, slots: int) -> int:
+    """Device bytes of `slots` adapters' trainable tokens at the --max-trainable-tokens cap:
+    per row an int64 id and a bf16 row of the embedding's width (`lora/tokens.py`)."""
+    return slots * max_rows * (8 + 2 * hidden)
+
+
 def activation_bytes(
     max_batch_tokens: int, max_batch_size: int, hidden: int, intermediate: int, vocab: int
 ) -> int:

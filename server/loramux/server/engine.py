@@ -55,7 +55,12 @@ from loramux.core.prompts import PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.detokenize import IncrementalText
-from loramux.server.device_memory import activation_bytes, adapter_slot_bytes, cuda_kv_budget
+from loramux.server.device_memory import (
+    activation_bytes,
+    adapter_slot_bytes,
+    cuda_kv_budget,
+    token_rows_bytes,
+)
 from loramux.server.kv_blocks import ROOT_DIGEST, BlockPool, block_digest
 from loramux.server.kv_cache import PagedKVCache
 from loramux.server.logprobs import score
@@ -67,6 +72,7 @@ from loramux.server.lora import (
     wrap_linear_layers,
 )
 from loramux.server.lora.experts import base_expert_shapes, wrap_experts
+from loramux.server.lora.tokens import TokenTable, embedding_shape
 from loramux.server.model_support import check_quantized, probe_model
 from loramux.server.nf4 import use_nf4_kernel
 from loramux.server.paged_attention import choose_kernel
@@ -204,6 +210,7 @@ class Engine:
         self._lora: LoraContext | None = None
         layers = {}
         experts: dict[str, MultiLoraExperts] = {}
+        tokens: TokenTable | None = None
         if enable_lora:
             # The backend for this platform and the slot format, chosen once here.
             self._lora = make_context(
@@ -214,6 +221,7 @@ class Engine:
             )
             layers = wrap_linear_layers(model, self._lora, device)
             experts = wrap_experts(model, self._lora, device)
+            tokens = TokenTable(model, device)
         self._cv = threading.Condition()
         self.adapters = AdapterStore(
             layers,
@@ -226,6 +234,8 @@ class Engine:
             module_names=module_names,
             experts=experts,
             base_experts=base_experts if enable_lora else {},
+            tokens=tokens,
+            embedding=embedding_shape(model, settings.max_trainable_tokens),
         )
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
@@ -250,7 +260,14 @@ class Engine:
                 f"model has {shape.attention_variant}"
             )
         self.runner = ModelRunner(
-            model, self._lora, pad, num_blocks, settings.kv_block_size, shape, attention_kernel
+            model,
+            self._lora,
+            pad,
+            num_blocks,
+            settings.kv_block_size,
+            shape,
+            attention_kernel,
+            tokens=tokens,
         )
         self.blocks = BlockPool(
             num_blocks, settings.kv_block_size, prefix_caching=settings.prefix_caching
@@ -343,6 +360,11 @@ class Engine:
                     settings.max_loaded_adapters,
                     element_size=1 if settings.lora_slot_dtype == "int8" else 2,
                     experts=experts.values(),
+                )
+                + token_rows_bytes(
+                    config.hidden_size,
+                    settings.max_trainable_tokens,
+                    settings.max_loaded_adapters,
                 ),
                 activation_bytes(
                     settings.max_batch_tokens,

@@ -31,6 +31,7 @@ from loramux.server.kv_cache import (
     SegmentGroup,
 )
 from loramux.server.lora import LoraBatchMetadata, LoraContext
+from loramux.server.lora.tokens import TokenTable
 from loramux.server.model_support import ModelShape
 
 
@@ -71,6 +72,7 @@ class ModelRunner:
         block_size: int,
         shape: ModelShape,
         attention_kernel: PoolAttention | None = None,
+        tokens: TokenTable | None = None,
     ) -> None:
         self.model = model
         # The family's own step from the output layer to its logits (model_support.py).
@@ -81,6 +83,9 @@ class ModelRunner:
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.lora = lora
+        # Adapters' trainable tokens: their embedding rows (and tied logit columns) for
+        # their own rows of the batch; None or no such slot in a pass: the model's own.
+        self.tokens = tokens
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.dtype = torch.bfloat16
@@ -114,13 +119,17 @@ class ModelRunner:
         mask: torch.Tensor,  # [rows, 1, T, kv_length] additive (ragged: per group instead)
         layout: PagedLayout | RaggedLayout,
         routing: LoraBatchMetadata | None,
+        token_slots: list[int],  # [rows] or [rows * T]: the adapter slot of each row or token
     ) -> torch.Tensor:  # [rows, T, hidden]
         self.cache.layout = layout
         if self.lora is not None:
             self.lora.batch = routing
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        if self.tokens is not None and self.tokens.active(token_slots):
+            inputs = {"inputs_embeds": self.tokens.embed(input_ids, token_slots)}
         try:
             out = self.decoder(
-                input_ids=input_ids,
+                **inputs,
                 attention_mask=mask,
                 position_ids=position_ids,
                 use_cache=True,
@@ -132,8 +141,15 @@ class ModelRunner:
                 self.lora.batch = None
         return out.last_hidden_state
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, hidden] -> [rows, vocab]
-        return self.logit_transform(self.lm_head(hidden)).float()
+    def _logits(
+        self,
+        hidden: torch.Tensor,  # [rows, hidden]
+        row_slots: list[int],  # [rows]: each row's adapter slot (its trainable tokens' logits)
+    ) -> torch.Tensor:  # [rows, vocab] float32
+        logits = self.lm_head(hidden)
+        if self.tokens is not None and self.tokens.active(row_slots):
+            logits = self.tokens.patch_logits(logits, hidden, row_slots)
+        return self.logit_transform(logits).float()
 
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
         """Run each row's chunk; return the logits after its last token [rows, vocab] float32,
@@ -175,10 +191,14 @@ class ModelRunner:
             self._routing(
                 batch.slots, width, [(i * width, len(p)) for i, p in enumerate(batch.prompts)]
             ),
+            batch.slots,
         )
         last = hidden[torch.arange(rows, device=self.device), lengths - 1]
         scored = [hidden[i, : len(batch.prompts[i])] for i in batch.scored_rows()]
-        return self._logits(torch.cat([last, *scored]) if scored else last)
+        row_slots = batch.slots + [
+            batch.slots[i] for i in batch.scored_rows() for _ in batch.prompts[i]
+        ]
+        return self._logits(torch.cat([last, *scored]) if scored else last, row_slots)
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """Advance every decoding row by one token; return logits [rows, vocab] float32."""
@@ -203,8 +223,9 @@ class ModelRunner:
             mask,
             layout,
             self._routing(batch.slots, 1),
+            batch.slots,
         )
-        return self._logits(hidden[:, -1])
+        return self._logits(hidden[:, -1], batch.slots)
 
     def mixed(
         self, decode: DecodeBatch, prefill: PrefillBatch
@@ -255,11 +276,12 @@ class ModelRunner:
                 self._kernel_batch(by_kernel) if by_kernel else None,
             ),
             self._routing(slots, 1, prompts),
+            slots,
         )
         for i in prefill.scored_rows():
             first, count = prompts[i]
             lasts += range(first, first + count)
-        logits = self._logits(hidden[0, lasts])
+        logits = self._logits(hidden[0, lasts], [slots[i] for i in lasts])
         rows = len(decode.tokens)
         return logits[:rows], logits[rows:]
 

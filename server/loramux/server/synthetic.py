@@ -34,6 +34,8 @@ def write_random_adapter(
     alpha_pattern: Mapping[str, float] | None = None,
     dora_weights: Mapping[str, torch.Tensor] | None = None,
     dora_spread: float = 0.1,
+    trainable_tokens: tuple[Sequence[int], torch.Tensor] | None = None,
+    embedding_name: str = "model.embed_tokens",
 ) -> Path:
     """Write an adapter with random A and B on `targets` (short names; None = all linear).
 
@@ -41,6 +43,8 @@ def write_random_adapter(
     matches them). `dora_weights`: the base's dequantised weights [out, in] by module name,
     to make a DoRA adapter: each magnitude is the norm of its row of `W + scaling * B A`
     (the g of PEFT's DoRA would be 1) times a random factor in [1 - spread, 1 + spread].
+    `trainable_tokens`: (token ids, their rows [n, hidden]) saved as PEFT saves
+    trainable_token_indices on the input embedding `embedding_name`.
     """
     generator = torch.Generator().manual_seed(seed)
     chosen = {
@@ -61,6 +65,9 @@ def write_random_adapter(
             norm = torch.linalg.norm(dora_weights[name] + scaling * (b.float() @ a.float()), dim=1)
             jitter = 1 + dora_spread * (2 * torch.rand(norm.shape, generator=generator) - 1)
             tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (norm * jitter).contiguous()
+    if trainable_tokens is not None:
+        key = f"{PEFT_PREFIX}{embedding_name}.token_adapter.trainable_tokens_delta"
+        tensors[key] = trainable_tokens[1].contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {
@@ -80,6 +87,8 @@ def write_random_adapter(
         "alpha_pattern": dict(alpha_pattern or {}),
         "inference_mode": True,
     }
+    if trainable_tokens is not None:
+        config["trainable_token_indices"] = [int(i) for i in trainable_tokens[0]]
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return folder
 

@@ -98,6 +98,8 @@ def render_model_card(info: CardInfo) -> str:
     ]
     if info.loss_curve:
         lines += [f"![loss curve]({info.loss_curve})", ""]
+    # QLoRA trains these rows of the embedding too (PEFT's trainable_token_indices)
+    tokens = ", ".join(f"`{t}`" for t in o.get("trainable_tokens") or []) or "none"
     lines += [
         "## Training settings",
         "",
@@ -111,6 +113,7 @@ def render_model_card(info: CardInfo) -> str:
         f"| target modules | {targets} |",
         f"| rsLoRA | {'yes' if o['use_rslora'] else 'no'} |",
         f"| DoRA | {'yes' if o.get('use_dora') else 'no'} |",
+        f"| trainable tokens | {tokens} |",
         f"| learning rate / scheduler / warmup | {o['learning_rate']:g} / {o['lr_scheduler']} / "
         f"{o['warmup']:g} |",
         f"| batch size x gradient accumulation | {o['batch_size']} x {o['grad_accum']} |",

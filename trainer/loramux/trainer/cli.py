@@ -116,6 +116,14 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="DoRA (PEFT's use_dora): LoRA plus a trained magnitude per output channel; "
         "served like any adapter, but not weighted or composed",
     )
+    lora.add_argument(
+        "--trainable-tokens",
+        type=_csv,
+        default=[],  # a list: argparse passes a string default through _csv, which refuses ""
+        help="train these tokens' embedding rows too (PEFT's trainable_token_indices), e.g. "
+        "'<|im_start|>,<|im_end|>' or ids '1,2': each must be one token of the tokenizer; "
+        "served up to the server's --max-trainable-tokens, not weighted or composed",
+    )
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument(
@@ -285,6 +293,7 @@ def _options(args: argparse.Namespace) -> TrainOptions:
         target_modules=list(args.target_modules),
         use_rslora=args.use_rslora,
         use_dora=args.use_dora,
+        trainable_tokens=list(args.trainable_tokens),
         learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler,
         warmup=args.warmup,

@@ -47,6 +47,9 @@ class TrainOptions:
     target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
     use_rslora: bool = False
     use_dora: bool = False  # DoRA: PEFT's use_dora, a magnitude per output channel
+    # Trainable tokens (PEFT's trainable_token_indices): token strings or ids as given;
+    # their embedding rows are trained and saved beside the LoRA matrices. Empty: none.
+    trainable_tokens: list[str] = field(default_factory=list)
     # -- optimisation --
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
@@ -92,6 +95,12 @@ class TrainOptions:
         need(_finite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "> 0")
         need(_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
         need(bool(self.target_modules) and all(self.target_modules), "target_modules", "non-empty")
+        need(all(self.trainable_tokens), "trainable_tokens", "token strings or ids, none empty")
+        need(
+            len(set(self.trainable_tokens)) == len(self.trainable_tokens),
+            "trainable_tokens",
+            "without repeats",
+        )
         need(
             _finite(self.learning_rate) and 0 < self.learning_rate < 1, "learning_rate", "in (0, 1)"
         )

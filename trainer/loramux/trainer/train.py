@@ -254,8 +254,40 @@ def kbit_checkpointing_keyword() -> str:
     return "gradient_checkpointing_kwargs"
 
 
+def trainable_token_ids(tokens: list[str], tokenizer: Any, vocab: int) -> list[int]:
+    """--trainable-tokens' items as token ids: a number is an id (below the embedding's
+    `vocab` rows), anything else must be exactly one token of the tokenizer (a chat
+    template's marker, an added token), never split or unknown: the row trained is then the
+    one that token's every occurrence reads."""
+    ids = []
+    for item in tokens:
+        if item.isdigit():
+            token_id = int(item)
+        else:
+            token_id = tokenizer.convert_tokens_to_ids(item)
+            unknown = tokenizer.unk_token_id
+            if not isinstance(token_id, int) or (unknown is not None and token_id == unknown):
+                raise InvalidArgument(
+                    "trainable_tokens",
+                    f"{item[:80]!r} is not one token of the tokenizer (add it to the tokenizer, "
+                    "or give its id)",
+                )
+        if not 0 <= token_id < vocab:
+            raise InvalidArgument(
+                "trainable_tokens", f"token id {token_id} is outside the vocabulary of {vocab}"
+            )
+        ids.append(token_id)
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("trainable_tokens", f"{tokens} name a token twice")
+    return ids
+
+
 def build_peft_model(
-    base: PreTrainedModel, resolved: ResolvedModel, options: TrainOptions, quantized: bool
+    base: PreTrainedModel,
+    resolved: ResolvedModel,
+    options: TrainOptions,
+    quantized: bool,
+    token_ids: list[int] | None = None,
 ) -> PeftModel:
     """Freeze the base, add LoRA matrices, and make gradient checkpointing work on it.
 
@@ -263,6 +295,8 @@ def build_peft_model(
     to fp32 for stable training; with gradient checkpointing on a frozen base the inputs must
     require grad, or backward finds no graph ("element 0 of tensors does not require grad").
     The non-reentrant checkpointing variant is the one PyTorch recommends.
+    `token_ids`: trainable tokens (`trainable_token_ids`), rows of the input embedding that
+    PEFT trains and saves (and ties to lm_head where the model ties them).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -286,6 +320,7 @@ def build_peft_model(
         target_modules=options.lora_target_modules,
         use_rslora=options.use_rslora,
         use_dora=options.use_dora,
+        trainable_token_indices=list(token_ids) if token_ids else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -408,6 +443,7 @@ def train(
     )
     tokenizer = load_tokenizer(resolved)
     data = _data(options, tokenizer)  # before any weights: bad data fails fast
+    token_ids = trainable_token_ids(options.trainable_tokens, tokenizer, len(tokenizer))
     for bad in data.bad_records:
         log.warning("skipped bad record %s", bad)
     resume_from = _prepare_output_dir(options) if ranks.is_main else find_checkpoint(options)
@@ -430,7 +466,7 @@ def train(
     attention = AttentionBackend.for_packing(options.packing, device.type)
     if attention is not None:
         attention.apply(base)
-    model = build_peft_model(base, resolved, options, quantized)
+    model = build_peft_model(base, resolved, options, quantized, token_ids)
     trainable, total = model.get_nb_trainable_parameters()
     say(
         f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / total:.2f}%) "
