@@ -34,6 +34,10 @@ CPU_PREFILL_ATTENTION_WHILE_DECODING = 65_536  # 64 tokens x 1,024 of context
 
 
 LOOPBACK = "127.0.0.1"
+# gRPC worker threads no tenant call may hold: the health service answers from the same
+# pool (grpcio's sync server has one pool per server and the health service must share the
+# port load balancers probe), so tenants together get --grpc-workers less these.
+HEALTH_THREADS = 2
 
 
 class MetricsLabels(enum.StrEnum):
@@ -273,8 +277,9 @@ class Settings:
     max_upload_bytes: int = setting(512 * 1024 * 1024, "largest adapter upload", "server")
     tenant_max_calls: int = setting(
         0,
-        "most gRPC calls one tenant may have in flight, any method (0: half of --grpc-workers); "
-        "below the worker pool, so one tenant's flood leaves threads for the others and health",
+        "most calls one tenant may have in flight and queued, any method, gRPC and HTTP counted "
+        "together (0: half of --grpc-workers, or of --http-workers when smaller and served); "
+        "below the worker pools, so one tenant's flood leaves threads for the others",
         "server",
     )
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
@@ -321,9 +326,22 @@ class Settings:
         return self.home / "models"
 
     @property
+    def smallest_pool(self) -> int:
+        """Threads of the smaller worker pool of the fronts served (--http-workers counts
+        only with --http-port): the per-tenant call cap must stay below it."""
+        return min(self.grpc_workers, self.http_workers) if self.http_port else self.grpc_workers
+
+    @property
     def calls_per_tenant(self) -> int:
-        """The effective --tenant-max-calls: below the gRPC worker pool, always."""
-        return self.tenant_max_calls or max(1, self.grpc_workers // 2)
+        """The effective --tenant-max-calls: one count over gRPC and HTTP, below both pools."""
+        return self.tenant_max_calls or max(1, self.smallest_pool // 2)
+
+    @property
+    def grpc_tenant_threads(self) -> int:
+        """gRPC worker threads all tenants' calls together may hold: the pool less
+        HEALTH_THREADS, so the health service (which answers from the same pool) always
+        finds a thread, whoever holds the rest."""
+        return max(1, self.grpc_workers - HEALTH_THREADS)
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the flag."""
@@ -355,9 +373,10 @@ class Settings:
             )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
-        if not 0 <= self.tenant_max_calls < self.grpc_workers:
+        if not 0 <= self.tenant_max_calls < self.smallest_pool:
+            pools = "--grpc-workers and --http-workers" if self.http_port else "--grpc-workers"
             raise ValueError(
-                f"--tenant-max-calls must be in 0..{self.grpc_workers - 1} (below --grpc-workers, "
+                f"--tenant-max-calls must be in 0..{self.smallest_pool - 1} (below {pools}, "
                 f"so one tenant cannot take every thread), got {self.tenant_max_calls}"
             )
         if self.compute_threads < 0:
