@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -26,6 +27,7 @@ import pytest
 from api_helpers import eventually, free_port, health_status
 from grpc_health.v1 import health_pb2
 from hardening_helpers import (
+    ADMIN_KEY,
     call,
     create_tenants,
     generate_request,
@@ -35,8 +37,12 @@ from hardening_helpers import (
 )
 from http_helpers import request_head
 
+from loramux.core.errors import RateLimited, retry_seconds
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer
+from loramux.server.rates import RateLimiter
+from loramux.server.registry import Quota
+from loramux.server.tenants import Principal
 from loramux.v1 import loramux_pb2 as pb
 
 CAP = 2  # --tenant-max-calls
@@ -203,3 +209,101 @@ def _unfinished_upload(release: threading.Event) -> Iterator[pb.UploadAdapterReq
     handler holds a gRPC thread waiting for the first message meanwhile."""
     release.wait(120)
     yield from ()
+
+
+# ---- rates per tenant ----
+
+WINDOW = 4.0  # --tenant-rate-window-seconds: short, so the window turns within the test
+
+
+@pytest.fixture
+def rated(home: Path, tiny_llama: ResolvedModel) -> Iterator[RunningServer]:
+    running = tiny_server(
+        home, tiny_llama, http_port=free_port(), tenant_rate_window_seconds=WINDOW
+    )
+    yield running
+    running.close()
+
+
+def _create(admin: Any, name: str, quota: pb.TenantQuota) -> str:
+    created = call(admin.CreateTenant, pb.CreateTenantRequest(name=name, quota=quota), ADMIN_KEY)
+    assert created.code == grpc.StatusCode.OK, created
+    answer = call(admin.CreateKey, pb.CreateKeyRequest(tenant=name), ADMIN_KEY)
+    return str(answer.response.key)
+
+
+def test_a_tenant_over_its_request_rate_is_told_when_to_retry(rated: RunningServer) -> None:
+    assert rated.http is not None
+    url = f"http://127.0.0.1:{rated.http.port}"
+    channel, inference, _, admin = stubs(f"127.0.0.1:{rated.port}")
+    model = _model(rated)
+    try:
+        limited = _create(admin, "limited", pb.TenantQuota(requests_per_minute=2))
+        thrifty = _create(admin, "thrifty", pb.TenantQuota(tokens_per_minute=4))
+        other = create_tenants(admin, ["other"])["other"]
+        listed = call(admin.ListTenants, pb.ListTenantsRequest(), ADMIN_KEY).response
+        quotas = {t.name: t.quota for t in listed.tenants}
+        assert quotas["limited"].requests_per_minute == 2
+        assert quotas["thrifty"].tokens_per_minute == 4
+
+        assert _complete(url, limited, model).status_code == 200
+        assert call(inference.Generate, generate_request("one"), limited).code == grpc.StatusCode.OK
+        refused = _complete(url, limited, model)
+        assert refused.status_code == 429, refused.text
+        assert "--tenant-requests-per-minute" in refused.json()["error"]["message"]
+        assert 1 <= int(refused.headers["Retry-After"]) <= WINDOW
+        over_grpc = _grpc_refusal(inference, limited)
+        assert over_grpc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        retry = dict(over_grpc.trailing_metadata() or ())["retry-after"]
+        assert 1 <= int(retry) <= WINDOW
+
+        for _ in range(3):  # another tenant, with the server's defaults: no limit
+            assert _complete(url, other, model).status_code == 200
+            assert call(inference.Generate, generate_request("x"), other).code == (
+                grpc.StatusCode.OK
+            )
+
+        # Tokens: the first request's 4 tokens spend the budget, the next waits.
+        assert _complete(url, thrifty, model).status_code == 200
+        spent = _complete(url, thrifty, model)
+        assert spent.status_code == 429 and "Retry-After" in spent.headers
+        assert "--tenant-tokens-per-minute" in spent.json()["error"]["message"]
+
+        # Once the window has turned, the limited tenant is served again.
+        assert eventually(
+            lambda: _complete(url, limited, model).status_code == 200, timeout=3 * WINDOW
+        )
+    finally:
+        channel.close()
+
+
+def _grpc_refusal(inference: Any, key: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as refused:
+        inference.Generate(generate_request("over"), metadata=_bearer(key), timeout=30)
+    return refused.value
+
+
+def test_rate_windows_turn_and_count_tokens_after_the_fact() -> None:
+    now = [100.0]
+    limiter = RateLimiter(requests=2, tokens=0, window=10.0, clock=lambda: now[0])
+    tenant = Principal("t", admin=False, quota=Quota(1, 1, 1, 1))
+    own = Principal("own", admin=False, quota=Quota(1, 1, 1, 1, requests_per_minute=1))
+    limiter.admit(tenant)
+    limiter.admit(tenant)
+    now[0] = 103.5
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit(tenant)
+    assert refused.value.retry_after == pytest.approx(6.5)
+    assert retry_seconds(refused.value) == 7
+    limiter.admit(own)  # its own budget (1) comes before the server's (2)
+    with pytest.raises(RateLimited):
+        limiter.admit(own)
+    now[0] = 110.0
+    limiter.admit(tenant)  # a new window
+
+    tokens = RateLimiter(tokens=5, window=10.0, clock=lambda: now[0])
+    tokens.admit(tenant)
+    tokens.spend("t", 8)  # one request may go over; the next waits
+    with pytest.raises(RateLimited):
+        tokens.admit(tenant)
+    assert RateLimiter().admit(tenant) is None  # no budgets: nothing counted

@@ -284,6 +284,23 @@ class Settings:
     )
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
     tenant_max_queued: int = setting(64, "default per-tenant queued requests", "server")
+    tenant_requests_per_minute: int = setting(
+        0,
+        "default per-tenant generation requests per minute, per replica (0: no limit; a "
+        "tenant's own budget from the admin API comes first)",
+        "server",
+    )
+    tenant_tokens_per_minute: int = setting(
+        0,
+        "default per-tenant generated tokens per minute, per replica (0: no limit; a tenant's "
+        "own budget from the admin API comes first)",
+        "server",
+    )
+    tenant_rate_window_seconds: float = setting(
+        60.0,
+        "the window the per-minute budgets count over (a minute; shorter only for tests)",
+        "server",
+    )
     tenant_max_adapters: int = setting(100, "default per-tenant stored adapter versions", "server")
     tenant_max_bytes: int = setting(
         10 * 1024 * 1024 * 1024, "default per-tenant stored adapter bytes", "server"
@@ -378,6 +395,14 @@ class Settings:
             raise ValueError(
                 f"--tenant-max-calls must be in 0..{self.smallest_pool - 1} (below {pools}, "
                 f"so one tenant cannot take every thread), got {self.tenant_max_calls}"
+            )
+        for name in ("tenant_requests_per_minute", "tenant_tokens_per_minute"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must be >= 0 (0: no limit)")
+        if not 0 < self.tenant_rate_window_seconds <= 3600:
+            raise ValueError(
+                "--tenant-rate-window-seconds must be in (0, 3600], "
+                f"got {self.tenant_rate_window_seconds}"
             )
         if self.compute_threads < 0:
             raise ValueError(f"--compute-threads must be >= 0, got {self.compute_threads}")

@@ -21,6 +21,7 @@ from loramux.server.changes import RegistryWatcher, forget_removed_adapters
 from loramux.server.engine import Engine
 from loramux.server.http.server import HttpServer, bind
 from loramux.server.metrics import METRICS_SALT, Metrics
+from loramux.server.rates import RateLimiter
 from loramux.server.registry import Quota, Registry
 from loramux.server.rpc import AdapterServicer, AdminServicer, InferenceServicer
 from loramux.server.state import ServerState, register_record
@@ -260,6 +261,11 @@ def _build_services(
         auth=auth,
         gate=ConcurrencyGate(settings.calls_per_tenant, {Front.GRPC: settings.grpc_tenant_threads}),
         metrics=metrics,
+        rates=RateLimiter(
+            settings.tenant_requests_per_minute,
+            settings.tenant_tokens_per_minute,
+            settings.tenant_rate_window_seconds,
+        ),
     )
     stored = registry.all_adapters()
     for record in stored:

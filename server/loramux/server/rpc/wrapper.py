@@ -26,13 +26,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from loramux.core.errors import Cancelled, Internal, LoramuxError
+from loramux.core.errors import Cancelled, Internal, LoramuxError, RateLimited, retry_seconds
 from loramux.server.state import ServerState
 from loramux.server.tenants import Authenticator, Front, Principal
 
 log = logging.getLogger(__name__)
 
 FIELD_METADATA = "loramux-error-field"
+RETRY_AFTER_METADATA = "retry-after"
 NO_DEADLINE_SECONDS = 10**7  # gRPC reports "no deadline" as a huge number of seconds
 
 S = TypeVar("S", bound="Servicer")
@@ -59,8 +60,13 @@ def time_left(context: grpc.ServicerContext) -> float | None:
 
 def abort(context: grpc.ServicerContext, error: LoramuxError) -> None:
     """End the call with the error's status; never returns."""
+    trailing = []
     if error.field:
-        context.set_trailing_metadata(((FIELD_METADATA, error.field),))
+        trailing.append((FIELD_METADATA, error.field))
+    if isinstance(error, RateLimited):  # whole seconds, as HTTP's Retry-After
+        trailing.append((RETRY_AFTER_METADATA, str(retry_seconds(error))))
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
     context.abort(grpc.StatusCode[error.code], str(error))
 
 
