@@ -107,13 +107,19 @@ class Settings:
         None, "PEM CA bundle: require client certificates signed by it (mutual TLS)", "server"
     )
     grpc_workers: int = setting(
-        192, "threads serving gRPC calls (each call, also a queued one, holds one)", "server"
+        192,
+        "threads serving gRPC calls (each call, also a queued one, holds one); tenants' calls "
+        "together may hold all but 2, kept for the health service",
+        "server",
     )
     http_port: int = setting(
         0, "port of the OpenAI-compatible HTTP API (/v1/..., /health, /ready; 0 disables)", "server"
     )
     http_workers: int = setting(
-        64, "threads running HTTP generations (each holds one while it waits and streams)", "server"
+        64,
+        "threads running HTTP generations (each holds one while it waits for a slot and "
+        "generates); /health and /ready need none",
+        "server",
     )
     served_model_name: str | None = setting(
         None,
