@@ -37,6 +37,7 @@ from hardening_helpers import (
 )
 from http_helpers import request_head
 
+from loramux.core.config import HEALTH_THREADS, Settings
 from loramux.core.errors import RateLimited, retry_seconds
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer
@@ -307,3 +308,15 @@ def test_rate_windows_turn_and_count_tokens_after_the_fact() -> None:
     with pytest.raises(RateLimited):
         tokens.admit(tenant)
     assert RateLimiter().admit(tenant) is None  # no budgets: nothing counted
+
+
+def test_limit_settings_are_checked_naming_the_flag() -> None:
+    assert Settings(grpc_workers=8, http_port=8000, http_workers=4).calls_per_tenant == 2
+    assert Settings(grpc_workers=8, http_workers=4).calls_per_tenant == 4  # HTTP off
+    assert Settings(grpc_workers=8).grpc_tenant_threads == 8 - HEALTH_THREADS
+    with pytest.raises(ValueError, match="--http-workers"):
+        Settings(grpc_workers=8, http_port=8000, http_workers=4, tenant_max_calls=4).validate()
+    with pytest.raises(ValueError, match="--tenant-rate-window-seconds"):
+        Settings(tenant_rate_window_seconds=0).validate()
+    with pytest.raises(ValueError, match="--tenant-tokens-per-minute"):
+        Settings(tenant_tokens_per_minute=-1).validate()
