@@ -572,11 +572,14 @@ def test_cli_commands_against_the_server(
         out, err = capsys.readouterr()
         return code, out, err
 
-    assert run("tenants", "create", "cli-user", "--max-adapters", "2")[0] == 0
+    limits = ("--max-adapters", "2", "--requests-per-minute", "50")
+    assert run("tenants", "create", "cli-user", *limits)[0] == 0
     code, out, _ = run("tenants", "key", "cli-user")
     key = re.search(r"^key\s+(\S+)$", out, re.MULTILINE).group(1)  # type: ignore[union-attr]
     code, out, _ = run("tenants", "list")
-    assert code == 0 and re.search(r"^cli-user .* adapters=2 ", out, re.MULTILINE)
+    assert code == 0 and re.search(
+        r"^cli-user .* adapters=2 .* requests/min=50 ", out, re.MULTILINE
+    )
     assert run("adapters", "upload", str(adapters["beta"]), "--name", "cli-one", key=key)[0] == 0
     code, out, _ = run("adapters", "list", "--json", key=key)
     assert [(a["owner"], a["name"], a["rank"]) for a in json.loads(out)] == [

@@ -12,6 +12,16 @@ from typing import Any
 from loramux.core.config import add_settings_arguments, load_settings
 from loramux.core.errors import FailedPrecondition
 
+# `tenants create` flags, TenantQuota's fields (0: the server's default)
+QUOTA_FIELDS = (
+    "max_concurrent",
+    "max_queued",
+    "max_adapters",
+    "max_bytes",
+    "requests_per_minute",
+    "tokens_per_minute",
+)
+
 
 def _client(args: argparse.Namespace) -> Any:
     from loramux.client import LoramuxClient
@@ -170,7 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     create = t_actions.add_parser("create", help="create a tenant", description="Create a tenant.")
     create.add_argument("name")
     create.add_argument("--admin", action="store_true")
-    for quota in ("max_concurrent", "max_queued", "max_adapters", "max_bytes"):
+    for quota in QUOTA_FIELDS:
         create.add_argument(f"--{quota.replace('_', '-')}", dest=quota, type=int, default=0)
     t_actions.add_parser("list", help="list tenants", description="List tenants.")
     key = t_actions.add_parser(
@@ -367,10 +377,7 @@ def _alias(client: Any, args: argparse.Namespace) -> int:
 def _tenants(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "create":
-            quota = {
-                q: getattr(args, q)
-                for q in ("max_concurrent", "max_queued", "max_adapters", "max_bytes")
-            }
+            quota = {q: getattr(args, q) for q in QUOTA_FIELDS}
             tenant = client.create_tenant(args.name, admin=args.admin, **quota)
             print(f"created tenant {tenant.name}")
         elif args.action == "list":
@@ -378,7 +385,8 @@ def _tenants(args: argparse.Namespace) -> int:
                 q = tenant.quota
                 print(
                     f"{tenant.name:<24} admin={tenant.admin} concurrent={q.max_concurrent} "
-                    f"queued={q.max_queued} adapters={q.max_adapters} bytes={q.max_bytes}"
+                    f"queued={q.max_queued} adapters={q.max_adapters} bytes={q.max_bytes} "
+                    f"requests/min={q.requests_per_minute} tokens/min={q.tokens_per_minute}"
                 )
         elif args.action == "key":
             key_id, key = client.create_key(args.tenant)

@@ -34,6 +34,10 @@ CPU_PREFILL_ATTENTION_WHILE_DECODING = 65_536  # 64 tokens x 1,024 of context
 
 
 LOOPBACK = "127.0.0.1"
+# gRPC worker threads no tenant call may hold: the health service answers from the same
+# pool (grpcio's sync server has one pool per server and the health service must share the
+# port load balancers probe), so tenants together get --grpc-workers less these.
+HEALTH_THREADS = 2
 
 
 class MetricsLabels(enum.StrEnum):
@@ -103,13 +107,19 @@ class Settings:
         None, "PEM CA bundle: require client certificates signed by it (mutual TLS)", "server"
     )
     grpc_workers: int = setting(
-        192, "threads serving gRPC calls (each call, also a queued one, holds one)", "server"
+        192,
+        "threads serving gRPC calls (each call, also a queued one, holds one); tenants' calls "
+        "together may hold all but 2, kept for the health service",
+        "server",
     )
     http_port: int = setting(
         0, "port of the OpenAI-compatible HTTP API (/v1/..., /health, /ready; 0 disables)", "server"
     )
     http_workers: int = setting(
-        64, "threads running HTTP generations (each holds one while it waits and streams)", "server"
+        64,
+        "threads running HTTP generations (each holds one while it waits for a slot and "
+        "generates); /health and /ready need none",
+        "server",
     )
     served_model_name: str | None = setting(
         None,
@@ -280,12 +290,30 @@ class Settings:
     max_upload_bytes: int = setting(512 * 1024 * 1024, "largest adapter upload", "server")
     tenant_max_calls: int = setting(
         0,
-        "most gRPC calls one tenant may have in flight, any method (0: half of --grpc-workers); "
-        "below the worker pool, so one tenant's flood leaves threads for the others and health",
+        "most calls one tenant may have in flight and queued, any method, gRPC and HTTP counted "
+        "together (0: half of --grpc-workers, or of --http-workers when smaller and served); "
+        "below the worker pools, so one tenant's flood leaves threads for the others",
         "server",
     )
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
     tenant_max_queued: int = setting(64, "default per-tenant queued requests", "server")
+    tenant_requests_per_minute: int = setting(
+        0,
+        "default per-tenant generation requests per minute, per replica (0: no limit; a "
+        "tenant's own budget from the admin API comes first)",
+        "server",
+    )
+    tenant_tokens_per_minute: int = setting(
+        0,
+        "default per-tenant generated tokens per minute, per replica (0: no limit; a tenant's "
+        "own budget from the admin API comes first)",
+        "server",
+    )
+    tenant_rate_window_seconds: float = setting(
+        60.0,
+        "the window the per-minute budgets count over (a minute; shorter only for tests)",
+        "server",
+    )
     tenant_max_adapters: int = setting(100, "default per-tenant stored adapter versions", "server")
     tenant_max_bytes: int = setting(
         10 * 1024 * 1024 * 1024, "default per-tenant stored adapter bytes", "server"
@@ -328,9 +356,22 @@ class Settings:
         return self.home / "models"
 
     @property
+    def smallest_pool(self) -> int:
+        """Threads of the smaller worker pool of the fronts served (--http-workers counts
+        only with --http-port): the per-tenant call cap must stay below it."""
+        return min(self.grpc_workers, self.http_workers) if self.http_port else self.grpc_workers
+
+    @property
     def calls_per_tenant(self) -> int:
-        """The effective --tenant-max-calls: below the gRPC worker pool, always."""
-        return self.tenant_max_calls or max(1, self.grpc_workers // 2)
+        """The effective --tenant-max-calls: one count over gRPC and HTTP, below both pools."""
+        return self.tenant_max_calls or max(1, self.smallest_pool // 2)
+
+    @property
+    def grpc_tenant_threads(self) -> int:
+        """gRPC worker threads all tenants' calls together may hold: the pool less
+        HEALTH_THREADS, so the health service (which answers from the same pool) always
+        finds a thread, whoever holds the rest."""
+        return max(1, self.grpc_workers - HEALTH_THREADS)
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the flag."""
@@ -362,10 +403,19 @@ class Settings:
             )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
-        if not 0 <= self.tenant_max_calls < self.grpc_workers:
+        if not 0 <= self.tenant_max_calls < self.smallest_pool:
+            pools = "--grpc-workers and --http-workers" if self.http_port else "--grpc-workers"
             raise ValueError(
-                f"--tenant-max-calls must be in 0..{self.grpc_workers - 1} (below --grpc-workers, "
+                f"--tenant-max-calls must be in 0..{self.smallest_pool - 1} (below {pools}, "
                 f"so one tenant cannot take every thread), got {self.tenant_max_calls}"
+            )
+        for name in ("tenant_requests_per_minute", "tenant_tokens_per_minute"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must be >= 0 (0: no limit)")
+        if not 0 < self.tenant_rate_window_seconds <= 3600:
+            raise ValueError(
+                "--tenant-rate-window-seconds must be in (0, 3600], "
+                f"got {self.tenant_rate_window_seconds}"
             )
         if self.compute_threads < 0:
             raise ValueError(f"--compute-threads must be >= 0, got {self.compute_threads}")

@@ -21,10 +21,16 @@ from loramux.server.changes import RegistryWatcher, forget_removed_adapters
 from loramux.server.engine import Engine
 from loramux.server.http.server import HttpServer, bind
 from loramux.server.metrics import METRICS_SALT, Metrics
+from loramux.server.rates import RateLimiter
 from loramux.server.registry import Quota, Registry
 from loramux.server.rpc import AdapterServicer, AdminServicer, InferenceServicer
 from loramux.server.state import ServerState, register_record
-from loramux.server.tenants import Authenticator, ConcurrencyGate, bootstrap_admin_keys
+from loramux.server.tenants import (
+    Authenticator,
+    ConcurrencyGate,
+    Front,
+    bootstrap_admin_keys,
+)
 from loramux.server.tls import TlsFiles
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
@@ -253,8 +259,13 @@ def _build_services(
         engine=engine,
         registry=registry,
         auth=auth,
-        gate=ConcurrencyGate(settings.calls_per_tenant),
+        gate=ConcurrencyGate(settings.calls_per_tenant, {Front.GRPC: settings.grpc_tenant_threads}),
         metrics=metrics,
+        rates=RateLimiter(
+            settings.tenant_requests_per_minute,
+            settings.tenant_tokens_per_minute,
+            settings.tenant_rate_window_seconds,
+        ),
     )
     stored = registry.all_adapters()
     for record in stored:

@@ -231,6 +231,7 @@ class GenerationCall:
         one tenant slot together, and all are cancelled when the call ends."""
         if self._gone.is_set():
             raise Cancelled(None, "the call ended before generation started")
+        self.state.rates.admit(self.principal)  # before the wait: a refusal costs no slot
         with self.state.gate.slot(self.principal, wait_timeout, self._gone):
             streams: list[RequestStream] = []
             try:
@@ -268,6 +269,7 @@ class GenerationCall:
                     metrics.itl.observe(0.0)
                 self.last_token = now
             if event.finished:
+                self.state.rates.spend(self.principal.tenant, event.completion_tokens)
                 metrics.tokens(
                     self.principal.tenant,
                     self.adapter_label,

@@ -81,6 +81,9 @@ class Quota:
     max_queued: int
     max_adapters: int
     max_bytes: int
+    # Rate budgets (rates.py); 0: the server's --tenant-requests/tokens-per-minute
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
 
 
 def check_quota(quota: Quota, count: int, used: int, add_bytes: int) -> None:
@@ -334,7 +337,9 @@ class Registry:
             return self.tenant(name)
         with self._db.transaction() as tx:
             tx.execute(
-                "INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "INSERT INTO tenants (name, admin, max_concurrent, max_queued, max_adapters, "
+                "max_bytes, created_at, requests_per_minute, tokens_per_minute) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (
                     name,
                     int(admin),
@@ -343,6 +348,8 @@ class Registry:
                     quota.max_adapters,
                     quota.max_bytes,
                     int(time.time()),
+                    quota.requests_per_minute,
+                    quota.tokens_per_minute,
                 ),
             )
         return self.tenant(name)
@@ -362,7 +369,12 @@ class Registry:
             name=row["name"],
             admin=bool(row["admin"]),
             quota=Quota(
-                row["max_concurrent"], row["max_queued"], row["max_adapters"], row["max_bytes"]
+                row["max_concurrent"],
+                row["max_queued"],
+                row["max_adapters"],
+                row["max_bytes"],
+                row["requests_per_minute"],
+                row["tokens_per_minute"],
             ),
         )
 

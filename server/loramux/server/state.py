@@ -1,4 +1,5 @@
-"""What every transport's handlers share: settings, engine, registry, keys, gate, metrics.
+"""What every transport's handlers share: settings, engine, registry, keys, gate, rates,
+metrics.
 
 The gRPC servicers and the OpenAI-compatible HTTP front both hold one `ServerState`, so a
 tenant's quota, its concurrency slots and the drain switch are the same whichever way a
@@ -17,6 +18,7 @@ from loramux.core.errors import Unavailable
 from loramux.server.adapters import AdapterSpec
 from loramux.server.engine import Engine
 from loramux.server.metrics import Metrics
+from loramux.server.rates import RateLimiter
 from loramux.server.registry import AdapterRecord, Registry
 from loramux.server.tenants import Authenticator, ConcurrencyGate
 
@@ -31,6 +33,7 @@ class ServerState:
     auth: Authenticator
     gate: ConcurrencyGate
     metrics: Metrics
+    rates: RateLimiter = field(default_factory=RateLimiter)  # defaults: no limit
     draining: bool = False
     inflight: int = 0
     _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)

@@ -9,6 +9,7 @@ when asked for with `--dev`, never because the last key was revoked.
 
 from __future__ import annotations
 
+import enum
 import hmac
 import stat
 import threading
@@ -143,6 +144,37 @@ class Authenticator:
             raise PermissionDenied(None, "this call needs an admin key")
 
 
+class Front(enum.StrEnum):
+    """The transport a call came in by: each has its own pool of threads."""
+
+    GRPC = "grpc"
+    HTTP = "http"
+
+
+class CallHold:
+    """One call counted against its tenant (and its front) until `release()`.
+
+    Not a context manager only: an HTTP stream is counted from its admission on the event
+    loop until its response has been sent, which ends on another path than the one that
+    began it. `release()` may be called more than once; only the first counts.
+    """
+
+    def __init__(self, gate: ConcurrencyGate, tenant: str, front: Front) -> None:
+        self._gate, self.tenant, self.front = gate, tenant, front
+        self._released = False
+
+    def release(self) -> None:
+        with self._gate._calls_lock:
+            if self._released:
+                return
+            self._released = True
+            calls, totals = self._gate._calls, self._gate._front_calls
+            calls[self.tenant] -= 1
+            if not calls[self.tenant]:
+                del calls[self.tenant]
+            totals[self.front] -= 1
+
+
 class ConcurrencyGate:
     """Per-tenant limit on requests generating at once, with a bounded wait line.
 
@@ -151,40 +183,57 @@ class ConcurrencyGate:
     nor, later, a slot that nobody reads from.
     """
 
-    def __init__(self, max_calls: int = 0) -> None:
+    def __init__(self, max_calls: int = 0, front_limits: Mapping[Front, int] | None = None) -> None:
         self._lock = threading.Condition()
         self._running: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
-        self.max_calls = max_calls  # per tenant, any method; 0: no limit
+        self.max_calls = max_calls  # per tenant, any method, both fronts together; 0: no limit
+        # Tenants' calls of one front together (0 or absent: no limit), see `hold`.
+        self.front_limits = dict(front_limits or {})
         self._calls_lock = threading.Lock()
         self._calls: dict[str, int] = {}
+        self._front_calls: dict[Front, int] = dict.fromkeys(Front, 0)
 
-    @contextmanager
-    def call(self, tenant: str) -> Iterator[None]:
-        """Count one call of `tenant` while it holds a server thread; refuse past `max_calls`.
+    def hold(self, tenant: str, front: Front) -> CallHold:
+        """Count one call of `tenant`; refuse it past `max_calls` or its front's limit.
 
-        With a thread-per-call server, every call (a generation waiting for a slot, a slow
-        reader's stream, an upload) holds a worker thread until it ends. Capping each
-        tenant below the worker pool leaves threads for every other tenant and for health
-        checks however one tenant floods; the call over the cap is refused at once, before
-        it waits for anything.
+        One count per tenant, whichever transport carried the call: a gRPC call holds a
+        worker thread until it ends, an HTTP generation holds one of `--http-workers` while
+        it waits and generates and its stream stays open until its reader took it all.
+        Capping each tenant below the worker pools leaves threads for every other tenant
+        however one tenant floods, over either front or both. The front's own limit
+        (`front_limits`: gRPC's pool less the threads kept for health checks) keeps tenants
+        together from taking the threads the health service answers from. A call over a
+        limit is refused at once, before it waits for anything.
         """
         with self._calls_lock:
             held = self._calls.get(tenant, 0)
             if self.max_calls and held >= self.max_calls:
                 raise ResourceExhausted(
                     None,
-                    f"tenant {tenant!r} has {held} calls in flight, the most one tenant may "
-                    "have (--tenant-max-calls); retry when some have finished",
+                    f"tenant {tenant!r} has {held} calls in flight over gRPC and HTTP, the most "
+                    "one tenant may have (--tenant-max-calls); retry when some have finished",
+                )
+            limit = self.front_limits.get(front, 0)
+            if limit and self._front_calls[front] >= limit:
+                raise ResourceExhausted(
+                    None,
+                    f"the server's {front.value} front has {limit} tenant calls in flight, all "
+                    f"its threads but those kept for health checks (--{front.value}-workers); "
+                    "retry when some have finished",
                 )
             self._calls[tenant] = held + 1
+            self._front_calls[front] += 1
+        return CallHold(self, tenant, front)
+
+    @contextmanager
+    def call(self, tenant: str, front: Front = Front.GRPC) -> Iterator[None]:
+        """`hold` for the length of a block (a gRPC call: its handler's run)."""
+        held = self.hold(tenant, front)
         try:
             yield
         finally:
-            with self._calls_lock:
-                self._calls[tenant] -= 1
-                if not self._calls[tenant]:
-                    del self._calls[tenant]
+            held.release()
 
     def calls(self) -> dict[str, int]:
         """Calls in flight per tenant (those counted by `call`)."""

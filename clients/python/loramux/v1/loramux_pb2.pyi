@@ -462,16 +462,20 @@ class AddEvaluationsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ...) -> None: ...
 
 class TenantQuota(_message.Message):
-    __slots__ = ("max_concurrent", "max_queued", "max_adapters", "max_bytes")
+    __slots__ = ("max_concurrent", "max_queued", "max_adapters", "max_bytes", "requests_per_minute", "tokens_per_minute")
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     max_concurrent: int
     max_queued: int
     max_adapters: int
     max_bytes: int
-    def __init__(self, max_concurrent: _Optional[int] = ..., max_queued: _Optional[int] = ..., max_adapters: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    requests_per_minute: int
+    tokens_per_minute: int
+    def __init__(self, max_concurrent: _Optional[int] = ..., max_queued: _Optional[int] = ..., max_adapters: _Optional[int] = ..., max_bytes: _Optional[int] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("name", "admin", "quota")

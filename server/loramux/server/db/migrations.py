@@ -156,6 +156,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        5,
+        "per-tenant rate budgets: requests and generated tokens per minute (0: the server's)",
+        (
+            "ALTER TABLE tenants ADD COLUMN requests_per_minute BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE tenants ADD COLUMN tokens_per_minute BIGINT NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from loramux.core.errors import InvalidArgument, LoramuxError, NotFound
 from loramux.server.affinity import ROUTE_KEY_METADATA
@@ -36,7 +37,7 @@ from loramux.server.http.formats import ChatFormat, CompletionFormat, ResponseFo
 from loramux.server.http.schemas import ChatCompletionBody, CompletionBody, _GenerationBody
 from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.state import ServerState
-from loramux.server.tenants import Principal
+from loramux.server.tenants import CallHold, Front, Principal
 from loramux.server.versions import DEFAULT_ALIAS
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -107,33 +108,39 @@ class OpenAIFront:
         renamed: dict[str, str],
     ) -> Response:
         body.refuse_unsupported(self.state.settings.max_n)
-        call = GenerationCall(
-            self.state,
-            await self.authenticate(request),
-            request.headers.get(ROUTE_KEY_METADATA),
-        )
-        job = GenerationJob(call, lambda: build(call), renamed)
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
+        principal = await self.authenticate(request)
+        # Counted with the tenant's gRPC calls from here until its answer is sent.
+        held = self.state.gate.hold(principal.tenant, Front.HTTP)
+        streaming = False
         try:
-            job.start(self.executor)
-            if await job.next() is END:  # pragma: no cover - the worker always says why
-                raise InvalidArgument(None, "the request ended before it started")
-            if body.stream:
+            call = GenerationCall(self.state, principal, request.headers.get(ROUTE_KEY_METADATA))
+            job = GenerationJob(call, lambda: build(call), renamed)
+            watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
+            try:
+                job.start(self.executor)
+                if await job.next() is END:  # pragma: no cover - the worker always says why
+                    raise InvalidArgument(None, "the request ended before it started")
+                if body.stream:
+                    await _stop(watcher)
+                    streaming = True
+                    return HeldStreamingResponse(
+                        held,
+                        _sse(job, answer),
+                        media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    )
+                while (item := await job.next()) is not END:
+                    assert isinstance(item, tuple)
+                    answer.add(*item)
+                return JSONResponse(answer.response())
+            except BaseException:
+                call.cancel()
+                raise
+            finally:
                 await _stop(watcher)
-                return StreamingResponse(
-                    _sse(job, answer),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                )
-            while (item := await job.next()) is not END:
-                assert isinstance(item, tuple)
-                answer.add(*item)
-            return JSONResponse(answer.response())
-        except BaseException:
-            call.cancel()
-            raise
         finally:
-            await _stop(watcher)
+            if not streaming:
+                held.release()
 
     def completion_prompts(self, body: CompletionBody) -> list[list[int]]:
         """Every prompt's token ids: texts tokenised, ids checked against the vocabulary;
@@ -252,6 +259,25 @@ class OpenAIFront:
                     if alias != DEFAULT_ALIAS:
                         data.append({**entry, "id": f"{name}@{alias}", "version": split.describe()})
         return {"object": "list", "data": data}
+
+
+class HeldStreamingResponse(StreamingResponse):
+    """A stream that keeps its call counted against its tenant until it has been sent.
+
+    A slow reader's stream is a call in flight as long as it is open, whether its tokens
+    are still being generated or wait for the reader; released however the response ends
+    (sent, client gone, server stopping), since this wraps the whole of its sending.
+    """
+
+    def __init__(self, held: CallHold, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held = held
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.held.release()
 
 
 def _named_model(

@@ -25,9 +25,11 @@ from loramux.core.errors import (
     LoramuxError,
     NotFound,
     PermissionDenied,
+    RateLimited,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    retry_seconds,
 )
 
 # error class -> (HTTP status, OpenAI error type)
@@ -39,6 +41,7 @@ HTTP_STATUS: dict[type[LoramuxError], tuple[int, str]] = {
     NotFound: (404, "not_found_error"),
     AlreadyExists: (409, "conflict_error"),
     ResourceExhausted: (429, "rate_limit_error"),
+    RateLimited: (429, "rate_limit_error"),
     Cancelled: (499, "cancelled_error"),  # the client closed the request (nginx's 499)
     Internal: (500, "server_error"),
     Unavailable: (503, "service_unavailable_error"),
@@ -63,6 +66,8 @@ def error_status(error: LoramuxError) -> int:
 
 def error_response(error: LoramuxError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthenticated) else None
+    if isinstance(error, RateLimited):
+        headers = {"Retry-After": str(retry_seconds(error))}
     return JSONResponse(error_body(error), status_code=error_status(error), headers=headers)
 
 

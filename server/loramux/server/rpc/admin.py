@@ -24,6 +24,8 @@ class AdminServicer(Servicer, pb_grpc.AdminServiceServicer):
                 max_queued=q.max_queued,
                 max_adapters=q.max_adapters,
                 max_bytes=q.max_bytes,
+                requests_per_minute=q.requests_per_minute,
+                tokens_per_minute=q.tokens_per_minute,
             ),
         )
 
@@ -38,6 +40,9 @@ class AdminServicer(Servicer, pb_grpc.AdminServiceServicer):
             q.max_queued or default.max_queued,
             q.max_adapters or default.max_adapters,
             q.max_bytes or default.max_bytes,
+            # 0 stays 0: the server's default budget, read at each request (rates.py)
+            q.requests_per_minute,
+            q.tokens_per_minute,
         )
         record = self.state.registry.create_tenant(request.name, admin=request.admin, quota=quota)
         return self._tenant(record.name)

@@ -7,8 +7,9 @@ caught while its responses are produced, as the grpc-interceptor package does):
 
 1. counts the call in flight (draining waits for it; a draining server refuses it);
 2. authenticates the caller from the `authorization` metadata (and checks admin rights);
-3. counts it against the tenant's calls in flight (`ConcurrencyGate.call`: below the worker
-   pool, so one tenant's flood never takes every thread);
+3. counts it against the tenant's calls in flight, the same count as its HTTP calls
+   (`ConcurrencyGate.call`: below the worker pool, so one tenant's flood never takes every
+   thread, and all tenants together leave the health service its threads);
 4. maps what the handler raises onto a gRPC status: a `LoramuxError` onto its code, with
    the offending field in the `loramux-error-field` trailing metadata; anything else onto
    CANCELLED when the client has gone away (not a bug), else INTERNAL, logged.
@@ -25,13 +26,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from loramux.core.errors import Cancelled, Internal, LoramuxError
+from loramux.core.errors import Cancelled, Internal, LoramuxError, RateLimited, retry_seconds
 from loramux.server.state import ServerState
-from loramux.server.tenants import Authenticator, Principal
+from loramux.server.tenants import Authenticator, Front, Principal
 
 log = logging.getLogger(__name__)
 
 FIELD_METADATA = "loramux-error-field"
+RETRY_AFTER_METADATA = "retry-after"
 NO_DEADLINE_SECONDS = 10**7  # gRPC reports "no deadline" as a huge number of seconds
 
 S = TypeVar("S", bound="Servicer")
@@ -58,8 +60,13 @@ def time_left(context: grpc.ServicerContext) -> float | None:
 
 def abort(context: grpc.ServicerContext, error: LoramuxError) -> None:
     """End the call with the error's status; never returns."""
+    trailing = []
     if error.field:
-        context.set_trailing_metadata(((FIELD_METADATA, error.field),))
+        trailing.append((FIELD_METADATA, error.field))
+    if isinstance(error, RateLimited):  # whole seconds, as HTTP's Retry-After
+        trailing.append((RETRY_AFTER_METADATA, str(retry_seconds(error))))
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
     context.abort(grpc.StatusCode[error.code], str(error))
 
 
@@ -73,7 +80,7 @@ def guarded(
             principal = state.auth.authenticate(dict(context.invocation_metadata()))
             if admin:
                 Authenticator.require_admin(principal)
-            with state.gate.call(principal.tenant):
+            with state.gate.call(principal.tenant, Front.GRPC):
                 yield principal
     except LoramuxError as error:
         abort(context, error)
