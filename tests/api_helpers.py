@@ -275,3 +275,25 @@ def peft_on(base: Any, dirs: dict[str, Path]) -> Any:
         model.load_adapter(str(dirs[name]), adapter_name=name)
     model.eval()
     return model
+
+
+def greedy_grid(
+    engine: Any, names: list[str | None], prompts: list[list[int]], new_tokens: int
+) -> dict[tuple[str | None, int], list[int]]:
+    """Every adapter name (None: the base) on every prompt, all submitted before any is
+    read (one running batch), greedy with ignore_eos: the tokens keyed by (name, prompt)."""
+    from loramux.server.requests import GenerationRequest, SamplingParams
+
+    streams = {
+        (name, p): engine.submit(
+            GenerationRequest(
+                f"{name}-{p}",
+                ids,
+                SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+                name,
+            )
+        )
+        for name in names
+        for p, ids in enumerate(prompts)
+    }
+    return {key: [t for e in stream for t in e.token_ids] for key, stream in streams.items()}

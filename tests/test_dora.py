@@ -17,6 +17,7 @@ import torch
 from api_helpers import (
     dequantized_copy,
     engine_with_adapters,
+    greedy_grid,
     linear_shapes,
     peft_generate,
     peft_on,
@@ -29,7 +30,6 @@ from loramux.core.models import ResolvedModel
 from loramux.server.adapters import CONFIG_FILE, WEIGHTS_FILE, inspect_adapter
 from loramux.server.composition import WeightedAdapter
 from loramux.server.engine import Engine
-from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.synthetic import write_random_adapter
 
 pytestmark = pytest.mark.slow
@@ -95,19 +95,7 @@ def test_dora_plain_and_base_rows_in_one_batch_match_peft(
     token for token PEFT's greedy output, parting only at PEFT's own near-ties."""
     prompts = [engine.render_chat([("user", p)]) for p in PROMPTS]
     names: list[str | None] = [*ADAPTERS, None]
-    streams = {
-        (name, p): engine.submit(
-            GenerationRequest(
-                f"{name}-{p}",
-                ids,
-                SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
-                name,
-            )
-        )
-        for name in names
-        for p, ids in enumerate(prompts)
-    }
-    got = {key: [t for e in stream for t in e.token_ids] for key, stream in streams.items()}
+    got = greedy_grid(engine, names, prompts, NEW_TOKENS)
     model = peft_on(reference_base, adapter_dirs)
     expected = {
         (name, p): peft_generate(model, ids, name, NEW_TOKENS)

@@ -19,6 +19,7 @@ import torch
 from api_helpers import (
     dequantized_copy,
     engine_with_adapters,
+    greedy_grid,
     linear_shapes,
     peft_generate,
     peft_on,
@@ -141,19 +142,7 @@ def test_token_rows_lora_dora_and_base_rows_in_one_batch_match_peft(
     PEFT's greedy tokens, parting only at PEFT's own near-ties."""
     prompts = [engine.render_chat([("user", p)]) for p in PROMPTS]
     names: list[str | None] = [*adapter_dirs, None]
-    streams = {
-        (name, p): engine.submit(
-            GenerationRequest(
-                f"{name}-{p}",
-                ids,
-                SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
-                name,
-            )
-        )
-        for name in names
-        for p, ids in enumerate(prompts)
-    }
-    got = {key: [t for e in stream for t in e.token_ids] for key, stream in streams.items()}
+    got = greedy_grid(engine, names, prompts, NEW_TOKENS)
     for key, tokens in got.items():
         tokens_before_parting(tokens, *expected[key], key)
     # The token rows change PEFT's output (the comparison means something): tokens-only's
