@@ -1,0 +1,325 @@
+"""Issue 26: structured outputs per row of the mixed batch, over HTTP, on the real NF4
+SmolLM2-135M-Instruct served on 127.0.0.1.
+
+Every row may have its own adapter and its own constraint; what comes back must parse and
+validate (python `jsonschema`), match its regex or be one of its choices, whatever else
+shares the batch. The masks must remove nothing the grammar allowed: a greedy constrained
+output follows the unconstrained one token for token for as long as the grammar accepts
+the unconstrained tokens. Hostile constraints are refused with 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pydantic
+import pytest
+from api_helpers import free_port, linear_shapes
+
+from loramux.client import LoramuxClient
+from loramux.core.config import Settings
+from loramux.core.models import ResolvedModel
+from loramux.server.app import RunningServer, start_server
+from loramux.server.constraints.spec import ConstraintSpec
+from loramux.server.synthetic import write_random_adapter
+
+pytestmark = pytest.mark.slow
+
+ADMIN_KEY = "admin-structured-key"
+BASE = "smollm2"
+ADAPTERS = ("a1", "a2", "a3")
+
+SCHEMAS: list[dict[str, Any]] = [
+    {
+        "type": "object",
+        "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]}},
+        "required": ["sentiment"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+        },
+        "required": ["ok", "count"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "colors": {
+                "type": "array",
+                "items": {"enum": ["red", "green", "blue"]},
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["colors"],
+    },
+]
+PROMPTS = [
+    "Classify the sentiment of: I love this phone. Answer in JSON.",
+    "Give a person's name and age in JSON.",
+    "Is water wet? Answer in JSON with ok and count.",
+    "List some colours in JSON.",
+]
+
+
+@pytest.fixture(scope="module")
+def server(
+    smollm2: ResolvedModel, tmp_path_factory: pytest.TempPathFactory, default_models_dir: Path
+) -> Iterator[RunningServer]:
+    home = tmp_path_factory.mktemp("structured-home")
+    (home / "models").symlink_to(default_models_dir, target_is_directory=True)
+    settings = Settings(
+        home=home,
+        device="cpu",
+        port=0,
+        metrics_port=0,
+        http_port=free_port(),
+        served_model_name=BASE,
+        admin_keys=[ADMIN_KEY],
+        lora_kernel="eager",
+        grpc_workers=8,
+        http_workers=40,
+        max_batch_size=32,
+    )
+    running = start_server(settings)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def url(server: RunningServer) -> str:
+    assert server.http is not None
+    return f"http://127.0.0.1:{server.http.port}"
+
+
+@pytest.fixture(scope="module")
+def key(
+    server: RunningServer, smollm2: ResolvedModel, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """Tenant acme, with three uploaded random adapters (small scale: outputs still differ)."""
+    with LoramuxClient(f"127.0.0.1:{server.port}", ADMIN_KEY) as admin:
+        admin.create_tenant("acme")
+        key = admin.create_key("acme")[1]
+    shapes = linear_shapes(smollm2.path)
+    with LoramuxClient(f"127.0.0.1:{server.port}", key) as acme:
+        for seed, name in enumerate(ADAPTERS):
+            folder = tmp_path_factory.mktemp(f"adapter-{name}") / "adapter"
+            write_random_adapter(folder, shapes, rank=4, alpha=8, seed=seed + 11, scale=0.03)
+            acme.upload_adapter(folder, name)
+    return key
+
+
+def _chat(url: str, key: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=600,
+    )
+
+
+def _ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _body(prompt: str, model: str = BASE, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 64,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def _json_schema(i: int) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": SCHEMAS[i]}}
+
+
+def test_every_row_of_a_mixed_batch_validates_under_its_own_adapter_and_schema(
+    url: str, key: str
+) -> None:
+    """32 requests at once: 4 schemas x 4 models (base and 3 adapters), greedy and sampled
+    (seeded), through response_format and vLLM's structured_outputs: all parse, all validate,
+    all end by their grammar ("stop")."""
+    jobs = []
+    for model in (BASE, *ADAPTERS):
+        for i in range(len(SCHEMAS)):
+            for sampled in (False, True):
+                extra: dict[str, Any] = {"temperature": 0.8, "seed": i} if sampled else {}
+                if sampled:
+                    extra["structured_outputs"] = {"json": SCHEMAS[i]}
+                else:
+                    extra["response_format"] = _json_schema(i)
+                jobs.append((i, _body(PROMPTS[i], model, **extra)))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: _ok(_chat(url, key, job[1])), jobs))
+    ended = [answer["choices"][0]["finish_reason"] for answer in answers]
+    assert ended == ["stop"] * len(jobs), [
+        (body["model"], i, answer["choices"][0]["message"]["content"])
+        for (i, body), answer in zip(jobs, answers, strict=True)
+        if answer["choices"][0]["finish_reason"] != "stop"
+    ]
+    texts: dict[tuple[str, int, bool], str] = {}
+    for (i, body), answer in zip(jobs, answers, strict=True):
+        content = answer["choices"][0]["message"]["content"]
+        jsonschema.validate(json.loads(content), SCHEMAS[i])
+        texts[body["model"], i, body["temperature"] > 0] = content
+    # the adapters really took part: their greedy outputs are not all the base model's
+    assert any(texts[a, i, False] != texts[BASE, i, False] for a in ADAPTERS for i in range(4))
+
+
+def test_json_object_regex_and_choice(url: str, key: str) -> None:
+    obj = _ok(_chat(url, key, _body(PROMPTS[1], response_format={"type": "json_object"})))
+    assert isinstance(json.loads(obj["choices"][0]["message"]["content"]), dict)
+    pattern = r"[0-9]{3}-[0-9]{4}"
+    regex = _ok(_chat(url, key, _body("Give a phone number.", "a1", guided_regex=pattern)))
+    assert re.fullmatch(pattern, regex["choices"][0]["message"]["content"])
+    assert regex["choices"][0]["finish_reason"] == "stop"
+    labels = ["positive", "negative", 'say "maybe"']
+    for model in (BASE, "a2"):
+        picked = _ok(
+            _chat(
+                url,
+                key,
+                _body("Sentiment of: great film!", model, structured_outputs={"choice": labels}),
+            )
+        )
+        assert picked["choices"][0]["message"]["content"] in labels
+        assert picked["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_grammar_cut_by_max_tokens_says_length(url: str, key: str) -> None:
+    schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+    body = _body("Tell a long story.", guided_json=schema, max_tokens=4)
+    answer = _ok(_chat(url, key, body))
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 4
+
+
+def _accepted_prefix(server: RunningServer, spec: ConstraintSpec, tokens: list[int]) -> int:
+    """How many of `tokens` the grammar accepts from its start."""
+    matcher = server.state.engine.grammars.compile(spec).matcher()
+    for n, token in enumerate(tokens):
+        matcher.accept(token)
+        if matcher.rejected:
+            return n
+    return len(tokens)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "field", "value", "least"),
+    [
+        ("Is the sky blue? Answer yes or no.", "guided_choice", ["Yes", "No"], 1),
+        ("Is fire cold? Answer Yes or No.", "guided_choice", ["Yes", "No", "Maybe"], 1),
+        # unconstrained, the model writes exactly this valid JSON: all of it must survive
+        ('Output the JSON {"name": "Ann", "age": 3}', "guided_json", SCHEMAS[1], 99),
+        ("What is 2 + 2? Reply with the number only.", "guided_regex", r"[0-9]+", 1),
+    ],
+)
+def test_greedy_masks_remove_nothing_the_grammar_allowed(
+    server: RunningServer,
+    url: str,
+    key: str,
+    prompt: str,
+    field: str,
+    value: Any,
+    least: int,
+) -> None:
+    """The constrained greedy output equals the unconstrained one over the longest prefix the
+    grammar accepts (token for token, checked through the text and the grammar), and the
+    whole of it when the grammar accepts all of it."""
+    engine = server.state.engine
+    free = _ok(_chat(url, key, _body(prompt, max_tokens=24)))["choices"][0]
+    free_ids = engine.tokenize(free["message"]["content"])
+    if free["finish_reason"] == "stop":
+        free_ids = [*free_ids, *sorted(engine.eos_token_ids)[:1]]
+    bound = _ok(_chat(url, key, _body(prompt, max_tokens=24, **{field: value})))["choices"][0]
+    make = {
+        "guided_choice": ConstraintSpec.choice,
+        "guided_json": ConstraintSpec.json_schema,
+        "guided_regex": ConstraintSpec.regex,
+    }[field]
+    spec = make(value, field)
+    kept = _accepted_prefix(server, spec, free_ids)
+    least = min(least, len(free_ids))
+    assert kept >= least, (free, kept)  # the case checks what it means to
+    text = str(engine.tokenizer.decode(free_ids[:kept], skip_special_tokens=True))
+    assert bound["message"]["content"].startswith(text), (free, bound, kept)
+    if kept == len(free_ids):
+        assert bound["message"]["content"] == free["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"guided_regex": "(a"}, "guided_regex"),
+        ({"guided_grammar": "root ::= "}, "guided_grammar"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"structured_outputs": {"json": {"type": "nonsense"}}}, "structured_outputs.json"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"guided_regex": "a" * 5000}, "guided_regex"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ],
+)
+def test_bad_constraints_are_refused_naming_the_field(
+    url: str, key: str, extra: dict[str, Any], param: str
+) -> None:
+    response = _chat(url, key, _body("hi", **extra))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_deeply_nested_schema_is_refused_before_compiling(url: str, key: str) -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(40):
+        schema = {"type": "object", "properties": {"x": schema}}
+    response = _chat(url, key, _body("hi", guided_json=schema))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "guided_json"
+    assert "nests" in response.json()["error"]["message"]
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=10)
+    age: int = pydantic.Field(ge=0, le=99)
+
+
+def test_openai_parse_round_trips_a_pydantic_model(url: str, key: str) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
+    for model in (BASE, "a3"):
+        done = client.chat.completions.parse(
+            model=model,
+            messages=[{"role": "user", "content": "Invent a person: name and age."}],
+            response_format=Person,
+            max_tokens=64,
+            temperature=0,
+        )
+        parsed = done.choices[0].message.parsed
+        assert isinstance(parsed, Person), done
