@@ -24,7 +24,8 @@ import pydantic
 import pytest
 from api_helpers import free_port, linear_shapes
 
-from loramux.client import LoramuxClient
+from loramux.cli import main as loramux_main
+from loramux.client import InvalidArgument, LoramuxClient
 from loramux.core.config import Settings
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer, start_server
@@ -323,3 +324,34 @@ def test_openai_parse_round_trips_a_pydantic_model(url: str, key: str) -> None:
         )
         parsed = done.choices[0].message.parsed
         assert isinstance(parsed, Person), done
+
+
+def test_grpc_client_and_cli_constrain_too(
+    server: RunningServer, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GenerateRequest.constraint through the Python client (token ids end with EOS: the
+    grammar completed), its errors naming constraint.<kind>, and `loramux generate
+    --json-schema FILE`."""
+    address = f"127.0.0.1:{server.port}"
+    with LoramuxClient(address, key) as rpc:
+        done = rpc.generate(
+            messages=[("user", PROMPTS[1])], adapter="a1", json_schema=SCHEMAS[1], max_new_tokens=64
+        )
+        jsonschema.validate(json.loads(done.text), SCHEMAS[1])
+        assert done.finish_reason == "eos"
+        assert done.token_ids[-1] in server.state.engine.eos_token_ids
+        picked = rpc.generate(messages=[("user", "Pick one.")], choice=["red", "blue"])
+        assert picked.text in ("red", "blue")
+        with pytest.raises(InvalidArgument) as caught:
+            rpc.generate("hi", regex="(a")
+        assert caught.value.field == "constraint.regex"
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMAS[0]))
+    capsys.readouterr()
+    shape = ["--json-schema", str(schema_file), "--max-new-tokens", "64"]
+    code = loramux_main(
+        ["generate", "--chat", PROMPTS[0], *shape, "--address", address, "--api-key", key]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    jsonschema.validate(json.loads(out), SCHEMAS[0])
