@@ -91,7 +91,7 @@ def server(
         home=home,
         device="cpu",
         port=0,
-        metrics_port=0,
+        metrics_port=free_port(),
         http_port=free_port(),
         served_model_name=BASE,
         admin_keys=[ADMIN_KEY],
@@ -355,3 +355,25 @@ def test_grpc_client_and_cli_constrain_too(
     out = capsys.readouterr().out
     assert code == 0
     jsonschema.validate(json.loads(out), SCHEMAS[0])
+
+
+def test_metrics_count_constraints_cache_hits_and_compile_time(
+    server: RunningServer, url: str, key: str
+) -> None:
+    """Two requests with one new schema: one compile (in the histogram), one cache hit."""
+    engine = server.state.engine
+    before = engine.grammars.snapshot()
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}}
+    for _ in range(2):
+        _ok(_chat(url, key, _body("A number in JSON.", guided_json=schema, max_tokens=16)))
+    after = engine.grammars.snapshot()
+    assert after.compiles == before.compiles + 1
+    assert after.cache_hits == before.cache_hits + 1
+    assert after.requests["json_schema"] == before.requests.get("json_schema", 0) + 2
+    scrape = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = httpx.get(scrape, timeout=10).text
+    kinds = after.requests["json_schema"]
+    assert f'loramux_constrained_requests_total{{kind="json_schema"}} {kinds:.1f}' in text
+    assert f"loramux_grammar_cache_hits_total {after.cache_hits:.1f}" in text
+    assert f'loramux_grammar_compile_seconds_bucket{{le="+Inf"}} {after.compiles:.1f}' in text
+    assert f"loramux_grammar_compile_seconds_count {after.compiles:.1f}" in text

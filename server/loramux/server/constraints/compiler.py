@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import xgrammar as xgr
 
@@ -52,14 +52,27 @@ class CompiledConstraint:
         return RowConstraint(xgr.GrammarMatcher(self.grammar), self.vocab_size)
 
 
+COMPILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+
+
 @dataclass
 class GrammarStats:
-    """Counters for the metrics (read at scrape time), by constraint kind."""
+    """Counters for the metrics, read at scrape time (the cache never touches
+    prometheus_client): constrained requests by kind, cache hits, and a cumulative
+    histogram of compile seconds (`compile_buckets[i]`: compiles <= COMPILE_BUCKETS[i])."""
 
     requests: dict[str, int] = field(default_factory=dict)
     cache_hits: int = 0
     compiles: int = 0
-    compile_seconds: list[float] = field(default_factory=list)  # recent, bounded
+    compile_seconds_sum: float = 0.0
+    compile_buckets: list[int] = field(default_factory=lambda: [0] * len(COMPILE_BUCKETS))
+
+    def compiled(self, seconds: float) -> None:
+        self.compiles += 1
+        self.compile_seconds_sum += seconds
+        for i, bound in enumerate(COMPILE_BUCKETS):
+            if seconds <= bound:
+                self.compile_buckets[i] += 1
 
 
 class GrammarCache:
@@ -131,8 +144,7 @@ class GrammarCache:
             raise InvalidArgument(spec.field, f"cannot be compiled: {_first_line(exc)}") from None
         seconds = time.perf_counter() - started
         with self._lock:
-            self.stats.compiles += 1
-            self.stats.compile_seconds = [*self.stats.compile_seconds[-999:], seconds]
+            self.stats.compiled(seconds)
         return CompiledConstraint(spec, grammar, self.vocab_size)
 
     def _grammar_compiler(self) -> xgr.GrammarCompiler:
@@ -148,6 +160,18 @@ class GrammarCache:
                 # xgrammar's own cache is unbounded by default; ours is bounded and counted
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
             return self._compiler
+
+    def snapshot(self) -> GrammarStats:
+        """A consistent copy of the counters (for the metrics collector)."""
+        with self._lock:
+            stats = self.stats
+            return GrammarStats(
+                dict(stats.requests),
+                stats.cache_hits,
+                stats.compiles,
+                stats.compile_seconds_sum,
+                list(stats.compile_buckets),
+            )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -202,11 +226,3 @@ def _first_line(exc: Exception) -> str:
 
 
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
-
-
-def describe(stats: GrammarStats) -> dict[str, Any]:
-    return {
-        "requests": dict(stats.requests),
-        "cache_hits": stats.cache_hits,
-        "compiles": stats.compiles,
-    }
