@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -377,3 +378,33 @@ def test_metrics_count_constraints_cache_hits_and_compile_time(
     assert f"loramux_grammar_cache_hits_total {after.cache_hits:.1f}" in text
     assert f'loramux_grammar_compile_seconds_bucket{{le="+Inf"}} {after.compiles:.1f}' in text
     assert f"loramux_grammar_compile_seconds_count {after.compiles:.1f}" in text
+
+
+def test_a_slow_compile_is_refused_in_bounded_time_and_stalls_nobody(
+    server: RunningServer, url: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema that takes xgrammar seconds to compile (60 pattern-bound strings), with the
+    compile bound lowered to 0.5 s: that request is a 400 naming its field, while /health
+    answers within 1 s and an unconstrained request completes (xgrammar compiles without
+    the GIL, in the grammar pool, not on the engine thread)."""
+    monkeypatch.setattr(server.state.engine.grammars, "timeout", 0.5)
+    pattern = r"[a-z]{1,20}@[a-z]{2,10}\.(com|org|net)"
+    slow = {
+        "type": "object",
+        "properties": {f"p{i}": {"type": "string", "pattern": pattern} for i in range(60)},
+    }
+    with ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(_chat, url, key, _body("hi", guided_json=slow))
+        checks = 0
+        while not refused.done():
+            checks += 1
+            started = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            assert time.perf_counter() - started <= 1.0
+            free = _ok(_chat(url, key, _body("Say hi.", max_tokens=2)))
+            assert free["usage"]["completion_tokens"] >= 1
+        answer = refused.result()
+    assert checks >= 1  # the refusal takes >= 0.5 s: health was asked meanwhile
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "guided_json" and "compile" in error["message"]
