@@ -17,6 +17,7 @@ from loramux.server.constraints import compiler as compiler_module
 from loramux.server.constraints.compiler import GrammarCache
 from loramux.server.constraints.masks import apply_masks
 from loramux.server.constraints.spec import ConstraintSpec
+from loramux.server.requests import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,14 @@ def test_limits_name_the_field() -> None:
         with pytest.raises(InvalidArgument) as caught:
             case()
         assert caught.value.field == f"f{i}"
+
+
+def test_min_tokens_and_a_constraint_are_refused_together() -> None:
+    spec = ConstraintSpec.choice(["a"], "guided_choice")
+    SamplingParams(constraint=spec).validate(64)
+    with pytest.raises(InvalidArgument) as caught:
+        SamplingParams(constraint=spec, min_tokens=2).validate(64)
+    assert caught.value.field == "min_tokens"
 
 
 def test_equal_specs_share_one_compile_and_the_cache_is_bounded(cache: GrammarCache) -> None:

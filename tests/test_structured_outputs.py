@@ -208,6 +208,13 @@ def test_json_object_regex_and_choice(url: str, key: str) -> None:
         )
         assert picked["choices"][0]["message"]["content"] in labels
         assert picked["choices"][0]["finish_reason"] == "stop"
+    completion = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "a3", "prompt": "The answer is", "guided_choice": labels, "max_tokens": 8},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=600,
+    )
+    assert _ok(completion)["choices"][0]["text"] in labels
 
 
 def test_a_grammar_cut_by_max_tokens_says_length(url: str, key: str) -> None:

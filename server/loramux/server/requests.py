@@ -76,6 +76,10 @@ class SamplingParams:
             raise InvalidArgument(
                 "min_tokens", f"must be in 0..max_new_tokens ({self.max_new_tokens})"
             )
+        if self.constraint is not None and self.min_tokens:
+            # the grammar decides where the output ends; holding EOS back past its end
+            # would leave a row with no allowed token
+            raise InvalidArgument("min_tokens", "cannot be combined with a structured output")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not math.isfinite(value) or not -2.0 <= value <= 2.0:
