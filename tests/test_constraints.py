@@ -118,3 +118,7 @@ def test_masks_touch_only_constrained_rows_and_never_allow_padding_ids(
     row.fill(bitmask, 0)  # the same answer from the matcher directly
     words = bitmask[0].tolist()
     assert allowed == [t for t in range(cache.vocab_size) if words[t // 32] >> (t % 32) & 1]
+    wider = torch.randn(2, cache.vocab_size + 40)  # logits wider than the matcher's vocab
+    apply_masks(wider, [compiled.matcher(), None])
+    assert torch.isfinite(wider[0]).nonzero().flatten().tolist() == allowed
+    assert torch.isfinite(wider[1]).all()

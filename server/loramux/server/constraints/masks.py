@@ -40,16 +40,22 @@ class RowConstraint:
 
 
 def apply_masks(logits: torch.Tensor, rows: Sequence[RowConstraint | None]) -> None:
-    """logits [rows, width], in place: each constrained row keeps only its allowed tokens."""
+    """logits [rows, width], in place: each constrained row keeps only its allowed tokens.
+
+    The bitmask covers the matchers' vocabulary (the model's vocab_size); logits wider than
+    it (ids no tokenizer or grammar knows) are disallowed outright in constrained rows."""
     indices = [i for i, row in enumerate(rows) if row is not None and not row.terminated]
     if not indices:
         return
+    vocab = next(row.vocab_size for row in rows if row is not None)
     width = logits.shape[-1]
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], width)
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)
     for i in indices:
         row = rows[i]
         assert row is not None
         row.fill(bitmask, i)
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=indices)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=min(vocab, width), indices=indices)
+    if width > vocab:
+        logits[indices, vocab:] = float("-inf")
