@@ -22,9 +22,10 @@ import argparse
 import concurrent.futures
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
-from bench.common import format_table, machine_info, print_machine, write_json
+from bench.common import RESULTS_DIR, format_table, machine_info, print_machine, write_json
 from loramux.core.config import Settings
 from loramux.server.constraints.spec import ConstraintSpec
 from loramux.server.engine import Engine
@@ -76,11 +77,12 @@ def run_batch(
     return (sum(made) - len(made)) / (ended - max(firsts))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     info = machine_info()
     print_machine(info)
@@ -128,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "compile_cold_seconds": cold,
         "compile_cached_seconds": cached,
     }
-    print(f"# written {write_json('structured', payload)}")
-    return 0
+    print(f"# written {write_json('structured', payload, args.results_dir)}")
+    return payload
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
