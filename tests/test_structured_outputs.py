@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "admin-structured-key"
 BASE = "smollm2"
-ADAPTERS = ("a1", "a2", "a3")
+ADAPTERS = tuple(f"a{i}" for i in range(1, 9))
 
 SCHEMAS: list[dict[str, Any]] = [
     {
@@ -73,12 +73,45 @@ SCHEMAS: list[dict[str, Any]] = [
         },
         "required": ["colors"],
     },
+    {
+        "type": "object",
+        "properties": {
+            "city": {"enum": ["Paris", "Rome", "Oslo"]},
+            "degrees": {"type": "integer", "minimum": -40, "maximum": 50},
+        },
+        "required": ["city", "degrees"],
+    },
+    {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"]},
+    {
+        "type": "object",
+        "properties": {
+            "tags": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 8},
+                "minItems": 1,
+                "maxItems": 2,
+            }
+        },
+        "required": ["tags"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "level": {"type": "integer", "minimum": 1, "maximum": 5},
+            "label": {"enum": ["low", "high"]},
+        },
+        "required": ["level", "label"],
+    },
 ]
 PROMPTS = [
     "Classify the sentiment of: I love this phone. Answer in JSON.",
     "Give a person's name and age in JSON.",
     "Is water wet? Answer in JSON with ok and count.",
     "List some colours in JSON.",
+    "Which city is warmest today? Answer in JSON.",
+    "Is the earth round? Answer in JSON.",
+    "Give two tags for a cooking blog in JSON.",
+    "Rate the danger of a kitten, in JSON.",
 ]
 
 
@@ -97,9 +130,10 @@ def server(
         served_model_name=BASE,
         admin_keys=[ADMIN_KEY],
         lora_kernel="eager",
-        grpc_workers=8,
-        http_workers=40,
-        max_batch_size=32,
+        grpc_workers=100,
+        http_workers=80,
+        tenant_max_calls=80,  # one tenant's 72 calls all in the batch at once
+        max_batch_size=64,
     )
     running = start_server(settings)
     yield running
@@ -118,7 +152,7 @@ def key(
 ) -> str:
     """Tenant acme, with three uploaded random adapters (small scale: outputs still differ)."""
     with LoramuxClient(f"127.0.0.1:{server.port}", ADMIN_KEY) as admin:
-        admin.create_tenant("acme")
+        admin.create_tenant("acme", max_concurrent=80, max_queued=80)
         key = admin.create_key("acme")[1]
     shapes = linear_shapes(smollm2.path)
     with LoramuxClient(f"127.0.0.1:{server.port}", key) as acme:
@@ -158,23 +192,31 @@ def _json_schema(i: int) -> dict[str, Any]:
 
 
 def test_every_row_of_a_mixed_batch_validates_under_its_own_adapter_and_schema(
-    url: str, key: str
+    server: RunningServer, url: str, key: str
 ) -> None:
-    """32 requests at once: 4 schemas x 4 models (base and 3 adapters), greedy and sampled
-    (seeded), through response_format and vLLM's structured_outputs: all parse, all validate,
-    all end by their grammar ("stop")."""
+    """64 requests at once: 8 uploaded adapters x 8 schemas, half greedy and half sampled
+    (seeded), through response_format and vLLM's structured_outputs, plus the base model on
+    each schema greedy: all parse, all validate, all end by their grammar ("stop")."""
     jobs = []
-    for model in (BASE, *ADAPTERS):
+    for a, model in enumerate(ADAPTERS):
         for i in range(len(SCHEMAS)):
-            for sampled in (False, True):
-                extra: dict[str, Any] = {"temperature": 0.8, "seed": i} if sampled else {}
-                if sampled:
-                    extra["structured_outputs"] = {"json": SCHEMAS[i]}
-                else:
-                    extra["response_format"] = _json_schema(i)
-                jobs.append((i, _body(PROMPTS[i], model, **extra)))
+            sampled = (a + i) % 2 == 1
+            extra: dict[str, Any] = {"temperature": 0.8, "seed": i} if sampled else {}
+            if sampled:
+                extra["structured_outputs"] = {"json": SCHEMAS[i]}
+            else:
+                extra["response_format"] = _json_schema(i)
+            jobs.append((i, _body(PROMPTS[i], model, **extra)))
+    jobs += [(i, _body(PROMPTS[i], BASE, response_format=_json_schema(i))) for i in range(8)]
+    engine = server.state.engine
+    widest = 0
     with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(lambda job: _ok(_chat(url, key, job[1])), jobs))
+        futures = [pool.submit(_chat, url, key, body) for _, body in jobs]
+        # how many rows shared one batch, looked at every 0.1 s until all are answered
+        while wait(futures, timeout=0.1).not_done:
+            widest = max(widest, engine.stats().running)
+        answers = [_ok(f.result()) for f in futures]
+    assert widest >= 32, widest
     ended = [answer["choices"][0]["finish_reason"] for answer in answers]
     assert ended == ["stop"] * len(jobs), [
         (body["model"], i, answer["choices"][0]["message"]["content"])
@@ -187,7 +229,8 @@ def test_every_row_of_a_mixed_batch_validates_under_its_own_adapter_and_schema(
         jsonschema.validate(json.loads(content), SCHEMAS[i])
         texts[body["model"], i, body["temperature"] > 0] = content
     # the adapters really took part: their greedy outputs are not all the base model's
-    assert any(texts[a, i, False] != texts[BASE, i, False] for a in ADAPTERS for i in range(4))
+    greedy = [(a, i) for a in ADAPTERS for i in range(len(SCHEMAS)) if (a, i, False) in texts]
+    assert any(texts[a, i, False] != texts[BASE, i, False] for a, i in greedy)
 
 
 def test_json_object_regex_and_choice(url: str, key: str) -> None:
