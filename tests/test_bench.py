@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import adapters, engine, lora_kernel
+from bench import adapters, engine, lora_kernel, structured
 from loramux.server.lora.backend.native import cpu_supports_kernel
 
 NEW_TOKENS = engine.NEW_TOKENS
@@ -130,3 +130,15 @@ def test_gpu_script_dry_run_compares_the_backends_on_the_cpu(tmp_path: Path) -> 
     assert seen == {(s, k) for s in ("base", "triton", "eager") for k in (1, 8)}
     assert all(r["decode_tps"] > 0 for r in payload["results"])
     assert "| 8        | triton |" in done.stdout
+
+
+@pytest.mark.slow
+def test_structured_benchmark_times_both_batches_and_every_compile(tmp_path: Path) -> None:
+    """Issue 26's bench on the default model, toy-sized: both configurations measured, every
+    row made its tokens (run_batch asserts it), each schema compiled cold and cached."""
+    payload = structured.main(
+        ["--batch", "4", "--new-tokens", "4", "--repeats", "1", "--results-dir", str(tmp_path)]
+    )
+    assert all(len(rates) == 1 and rates[0] > 0 for rates in payload["rates"].values())
+    assert len(payload["compile_cold_seconds"]) == len(payload["compile_cached_seconds"]) == 4
+    assert json.loads((tmp_path / "structured.json").read_text())["batch"] == 4

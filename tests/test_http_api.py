@@ -277,7 +277,7 @@ def test_bad_chat_requests_name_the_field(url: str, keys: dict[str, str]) -> Non
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
         ({"n": 17}, "n"),

@@ -76,6 +76,31 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="after the text, each generated token's log-probability (the model's raw "
         "log_softmax) and its K (0..20) most likely alternatives, one line a token",
     )
+    shape = generate.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--json-schema",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="structured output: the reply is JSON valid against the JSON schema in FILE",
+    )
+    shape.add_argument(
+        "--json-object", action="store_true", help="structured output: any JSON object"
+    )
+    shape.add_argument("--regex", default=None, help="structured output: a match of REGEX")
+    shape.add_argument(
+        "--choice",
+        action="append",
+        default=None,
+        help="structured output: exactly one of these strings (repeatable)",
+    )
+    shape.add_argument(
+        "--grammar",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="structured output: a context-free grammar in xgrammar's EBNF, from FILE",
+    )
     add_settings_arguments(generate, ["client"])
     generate.set_defaults(func=_generate)
 
@@ -231,7 +256,17 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stop": args.stop,
         "logprobs": args.logprobs,
+        "json_object": args.json_object,
+        "regex": args.regex,
+        "choice": args.choice,
     }
+    try:
+        if args.json_schema is not None:
+            kwargs["json_schema"] = args.json_schema.read_text()
+        if args.grammar is not None:
+            kwargs["grammar"] = args.grammar.read_text()
+    except OSError as exc:
+        raise SystemExit(f"cannot read {exc.filename}: {exc.strerror}") from None
     if args.chat:
         messages = [("system", args.system)] if args.system else []
         kwargs["messages"] = [*messages, ("user", args.prompt)]

@@ -216,6 +216,18 @@ class Settings:
     )
     max_queued_requests: int = setting(1024, "requests waiting for a batch slot", "engine")
     max_rank: int = setting(64, "largest LoRA rank accepted", "engine")
+    grammar_cache_size: int = setting(
+        256, "compiled structured-output grammars kept per tokenizer (LRU)", "engine"
+    )
+    grammar_compile_seconds: float = setting(
+        10.0,
+        "longest a request waits for its JSON schema, regex or grammar to compile before it "
+        "is refused (400 naming the field)",
+        "engine",
+    )
+    grammar_compile_threads: int = setting(
+        2, "threads that compile structured-output grammars, apart from the engine's", "engine"
+    )
     compute_threads: int = setting(
         0, "torch threads of the engine's passes (0: every CPU this process may use)", "engine"
     )
@@ -388,6 +400,8 @@ class Settings:
             "grpc_workers",
             "http_workers",
             "stream_interval",
+            "grammar_cache_size",
+            "grammar_compile_threads",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -400,6 +414,10 @@ class Settings:
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(
                 f"--gpu-memory-fraction must be in (0, 1], got {self.gpu_memory_fraction}"
+            )
+        if not 0 < self.grammar_compile_seconds <= 600:
+            raise ValueError(
+                f"--grammar-compile-seconds must be in (0, 600], got {self.grammar_compile_seconds}"
             )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")

@@ -54,6 +54,7 @@ from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer, 
 from loramux.core.prompts import PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
+from loramux.server.constraints.compiler import GrammarCache
 from loramux.server.detokenize import IncrementalText
 from loramux.server.device_memory import (
     activation_bytes,
@@ -302,6 +303,15 @@ class Engine:
             kv_block_size=settings.kv_block_size,
             kv_blocks_total=num_blocks,
         )
+        # Structured outputs: grammars compiled for this tokenizer, in a pool of their own.
+        self.grammars = GrammarCache(
+            tokenizer,
+            self.info.vocab_size,
+            sorted(self.eos_token_ids),
+            capacity=settings.grammar_cache_size,
+            timeout=settings.grammar_compile_seconds,
+            threads=settings.grammar_compile_threads,
+        )
         self._waiting: collections.deque[_Active] = collections.deque()
         self._running: list[_Active] = []
         self._ids = itertools.count()
@@ -508,6 +518,9 @@ class Engine:
             )
         if request.adapter_id is not None and request.adapter_id not in self.adapters:
             raise NotFound("adapter", f"no adapter {request.adapter_id!r}")
+        grammar = request.grammar
+        if params.constraint is not None and grammar is None:
+            grammar = self.grammars.compile(params.constraint)  # the caller's thread
         seq = next(self._ids)
         stream = RequestStream(
             request.request_id or f"req-{seq}",
@@ -518,7 +531,12 @@ class Engine:
         active = _Active(
             request=request,
             stream=stream,
-            sampler=RowSampler(params, prompt, self._ending_ids(params)),
+            sampler=RowSampler(
+                params,
+                prompt,
+                self._ending_ids(params),
+                grammar.matcher() if params.constraint is not None and grammar else None,
+            ),
             text=IncrementalText(
                 self.tokenizer,
                 params.stop,
@@ -578,6 +596,7 @@ class Engine:
             self._cv.notify()
         self._thread.join(timeout)
         self.adapters.close()
+        self.grammars.close()
 
     # ---- engine thread ----
     def _wake(self) -> None:
@@ -1020,7 +1039,11 @@ class Engine:
                 self._finish(active, FinishReason.STOP, token, logprob=logprob)
                 continue
             delta, stopped = active.text.add(token)
-            if stopped:
+            constraint = active.sampler.constraint
+            if constraint is not None and constraint.rejected:
+                error = Internal(None, f"token {token} broke the request's constraint")
+                self._finish(active, FinishReason.ERROR, token, delta, error, logprob)
+            elif stopped or (constraint is not None and constraint.terminated):
                 self._finish(active, FinishReason.STOP, token, delta, logprob=logprob)
             elif active.generated >= params.max_new_tokens:
                 self._finish(active, FinishReason.LENGTH, token, delta, logprob=logprob)

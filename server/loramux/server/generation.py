@@ -166,6 +166,12 @@ class GenerationCall:
         for i, token_ids in enumerate(token_lists):
             checked = params(token_ids)
             checked.validate(self.state.settings.max_new_tokens_limit)
+            # compiled here, on the admitting thread and before a tenant slot is taken
+            grammar = (
+                self.state.engine.grammars.compile(checked.constraint)
+                if checked.constraint is not None
+                else None
+            )
             for j in range(n):
                 sample = checked
                 if j:
@@ -180,6 +186,7 @@ class GenerationCall:
                         params=sample,
                         adapter_id=adapter_id,
                         deadline=deadline,
+                        grammar=grammar,
                     )
                 )
         return out

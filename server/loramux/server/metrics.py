@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from loramux.core.config import MetricsLabels
+from loramux.server.constraints.compiler import COMPILE_BUCKETS
+from loramux.server.constraints.spec import ConstraintKind
 from loramux.server.engine import Engine
 from loramux.server.picker_metrics import PickerCollector
 
@@ -97,7 +99,9 @@ class EngineCollector(Collector):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         stats = self.engine.stats()
         totals = self.engine.adapters.totals()
         memory = self.engine.adapters.memory()
@@ -177,6 +181,37 @@ class EngineCollector(Collector):
         mem.add_metric(["adapters_device_used"], memory["device_used_bytes"])
         mem.add_metric(["kv_cache"], stats.kv_cache_bytes)
         yield mem
+        yield from _grammar_metrics(self.engine)
+
+
+def _grammar_metrics(
+    engine: Engine,
+) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    """Structured outputs: constrained requests by kind, grammar-cache hits, compile time."""
+    grammars = engine.grammars.snapshot()
+    kinds = CounterMetricFamily(
+        "loramux_constrained_requests",
+        "Requests with a structured-output constraint, by kind",
+        labels=["kind"],
+    )
+    for kind in ConstraintKind:
+        kinds.add_metric([kind.value], grammars.requests.get(kind.value, 0))
+    yield kinds
+    yield CounterMetricFamily(
+        "loramux_grammar_cache_hits",
+        "Constrained requests whose grammar was already compiled",
+        grammars.cache_hits,
+    )
+    buckets = [
+        (f"{bound:g}", count)
+        for bound, count in zip(COMPILE_BUCKETS, grammars.compile_buckets, strict=True)
+    ]
+    yield HistogramMetricFamily(
+        "loramux_grammar_compile_seconds",
+        "Seconds to compile a structured-output constraint (cache misses)",
+        buckets=[*buckets, ("+Inf", grammars.compiles)],
+        sum_value=grammars.compile_seconds_sum,
+    )
 
 
 class Metrics:

@@ -10,8 +10,13 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loramux.core.errors import InvalidArgument
+from loramux.server.constraints.spec import ConstraintSpec
+
+if TYPE_CHECKING:
+    from loramux.server.constraints.compiler import CompiledConstraint
 
 MAX_LOGPROBS = 20  # most alternatives per position (top_logprobs, as OpenAI and vLLM)
 MAX_LOGIT_BIAS = 300  # most entries in logit_bias (OpenAI's own limit)
@@ -50,6 +55,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     skip_special_tokens: bool = True  # leave special tokens out of the text
     include_stop_str_in_output: bool = False  # keep a matched stop string in the text
+    # Structured output: the shape the text must have (JSON schema, regex, choice, grammar);
+    # compiled off the engine thread into GenerationRequest.grammar (constraints/).
+    constraint: ConstraintSpec | None = None
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Refuse values that cannot be honoured, naming the field."""
@@ -68,6 +76,10 @@ class SamplingParams:
             raise InvalidArgument(
                 "min_tokens", f"must be in 0..max_new_tokens ({self.max_new_tokens})"
             )
+        if self.constraint is not None and self.min_tokens:
+            # the grammar decides where the output ends; holding EOS back past its end
+            # would leave a row with no allowed token
+            raise InvalidArgument("min_tokens", "cannot be combined with a structured output")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not math.isfinite(value) or not -2.0 <= value <= 2.0:
@@ -108,6 +120,10 @@ class GenerationRequest:
     # a prefix hit is visible in time to first token, so one tenant must not be able to
     # probe which prompts another has sent.
     cache_scope: str = ""
+    # params.constraint compiled for the engine's tokenizer, by whoever admits the request
+    # (GenerationCall.requests); Engine.submit compiles it when missing (then on the caller's
+    # thread, still never the engine's).
+    grammar: CompiledConstraint | None = None
 
 
 @dataclass(frozen=True)

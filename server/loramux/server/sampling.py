@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from loramux.server.constraints.masks import RowConstraint, apply_masks
 from loramux.server.requests import SamplingParams
 
 
@@ -18,7 +19,9 @@ class RowSampler:
     """Per-request sampling state: its generator and the tokens it has seen.
 
     `ending`: the token ids that would end the output (EOS, stop_token_ids), held back
-    until `min_tokens` tokens were generated, as vLLM does.
+    until `min_tokens` tokens were generated, as vLLM does. `constraint`: the request's
+    grammar state (structured output), whose mask applies after penalties and logit_bias
+    and before temperature, top-k/top-p and the draw.
     """
 
     def __init__(
@@ -26,8 +29,10 @@ class RowSampler:
         params: SamplingParams,
         prompt_token_ids: Sequence[int],
         ending: frozenset[int] = frozenset(),
+        constraint: RowConstraint | None = None,
     ) -> None:
         self.params = params
+        self.constraint = constraint
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator(device="cpu")
@@ -49,6 +54,8 @@ class RowSampler:
 
     def observe(self, token_id: int) -> None:
         self.generated += 1
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
         if self.params.repetition_penalty != 1.0:
             self.seen.add(token_id)
         if self.params.presence_penalty or self.params.frequency_penalty:
@@ -118,6 +125,8 @@ def sample_next_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> 
     for i, sampler in enumerate(samplers):
         if sampler.adjusts:
             sampler.adjust(logits[i])
+    if any(sampler.constraint is not None for sampler in samplers):
+        apply_masks(logits, [sampler.constraint for sampler in samplers])
     tokens = logits.argmax(dim=-1).tolist()
     for i, sampler in enumerate(samplers):
         if sampler.generator is not None:

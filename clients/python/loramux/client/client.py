@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -159,6 +160,37 @@ class Adapter:
         )
 
 
+def _constraint(
+    json_schema: Mapping[str, Any] | str | None,
+    json_object: bool,
+    regex: str | None,
+    choice: Sequence[str] | None,
+    grammar: str | None,
+) -> pb.Constraint | None:
+    given = {
+        "json_schema": json_schema,
+        "json_object": json_object or None,
+        "regex": regex,
+        "choice": choice,
+        "grammar": grammar,
+    }
+    named = [name for name, value in given.items() if value is not None]
+    if len(named) > 1:
+        raise ValueError(f"one constraint per request; got {', '.join(named)}")
+    if json_schema is not None:
+        text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        return pb.Constraint(json_schema=text)
+    if json_object:
+        return pb.Constraint(json_object=True)
+    if regex is not None:
+        return pb.Constraint(regex=regex)
+    if choice is not None:
+        return pb.Constraint(choice=pb.Choices(choices=list(choice)))
+    if grammar is not None:
+        return pb.Constraint(grammar=grammar)
+    return None
+
+
 def build_request(
     prompt: str | None = None,
     *,
@@ -182,6 +214,11 @@ def build_request(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     logit_bias: Mapping[int, float] | None = None,
+    json_schema: Mapping[str, Any] | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from plain arguments: give `prompt` (raw text), chat `messages`
     or `token_ids`.
@@ -190,6 +227,8 @@ def build_request(
     half strength or {"tone": 0.7, "facts": 0.3} for their weighted sum. `logprobs=k`:
     each generated token's log-probability and its k most likely alternatives;
     `prompt_logprobs=k` the same for the prompt's tokens (max_new_tokens=0: only those).
+    Structured output, at most one of: `json_schema` (a dict or JSON text), `json_object`,
+    `regex`, `choice` (strings), `grammar` (xgrammar EBNF).
     """
     sampling = pb.SamplingParameters(
         temperature=temperature,
@@ -217,6 +256,9 @@ def build_request(
         ignore_eos=ignore_eos,
         request_id=request_id,
     )
+    constraint = _constraint(json_schema, json_object, regex, choice, grammar)
+    if constraint is not None:
+        request.constraint.CopyFrom(constraint)
     if adapters is not None:
         weighted = adapters.items() if isinstance(adapters, Mapping) else adapters
         request.adapters.extend(pb.WeightedAdapter(name=n, weight=w) for n, w in weighted)

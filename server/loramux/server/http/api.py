@@ -82,6 +82,7 @@ class OpenAIFront:
             logit_bias=body.bias(),
             skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
+            constraint=body.constraint(),
         )
 
     def token_text(self, token_id: int) -> str:

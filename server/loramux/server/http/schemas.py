@@ -11,11 +11,15 @@ docs/http-api.md lists every field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from loramux.core.errors import InvalidArgument
+from loramux.server.http.structured import ResponseFormat, StructuredFields
+
+if TYPE_CHECKING:
+    from loramux.server.constraints.spec import ConstraintSpec
 
 MAX_SEED = 2**64 - 1
 MAX_PROMPTS = 4096  # entries of a list `prompt` (each is also bounded by --max-batch-tokens)
@@ -28,7 +32,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
-class _GenerationBody(BaseModel):
+class _GenerationBody(StructuredFields):
     """What both endpoints share: the model, sampling, stopping, streaming."""
 
     model_config = ConfigDict(extra="forbid")
@@ -69,6 +73,7 @@ class _GenerationBody(BaseModel):
             raise InvalidArgument("n", f"must be in 1..{max_n} (--max-n), got {self.n}")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options", "is only allowed together with stream=true")
+        self.constraint()  # a malformed or oversized constraint: 400 before any work
 
     @property
     def include_usage(self) -> bool:
@@ -155,12 +160,6 @@ class ChatMessageBody(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-
-
 class ChatCompletionBody(_GenerationBody):
     """POST /v1/chat/completions."""
 
@@ -185,8 +184,12 @@ class ChatCompletionBody(_GenerationBody):
         for name in ("tool_choice", "function_call"):
             if getattr(self, name) not in (None, "none"):
                 raise InvalidArgument(name, "tool and function calling are not supported")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidArgument("response_format", "only type `text` is supported")
+        self.constraint()
+
+    def requested_constraints(self) -> list[ConstraintSpec]:
+        found = super().requested_constraints()
+        own = self.response_format.constraint() if self.response_format else None
+        return [own, *found] if own is not None else found
 
     def chat(self) -> list[tuple[str, str]]:
         """(role, text) pairs; OpenAI's `developer` role is the system prompt."""

@@ -11,6 +11,7 @@ import grpc
 
 from loramux.core.errors import Cancelled, InvalidArgument
 from loramux.server.affinity import ROUTE_KEY_METADATA, requested_adapter, weighted_adapters
+from loramux.server.constraints.spec import ConstraintSpec
 from loramux.server.generation import GenerationCall
 from loramux.server.requests import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from loramux.server.rpc.wrapper import Servicer, rpc, time_left
@@ -57,7 +58,28 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
         logit_bias=tuple(sorted(sampling.logit_bias.items())),
+        constraint=constraint_spec(request),
     )
+
+
+def constraint_spec(request: pb.GenerateRequest) -> ConstraintSpec | None:
+    """The request's `constraint` as a spec (checked for size; None when unset)."""
+    if not request.HasField("constraint"):
+        return None
+    constraint = request.constraint
+    kind = constraint.WhichOneof("kind")
+    field = f"constraint.{kind}"
+    if kind == "json_schema":
+        return ConstraintSpec.json_schema(constraint.json_schema, field)
+    if kind == "json_object":
+        return ConstraintSpec.json_object(field) if constraint.json_object else None
+    if kind == "regex":
+        return ConstraintSpec.regex(constraint.regex, field)
+    if kind == "choice":
+        return ConstraintSpec.choice(list(constraint.choice.choices), field)
+    if kind == "grammar":
+        return ConstraintSpec.grammar(constraint.grammar, field)
+    return None
 
 
 class LogprobWriter:
