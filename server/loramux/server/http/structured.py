@@ -9,6 +9,7 @@ second, rather than one silently winning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +57,24 @@ class ResponseFormat(BaseModel):
         )
 
 
+_BUILDERS: dict[str, Callable[[Any, str], ConstraintSpec]] = {
+    "json": ConstraintSpec.json_schema,
+    "regex": ConstraintSpec.regex,
+    "choice": ConstraintSpec.choice,
+    "grammar": ConstraintSpec.grammar,
+}
+
+
+def _specs(prefix: str, **values: Any) -> list[ConstraintSpec]:
+    """The constraints among `values` that are set, in _BUILDERS' order, each checked and
+    named `prefix + key` (vLLM spells them `structured_outputs.regex` and `guided_regex`)."""
+    return [
+        _BUILDERS[key](values[key], prefix + key)
+        for key in _BUILDERS
+        if values.get(key) is not None
+    ]
+
+
 class StructuredOutputs(BaseModel):
     """vLLM's `structured_outputs` (its StructuredOutputsParams): one of these set."""
 
@@ -68,15 +87,13 @@ class StructuredOutputs(BaseModel):
     json_object: bool | None = None
 
     def constraints(self) -> list[ConstraintSpec]:
-        found = []
-        if self.json_ is not None:
-            found.append(ConstraintSpec.json_schema(self.json_, "structured_outputs.json"))
-        if self.regex is not None:
-            found.append(ConstraintSpec.regex(self.regex, "structured_outputs.regex"))
-        if self.choice is not None:
-            found.append(ConstraintSpec.choice(self.choice, "structured_outputs.choice"))
-        if self.grammar is not None:
-            found.append(ConstraintSpec.grammar(self.grammar, "structured_outputs.grammar"))
+        found = _specs(
+            "structured_outputs.",
+            json=self.json_,
+            regex=self.regex,
+            choice=self.choice,
+            grammar=self.grammar,
+        )
         if self.json_object:
             found.append(ConstraintSpec.json_object("structured_outputs.json_object"))
         return found
@@ -93,15 +110,13 @@ class StructuredFields(BaseModel):
 
     def requested_constraints(self) -> list[ConstraintSpec]:
         found = self.structured_outputs.constraints() if self.structured_outputs else []
-        if self.guided_json is not None:
-            found.append(ConstraintSpec.json_schema(self.guided_json, "guided_json"))
-        if self.guided_regex is not None:
-            found.append(ConstraintSpec.regex(self.guided_regex, "guided_regex"))
-        if self.guided_choice is not None:
-            found.append(ConstraintSpec.choice(self.guided_choice, "guided_choice"))
-        if self.guided_grammar is not None:
-            found.append(ConstraintSpec.grammar(self.guided_grammar, "guided_grammar"))
-        return found
+        return found + _specs(
+            "guided_",
+            json=self.guided_json,
+            regex=self.guided_regex,
+            choice=self.guided_choice,
+            grammar=self.guided_grammar,
+        )
 
     def constraint(self) -> ConstraintSpec | None:
         """The request's one constraint (None: free text)."""
