@@ -394,6 +394,18 @@ def test_auto_parses_calls_out_of_the_text(url: str, key: str) -> None:
             "response_format",
         ),
         ({"logprobs": True}, "logprobs"),
+        (  # a schema within bounds that xgrammar cannot compile
+            {
+                "tool_choice": "required",
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "nonsense"}},
+                    }
+                ],
+            },
+            "tools",
+        ),
         ({"functions": [{"name": "f"}]}, "functions"),
     ],
 )

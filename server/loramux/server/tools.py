@@ -171,7 +171,8 @@ class ToolRequest:
         )
         if len(source) > MAX_SCHEMA_CHARS * 4:
             raise InvalidArgument("tools", f"are longer than {MAX_SCHEMA_CHARS * 4} characters")
-        return ConstraintSpec(ConstraintKind.TOOL_CALLS, source, "tool_choice")
+        # named after `tools`: a schema there is what fails to compile, if anything does
+        return ConstraintSpec(ConstraintKind.TOOL_CALLS, source, "tools")
 
 
 def parse_request(tools: Any, tool_choice: Any, parallel: bool | None) -> ToolRequest | None:
