@@ -204,10 +204,12 @@ class OpenAIFront:
         )
 
     def chat_request(
-        self, body: ChatCompletionBody, request_id: str
+        self, body: ChatCompletionBody, request_id: str, tools: ToolRequest | None
     ) -> Callable[[GenerationCall], list[GenerationRequest]]:
+        """The engine requests of a chat: its messages (and `tools`, the body's checked
+        tool fields) rendered by the template; a forced call's constraint is made for the
+        call format that template teaches."""
         engine = self.state.engine
-        tools = body.tool_request()
 
         def params(prompt: list[int]) -> SamplingParams:
             max_tokens = body.requested_max_tokens()
@@ -417,7 +419,7 @@ def create_app(state: ServerState, executor: Executor) -> FastAPI:
             request,
             body,
             answer,
-            front.chat_request(body, request_id),
+            front.chat_request(body, request_id, tools),
             {"max_new_tokens": tokens_field, "prompt": "messages", "logprobs": "top_logprobs"},
         )
 
