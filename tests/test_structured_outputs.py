@@ -337,7 +337,35 @@ def test_greedy_masks_remove_nothing_the_grammar_allowed(
         ({"guided_regex": "a" * 5000}, "guided_regex"),
         ({"guided_json": "{not json"}, "guided_json"),
         ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+        # SmolLM2's chat template renders no tools (tests/test_tool_calls.py: one that does)
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+                ]
+            },
+            "messages[1].role",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{}"},
+                            }
+                        ],
+                    },
+                ]
+            },
+            "messages[1].tool_calls",
+        ),
     ],
 )
 def test_bad_constraints_are_refused_naming_the_field(

@@ -13,13 +13,17 @@ ids for the same text. Both sides therefore turn text and chats into ids here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 _PROBE = "a"
+
+# A chat message: (role, text), or a message object as chat templates take it (with
+# `tool_calls` or `tool_call_id`, for tool calling).
+ChatMessage = tuple[str, str] | Mapping[str, Any]
 
 
 class PromptEncoder:
@@ -50,11 +54,20 @@ class PromptEncoder:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def chat(
-        self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        """A conversation rendered with the chat template and tokenised as it stands."""
+        """A conversation rendered with the chat template and tokenised as it stands;
+        `tools` (OpenAI's tool objects) are rendered by the template too."""
         rendered: Any = self.tokenizer.apply_chat_template(
-            [{"role": role, "content": content} for role, content in messages],
+            [
+                dict(m) if isinstance(m, Mapping) else {"role": m[0], "content": m[1]}
+                for m in messages
+            ],
+            tools=[dict(t) for t in tools] if tools else None,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
         )

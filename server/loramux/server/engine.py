@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,7 +51,7 @@ from loramux.core.errors import (
     Unavailable,
 )
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer, resolve_base_model
-from loramux.core.prompts import PromptEncoder
+from loramux.core.prompts import ChatMessage, PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.constraints.compiler import GrammarCache
@@ -88,6 +88,7 @@ from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch
 from loramux.server.sampling import RowSampler, sample_next_tokens
 from loramux.server.streams import RequestStream
 from loramux.server.threads import compute_thread_count, in_own_thread, use_compute_threads
+from loramux.server.tools import ToolCallFormat, template_format
 
 if TYPE_CHECKING:
     from loramux.server.adapters import ExpertShape
@@ -195,6 +196,8 @@ class Engine:
         self.settings = settings
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer)  # the trainer tokenises with the same rules
+        # the call format the chat template teaches; None: it cannot render tools
+        self.tool_format: ToolCallFormat | None = template_format(tokenizer.chat_template)
         self.model = model
         device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -479,17 +482,35 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return self.prompts.text(text)
 
-    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
+        """A chat's prompt ids, rendered by the model's template; `tools` and tool messages
+        (role `tool`, an assistant's `tool_calls`) only where that template renders them
+        (`tool_format`), else refused naming the field: a template that ignores them would
+        silently drop what the model must see."""
         if not messages:
             raise InvalidArgument("messages", "at least one message is required")
-        for i, (role, content) in enumerate(messages):
-            if role not in CHAT_ROLES:
+        no_tools = "the model's chat template does not render tools"
+        if tools and self.tool_format is None:
+            raise InvalidArgument("tools", no_tools)
+        for i, message in enumerate(messages):
+            if isinstance(message, Mapping):
+                role, content = message.get("role"), message.get("content")
+                if message.get("tool_calls") and self.tool_format is None:
+                    raise InvalidArgument(f"messages[{i}].tool_calls", no_tools)
+            else:
+                role, content = message
+            roles = CHAT_ROLES if self.tool_format is None else (*CHAT_ROLES, "tool")
+            if role not in roles:
                 raise InvalidArgument(
-                    f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}"
+                    f"messages[{i}].role", f"must be one of {', '.join(roles)}, got {role!r}"
                 )
             if not isinstance(content, str):
                 raise InvalidArgument(f"messages[{i}].content", "must be text")
-        return self.prompts.chat(messages, add_generation_prompt=True)
+        return self.prompts.chat(messages, add_generation_prompt=True, tools=tools)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         params = request.params

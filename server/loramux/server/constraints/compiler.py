@@ -198,6 +198,8 @@ def _compile(compiler: xgr.GrammarCompiler, spec: ConstraintSpec) -> xgr.Compile
         return compiler.compile_regex(spec.source)
     if spec.kind is ConstraintKind.CHOICE:
         return compiler.compile_grammar(_choice_grammar(spec.choices()))
+    if spec.kind is ConstraintKind.TOOL_CALLS:
+        return compiler.compile_structural_tag(spec.source)
     return compiler.compile_grammar(spec.source)
 
 

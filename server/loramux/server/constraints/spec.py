@@ -31,6 +31,9 @@ class ConstraintKind(enum.StrEnum):
     REGEX = "regex"  # a match of a regular expression, whole
     CHOICE = "choice"  # exactly one of a list of strings
     GRAMMAR = "grammar"  # a context-free grammar in xgrammar's EBNF (GBNF)
+    # calls of the request's tools in its chat template's format (server/tools.py makes
+    # the source: an xgrammar structural tag, each call's arguments under its schema)
+    TOOL_CALLS = "tool_calls"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from loramux.core.errors import InvalidArgument, LoramuxError, NotFound
 from loramux.server.affinity import ROUTE_KEY_METADATA
+from loramux.server.constraints.spec import ConstraintSpec
 from loramux.server.generation import GenerationCall
 from loramux.server.http.bridge import END, GenerationJob
 from loramux.server.http.errors import (
@@ -38,6 +39,7 @@ from loramux.server.http.schemas import ChatCompletionBody, CompletionBody, _Gen
 from loramux.server.requests import GenerationRequest, SamplingParams
 from loramux.server.state import ServerState
 from loramux.server.tenants import CallHold, Front, Principal
+from loramux.server.tools import CallParser, ToolCallFormat, ToolRequest
 from loramux.server.versions import DEFAULT_ALIAS
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -62,8 +64,14 @@ class OpenAIFront:
         return None if model == self.base_name else model
 
     def sampling(
-        self, body: _GenerationBody, max_tokens: int, prompt_logprobs: int | None = None
+        self,
+        body: _GenerationBody,
+        max_tokens: int,
+        prompt_logprobs: int | None = None,
+        constraint: ConstraintSpec | None = None,
     ) -> SamplingParams:
+        """The body's decoding parameters; `constraint` replaces the body's own (a forced
+        tool call's, which the body cannot make: it depends on the model's template)."""
         return SamplingParams(
             max_new_tokens=max_tokens,
             temperature=body.temperature,
@@ -82,7 +90,7 @@ class OpenAIFront:
             logit_bias=body.bias(),
             skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
-            constraint=body.constraint(),
+            constraint=constraint or body.constraint(),
         )
 
     def token_text(self, token_id: int) -> str:
@@ -196,20 +204,31 @@ class OpenAIFront:
         )
 
     def chat_request(
-        self, body: ChatCompletionBody, request_id: str
+        self, body: ChatCompletionBody, request_id: str, tools: ToolRequest | None
     ) -> Callable[[GenerationCall], list[GenerationRequest]]:
+        """The engine requests of a chat: its messages (and `tools`, the body's checked
+        tool fields) rendered by the template; a forced call's constraint is made for the
+        call format that template teaches."""
+        engine = self.state.engine
+
         def params(prompt: list[int]) -> SamplingParams:
             max_tokens = body.requested_max_tokens()
             if max_tokens is None:  # OpenAI: as long as the context allows
-                room = self.state.engine.context_length - len(prompt)
+                room = engine.context_length - len(prompt)
                 max_tokens = max(1, min(self.state.settings.max_new_tokens_limit, room))
-            return self.sampling(body, max_tokens)
+            forced = None
+            if tools is not None and engine.tool_format is not None:
+                forced = tools.constraint(engine.tool_format)
+            return self.sampling(body, max_tokens, constraint=forced)
+
+        def prompt() -> list[int]:
+            return engine.render_chat(body.chat(), tools.template_tools() if tools else None)
 
         return lambda call: _named_model(
             body.model,
             lambda: call.requests(
                 self.model(body.model),
-                lambda: [self.state.engine.render_chat(body.chat())],
+                lambda: [prompt()],
                 params,
                 request_id=request_id,
                 n=body.n,
@@ -279,6 +298,17 @@ class HeldStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.held.release()
+
+
+def _tool_parser(
+    tools: ToolRequest | None, fmt: ToolCallFormat | None
+) -> Callable[[], CallParser] | None:
+    """Makes each choice's call parser, when the reply is searched for calls (tools asked,
+    `tool_choice` not none, a template that renders them)."""
+    if tools is None or not tools.calls_parsed or fmt is None:
+        return None
+    names, limit = tools.names(), None if tools.parallel else 1
+    return lambda: CallParser(fmt, names, limit)
 
 
 def _named_model(
@@ -374,7 +404,14 @@ def create_app(state: ServerState, executor: Executor) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        answer = ChatFormat(request_id, body.model, **front.format_options(body))
+        tools = body.tool_request()
+        call_format = state.engine.tool_format
+        answer = ChatFormat(
+            request_id,
+            body.model,
+            **front.format_options(body),
+            tool_parser=_tool_parser(tools, call_format),
+        )
         tokens_field = (
             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         )
@@ -382,7 +419,7 @@ def create_app(state: ServerState, executor: Executor) -> FastAPI:
             request,
             body,
             answer,
-            front.chat_request(body, request_id),
+            front.chat_request(body, request_id, tools),
             {"max_new_tokens": tokens_field, "prompt": "messages", "logprobs": "top_logprobs"},
         )
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loramux.server.requests import FinishReason, TokenEvent, TokenLogprob
+from loramux.server.tools import CallParser, ToolCall
 
 # OpenAI knows "length" and "stop"; an end-of-sequence token is a natural stop.
 FINISH_REASONS = {
@@ -233,8 +234,33 @@ class CompletionFormat(ResponseFormat):
 
 
 class ChatFormat(ResponseFormat):
+    """Chat answers. With `tool_parser` (tools asked, tool_choice not none), each choice's
+    text goes through its own CallParser: calls become `tool_calls` (in a stream, one
+    delta per call, sent when the call's close tag arrives, carrying its id, name and
+    whole arguments), the rest is content, and a reply with calls that ended naturally
+    finishes with "tool_calls"."""
+
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        *,
+        tool_parser: Callable[[], CallParser] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(request_id, model, **options)
+        self.tool_parser = tool_parser
+        self.parsers: dict[int, CallParser] = {}
+
+    def _parser(self, index: int) -> CallParser | None:
+        if self.tool_parser is None:
+            return None
+        if index not in self.parsers:
+            self.parsers[index] = self.tool_parser()
+        return self.parsers[index]
 
     def _content(self, scored: Sequence[TokenLogprob]) -> dict[str, Any] | None:
         """OpenAI's chat logprobs object (None when not asked)."""
@@ -255,6 +281,14 @@ class ChatFormat(ResponseFormat):
     def _delta(self, index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
+    def _reason(self, index: int, event: TokenEvent | None) -> str | None:
+        """OpenAI's finish reason: "tool_calls" for a reply with calls that was not cut."""
+        reason = finish_reason(event)
+        parser = self.parsers.get(index)
+        if reason == "stop" and parser is not None and parser.calls:
+            return "tool_calls"
+        return reason
+
     def first_chunks(self) -> list[dict[str, Any]]:
         return [
             self.chunk([self._delta(i, {"role": "assistant", "content": ""}, None)])
@@ -263,6 +297,9 @@ class ChatFormat(ResponseFormat):
 
     def chunks(self, index: int, event: TokenEvent) -> list[dict[str, Any]]:
         self.add(index, event)
+        parser = self._parser(index)
+        if parser is not None:
+            return self._tool_chunks(index, event, parser)
         out = []
         if event.text or event.logprobs:
             delta = self._delta(index, {"content": event.text}, None)
@@ -272,16 +309,48 @@ class ChatFormat(ResponseFormat):
             out.append(self.chunk([self._delta(index, {}, finish_reason(event))]))
         return out
 
+    def _tool_chunks(
+        self, index: int, event: TokenEvent, parser: CallParser
+    ) -> list[dict[str, Any]]:
+        pieces: list[str | ToolCall] = list(parser.feed(event.text))
+        if event.finished:
+            pieces += parser.finish()
+        out = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                delta: dict[str, Any] = {"content": piece}
+            else:
+                number = parser.calls.index(piece)
+                delta = {"tool_calls": [{"index": number, **piece.openai()}]}
+            out.append(self.chunk([self._delta(index, delta, None)]))
+        if event.finished:
+            out.append(self.chunk([self._delta(index, {}, self._reason(index, event))]))
+        return out
+
+    def _message(self, index: int) -> dict[str, Any]:
+        text = "".join(self.choices[index].text)
+        parser = self._parser(index)
+        if parser is None:
+            return {"role": "assistant", "content": text}
+        pieces = parser.feed(text)
+        content = "".join(p for p in [*pieces, *parser.finish()] if isinstance(p, str))
+        message: dict[str, Any] = {"role": "assistant", "content": content or None}
+        if parser.calls:
+            message["tool_calls"] = [call.openai() for call in parser.calls]
+        return message
+
     def response(self) -> dict[str, Any]:
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(self.choices[i].text)},
-                "logprobs": self._content(self.choices[i].logprobs),
-                "finish_reason": finish_reason(self.choices[i].last),
-            }
-            for i in sorted(self.choices)
-        ]
+        choices = []
+        for i in sorted(self.choices):
+            message = self._message(i)
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": self._content(self.choices[i].logprobs),
+                    "finish_reason": self._reason(i, self.choices[i].last),
+                }
+            )
         body = self._envelope(self.object_name, choices)
         body["usage"] = self.usage()
         return body

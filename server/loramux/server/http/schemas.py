@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible endpoints, checked by pydantic.
 
-Fields OpenAI defines that LoRAMux cannot honour (tools, suffix, best_of > 1, ...) are
+Fields OpenAI defines that LoRAMux cannot honour (functions, suffix, best_of > 1, ...) are
 refused with a message naming them when set to anything but their neutral value, never
 silently ignored; fields nobody defines are refused too (as OpenAI does). `top_k`,
 `min_tokens`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loramux.core.errors import InvalidArgument
 from loramux.server.http.structured import ResponseFormat, StructuredFields
+from loramux.server.tools import ToolRequest, parse_request, template_messages
 
 if TYPE_CHECKING:
     from loramux.server.constraints.spec import ConstraintSpec
@@ -145,12 +146,32 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=65_536)  # JSON text, as OpenAI returns it
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant turn made (sent back in the next request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessageBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, max_length=256)
+    refusal: str | None = None  # in an assistant message the openai client sends back
 
     def text(self) -> str:
         if self.content is None:
@@ -178,22 +199,46 @@ class ChatCompletionBody(_GenerationBody):
         super().refuse_unsupported(max_n)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidArgument("top_logprobs", "needs logprobs=true")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise InvalidArgument(name, "tool and function calling are not supported")
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                raise InvalidArgument(name, "tool and function calling are not supported")
+        # the legacy fields (deprecated by OpenAI in favour of tools and tool_choice)
+        if self.functions:
+            raise InvalidArgument("functions", "is not supported; use tools")
+        if self.function_call not in (None, "none"):
+            raise InvalidArgument("function_call", "is not supported; use tool_choice")
+        tools = self.tool_request()
+        if tools is not None and tools.calls_parsed:
+            if self.logprobs:  # a call's tokens are not content: no place for their logprobs
+                raise InvalidArgument("logprobs", "is not supported together with tools")
+            found = self.constraint()
+            if tools.forced and found is not None:
+                raise InvalidArgument(
+                    found.field, f"cannot be combined with tool_choice {self.tool_choice!r}"
+                )
         self.constraint()
+
+    def tool_request(self) -> ToolRequest | None:
+        """`tools`, `tool_choice` and `parallel_tool_calls`, checked (None: no tools)."""
+        return parse_request(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def requested_constraints(self) -> list[ConstraintSpec]:
         found = super().requested_constraints()
         own = self.response_format.constraint() if self.response_format else None
         return [own, *found] if own is not None else found
 
-    def chat(self) -> list[tuple[str, str]]:
-        """(role, text) pairs; OpenAI's `developer` role is the system prompt."""
-        return [("system" if m.role == "developer" else m.role, m.text()) for m in self.messages]
+    def chat(self) -> list[dict[str, Any]]:
+        """The messages as chat templates take them; OpenAI's `developer` role is the system
+        prompt, an assistant's earlier tool calls and `tool` results are kept."""
+        return template_messages(
+            [
+                {
+                    "role": "system" if m.role == "developer" else m.role,
+                    "content": m.text(),
+                    "name": m.name,
+                    "tool_call_id": m.tool_call_id,
+                    "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None,
+                }
+                for m in self.messages
+            ]
+        )
 
     def top_logprobs_asked(self) -> int | None:
         if not self.logprobs:
