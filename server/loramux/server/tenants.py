@@ -145,7 +145,7 @@ class Authenticator:
 
 
 class Front(enum.StrEnum):
-    """The transport a call came in by: each has its own pool of threads."""
+    """The transport a call came in by (gRPC: a thread per call; HTTP: the event loop)."""
 
     GRPC = "grpc"
     HTTP = "http"
@@ -200,10 +200,10 @@ class ConcurrencyGate:
         """Count one call of `tenant`; refuse it past `max_calls` or its front's limit.
 
         One count per tenant, whichever transport carried the call: a gRPC call holds a
-        worker thread until it ends, an HTTP generation holds one of `--http-workers` while
-        it waits and generates and its stream stays open until its reader took it all.
-        Capping each tenant below the worker pools leaves threads for every other tenant
-        however one tenant floods, over either front or both. The front's own limit
+        worker thread until it ends; an HTTP generation holds no thread while it waits (the
+        event loop, aio.py) and its stream stays open, counted, until its reader took it all.
+        Capping each tenant below gRPC's pool leaves threads for every other tenant however
+        one tenant floods, over either front or both. The front's own limit
         (`front_limits`: gRPC's pool less the threads kept for health checks) keeps tenants
         together from taking the threads the health service answers from. A call over a
         limit is refused at once, before it waits for anything.

@@ -1,0 +1,171 @@
+"""HTTP streams hold no thread while they wait for a slot, for tokens or for a slow reader
+(issue 29, point 1).
+
+One tenant opens STREAMS streaming completions on raw sockets that never read past what the
+kernel takes in for them: a few generate (the tenant's `max_concurrent`) into a reader that
+does not read, the rest wait in the tenant's line for a slot. Meanwhile the server's thread
+count must not grow with the number of open streams, another tenant's plain request must
+complete about as fast as alone, and `/health` and the gRPC health service must answer
+within 1 s. The figures are printed (`pytest -s`) and kept in docs/performance.md.
+
+On the code before this change each of these streams held a thread of `--http-workers` for
+its whole life, so a tenant could not hold more streams than that pool (the settings below
+were refused: --tenant-max-calls had to stay below --http-workers), and with a pool big
+enough the thread count grew by one per open stream.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from api_helpers import eventually, free_port, health_status
+from grpc_health.v1 import health_pb2
+from hardening_helpers import ADMIN_KEY, call, create_tenants, stubs, tiny_server
+from http_helpers import request_head
+
+from loramux.core.models import ResolvedModel
+from loramux.server.app import RunningServer
+from loramux.v1 import loramux_pb2 as pb
+
+STREAMS = 200  # the slow tenant's open streams
+FIRST = 50  # opened first: the thread count with FIRST open is the baseline
+RUNNING = 4  # the slow tenant's max_concurrent: rows generating for unread streams
+HTTP_WORKERS = 4  # admission threads only; far fewer than the streams
+
+
+@pytest.fixture
+def server(home: Path, tiny_llama: ResolvedModel) -> Iterator[RunningServer]:
+    running = tiny_server(
+        home,
+        tiny_llama,
+        http_port=free_port(),
+        grpc_workers=STREAMS + 56,
+        http_workers=HTTP_WORKERS,
+        tenant_max_calls=STREAMS + 10,
+        max_new_tokens_limit=480,
+    )
+    yield running
+    running.close()
+
+
+def _model(server: RunningServer) -> str:
+    return server.state.settings.served_model_name or server.state.engine.info.base_model
+
+
+def open_unread_stream(port: int, key: str, model: str) -> socket.socket:
+    """A streaming completion whose client sends the request and then reads nothing: its
+    events fill the socket buffers (4 KiB receive window), and it stays open until closed."""
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": "a reader that never reads",
+            "max_tokens": 480,
+            "ignore_eos": True,
+            "stream": True,
+            "logprobs": 5,
+        }
+    ).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+    sock.settimeout(60)
+    sock.connect(("127.0.0.1", port))
+    head = request_head(
+        "/v1/completions",
+        {
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+        },
+    )
+    sock.sendall(head + body)
+    return sock
+
+
+def _threads() -> int:
+    """Threads of this process (the server runs in it; the test's clients use none)."""
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+def _rss_kib() -> int:
+    status = Path("/proc/self/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    assert match is not None
+    return int(match.group(1))
+
+
+def _timed_completion(url: str, key: str, model: str) -> float:
+    started = time.monotonic()
+    answer = httpx.post(
+        f"{url}/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": model, "prompt": "a calm question", "max_tokens": 8, "ignore_eos": True},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 8
+    return time.monotonic() - started
+
+
+def test_open_streams_hold_no_thread_and_leave_others_served(server: RunningServer) -> None:
+    assert server.http is not None
+    port = server.http.port
+    url = f"http://127.0.0.1:{port}"
+    address = f"127.0.0.1:{server.port}"
+    channel, _, _, admin = stubs(address)
+    quota = pb.TenantQuota(max_concurrent=RUNNING, max_queued=STREAMS)
+    created = call(admin.CreateTenant, pb.CreateTenantRequest(name="slow", quota=quota), ADMIN_KEY)
+    assert created.code == grpc.StatusCode.OK, created
+    slow_key = call(admin.CreateKey, pb.CreateKeyRequest(tenant="slow"), ADMIN_KEY).response.key
+    calm_key = create_tenants(admin, ["calm"])["calm"]
+    gate, engine, model = server.state.gate, server.state.engine, _model(server)
+
+    def admitted() -> int:
+        """The slow tenant's streams past admission: generating, or in line for a slot."""
+        return gate.in_flight().get("slow", 0) + gate.waiting().get("slow", 0)
+
+    alone = min(_timed_completion(url, calm_key, model) for _ in range(3))
+    streams: list[socket.socket] = []
+    try:
+        streams = [open_unread_stream(port, slow_key, model) for _ in range(FIRST)]
+        assert eventually(lambda: admitted() == FIRST, timeout=60), (admitted(), gate.calls())
+        threads_first, rss_first = _threads(), _rss_kib()
+        streams += [open_unread_stream(port, slow_key, model) for _ in range(STREAMS - FIRST)]
+        assert eventually(lambda: admitted() == STREAMS, timeout=120), (admitted(), gate.calls())
+        assert gate.in_flight().get("slow") == RUNNING
+        assert eventually(lambda: engine.stats().running == RUNNING)
+        threads_all, rss_all = _threads(), _rss_kib()
+
+        loaded = min(_timed_completion(url, calm_key, model) for _ in range(3))
+        started = time.monotonic()
+        assert httpx.get(url + "/health", timeout=1.0).status_code == 200
+        http_health = time.monotonic() - started
+        started = time.monotonic()
+        assert health_status(address, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING
+        grpc_health = time.monotonic() - started
+        assert admitted() == STREAMS, "the slow streams were open all along"
+
+        per_stream = (rss_all - rss_first) / (STREAMS - FIRST)
+        print(
+            f"\n{STREAMS} open streams ({RUNNING} generating, the rest in line): threads "
+            f"{threads_first} with {FIRST} open, {threads_all} with {STREAMS}; RSS "
+            f"+{per_stream:.1f} KiB per stream; another tenant's completion {loaded:.3f} s "
+            f"(alone {alone:.3f} s); /health {http_health:.3f} s, gRPC health {grpc_health:.3f} s"
+        )
+        assert threads_all <= threads_first + 4, "threads grew with the open streams"
+        assert loaded <= 2 * alone + 0.5, (loaded, alone)
+        assert http_health < 1.0 and grpc_health < 1.0
+    finally:
+        for sock in streams:
+            sock.close()
+        channel.close()
+    assert eventually(lambda: "slow" not in gate.calls(), timeout=60), gate.calls()
+    assert eventually(lambda: engine.stats().running == 0, timeout=60)
+    assert admitted() == 0
