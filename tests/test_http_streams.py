@@ -60,7 +60,7 @@ def _model(server: RunningServer) -> str:
     return server.state.settings.served_model_name or server.state.engine.info.base_model
 
 
-def open_unread_stream(port: int, key: str, model: str) -> socket.socket:
+def open_unread_stream(port: int, key: str, model: str, n: int = 1) -> socket.socket:
     """A streaming completion whose client sends the request and then reads nothing: its
     events fill the socket buffers (4 KiB receive window), and it stays open until closed."""
     body = json.dumps(
@@ -71,6 +71,7 @@ def open_unread_stream(port: int, key: str, model: str) -> socket.socket:
             "ignore_eos": True,
             "stream": True,
             "logprobs": 5,
+            "n": n,
         }
     ).encode()
     sock = socket.socket()
@@ -169,3 +170,41 @@ def test_open_streams_hold_no_thread_and_leave_others_served(server: RunningServ
     assert eventually(lambda: "slow" not in gate.calls(), timeout=60), gate.calls()
     assert eventually(lambda: engine.stats().running == 0, timeout=60)
     assert admitted() == 0
+
+
+def test_an_unread_stream_gives_its_slot_back_once_generated(server: RunningServer) -> None:
+    """The engine does not wait for a reader: a stream whose client reads nothing is
+    generated to its end and its tenant's slot goes back then, so the tenant's next request
+    runs; when the client reads at last it gets every token of every choice, in few events
+    (what piled up comes merged), then [DONE]."""
+    assert server.http is not None
+    port, url = server.http.port, f"http://127.0.0.1:{server.http.port}"
+    channel, _, _, admin = stubs(f"127.0.0.1:{server.port}")
+    quota = pb.TenantQuota(max_concurrent=1, max_queued=1)
+    created = call(admin.CreateTenant, pb.CreateTenantRequest(name="one", quota=quota), ADMIN_KEY)
+    assert created.code == grpc.StatusCode.OK, created
+    key = call(admin.CreateKey, pb.CreateKeyRequest(tenant="one"), ADMIN_KEY).response.key
+    channel.close()
+    gate, engine, model = server.state.gate, server.state.engine, _model(server)
+    sock = open_unread_stream(port, key, model, n=4)
+    try:
+        assert eventually(lambda: gate.in_flight().get("one") == 1)
+        assert eventually(
+            lambda: gate.in_flight().get("one") == 0 and engine.stats().running == 0, timeout=120
+        ), "the engine waited for the reader"
+        _timed_completion(url, key, model)  # the tenant's one slot is free
+        answer = b""
+        while b"data: [DONE]" not in answer:
+            piece = sock.recv(65536)
+            assert piece, "the server closed the stream before [DONE]"
+            answer += piece
+    finally:
+        sock.close()
+    events = [json.loads(line[6:]) for line in answer.split(b"\r\n") if line.startswith(b"data: {")]
+    tokens = [0] * 4
+    for event in events:
+        for choice in event["choices"]:
+            tokens[choice["index"]] += len((choice.get("logprobs") or {}).get("tokens", []))
+    assert tokens == [480] * 4
+    assert len(events) < 4 * 480 / 2, "what piled up came merged"
+    assert eventually(lambda: "one" not in gate.calls())
