@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -51,6 +52,7 @@ def server(home: Path, tiny_llama: ResolvedModel) -> Iterator[RunningServer]:
         http_workers=HTTP_WORKERS,
         tenant_max_calls=STREAMS + 10,
         max_new_tokens_limit=480,
+        tenant_rate_window_seconds=3600,  # a budget spent in a test stays spent
     )
     yield running
     running.close()
@@ -200,11 +202,58 @@ def test_an_unread_stream_gives_its_slot_back_once_generated(server: RunningServ
             answer += piece
     finally:
         sock.close()
-    events = [json.loads(line[6:]) for line in answer.split(b"\r\n") if line.startswith(b"data: {")]
-    tokens = [0] * 4
+    events = _events(answer)
+    assert _tokens(events, 4) == [480] * 4
+    assert len(events) < 4 * 480 / 2, "what piled up came merged"
+    assert eventually(lambda: "one" not in gate.calls())
+
+
+def _events(answer: bytes) -> list[dict[str, Any]]:
+    """The JSON events of a raw SSE answer (each event is one HTTP chunk: no line split)."""
+    return [json.loads(line[6:]) for line in answer.split(b"\r\n") if line.startswith(b"data: {")]
+
+
+def _tokens(events: list[dict[str, Any]], n: int) -> list[int]:
+    """Tokens received per choice (each carries its logprobs)."""
+    tokens = [0] * n
     for event in events:
         for choice in event["choices"]:
             tokens[choice["index"]] += len((choice.get("logprobs") or {}).get("tokens", []))
-    assert tokens == [480] * 4
-    assert len(events) < 4 * 480 / 2, "what piled up came merged"
-    assert eventually(lambda: "one" not in gate.calls())
+    return tokens
+
+
+def test_tokens_of_a_stream_its_client_left_count_against_the_budget(
+    server: RunningServer,
+) -> None:
+    """A client that reads part of a stream and goes away is billed for what was generated
+    (the cancelled request's tokens count when the engine ends it, as over gRPC), so
+    leaving early does not dodge --tenant-tokens-per-minute."""
+    assert server.http is not None
+    port, url = server.http.port, f"http://127.0.0.1:{server.http.port}"
+    channel, _, _, admin = stubs(f"127.0.0.1:{server.port}")
+    quota = pb.TenantQuota(tokens_per_minute=40)
+    created = call(
+        admin.CreateTenant, pb.CreateTenantRequest(name="leaver", quota=quota), ADMIN_KEY
+    )
+    assert created.code == grpc.StatusCode.OK, created
+    key = call(admin.CreateKey, pb.CreateKeyRequest(tenant="leaver"), ADMIN_KEY).response.key
+    channel.close()
+    gate, engine, model = server.state.gate, server.state.engine, _model(server)
+    sock = open_unread_stream(port, key, model)
+    answer = b""
+    try:
+        while _tokens(_events(answer), 1)[0] < 50:
+            piece = sock.recv(65536)
+            assert piece, "the server closed the stream early"
+            answer += piece
+    finally:
+        sock.close()
+    assert eventually(lambda: "leaver" not in gate.calls() and engine.stats().running == 0)
+    refused = httpx.post(
+        f"{url}/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": model, "prompt": "again", "max_tokens": 4},
+        timeout=60,
+    )
+    assert refused.status_code == 429, refused.text
+    assert "--tenant-tokens-per-minute" in refused.json()["error"]["message"]

@@ -159,11 +159,11 @@ def test_an_unarmed_reader_costs_the_engine_no_wake_up_until_the_finish() -> Non
     for token in range(3, 1000):  # a reader that fell behind: nothing wakes it
         stream._put(TokenEvent((token,), "x"))
     assert len(notified) == 1
-    assert not stream.handed_final
+    assert stream.final is None
     stream._put(
         TokenEvent((1000,), "y", FinishReason.LENGTH, prompt_tokens=3, completion_tokens=1000)
     )
-    assert len(notified) == 2 and stream.handed_final, "the finish always notifies"
+    assert len(notified) == 2 and stream.final is not None, "the finish always notifies"
     event = stream.poll()
     assert event is not None and event.token_ids == tuple(range(1, 1001)) and event.finished
     assert stream.poll() is None
@@ -195,8 +195,8 @@ def test_loop_streams_and_the_gate_line_wait_without_a_thread() -> None:
         gate.leave("t")
 
         stream = RequestStream("r", prompt_tokens=1, wake=lambda: None)
-        finals: list[int] = []
-        reader = LoopStream(stream, bell, lambda: finals.append(1))
+        finals: list[LoopStream] = []
+        reader = LoopStream(stream, bell, finals.append)
 
         def engine() -> None:
             for token in range(5):
@@ -206,7 +206,7 @@ def test_loop_streams_and_the_gate_line_wait_without_a_thread() -> None:
         await asyncio.to_thread(engine)
         event = await reader.next_event()
         assert event.token_ids == (0, 1, 2, 3, 4, 5) and event.finished
-        assert finals == [1], "the final hand-over reached the loop"
+        assert finals == [reader], "the final hand-over reached the loop"
 
     threads = threading.active_count()
     asyncio.run(scenario())

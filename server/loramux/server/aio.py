@@ -86,12 +86,20 @@ class Doorbell:
 
 
 class LoopStream:
-    """One engine stream read on the loop: `next_event()` awaits without a thread."""
+    """One engine stream read on the loop: `next_event()` awaits without a thread.
 
-    def __init__(self, stream: RequestStream, bell: Doorbell, on_final: Callable[[], None]) -> None:
+    `on_final(self)` runs on the loop once, when the engine has handed over the request's
+    final event, whether or not the reader has taken it (after `check_final()` for one
+    handed over before this reader listened).
+    """
+
+    def __init__(
+        self, stream: RequestStream, bell: Doorbell, on_final: Callable[[LoopStream], None]
+    ) -> None:
         self.stream = stream
         self._bell = bell
         self._on_final = on_final
+        self.final_seen = False
         self._due = asyncio.Event()
         stream.listen(self._notify)
 
@@ -102,8 +110,12 @@ class LoopStream:
 
     def _woken(self) -> None:
         self._due.set()
-        if self.stream.handed_final:
-            self._on_final()
+        self.check_final()
+
+    def check_final(self) -> None:
+        if self.stream.final is not None and not self.final_seen:
+            self.final_seen = True
+            self._on_final(self)
 
     async def next_event(self) -> TokenEvent:
         """Everything due as one event, waiting on the loop until something is."""
@@ -179,11 +191,18 @@ class LoopGeneration:
         self._slot = True
         submitted: Sequence[RequestStream] = call.submit(requests)
         self._streams = [LoopStream(s, bell, self._one_final) for s in submitted]
+        for stream in self._streams:  # finals handed over before their reader listened
+            stream.check_final()
 
-    def _one_final(self) -> None:
-        """A stream's final event is due: once all are, the engine is done with the call
-        and the slot goes back, whether or not the reader has taken the events yet."""
-        if all(s.stream.handed_final for s in self._streams):
+    def _one_final(self, stream: LoopStream) -> None:
+        """A stream's final event is due: its tokens count now (rates, metrics), read or
+        not, as the thread-based path counts them when the engine ends the request (also
+        one cancelled because its client went away). Once all are due, the engine is done
+        with the call and the slot goes back, whether or not the reader has taken them."""
+        final = stream.stream.final
+        assert final is not None
+        self.call.account(final)
+        if all(s.final_seen for s in self._streams):
             self._release_slot()
 
     def _release_slot(self) -> None:
@@ -199,10 +218,10 @@ class LoopGeneration:
         if self._index >= len(self._streams):
             return None
         index = self._index
-        event = self.call.observe(await self._streams[index].next_event(), timed=index == 0)
+        event = await self._streams[index].next_event()
+        event = self.call.observe(event, timed=index == 0, account=False)  # see _one_final
         if event.finished:
             self._index += 1
-            self._one_final()
         return index, event
 
     def close(self, error: BaseException | None = None) -> None:

@@ -281,9 +281,17 @@ class GenerationCall:
         for event in stream:
             yield self.observe(event, timed)
 
-    def observe(self, event: TokenEvent, timed: bool = True) -> TokenEvent:
+    def account(self, final: TokenEvent) -> None:
+        """Count a finished request's tokens against its tenant's rates and in the metrics."""
+        self.state.rates.spend(self.principal.tenant, final.completion_tokens)
+        self.state.metrics.tokens(
+            self.principal.tenant, self.adapter_label, final.prompt_tokens, final.completion_tokens
+        )
+
+    def observe(self, event: TokenEvent, timed: bool = True, account: bool = True) -> TokenEvent:
         """Time an event's tokens for the latency histograms, count the finished request's
-        tokens (rates, metrics); raises on a failed finish.
+        tokens (rates, metrics; `account` False: the caller counts them with `account`);
+        raises on a failed finish.
 
         An event may carry several tokens (`--stream-interval`, or a reader that fell
         behind): the caller receives them together, so the first one's latency is the gap
@@ -301,13 +309,8 @@ class GenerationCall:
                 metrics.itl.observe(0.0)
             self.last_token = now
         if event.finished:
-            self.state.rates.spend(self.principal.tenant, event.completion_tokens)
-            metrics.tokens(
-                self.principal.tenant,
-                self.adapter_label,
-                event.prompt_tokens,
-                event.completion_tokens,
-            )
+            if account:
+                self.account(event)
             if event.error is not None:
                 if isinstance(event.error, FailedPrecondition):
                     self._deleted_meanwhile()

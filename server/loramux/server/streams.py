@@ -52,7 +52,9 @@ class RequestStream:
         self.cancelled = False
         self._notify: Callable[[], None] | None = None  # set by an event-loop consumer
         self._armed = False  # that consumer waits: notify at the next hand-over
-        self.handed_final = False  # the finished event is due (the engine is done with it)
+        # The finished event, once due (the engine is done with the request): an event-loop
+        # consumer counts its tokens when it is handed over, read or not.
+        self.final: TokenEvent | None = None
 
     def _put(self, event: TokenEvent) -> None:
         """Engine thread only: add an event; hands the pending ones over when they are due
@@ -61,18 +63,19 @@ class RequestStream:
         if event.finished or len(self._pending) >= self.interval:
             self._due.put(self._pending)
             self._pending = []
+            if event.finished:
+                # before `_notify` is read: a consumer that starts listening after that
+                # read finds `final` set when it checks (`listen`, then `final`)
+                self.final = event
             notify = self._notify
             if notify is not None and (self._armed or event.finished):
                 self._armed = False
-                if event.finished:
-                    self.handed_final = True
                 notify()
-            elif event.finished:
-                self.handed_final = True
 
     def listen(self, notify: Callable[[], None]) -> None:
         """Consumer on an event loop: call `notify` (from the engine thread) when events
-        become due while armed, and once the final one is due. Set before the first `arm`."""
+        become due while armed, and once the final one is due. Set before the first `arm`;
+        check `final` after it (a final handed over before it is not notified)."""
         self._notify = notify
 
     def arm(self) -> None:
