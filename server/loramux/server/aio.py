@@ -24,6 +24,7 @@ not when the reader has taken them: a slow reader holds memory, not a slot, as b
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import weakref
 from collections import deque
@@ -36,6 +37,8 @@ from loramux.server.generation import GenerationCall
 from loramux.server.requests import GenerationRequest, TokenEvent
 from loramux.server.streams import RequestStream
 from loramux.server.tenants import ConcurrencyGate, Principal
+
+log = logging.getLogger(__name__)
 
 _BELLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Doorbell] = weakref.WeakKeyDictionary()
 
@@ -82,7 +85,11 @@ class Doorbell:
             self._scheduled = False  # first: a ring from now on schedules another delivery
         rung = self._rung
         while rung:
-            rung.popleft()()
+            callback = rung.popleft()
+            try:
+                callback()
+            except Exception:  # a bug in one callback must not strand the others' wake-ups
+                log.exception("a wake-up callback failed")
 
 
 class LoopStream:
