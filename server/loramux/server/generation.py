@@ -193,7 +193,10 @@ class GenerationCall:
 
     def cancel(self) -> None:
         self._gone.set()
-        self.state.gate.wake()
+        if not self._streams:  # it may be in its tenant's line: make the line re-check
+            # (once submitted it holds a slot instead; waking every waiter of every tenant
+            # for each finished stream would be wasted, hundreds of them with slow readers)
+            self.state.gate.wake()
         for stream in list(self._streams):
             stream.cancel()
 
