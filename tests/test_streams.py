@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -11,11 +13,15 @@ from hardening_helpers import tiny_server
 
 from loramux.client import LoramuxClient
 from loramux.core.config import Settings
+from loramux.core.errors import Cancelled
 from loramux.core.models import ResolvedModel, load_base_model, load_tokenizer
+from loramux.server.aio import Doorbell, LoopStream, tenant_slot
 from loramux.server.app import RunningServer
 from loramux.server.engine import Engine
+from loramux.server.registry import Quota
 from loramux.server.requests import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from loramux.server.streams import RequestStream
+from loramux.server.tenants import ConcurrencyGate, Principal
 
 NEW_TOKENS = 10
 INTERVAL = 4
@@ -133,3 +139,74 @@ def test_grpc_cancel_mid_interval_frees_the_row(server: RunningServer) -> None:
         assert eventually(lambda: engine.stats().running == 0)
         after = client.generate(PROMPT, max_new_tokens=3, ignore_eos=True)  # still serving
     assert len(after.token_ids) == 3
+
+
+# ---- a reader on an event loop: no thread waits (issue 29) ----
+
+
+def test_an_unarmed_reader_costs_the_engine_no_wake_up_until_the_finish() -> None:
+    """The engine hands events over without waiting for the reader, and calls `notify` only
+    for an armed reader (one wake-up, then disarmed) and for the final event; what piled up
+    meanwhile is taken at once, merged."""
+    stream = RequestStream("r", prompt_tokens=3, wake=lambda: None)
+    notified: list[int] = []
+    stream.listen(lambda: notified.append(1))
+    assert stream.poll() is None
+    stream.arm()
+    stream._put(TokenEvent((1,), "a"))
+    stream._put(TokenEvent((2,), "b"))
+    assert len(notified) == 1, "one wake-up per arm, however many events follow"
+    for token in range(3, 1000):  # a reader that fell behind: nothing wakes it
+        stream._put(TokenEvent((token,), "x"))
+    assert len(notified) == 1
+    assert stream.final is None
+    stream._put(
+        TokenEvent((1000,), "y", FinishReason.LENGTH, prompt_tokens=3, completion_tokens=1000)
+    )
+    assert len(notified) == 2 and stream.final is not None, "the finish always notifies"
+    event = stream.poll()
+    assert event is not None and event.token_ids == tuple(range(1, 1001)) and event.finished
+    assert stream.poll() is None
+
+
+def test_loop_streams_and_the_gate_line_wait_without_a_thread() -> None:
+    """On one event loop: a call in line for its tenant's only slot waits as a callback,
+    gets the slot when the holder leaves (from another thread), and a caller that goes
+    away leaves the line with Cancelled; events put from another thread reach the loop's
+    reader through the doorbell, merged when it fell behind."""
+    gate = ConcurrencyGate()
+    tenant = Principal("t", admin=False, quota=Quota(1, 2, 1, 1))
+    gone = threading.Event()
+
+    async def scenario() -> None:
+        bell = Doorbell.of_running_loop()
+        await tenant_slot(gate, tenant, lambda: False, bell)  # free: taken at once
+        second = asyncio.ensure_future(tenant_slot(gate, tenant, lambda: False, bell))
+        third = asyncio.ensure_future(tenant_slot(gate, tenant, gone.is_set, bell))
+        await asyncio.sleep(0)  # one turn of the loop (not a wait): both join the line
+        assert gate.waiting() == {"t": 2} and threading.active_count() == threads
+        gone.set()
+        await asyncio.to_thread(gate.wake)  # the third caller went away
+        with pytest.raises(Cancelled):
+            await third
+        await asyncio.to_thread(gate.leave, "t")  # the holder finishes, on another thread
+        await second
+        assert gate.in_flight() == {"t": 1} and gate.waiting() == {}
+        gate.leave("t")
+
+        stream = RequestStream("r", prompt_tokens=1, wake=lambda: None)
+        finals: list[LoopStream] = []
+        reader = LoopStream(stream, bell, finals.append)
+
+        def engine() -> None:
+            for token in range(5):
+                stream._put(TokenEvent((token,), str(token)))
+            stream._put(TokenEvent((5,), "5", FinishReason.LENGTH, 1, 6))
+
+        await asyncio.to_thread(engine)
+        event = await reader.next_event()
+        assert event.token_ids == (0, 1, 2, 3, 4, 5) and event.finished
+        assert finals == [reader], "the final hand-over reached the loop"
+
+    threads = threading.active_count()
+    asyncio.run(scenario())

@@ -147,7 +147,8 @@ def test_a_tenants_http_streams_count_against_its_grpc_calls_too(server: Running
 
 
 def test_health_answers_while_tenants_hold_every_worker(server: RunningServer) -> None:
-    """Tenants hold every HTTP worker and every gRPC thread they may; health answers in 1 s."""
+    """Tenants hold open HTTP streams (no thread: tests/test_http_streams.py) and every gRPC
+    thread they may; health answers in 1 s."""
     assert server.http is not None
     url = f"http://127.0.0.1:{server.http.port}"
     address = f"127.0.0.1:{server.port}"
@@ -158,7 +159,7 @@ def test_health_answers_while_tenants_hold_every_worker(server: RunningServer) -
     streams: list[socket.socket] = []
     uploads: list[grpc.Future] = []
     try:
-        # HTTP: CAP slow streams each for a and b, WORKERS in all.
+        # HTTP: CAP slow streams each for a and b.
         streams = [slow_stream(server.http.port, keys[t], model) for t in "ab" for _ in range(CAP)]
         # gRPC: uploads that never send their last message each hold a thread, c and d
         # together as many as tenants may (the pool less the health service's threads).
@@ -311,11 +312,12 @@ def test_rate_windows_turn_and_count_tokens_after_the_fact() -> None:
 
 
 def test_limit_settings_are_checked_naming_the_flag() -> None:
-    assert Settings(grpc_workers=8, http_port=8000, http_workers=4).calls_per_tenant == 2
-    assert Settings(grpc_workers=8, http_workers=4).calls_per_tenant == 4  # HTTP off
+    # HTTP generations hold no thread while they wait: only gRPC's pool bounds the cap.
+    assert Settings(grpc_workers=8, http_port=8000, http_workers=4).calls_per_tenant == 4
     assert Settings(grpc_workers=8).grpc_tenant_threads == 8 - HEALTH_THREADS
-    with pytest.raises(ValueError, match="--http-workers"):
-        Settings(grpc_workers=8, http_port=8000, http_workers=4, tenant_max_calls=4).validate()
+    Settings(grpc_workers=8, http_port=8000, http_workers=4, tenant_max_calls=7).validate()
+    with pytest.raises(ValueError, match="--grpc-workers"):
+        Settings(grpc_workers=8, http_port=8000, http_workers=4, tenant_max_calls=8).validate()
     with pytest.raises(ValueError, match="--tenant-rate-window-seconds"):
         Settings(tenant_rate_window_seconds=0).validate()
     with pytest.raises(ValueError, match="--tenant-tokens-per-minute"):

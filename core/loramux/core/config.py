@@ -117,8 +117,9 @@ class Settings:
     )
     http_workers: int = setting(
         64,
-        "threads running HTTP generations (each holds one while it waits for a slot and "
-        "generates); /health and /ready need none",
+        "threads for HTTP generations' admission work (adapter lookup, tokenising, grammar "
+        "compile), each held only for that: a generation holds none while it waits for a "
+        "tenant slot, for tokens or for a slow reader; /health and /ready need none",
         "server",
     )
     served_model_name: str | None = setting(
@@ -303,8 +304,8 @@ class Settings:
     tenant_max_calls: int = setting(
         0,
         "most calls one tenant may have in flight and queued, any method, gRPC and HTTP counted "
-        "together (0: half of --grpc-workers, or of --http-workers when smaller and served); "
-        "below the worker pools, so one tenant's flood leaves threads for the others",
+        "together (0: half of --grpc-workers); below --grpc-workers, whose threads every gRPC "
+        "call holds, so one tenant's flood leaves threads for the others",
         "server",
     )
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
@@ -368,15 +369,13 @@ class Settings:
         return self.home / "models"
 
     @property
-    def smallest_pool(self) -> int:
-        """Threads of the smaller worker pool of the fronts served (--http-workers counts
-        only with --http-port): the per-tenant call cap must stay below it."""
-        return min(self.grpc_workers, self.http_workers) if self.http_port else self.grpc_workers
-
-    @property
     def calls_per_tenant(self) -> int:
-        """The effective --tenant-max-calls: one count over gRPC and HTTP, below both pools."""
-        return self.tenant_max_calls or max(1, self.smallest_pool // 2)
+        """The effective --tenant-max-calls: one count over gRPC and HTTP, below gRPC's pool.
+
+        Only gRPC's pool bounds it: an HTTP generation holds a thread of --http-workers for
+        its admission work alone, never while it waits (tests/test_http_streams.py).
+        """
+        return self.tenant_max_calls or max(1, self.grpc_workers // 2)
 
     @property
     def grpc_tenant_threads(self) -> int:
@@ -421,11 +420,11 @@ class Settings:
             )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")
-        if not 0 <= self.tenant_max_calls < self.smallest_pool:
-            pools = "--grpc-workers and --http-workers" if self.http_port else "--grpc-workers"
+        if not 0 <= self.tenant_max_calls < self.grpc_workers:
             raise ValueError(
-                f"--tenant-max-calls must be in 0..{self.smallest_pool - 1} (below {pools}, "
-                f"so one tenant cannot take every thread), got {self.tenant_max_calls}"
+                f"--tenant-max-calls must be in 0..{self.grpc_workers - 1} (below "
+                "--grpc-workers, so one tenant cannot take every thread), "
+                f"got {self.tenant_max_calls}"
             )
         for name in ("tenant_requests_per_minute", "tenant_tokens_per_minute"):
             if getattr(self, name) < 0:

@@ -193,7 +193,10 @@ class GenerationCall:
 
     def cancel(self) -> None:
         self._gone.set()
-        self.state.gate.wake()
+        if not self._streams:  # it may be in its tenant's line: make the line re-check
+            # (once submitted it holds a slot instead; waking every waiter of every tenant
+            # for each finished stream would be wasted, hundreds of them with slow readers)
+            self.state.gate.wake()
         for stream in list(self._streams):
             stream.cancel()
 
@@ -236,28 +239,62 @@ class GenerationCall:
     ) -> Iterator[list[RequestStream]]:
         """`submitted` for the requests of one call (several prompts, n samples): they hold
         one tenant slot together, and all are cancelled when the call ends."""
-        if self._gone.is_set():
-            raise Cancelled(None, "the call ended before generation started")
-        self.state.rates.admit(self.principal)  # before the wait: a refusal costs no slot
+        self.admit()
         with self.state.gate.slot(self.principal, wait_timeout, self._gone):
             streams: list[RequestStream] = []
             try:
-                for request in requests:
-                    stream = self.state.engine.submit(
-                        replace(request, cache_scope=self.principal.tenant)
-                    )
-                    self._streams.append(stream)
-                    streams.append(stream)
-                if self._gone.is_set():  # ended between the slot and the submit
-                    for stream in streams:
-                        stream.cancel()
+                streams = self.submit(requests)
                 yield streams
             finally:
-                for stream in streams:
-                    stream.cancel()  # a no-op once finished; frees the row if the caller left
+                self.end(streams)
+
+    def admit(self) -> None:
+        """Before waiting for a slot: refuse a call whose caller left, or over its rates
+        (a refusal costs no slot)."""
+        if self._gone.is_set():
+            raise Cancelled(None, "the call ended before generation started")
+        self.state.rates.admit(self.principal)
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> list[RequestStream]:
+        """Hand the requests to the engine, the tenant's slot held; `end` them afterwards.
+        The requests share cached KV blocks only with their own tenant's (`cache_scope`)."""
+        streams: list[RequestStream] = []
+        try:
+            for request in requests:
+                stream = self.state.engine.submit(
+                    replace(request, cache_scope=self.principal.tenant)
+                )
+                self._streams.append(stream)
+                streams.append(stream)
+        except BaseException:
+            self.end(streams)
+            raise
+        if self._gone.is_set():  # ended between the slot and the submit
+            self.end(streams)
+        return streams
+
+    @staticmethod
+    def end(streams: Sequence[RequestStream]) -> None:
+        """Cancel the streams: a no-op once finished; frees the rows if the caller left."""
+        for stream in streams:
+            stream.cancel()
 
     def events(self, stream: RequestStream, timed: bool = True) -> Iterator[TokenEvent]:
-        """The stream's events, timing first and later tokens; raises on a failed finish.
+        """The stream's events, each through `observe`."""
+        for event in stream:
+            yield self.observe(event, timed)
+
+    def account(self, final: TokenEvent) -> None:
+        """Count a finished request's tokens against its tenant's rates and in the metrics."""
+        self.state.rates.spend(self.principal.tenant, final.completion_tokens)
+        self.state.metrics.tokens(
+            self.principal.tenant, self.adapter_label, final.prompt_tokens, final.completion_tokens
+        )
+
+    def observe(self, event: TokenEvent, timed: bool = True, account: bool = True) -> TokenEvent:
+        """Time an event's tokens for the latency histograms, count the finished request's
+        tokens (rates, metrics; `account` False: the caller counts them with `account`);
+        raises on a failed finish.
 
         An event may carry several tokens (`--stream-interval`, or a reader that fell
         behind): the caller receives them together, so the first one's latency is the gap
@@ -265,28 +302,22 @@ class GenerationCall:
         read after the first (their tokens came meanwhile) are not timed.
         """
         metrics = self.state.metrics
-        for event in stream:
-            if event.token_ids and timed:
-                now = time.monotonic()
-                if self.last_token is None:
-                    metrics.ttft.observe(now - self.started)
-                else:
-                    metrics.itl.observe(now - self.last_token)
-                for _ in event.token_ids[1:]:
-                    metrics.itl.observe(0.0)
-                self.last_token = now
-            if event.finished:
-                self.state.rates.spend(self.principal.tenant, event.completion_tokens)
-                metrics.tokens(
-                    self.principal.tenant,
-                    self.adapter_label,
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                )
-                if event.error is not None:
-                    if isinstance(event.error, FailedPrecondition):
-                        self._deleted_meanwhile()
-                    raise event.error
-                if event.finish_reason is FinishReason.CANCELLED:
-                    raise Cancelled(None, "the request was cancelled")
-            yield event
+        if event.token_ids and timed:
+            now = time.monotonic()
+            if self.last_token is None:
+                metrics.ttft.observe(now - self.started)
+            else:
+                metrics.itl.observe(now - self.last_token)
+            for _ in event.token_ids[1:]:
+                metrics.itl.observe(0.0)
+            self.last_token = now
+        if event.finished:
+            if account:
+                self.account(event)
+            if event.error is not None:
+                if isinstance(event.error, FailedPrecondition):
+                    self._deleted_meanwhile()
+                raise event.error
+            if event.finish_reason is FinishReason.CANCELLED:
+                raise Cancelled(None, "the request was cancelled")
+        return event

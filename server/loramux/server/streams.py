@@ -13,6 +13,15 @@ the finish reason and usage of the last). With interval 1 (the default, `--strea
 every token is delivered as soon as the engine made it; a consumer that fell behind gets
 what piled up in one piece instead of one event each. Measured in docs/performance.md
 ("Through the gRPC server").
+
+A consumer on an event loop (the HTTP front) holds no thread while it waits: it calls
+`listen(notify)` once, then `poll()` for what is due, and when nothing is it `arm()`s the
+stream and awaits its own wake-up. The engine thread calls `notify` (which must be cheap
+and must not raise: it only schedules a wake-up on the loop) when it hands events over to
+an armed stream, and always with the final event; an unarmed stream (its reader still busy
+with, or unable to send, the previous events) costs the engine an append and nothing more.
+What waits for a reader is one list per request, whose length is bounded by the request's
+own tokens (`max_tokens`): the reader takes it all, merged, when it next asks.
 """
 
 from __future__ import annotations
@@ -41,6 +50,11 @@ class RequestStream:
         self._due: queue.SimpleQueue[list[TokenEvent]] = queue.SimpleQueue()
         self._wake = wake
         self.cancelled = False
+        self._notify: Callable[[], None] | None = None  # set by an event-loop consumer
+        self._armed = False  # that consumer waits: notify at the next hand-over
+        # The finished event, once due (the engine is done with the request): an event-loop
+        # consumer counts its tokens when it is handed over, read or not.
+        self.final: TokenEvent | None = None
 
     def _put(self, event: TokenEvent) -> None:
         """Engine thread only: add an event; hands the pending ones over when they are due
@@ -49,6 +63,39 @@ class RequestStream:
         if event.finished or len(self._pending) >= self.interval:
             self._due.put(self._pending)
             self._pending = []
+            if event.finished:
+                # before `_notify` is read: a consumer that starts listening after that
+                # read finds `final` set when it checks (`listen`, then `final`)
+                self.final = event
+            notify = self._notify
+            if notify is not None and (self._armed or event.finished):
+                self._armed = False
+                notify()
+
+    def listen(self, notify: Callable[[], None]) -> None:
+        """Consumer on an event loop: call `notify` (from the engine thread) when events
+        become due while armed, and once the final one is due. Set before the first `arm`;
+        check `final` after it (a final handed over before it is not notified)."""
+        self._notify = notify
+
+    def arm(self) -> None:
+        """The consumer is about to wait: the next hand-over notifies. Arm, THEN `poll`: an
+        event handed over between the two is either seen by the poll or notified."""
+        self._armed = True
+
+    def poll(self) -> TokenEvent | None:
+        """Everything due, merged into one event; None when nothing is (never blocks).
+        Taking something disarms: the reader is busy with it, the engine need not wake it."""
+        events: list[TokenEvent] = []
+        while True:
+            try:
+                events += self._due.get_nowait()
+            except queue.Empty:
+                break
+        if not events:
+            return None
+        self._armed = False
+        return TokenEvent.merged(events)
 
     def cancel(self) -> None:
         """The request leaves the batch at the next engine step."""

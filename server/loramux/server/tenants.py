@@ -13,7 +13,7 @@ import enum
 import hmac
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +145,7 @@ class Authenticator:
 
 
 class Front(enum.StrEnum):
-    """The transport a call came in by: each has its own pool of threads."""
+    """The transport a call came in by (gRPC: a thread per call; HTTP: the event loop)."""
 
     GRPC = "grpc"
     HTTP = "http"
@@ -193,15 +193,17 @@ class ConcurrencyGate:
         self._calls_lock = threading.Lock()
         self._calls: dict[str, int] = {}
         self._front_calls: dict[Front, int] = dict.fromkeys(Front, 0)
+        # Waiters without a thread (`enter`), per tenant: called when a slot frees.
+        self._wakers: dict[str, set[Callable[[], None]]] = {}
 
     def hold(self, tenant: str, front: Front) -> CallHold:
         """Count one call of `tenant`; refuse it past `max_calls` or its front's limit.
 
         One count per tenant, whichever transport carried the call: a gRPC call holds a
-        worker thread until it ends, an HTTP generation holds one of `--http-workers` while
-        it waits and generates and its stream stays open until its reader took it all.
-        Capping each tenant below the worker pools leaves threads for every other tenant
-        however one tenant floods, over either front or both. The front's own limit
+        worker thread until it ends; an HTTP generation holds no thread while it waits (the
+        event loop, aio.py) and its stream stays open, counted, until its reader took it all.
+        Capping each tenant below gRPC's pool leaves threads for every other tenant however
+        one tenant floods, over either front or both. The front's own limit
         (`front_limits`: gRPC's pool less the threads kept for health checks) keeps tenants
         together from taking the threads the health service answers from. A call over a
         limit is refused at once, before it waits for anything.
@@ -247,23 +249,16 @@ class ConcurrencyGate:
         timeout: float | None,
         abandoned: threading.Event | None = None,
     ) -> Iterator[None]:
-        quota, tenant = principal.quota, principal.tenant
+        """Hold one of the tenant's running slots for a block, waiting (on this thread) up
+        to `timeout` s for one; `enter`/`retry`/`leave` are the same without a thread."""
+        tenant = principal.tenant
         gone = abandoned or threading.Event()
         with self._lock:
-            if self._running.get(tenant, 0) >= quota.max_concurrent:
-                if self._waiting.get(tenant, 0) >= quota.max_queued:
-                    raise ResourceExhausted(
-                        None,
-                        f"tenant {tenant!r} has {quota.max_concurrent} requests running and "
-                        f"{quota.max_queued} queued (its quota)",
-                    )
-                self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
+            if not self._has_room(principal):
+                self._join_line(principal)
                 try:
                     free = self._lock.wait_for(
-                        lambda: (
-                            gone.is_set() or self._running.get(tenant, 0) < quota.max_concurrent
-                        ),
-                        timeout,
+                        lambda: gone.is_set() or self._has_room(principal), timeout
                     )
                 finally:
                     self._waiting[tenant] -= 1
@@ -277,14 +272,68 @@ class ConcurrencyGate:
         try:
             yield
         finally:
-            with self._lock:
-                self._running[tenant] -= 1
-                self._lock.notify_all()
+            self.leave(tenant)
+
+    def _has_room(self, principal: Principal) -> bool:
+        return self._running.get(principal.tenant, 0) < principal.quota.max_concurrent
+
+    def _join_line(self, principal: Principal) -> None:
+        """Count one more waiter of the tenant, or refuse it when its wait line is full."""
+        quota, tenant = principal.quota, principal.tenant
+        if self._waiting.get(tenant, 0) >= quota.max_queued:
+            raise ResourceExhausted(
+                None,
+                f"tenant {tenant!r} has {quota.max_concurrent} requests running and "
+                f"{quota.max_queued} queued (its quota)",
+            )
+        self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
+
+    def enter(self, principal: Principal, waker: Callable[[], None]) -> bool:
+        """`slot` without a thread: take a free slot (True, release with `leave`), or join
+        the tenant's wait line (False: `waker` is then called, from any thread, whenever a
+        slot of the tenant may have freed or a waiter may have gone; call `retry`), or
+        refuse with ResourceExhausted when the line is full, as `slot` does."""
+        with self._lock:
+            if self._has_room(principal):
+                self._running[principal.tenant] = self._running.get(principal.tenant, 0) + 1
+                return True
+            self._join_line(principal)
+            self._wakers.setdefault(principal.tenant, set()).add(waker)
+            return False
+
+    def retry(self, principal: Principal, waker: Callable[[], None], gone: bool) -> bool:
+        """A waiter of `enter` checks again: True when it took a free slot (it left the
+        line); with `gone` (its caller went away) it leaves the line, raising Cancelled."""
+        tenant = principal.tenant
+        with self._lock:
+            if not gone and not self._has_room(principal):
+                return False
+            self._waiting[tenant] -= 1
+            wakers = self._wakers[tenant]
+            wakers.discard(waker)
+            if not wakers:
+                del self._wakers[tenant]
+            if gone:
+                raise Cancelled(None, "the caller went away while queued")
+            self._running[tenant] = self._running.get(tenant, 0) + 1
+            return True
+
+    def leave(self, tenant: str) -> None:
+        """Free a slot taken by `slot`, `enter` or `retry`; wakes the tenant's waiters."""
+        with self._lock:
+            self._running[tenant] -= 1
+            self._lock.notify_all()
+            wakers = list(self._wakers.get(tenant, ()))
+        for waker in wakers:
+            waker()
 
     def wake(self) -> None:
-        """Make waiters re-check their `abandoned` events."""
+        """Make waiters re-check their `abandoned` events (or their callers, for `enter`)."""
         with self._lock:
             self._lock.notify_all()
+            wakers = [w for line in self._wakers.values() for w in line]
+        for waker in wakers:
+            waker()
 
     def in_flight(self) -> dict[str, int]:
         with self._lock:

@@ -12,22 +12,21 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any
 
-import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from loramux.core.errors import InvalidArgument, LoramuxError, NotFound
+from loramux.core.errors import Cancelled, InvalidArgument, LoramuxError, NotFound
 from loramux.server.affinity import ROUTE_KEY_METADATA
 from loramux.server.constraints.spec import ConstraintSpec
 from loramux.server.generation import GenerationCall
-from loramux.server.http.bridge import END, GenerationJob
+from loramux.server.http.bridge import GenerationJob
 from loramux.server.http.errors import (
     error_body,
     error_response,
@@ -54,10 +53,12 @@ class OpenAIFront:
         self.base_name = state.settings.served_model_name or state.engine.info.base_model
 
     async def authenticate(self, request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        return await anyio.to_thread.run_sync(
-            self.state.auth.authenticate, {"authorization": header}
-        )
+        """The caller, looked up on a thread of --http-workers (the registry may be a
+        database): so the threads the HTTP front uses are that pool's, however many
+        requests arrive at once."""
+        metadata = {"authorization": request.headers.get("authorization", "")}
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.state.auth.authenticate, metadata)
 
     def model(self, model: str) -> str | None:
         """The adapter `model` names (None: the base model)."""
@@ -123,27 +124,26 @@ class OpenAIFront:
         streaming = False
         try:
             call = GenerationCall(self.state, principal, request.headers.get(ROUTE_KEY_METADATA))
-            job = GenerationJob(call, lambda: build(call), renamed)
+            job = GenerationJob(call, lambda: build(call), renamed, self.executor)
             watcher = asyncio.create_task(_cancel_on_disconnect(request, call))
             try:
-                job.start(self.executor)
-                if await job.next() is END:  # pragma: no cover - the worker always says why
-                    raise InvalidArgument(None, "the request ended before it started")
+                await job.start()
                 if body.stream:
                     await _stop(watcher)
                     streaming = True
                     return HeldStreamingResponse(
                         held,
+                        job,
                         _sse(job, answer),
                         media_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                     )
-                while (item := await job.next()) is not END:
-                    assert isinstance(item, tuple)
+                while (item := await job.next()) is not None:
                     answer.add(*item)
                 return JSONResponse(answer.response())
-            except BaseException:
+            except BaseException as exc:
                 call.cancel()
+                job.close(exc)
                 raise
             finally:
                 await _stop(watcher)
@@ -286,18 +286,28 @@ class HeldStreamingResponse(StreamingResponse):
 
     A slow reader's stream is a call in flight as long as it is open, whether its tokens
     are still being generated or wait for the reader; released however the response ends
-    (sent, client gone, server stopping), since this wraps the whole of its sending.
+    (sent, client gone, server stopping), since this wraps the whole of its sending. Then
+    the generation ends too: starlette leaves a body it stopped sending (client gone)
+    unclosed, so it is closed here, its engine rows cancelled and the call counted.
     """
 
-    def __init__(self, held: CallHold, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, held: CallHold, job: GenerationJob, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.held = held
+        self.job = job
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.held.release()
+            try:
+                body = self.body_iterator
+                if isinstance(body, AsyncGenerator):
+                    await body.aclose()
+            finally:
+                self.job.call.cancel()
+                self.job.close(Cancelled(None, "the client went away"))
+                self.held.release()
 
 
 def _tool_parser(
@@ -355,8 +365,7 @@ async def _sse(job: GenerationJob, answer: ResponseFormat) -> AsyncIterator[byte
     try:
         for chunk in answer.first_chunks():
             yield _event(chunk)
-        while (item := await job.next()) is not END:
-            assert isinstance(item, tuple)
+        while (item := await job.next()) is not None:
             for chunk in answer.chunks(*item):
                 yield _event(chunk)
         if answer.include_usage:
@@ -426,7 +435,8 @@ def create_app(state: ServerState, executor: Executor) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         principal = await front.authenticate(request)
-        return JSONResponse(await anyio.to_thread.run_sync(front.models, principal))
+        loop = asyncio.get_running_loop()
+        return JSONResponse(await loop.run_in_executor(front.executor, front.models, principal))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -57,8 +57,8 @@ class HttpServer:
     def __init__(self, state: ServerState, sock: socket.socket) -> None:
         self.sock = sock
         self.port = int(sock.getsockname()[1])
-        # Each generation holds one worker for its life (slot wait + tokens), as a gRPC call
-        # holds one of the gRPC server's threads.
+        # A generation's admission work (adapter lookup, tokenising, grammar compile) runs
+        # here; its slot wait, tokens and slow reader are awaited on the loop (aio.py).
         self.executor = ThreadPoolExecutor(
             max_workers=state.settings.http_workers, thread_name_prefix="http-gen"
         )
