@@ -170,7 +170,9 @@ def test_unsupported_attention_is_named() -> None:
     windowed = SimpleNamespace(num_attention_heads=9, sliding_window=4096)
     assert "sliding-window" in (unsupported(windowed, HEAD_DIM, KV_HEADS, BLOCK) or "")
     capped = SimpleNamespace(num_attention_heads=9, attn_logit_softcapping=50.0)
-    assert "attn_logit_softcapping" in (unsupported(capped, HEAD_DIM, KV_HEADS, BLOCK) or "")
+    assert "logit soft-capping" in (unsupported(capped, HEAD_DIM, KV_HEADS, BLOCK) or "")
+    sinks = unsupported(plain, HEAD_DIM, KV_HEADS, BLOCK, variants=("attention sinks",))
+    assert sinks == "attention sinks"  # as the engine's probe names them (model_support)
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="sliding-window"):
         choose_kernel("native", cpu, windowed, HEAD_DIM, KV_HEADS, BLOCK)

@@ -42,7 +42,11 @@ class PagedAttentionKernel:
         batch: KernelBatch,
         scale: float,
         out: torch.Tensor,  # [tokens, heads, head_dim] bf16, contiguous: the batch's rows set
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
+        if window is not None or softcap is not None:  # choose_kernel does not pick it then
+            raise ValueError("the native paged-attention kernel computes plain causal attention")
         kv_heads, num_blocks, block_size, head_dim = keys.shape
         heads = query.shape[1]
         assert query.dtype == keys.dtype == values.dtype == out.dtype == torch.bfloat16
