@@ -221,9 +221,13 @@ served in the same mixed batch, each row's expert deltas on the experts the mode
 router picked, and gives PEFT's tokens by the same rule (its tokens must differ from the
 base model's, so the deltas are seen); `-` where the family has no fused experts.
 
-The paged-attention kernels (`--attention-kernel native`) compute plain causal attention;
-a family with sliding windows, soft-capping or attention sinks takes the torch path (auto)
-or is refused at start (native).
+The paged-attention kernels: the native one (`--attention-kernel native`) computes plain
+causal attention, a family with sliding windows, soft-capping or attention sinks takes the
+torch path (auto) or is refused at start (native); the Triton one (`--attention-kernel
+triton`) computes sliding windows and soft-capping too (Gemma 2 through it:
+tests/test_triton_engine.py) and refuses attention sinks (GPT-OSS) at start. The rows
+below are measured with the default kernel choice (`auto`: on a CPU, the torch path for
+every family with one of those variants).
 
 | family | outcome | expert adapters |
 |---|---|---|

@@ -270,9 +270,11 @@ class Settings:
         "paged attention for decoding rows and chunks over long contexts: native (hand-"
         "written AVX-512 BF16 kernel reading the KV block pool directly, CPU; built at start "
         "with g++ or $CXX), triton (Triton kernel over the same pool: compiled on CUDA, "
-        "through Triton's interpreter on the CPU, slow, for tests), torch (each row's blocks "
-        "gathered, then SDPA), auto (CUDA: triton where installed; CPU: native where the "
-        "CPU, the compiler and the model's attention allow it; else torch)",
+        "through Triton's interpreter on the CPU, slow, for tests; computes sliding windows "
+        "and logit soft-capping too), torch (each row's blocks gathered, then SDPA; every "
+        "attention variant), auto (CUDA: triton where installed and the model has no "
+        "attention sinks; CPU: native where the CPU, the compiler and the model's attention "
+        "(plain causal) allow it; else torch)",
         "engine",
         choices=("auto", "native", "triton", "torch"),
     )
