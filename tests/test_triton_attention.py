@@ -177,3 +177,67 @@ def test_the_kernel_is_refused_where_the_attention_is_not_what_it_computes() -> 
     uneven = SimpleNamespace(num_attention_heads=5)
     with pytest.raises(ValueError, match="5 query heads over 2 KV heads"):
         choose_kernel("triton", CPU, uneven, head_dim=16, kv_heads=2, block_size=4)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_the_engines_attention_hands_each_layers_window_and_cap_to_the_kernel(
+    pooled: bool,
+) -> None:
+    """attention.py's `paged_attention_forward` with a Triton kernel batch and Gemma 2's
+    per-layer arguments (`sliding_window`, `softcap`), as the model passes them: decoding
+    rows alone (`PoolKV`, the decode pass) or with a prefill chunk (a `GroupedKV` whose
+    groups are all the kernel's, the mixed pass). Each row's output is transformers' own
+    Gemma 2 eager attention on its gathered keys and values under transformers' sliding
+    window mask, within a bf16 rounding (the eager path caps bf16 scores, the kernel
+    float32 ones)."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from loramux.server.attention import paged_attention_forward
+    from loramux.server.kv_cache import GroupedKV, PoolKV
+
+    heads, kv_heads, head_dim, block, window, softcap = 4, 2, 16, 4, 5, 1.0
+    keys, values = _pool(kv_heads, 12, block, head_dim)
+    specs = [(1, 9, [7, 2, 11]), (1, 4, [0, 10])]  # decoding rows
+    if not pooled:
+        specs.append((3, 6, [3, 5, 8]))  # a chunk of 3 after 6 cached tokens
+    tokens = sum(count for count, _, _ in specs)
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(1, heads, tokens, head_dim, generator=generator).bfloat16()
+    rows, flat, first_token = [], [], 0
+    for count, first, table in specs:
+        rows.append((first_token, count, first, len(flat)))
+        flat += table
+        first_token += count
+    kernel = _kernel(heads, kv_heads)
+    longest = max(count for count, _, _ in specs)
+    batch = KernelBatch(torch.tensor(rows), torch.tensor(flat), kernel, longest)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
+    kwargs = {"sliding_window": window, "softcap": softcap, "s_aux": None}
+    scale = head_dim**-0.5
+    if pooled:  # the decode pass: [rows, heads, 1, head_dim]
+        out, _ = paged_attention_forward(
+            module, query[0].transpose(0, 1)[:, :, None], PoolKV(keys, batch),
+            PoolKV(values, batch), None, scaling=scale, **kwargs,
+        )  # fmt: skip
+        out = out[:, 0]  # [tokens, heads, head_dim]
+    else:
+        out, _ = paged_attention_forward(
+            module, query, GroupedKV([], [], keys, batch), GroupedKV([], [], values, batch),
+            None, scaling=scale, **kwargs,
+        )  # fmt: skip
+        out = out[0]
+    token = 0
+    for count, first, table in specs:
+        k = keys[:, table].reshape(1, kv_heads, -1, head_dim)
+        v = values[:, table].reshape(1, kv_heads, -1, head_dim)
+        positions = torch.arange(first, first + count)[:, None]
+        columns = torch.arange(k.shape[2])[None, :]
+        allowed = (columns <= positions) & (columns > positions - window)
+        mask = torch.zeros(allowed.shape, dtype=torch.bfloat16)
+        mask = mask.masked_fill_(~allowed, torch.finfo(torch.bfloat16).min)[None, None]
+        expected, _ = eager_attention_forward(
+            module, query[:, :, token : token + count], k, v, mask, scaling=scale,
+            softcap=softcap,
+        )  # fmt: skip
+        torch.testing.assert_close(out[token : token + count], expected[0], atol=2e-2, rtol=2e-2)
+        token += count
