@@ -60,9 +60,9 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:  # ([rows, T, heads, head_dim], no weights)
     # Gemma 2's attention logit soft-capping, GPT-OSS's attention sinks and the sliding
     # windows of Mistral, Gemma 2/3, StarCoder2, GPT-OSS (per layer): computed here on the
-    # torch path; the Triton kernel takes windows and soft-capping too (each layer's are
-    # handed to it), the native kernel none of them (paged_attention.choose_kernel does
-    # not pick a kernel for a model whose variants it lacks).
+    # torch path; both paged kernels take windows and soft-capping too (each layer's are
+    # handed to them), neither takes sinks (paged_attention.choose_kernel does not pick a
+    # kernel for a model whose variants it lacks).
     softcap: float | None = kwargs.pop("softcap", None)
     window: int | None = kwargs.pop("sliding_window", None)
     sinks: torch.Tensor | None = kwargs.pop("s_aux", None)  # [heads] GPT-OSS attention sinks

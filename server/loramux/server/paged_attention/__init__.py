@@ -4,11 +4,13 @@
 (attention.py: each row's blocks gathered out of the pool, then SDPA or two GEMMs, which
 computes every attention variant the engine serves):
 
-* auto: the native kernel on a CPU with AVX-512 BF16 and a C++ compiler, when the model's
-  attention is plain causal softmax attention it implements (head size a multiple of 32 up
-  to 256, no sliding window, no logit soft-capping, no attention sinks, bf16); otherwise
-  torch, with the reason logged;
-* native: the same, or a start-up error naming why it cannot run here;
+* auto: the native kernel (native.py) on a CPU with AVX-512 BF16 and a C++ compiler, when
+  the model's attention is one it implements (head size a multiple of 32 up to 256, bf16,
+  causal softmax with per-layer sliding windows and logit soft-capping, no attention
+  sinks); otherwise torch, with the reason logged. Its AVX2 + FMA build (the same source)
+  is not taken by auto;
+* native: the same on a CPU with AVX-512 BF16 or AVX2 + FMA (the build chosen by the CPU),
+  or a start-up error naming why it cannot run here;
 * triton: the Triton kernel (triton_ops.py) on any device (through Triton's interpreter on
   the CPU: slow, for tests and dry runs), for any head size, block size and GQA ratio of
   causal softmax attention, with per-layer sliding windows and logit soft-capping (Gemma
@@ -34,6 +36,7 @@ from loramux.server.paged_attention.native import (
     MAX_QUERY_GROUPS,
     SOFTMAX_BLOCK,
     PagedAttentionKernel,
+    cpu_isa,
     load_kernel,
 )
 from loramux.server.triton_runtime import TritonUnavailable, prepare
@@ -45,8 +48,12 @@ KERNEL_MODES = ("auto", "native", "triton", "torch")
 
 # The attention variants (model_support's names) each kernel computes besides plain causal
 # softmax attention
-NATIVE_VARIANTS: frozenset[str] = frozenset()
+NATIVE_VARIANTS = frozenset({SLIDING_WINDOW, SOFTCAP})
 TRITON_VARIANTS = frozenset({SLIDING_WINDOW, SOFTCAP})
+# The native builds `auto` takes (native.BUILDS): the AVX2 one only when asked for, until
+# the whole test suite has run through it on an AVX2 machine (docs/performance.md has its
+# timings against the torch path)
+AUTO_NATIVE_BUILDS = frozenset({"avx512_bf16"})
 
 
 def config_variants(config: Any) -> set[str]:
@@ -119,7 +126,12 @@ def choose_kernel(
         reason = unsupported(config, head_dim, kv_heads, block_size, variants)
         if reason is not None:
             raise NativeKernelUnavailable(f"this model has {reason}")
-        return load_kernel()
+        isa = cpu_isa()
+        if mode == "auto" and isa not in AUTO_NATIVE_BUILDS:
+            raise NativeKernelUnavailable(
+                f"its {isa} build runs only when asked for (--attention-kernel native)"
+            )
+        return load_kernel(isa=isa)
 
     return choose_native(
         mode, "--attention-kernel", "paged attention: torch (SDPA over gathered blocks)", load
