@@ -10,10 +10,7 @@ PEFT's on its own copy of the same NF4 base (PEFT's `add_weighted_adapter(..., "
 for the composition), up to a parting where PEFT's own best logits were nearly tied (the
 rule of the other PEFT tests).
 
-And a tiny Gemma 2 (a sliding layer and a full one, attention logit soft-capping) served
-with `--attention-kernel triton`: the kernel computes its windows and caps for every
-decoding row, and the greedy tokens are PEFT's by the same rule (measured: with the
-window or the cap left out of the kernel, a sequence parts from PEFT where it was not tied).
+Gemma 2 (windows, soft-capping) through the Triton kernel: tests/test_gemma2_kernels.py.
 """
 
 from __future__ import annotations
@@ -131,105 +128,3 @@ def test_mixed_batch_with_both_triton_kernels_gives_pefts_tokens(
     assert len({tuple(reference) for reference, _ in expected}) == len(REQUESTS)
     # Nearly all of it was compared (a near-tie cuts a sequence short now and then).
     assert compared >= 0.8 * len(REQUESTS) * NEW_TOKENS, compared
-
-
-# A tiny Gemma 2: layer 0 slides over WINDOW tokens, layer 1 attends to everything; both
-# soft-cap their scores. Prompts are longer than the window, so the decoding rows (the
-# Triton kernel's) see keys it must drop, and their scores reach the cap.
-GEMMA_WINDOW = 8
-GEMMA_SOFTCAP = 2.0
-GEMMA_PROMPTS = [
-    "The quick brown fox jumps over the lazy dog while the farmer watches from the fence",
-    "Once upon a time in a small village by the sea there lived an old fisherman",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma2(tmp_path_factory: pytest.TempPathFactory, smollm2: ResolvedModel) -> ResolvedModel:
-    """Weights drawn wide (std 0.2, as the decisive tiny Llama's) so greedy choices are
-    clear; Gemma 2's own final logit soft-capping (30)."""
-    import torch
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-gemma2")
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2.path))
-    config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=GEMMA_WINDOW,
-        attn_logit_softcapping=GEMMA_SOFTCAP,
-        final_logit_softcapping=30.0,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,
-    )
-    assert config.layer_types == ["sliding_attention", "full_attention"]
-    torch.manual_seed(0)
-    Gemma2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return ResolvedModel(name=str(folder), path=folder, hub_id=None)
-
-
-def test_gemma2_windows_and_soft_capping_by_the_triton_kernel_give_pefts_tokens(
-    tiny_gemma2: ResolvedModel, tmp_path: Path
-) -> None:
-    """`--attention-kernel triton` on a Gemma 2 (refused before it computed windows and
-    soft-capping): the base model and an attention adapter, two prompts, in one batch whose
-    prompts are prefilled in chunks beside decoding rows; every request's greedy tokens are
-    PEFT's (near-tie rule) on the same NF4 base, through transformers' own eager Gemma 2
-    attention."""
-    from peft import PeftModel
-
-    from loramux.core.config import Settings
-    from loramux.core.models import load_base_model, load_tokenizer
-    from loramux.server.lora import base_linear_shapes
-    from loramux.server.synthetic import write_random_adapter
-
-    settings = Settings(
-        attention_kernel="triton", max_batch_tokens=24, max_batch_size=8, max_loaded_adapters=2
-    )
-    engine = Engine(
-        load_base_model(tiny_gemma2, "nf4", "cpu"),
-        load_tokenizer(tiny_gemma2),
-        settings,
-        tiny_gemma2,
-    )
-    try:
-        assert engine.runner.kernel is not None and engine.runner.kernel.name == "triton"
-        reference = load_base_model(tiny_gemma2, "nf4", "cpu")
-        adapter = write_random_adapter(
-            tmp_path / "qv", base_linear_shapes(reference), rank=8, alpha=16,
-            targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=5, scale=0.3,
-        )  # fmt: skip
-        engine.adapters.register("qv", adapter)
-        model = PeftModel.from_pretrained(reference, str(adapter), "qv").eval()
-        prompts = [engine.tokenize(p) for p in GEMMA_PROMPTS]
-        assert all(len(ids) > GEMMA_WINDOW for ids in prompts)
-        streams = {
-            (name, i): engine.submit(
-                GenerationRequest(
-                    f"{name}-{i}", ids, SamplingParams(max_new_tokens=NEW_TOKENS), name
-                )
-            )
-            for i, ids in enumerate(prompts)
-            for name in (None, "qv")
-        }
-        got = {key: [t for e in stream for t in e.token_ids] for key, stream in streams.items()}
-    finally:
-        engine.shutdown()
-    compared = 0
-    outputs = set()
-    for (name, i), tokens in got.items():
-        expected, ties = peft_generate(model, prompts[i], name, NEW_TOKENS)
-        outputs.add(tuple(expected))
-        compared += tokens_before_parting(tokens, expected, ties, (name, i))
-    assert len(outputs) == len(got)  # the adapter changes what the model says
-    assert compared >= 0.8 * len(got) * NEW_TOKENS, compared
