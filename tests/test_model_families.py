@@ -221,9 +221,12 @@ served in the same mixed batch, each row's expert deltas on the experts the mode
 router picked, and gives PEFT's tokens by the same rule (its tokens must differ from the
 base model's, so the deltas are seen); `-` where the family has no fused experts.
 
-The paged-attention kernels (`--attention-kernel native`) compute plain causal attention;
-a family with sliding windows, soft-capping or attention sinks takes the torch path (auto)
-or is refused at start (native).
+The paged-attention kernels (`--attention-kernel native` and `triton`) compute causal
+attention with sliding windows and logit soft-capping (a tiny Gemma 2 through each:
+tests/test_gemma2_kernels.py), not attention sinks: a family with sinks (GPT-OSS) takes
+the torch path (auto) or is refused at start (native, triton). The rows below are
+measured with the default kernel choice (`auto`: on a CPU without AVX-512 BF16, the
+torch path for every family).
 
 | family | outcome | expert adapters |
 |---|---|---|

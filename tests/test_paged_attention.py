@@ -4,6 +4,8 @@ path it replaces (gather each row's blocks, then transformers' SDPA)."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +13,16 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from loramux.server.kv_cache import KernelBatch
-from loramux.server.native_build import NativeKernelUnavailable, compiler, cpu_lacks
+from loramux.server.native_build import NativeKernelUnavailable, compiler
 from loramux.server.paged_attention import choose_kernel, unsupported
-from loramux.server.paged_attention.native import SOFTMAX_BLOCK, PagedAttentionKernel, load_kernel
+from loramux.server.paged_attention.native import (
+    BUILDS,
+    SOFTMAX_BLOCK,
+    SOURCE,
+    PagedAttentionKernel,
+    cpu_isa,
+    load_kernel,
+)
 
 KV_HEADS, GROUPS, HEAD_DIM, BLOCK, NUM_BLOCKS = 3, 3, 64, 16, 1200  # SmolLM2's attention
 HEADS = KV_HEADS * GROUPS
@@ -24,14 +33,11 @@ SCALE = HEAD_DIM**-0.5
 def kernel() -> PagedAttentionKernel:
     """The kernel; skipped only where the CPU or the compiler is missing (a kernel that
     fails to build fails these tests)."""
-    reason = cpu_lacks()
-    if reason is None:
-        try:
-            compiler()
-        except NativeKernelUnavailable as exc:
-            reason = str(exc)
-    if reason is not None:
-        pytest.skip(f"native paged attention unavailable here: {reason}")
+    try:
+        cpu_isa()
+        compiler()
+    except NativeKernelUnavailable as exc:
+        pytest.skip(f"native paged attention unavailable here: {exc}")
     return load_kernel()
 
 
@@ -71,9 +77,12 @@ def _attend(
     query: torch.Tensor,  # [tokens, heads, head_dim]
     specs: list[tuple[int, int]],
     tables: list[list[int]],
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [tokens, heads, head_dim]
     out = torch.empty_like(query)
-    kernel.attend(query, *pool, _batch(kernel, specs, tables), SCALE, out)
+    batch = _batch(kernel, specs, tables)
+    kernel.attend(query, *pool, batch, SCALE, out, window=window, softcap=softcap)
     return out
 
 
@@ -86,6 +95,8 @@ def _reference(
     query: torch.Tensor,
     specs: list[tuple[int, int]],
     tables: list[list[int]],
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # float64 softmax attention, causal from each query's position
     outs, token = [], 0
     for (count, first), table in zip(specs, tables, strict=True):
@@ -94,7 +105,12 @@ def _reference(
         values = _gathered(pool[1], table, length).double().repeat_interleave(GROUPS, 0)
         q = query[token : token + count].transpose(0, 1).double()  # [heads, count, hd]
         scores = q @ keys.transpose(1, 2) * SCALE
-        visible = torch.arange(length)[None, :] <= torch.arange(first, length)[:, None]
+        if softcap is not None:  # Gemma 2's eager attention: after the scaling
+            scores = torch.tanh(scores / softcap) * softcap
+        positions = torch.arange(first, length)[:, None]
+        visible = torch.arange(length)[None, :] <= positions
+        if window is not None:  # transformers' sliding_window_overlay: kv > q - window
+            visible &= torch.arange(length)[None, :] > positions - window
         scores = scores.masked_fill(~visible, float("-inf"))
         outs.append((torch.softmax(scores, -1) @ values).transpose(0, 1))
         token += count
@@ -123,6 +139,37 @@ def test_kernel_equals_softmax_attention(
     got = _attend(kernel, pool, query, specs, tables).double()
     want = _reference(pool, query, specs, tables)
     # bf16 output: half an ulp of the largest value is 2^-9 of it; two ulps allowed.
+    assert (got - want).abs().max() <= 2 * 2**-8 * want.abs().max()
+
+
+WINDOWED = {  # (window, case): windows within a 16-key group, of blocks, of softmax blocks
+    1: "decode rows and chunks together",
+    7: "decode rows across block edges",
+    16: "whole prompt, several query tiles",
+    100: "chunk over a long context",
+    SOFTMAX_BLOCK + 3: "decode row over several softmax blocks",
+    4096: "decode rows and chunks together",  # longer than most of their contexts
+}
+
+
+@pytest.mark.parametrize("window", WINDOWED)
+@pytest.mark.parametrize("softcap", [None, 0.7, 30.0])
+def test_sliding_windows_and_soft_capping_equal_softmax_attention(
+    kernel: PagedAttentionKernel,
+    pool: tuple[torch.Tensor, torch.Tensor],
+    window: int,
+    softcap: float | None,
+) -> None:
+    """Sliding windows (keys at positions > the query's - window, transformers' mask) and
+    Gemma 2's logit soft-capping (cap * tanh(scores / cap) after the scaling; caps below and
+    far above the scores' range), alone and together, against float64 attention."""
+    specs = CASES[WINDOWED[window]]
+    tables = _tables(specs, seed=window)
+    tokens = sum(count for count, _ in specs)
+    generator = torch.Generator().manual_seed(window)
+    query = (torch.randn(tokens, HEADS, HEAD_DIM, generator=generator) * 1.5).to(torch.bfloat16)
+    got = _attend(kernel, pool, query, specs, tables, window, softcap).double()
+    want = _reference(pool, query, specs, tables, window, softcap)
     assert (got - want).abs().max() <= 2 * 2**-8 * want.abs().max()
 
 
@@ -164,17 +211,56 @@ def test_a_prompt_in_chunks_equals_it_in_one_call_bit_for_bit(
 
 
 def test_unsupported_attention_is_named() -> None:
+    """Windows and soft-capping are the kernel's; attention sinks and head sizes it does
+    not take are refused by name (auto: the torch path; native: a start-up error)."""
     plain = SimpleNamespace(num_attention_heads=9)
     assert unsupported(plain, HEAD_DIM, KV_HEADS, BLOCK) is None
     assert "head size 80" in (unsupported(plain, 80, KV_HEADS, BLOCK) or "")
-    windowed = SimpleNamespace(num_attention_heads=9, sliding_window=4096)
-    assert "sliding-window" in (unsupported(windowed, HEAD_DIM, KV_HEADS, BLOCK) or "")
-    capped = SimpleNamespace(num_attention_heads=9, attn_logit_softcapping=50.0)
-    assert "attn_logit_softcapping" in (unsupported(capped, HEAD_DIM, KV_HEADS, BLOCK) or "")
+    gemma2 = SimpleNamespace(
+        num_attention_heads=9, sliding_window=4096, attn_logit_softcapping=50.0
+    )
+    assert unsupported(gemma2, HEAD_DIM, KV_HEADS, BLOCK) is None
+    sinks = unsupported(plain, HEAD_DIM, KV_HEADS, BLOCK, variants=("attention sinks",))
+    assert sinks == "attention sinks"  # as the engine's probe names them (model_support)
     cpu = torch.device("cpu")
-    with pytest.raises(ValueError, match="sliding-window"):
-        choose_kernel("native", cpu, windowed, HEAD_DIM, KV_HEADS, BLOCK)
-    assert choose_kernel("auto", cpu, windowed, HEAD_DIM, KV_HEADS, BLOCK) is None
+    with pytest.raises(ValueError, match="attention sinks"):
+        choose_kernel("native", cpu, plain, HEAD_DIM, KV_HEADS, BLOCK, ("attention sinks",))
+    assert (
+        choose_kernel("auto", cpu, plain, HEAD_DIM, KV_HEADS, BLOCK, ("attention sinks",)) is None
+    )
     assert choose_kernel("torch", cpu, plain, HEAD_DIM, KV_HEADS, BLOCK) is None
     with pytest.raises(ValueError, match="unknown attention kernel"):
         choose_kernel("fast", cpu, plain, HEAD_DIM, KV_HEADS, BLOCK)
+
+
+def test_the_build_is_chosen_by_the_cpu(kernel: PagedAttentionKernel) -> None:
+    """native: the build this CPU runs (AVX-512 BF16 first); auto takes only the AVX-512
+    one (the AVX2 build only when asked for)."""
+    assert kernel.isa == cpu_isa() and kernel.isa in BUILDS
+    cpu = torch.device("cpu")
+    gemma2 = SimpleNamespace(
+        num_attention_heads=9, sliding_window=4096, attn_logit_softcapping=50.0
+    )
+    native = choose_kernel("native", cpu, gemma2, HEAD_DIM, KV_HEADS, BLOCK)
+    assert native is kernel
+    auto = choose_kernel("auto", cpu, gemma2, HEAD_DIM, KV_HEADS, BLOCK)
+    assert auto is (kernel if kernel.isa == "avx512_bf16" else None)
+
+
+def test_both_builds_compile(tmp_path: Path) -> None:
+    """The one source builds for AVX-512 BF16 and for AVX2 + FMA with the flags the loader
+    uses, whichever CPU runs the tests (the build this CPU lacks is compiled, not run), so
+    neither build can rot unseen."""
+    try:
+        cxx = compiler()
+    except NativeKernelUnavailable as exc:
+        pytest.skip(str(exc))
+    for isa, (flags, _) in BUILDS.items():
+        target = tmp_path / f"{isa}.so"
+        done = subprocess.run(
+            [cxx, *flags, str(SOURCE), "-o", str(target)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, (isa, done.stderr[-3000:])
+        assert target.stat().st_size > 0
+        symbols = subprocess.run(["nm", "-D", str(target)], capture_output=True, text=True)
+        assert "loramux_paged_attention" in symbols.stdout, isa

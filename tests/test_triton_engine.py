@@ -9,6 +9,8 @@ Triton paged attention for every decoding row). Each request's greedy tokens mus
 PEFT's on its own copy of the same NF4 base (PEFT's `add_weighted_adapter(..., "cat")`
 for the composition), up to a parting where PEFT's own best logits were nearly tied (the
 rule of the other PEFT tests).
+
+Gemma 2 (windows, soft-capping) through the Triton kernel: tests/test_gemma2_kernels.py.
 """
 
 from __future__ import annotations

@@ -268,11 +268,13 @@ class Settings:
     attention_kernel: str = setting(
         "auto",
         "paged attention for decoding rows and chunks over long contexts: native (hand-"
-        "written AVX-512 BF16 kernel reading the KV block pool directly, CPU; built at start "
-        "with g++ or $CXX), triton (Triton kernel over the same pool: compiled on CUDA, "
-        "through Triton's interpreter on the CPU, slow, for tests), torch (each row's blocks "
-        "gathered, then SDPA), auto (CUDA: triton where installed; CPU: native where the "
-        "CPU, the compiler and the model's attention allow it; else torch)",
+        "written kernel reading the KV block pool directly, CPU with AVX-512 BF16 or AVX2 + "
+        "FMA; built at start with g++ or $CXX), triton (Triton kernel over the same pool: "
+        "compiled on CUDA, through Triton's interpreter on the CPU, slow, for tests); both "
+        "compute sliding windows and logit soft-capping, not attention sinks; torch (each "
+        "row's blocks gathered, then SDPA; every attention variant), auto (where the model's "
+        "attention allows: on CUDA triton where installed, on a CPU native's AVX-512 build "
+        "where the CPU and the compiler allow it; else torch)",
         "engine",
         choices=("auto", "native", "triton", "torch"),
     )

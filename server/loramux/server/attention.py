@@ -60,16 +60,19 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:  # ([rows, T, heads, head_dim], no weights)
     # Gemma 2's attention logit soft-capping, GPT-OSS's attention sinks and the sliding
     # windows of Mistral, Gemma 2/3, StarCoder2, GPT-OSS (per layer): computed here on the
-    # torch path (the kernels are not chosen for such models: paged_attention.unsupported).
+    # torch path; both paged kernels take windows and soft-capping too (each layer's are
+    # handed to them), neither takes sinks (paged_attention.choose_kernel does not pick a
+    # kernel for a model whose variants it lacks).
     softcap: float | None = kwargs.pop("softcap", None)
     window: int | None = kwargs.pop("sliding_window", None)
     sinks: torch.Tensor | None = kwargs.pop("s_aux", None)  # [heads] GPT-OSS attention sinks
     eager = softcap is not None or sinks is not None  # SDPA takes neither
     if isinstance(key, PoolKV):  # decoding rows, every one by the kernel
         assert isinstance(value, PoolKV) and query.shape[2] == 1
-        assert not eager and window is None, "the paged kernels take none of these"
+        assert sinks is None, "the paged kernels take no attention sinks"
         out = query.new_empty(query.shape[0], query.shape[1], query.shape[3])
-        _attend_in_pool(key.kernel_batch, query[:, :, 0], key.pool, value.pool, scaling, out)
+        flat = query[:, :, 0]  # [rows, heads, head_dim]
+        _attend_in_pool(key.kernel_batch, flat, key.pool, value.pool, scaling, out, window, softcap)
         return out[:, None], None
     if not isinstance(key, GroupedKV):
         assert isinstance(value, torch.Tensor)
@@ -89,8 +92,9 @@ def paged_attention_forward(
     out = query.new_empty(tokens, heads, head_dim)
     if key.kernel_batch is not None:  # the groups without a mask
         assert key.pool is not None and value.pool is not None
+        assert sinks is None, "the paged kernels take no attention sinks"
         flat = query[0].transpose(0, 1)  # [tokens, heads, head_dim]
-        _attend_in_pool(key.kernel_batch, flat, key.pool, value.pool, scaling, out)
+        _attend_in_pool(key.kernel_batch, flat, key.pool, value.pool, scaling, out, window, softcap)
     for group, keys, values in zip(key.groups, key.parts, value.parts, strict=True):
         if keys is None or values is None or group.mask is None:
             continue  # the kernel's
@@ -117,8 +121,11 @@ def _attend_in_pool(
     values: torch.Tensor,
     scaling: float | None,
     out: torch.Tensor,  # [tokens, heads, head_dim]: the batch's tokens are written
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    batch.kernel.attend(query, keys, values, batch, scaling or query.shape[-1] ** -0.5, out)
+    scale = scaling or query.shape[-1] ** -0.5
+    batch.kernel.attend(query, keys, values, batch, scale, out, window=window, softcap=softcap)
 
 
 def _grouped_query_attention(

@@ -248,21 +248,15 @@ class Engine:
         self.prefill_tokens_while_decoding = self._prefill_budget(settings, device)
         # query-key pairs a chunk beside decoding rows may attend to (None: no limit)
         self.prefill_attention_while_decoding = self._attention_budget(settings, device)
-        attention_kernel = None
-        if shape.attention_variant is None:
-            attention_kernel = choose_kernel(
-                settings.attention_kernel,
-                device,
-                config,
-                head_dim=geometry["head_dim"],
-                kv_heads=geometry["kv_heads"],
-                block_size=settings.kv_block_size,
-            )
-        elif settings.attention_kernel in ("native", "triton"):
-            raise ValueError(
-                f"--attention-kernel {settings.attention_kernel} is not available here: this "
-                f"model has {shape.attention_variant}"
-            )
+        attention_kernel = choose_kernel(
+            settings.attention_kernel,
+            device,
+            config,
+            head_dim=geometry["head_dim"],
+            kv_heads=geometry["kv_heads"],
+            block_size=settings.kv_block_size,
+            variants=shape.attention_variants,
+        )
         self.runner = ModelRunner(
             model,
             self._lora,

@@ -45,6 +45,8 @@ class PoolAttention(Protocol):
         batch: KernelBatch,
         scale: float,
         out: torch.Tensor,  # [tokens, heads, head_dim]
+        window: int | None = None,  # this layer's sliding window (keys > position - window)
+        softcap: float | None = None,  # this layer's logit soft-capping: cap * tanh(s / cap)
     ) -> None: ...
 
 

@@ -38,6 +38,10 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+# The attention variants beyond plain causal softmax attention, as start-up messages name them
+SOFTCAP = "attention logit soft-capping"
+SINKS = "attention sinks"
+SLIDING_WINDOW = "sliding-window attention"
 # Arguments of transformers' attention interface the engine's attention implements
 # (attention.py), and those that carry nothing the result depends on.
 SUPPORTED_ATTENTION_ARGS = frozenset({"scaling", "sliding_window", "softcap", "s_aux"})
@@ -101,15 +105,13 @@ class ModelShape:
     logits: LogitTransform = field(default_factory=LogitTransform)
 
     @property
-    def attention_variant(self) -> str | None:
-        """What the paged-attention kernels do not compute (the torch path does), or None."""
-        if any(self.softcaps):
-            return "attention logit soft-capping"
-        if self.sinks:
-            return "attention sinks"
-        if any(self.sliding_windows):
-            return "sliding-window attention"
-        return None
+    def attention_variants(self) -> tuple[str, ...]:
+        """Which of the attention variants beyond plain causal softmax attention the model
+        uses (SOFTCAP, SINKS, SLIDING_WINDOW: the torch path computes them all; each
+        paged-attention kernel names those it computes)."""
+        used = {SOFTCAP: any(self.softcaps), SINKS: self.sinks}
+        used[SLIDING_WINDOW] = any(self.sliding_windows)
+        return tuple(name for name, present in used.items() if present)
 
     @property
     def geometry(self) -> dict[str, int]:  # what a KV block holds (PagedKVCache's fields)

@@ -13,6 +13,12 @@ many, over the blocks its earlier chunks and shared prefix blocks filled. The sa
 softmax arithmetic as the torch path (scores and weights in float32, bf16 out) up to the
 order of the float32 sums.
 
+Per call (the model passes them per layer), as the torch path computes them: a sliding
+window (a query at position p sees keys at positions > p - window, transformers'
+sliding-window mask; blocks wholly before the window are not read) and logit soft-capping
+(scores = cap * tanh(scores / cap) after the scaling, before the softmax: Gemma 2's eager
+attention). Attention sinks (GPT-OSS) are not computed here.
+
 Written for clarity and correctness first: scores are `tl.sum` reductions, not `tl.dot`
 (a KV head has few query heads, below tl.dot's 16 rows), and a chunk's tokens do not share
 their key loads. Not measured on a GPU (none has been available; docs/performance.md).
@@ -47,6 +53,10 @@ def _paged_attention(
     head_dim,
     groups,
     block_size,
+    window,  # keys at positions > the query's - window (unused without WINDOWED)
+    softcap,  # scores = softcap * tanh(scores / softcap) (unused without SOFTCAP)
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -71,10 +81,14 @@ def _paged_attention(
         m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-        b = 0
+        first = 0  # the oldest key position the query sees
+        if WINDOWED:  # transformers' sliding-window mask: kv > q - window
+            first = tl.maximum(position - window + 1, 0)
+        b = first // block_size  # blocks wholly before the window are not read
         while b <= position // block_size:  # a while loop: the interpreter cannot range()
             block = tl.load(tables_ptr + table + b)
-            s_ok = (offs_s < block_size) & (b * block_size + offs_s <= position)
+            key_position = b * block_size + offs_s
+            s_ok = (offs_s < block_size) & (key_position <= position) & (key_position >= first)
             kv_where = (
                 kv_head * stride_kh
                 + block * stride_kb
@@ -84,6 +98,9 @@ def _paged_attention(
             kv_ok = s_ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + kv_where, mask=kv_ok, other=0.0).to(tl.float32)
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, S]
+            if SOFTCAP:  # Gemma 2's eager attention, after the scaling, before the mask
+                # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp -> 0 or inf)
+                scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
             scores = tl.where(s_ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp(m_i - m_new)
@@ -103,7 +120,8 @@ def _paged_attention(
 
 
 class TritonPagedAttention:
-    """`PoolAttention` by the Triton kernel above; any head size, block size and GQA ratio."""
+    """`PoolAttention` by the Triton kernel above; any head size, block size and GQA ratio,
+    with a sliding window (per call: per layer) and logit soft-capping."""
 
     name = "triton"
 
@@ -115,6 +133,8 @@ class TritonPagedAttention:
         batch: KernelBatch,
         scale: float,
         out: torch.Tensor,  # [tokens, heads, head_dim]: the batch's tokens are written
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         kv_heads, _, block_size, head_dim = keys.shape
         heads = query.shape[1]
@@ -134,7 +154,8 @@ class TritonPagedAttention:
             query.stride(0), query.stride(1),
             keys.stride(0), keys.stride(1), keys.stride(2),
             out.stride(0), out.stride(1),
-            scale, head_dim, groups, block_size,
+            scale, head_dim, groups, block_size, window or 0, softcap or 0.0,
+            WINDOWED=window is not None, SOFTCAP=softcap is not None,
             BLOCK_G=triton.next_power_of_2(groups),
             BLOCK_S=triton.next_power_of_2(block_size),
             BLOCK_D=triton.next_power_of_2(head_dim),
