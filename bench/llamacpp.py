@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -98,6 +97,9 @@ def convert_adapters(tree: Path, base_dir: Path, folders: dict[str, Path], out: 
     files = []
     for name, folder in folders.items():
         target = out / f"{name}.gguf"
+        files.append(target)
+        if target.exists():  # a kept --work-dir: the same seeded adapter, converted before
+            continue
         done = subprocess.run(
             [sys.executable, str(tree / "convert_lora_to_gguf.py"), "--base", str(base_dir),
              "--outtype", "f16", "--outfile", str(target), str(folder)],
@@ -105,7 +107,6 @@ def convert_adapters(tree: Path, base_dir: Path, folders: dict[str, Path], out: 
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"converting {name} failed: {done.stderr[-3000:]}")
-        files.append(target)
     return files
 
 
@@ -168,7 +169,9 @@ def requests_for(shape: str, batch: int, sequential: int) -> list[int | None]:
     raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
 
 
-async def llama_round(url: str, adapters: list[int | None], prompts: list[str], new: int, together: bool) -> float:
+async def llama_round(
+    url: str, adapters: list[int | None], prompts: list[str], new: int, together: bool
+) -> float:
     import httpx
 
     async with httpx.AsyncClient(timeout=600) as client:
@@ -190,7 +193,9 @@ async def llama_round(url: str, adapters: list[int | None], prompts: list[str], 
         return await _timed(one, adapters, prompts, together)
 
 
-async def loramux_round(address: str, adapters: list[int | None], prompts: list[str], new: int, together: bool) -> float:
+async def loramux_round(
+    address: str, adapters: list[int | None], prompts: list[str], new: int, together: bool
+) -> float:
     import grpc
 
     from loramux.v1 import loramux_pb2 as pb
@@ -223,7 +228,9 @@ async def _timed(one: Any, adapters: list[int | None], prompts: list[str], toget
     return time.perf_counter() - started
 
 
-def run_round(server: str, target: str, shape: str, args: argparse.Namespace, prompts: list[str], new: int) -> float:
+def run_round(
+    server: str, target: str, shape: str, args: argparse.Namespace, prompts: list[str], new: int
+) -> float:
     adapters = requests_for(shape, args.batch, args.sequential)
     chosen = prompts[: len(adapters)]
     together = shape.startswith("batch")
@@ -243,6 +250,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep the adapters (PEFT and converted) here and reuse them on the next run "
+        "(default: a temporary folder)",
+    )
     parser.add_argument("--out", default="llamacpp")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -279,17 +292,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ["LORAMUX_PREFIX_CACHING"] = "0"
     with tempfile.TemporaryDirectory(prefix="loramux-bench-llamacpp-") as tmp:
         root = Path(tmp)
+        kept = args.work_dir or root
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolved.path))
-        folders = write_adapters(root / "peft", base_linear_shapes(skeleton), [16] * args.batch, "r16-")
-        loras = convert_adapters(tree, resolved.path, folders, root / "gguf")
+        folders = {f"r16-{i}": kept / "peft" / f"r16-{i}" for i in range(args.batch)}
+        if not all((f / "adapter_config.json").exists() for f in folders.values()):
+            folders = write_adapters(
+                kept / "peft", base_linear_shapes(skeleton), [16] * args.batch, "r16-"
+            )
+        loras = convert_adapters(tree, resolved.path, folders, kept / "gguf")
         llama = LlamaServer(binary, gguf, loras, args.batch, ctx, root / "llama-server.log")
         loramux = None
         try:
             llama.wait_ready(timeout=300)
             home = root / "loramux"
             home.mkdir()
-            loramux = start_loramux(home, len(folders), ["--max-loaded-adapters", str(len(folders))])
+            loramux = start_loramux(
+                home, len(folders), ["--max-loaded-adapters", str(len(folders))]
+            )
             loramux.wait_ready(timeout=900)
             upload_adapters(loramux.address, folders)
             targets = {"llama.cpp": llama.url, "LoRAMux": loramux.address}
@@ -299,18 +319,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for rep in range(args.reps):
                 for shape in shapes:
                     for server in servers:
-                        took = run_round(server, targets[server], shape, args, prompts, args.new_tokens)
+                        took = run_round(
+                            server, targets[server], shape, args, prompts, args.new_tokens
+                        )
                         seconds[server, shape].append(took)
-                        made = len(requests_for(shape, args.batch, args.sequential)) * args.new_tokens
+                        made = (
+                            len(requests_for(shape, args.batch, args.sequential)) * args.new_tokens
+                        )
                         print(f"# rep {rep} {shape} {server}: {made / took:.1f} tok/s", flush=True)
         finally:
             llama.stop()
             if loramux is not None:
                 loramux.stop()
-            shutil.rmtree(root / "gguf", ignore_errors=True)
 
     rates = {
-        key: len(requests_for(key[1], args.batch, args.sequential)) * args.new_tokens
+        key: len(requests_for(key[1], args.batch, args.sequential))
+        * args.new_tokens
         / statistics.median(values)
         for key, values in seconds.items()
     }
