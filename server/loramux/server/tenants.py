@@ -145,7 +145,7 @@ class Authenticator:
 
 
 class Front(enum.StrEnum):
-    """The transport a call came in by (gRPC: a thread per call; HTTP: the event loop)."""
+    """The transport a call came in by (both served from an event loop)."""
 
     GRPC = "grpc"
     HTTP = "http"
@@ -168,11 +168,10 @@ class CallHold:
             if self._released:
                 return
             self._released = True
-            calls, totals = self._gate._calls, self._gate._front_calls
+            calls = self._gate._calls
             calls[self.tenant] -= 1
             if not calls[self.tenant]:
                 del calls[self.tenant]
-            totals[self.front] -= 1
 
 
 class ConcurrencyGate:
@@ -183,30 +182,27 @@ class ConcurrencyGate:
     nor, later, a slot that nobody reads from.
     """
 
-    def __init__(self, max_calls: int = 0, front_limits: Mapping[Front, int] | None = None) -> None:
+    def __init__(self, max_calls: int = 0) -> None:
         self._lock = threading.Condition()
         self._running: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
         self.max_calls = max_calls  # per tenant, any method, both fronts together; 0: no limit
-        # Tenants' calls of one front together (0 or absent: no limit), see `hold`.
-        self.front_limits = dict(front_limits or {})
         self._calls_lock = threading.Lock()
         self._calls: dict[str, int] = {}
-        self._front_calls: dict[Front, int] = dict.fromkeys(Front, 0)
         # Waiters without a thread (`enter`), per tenant: called when a slot frees.
         self._wakers: dict[str, set[Callable[[], None]]] = {}
 
     def hold(self, tenant: str, front: Front) -> CallHold:
-        """Count one call of `tenant`; refuse it past `max_calls` or its front's limit.
+        """Count one call of `tenant`; refuse it past `max_calls`.
 
-        One count per tenant, whichever transport carried the call: a gRPC call holds a
-        worker thread until it ends; an HTTP generation holds no thread while it waits (the
-        event loop, aio.py) and its stream stays open, counted, until its reader took it all.
-        Capping each tenant below gRPC's pool leaves threads for every other tenant however
-        one tenant floods, over either front or both. The front's own limit
-        (`front_limits`: gRPC's pool less the threads kept for health checks) keeps tenants
-        together from taking the threads the health service answers from. A call over a
-        limit is refused at once, before it waits for anything.
+        One count per tenant, whichever transport carried the call. Both fronts serve
+        calls from an event loop: a call holds a thread (of --grpc-workers or
+        --http-workers) only while it does blocking work (authentication, admission, a
+        unary body, an upload), never while it waits for a slot, for tokens or for a slow
+        reader. Capping each tenant below gRPC's pool leaves threads for every other
+        tenant's blocking work however one tenant floods, over either front or both; the
+        health services need none. A call over the limit is refused at once, before it
+        waits for anything.
         """
         with self._calls_lock:
             held = self._calls.get(tenant, 0)
@@ -216,21 +212,12 @@ class ConcurrencyGate:
                     f"tenant {tenant!r} has {held} calls in flight over gRPC and HTTP, the most "
                     "one tenant may have (--tenant-max-calls); retry when some have finished",
                 )
-            limit = self.front_limits.get(front, 0)
-            if limit and self._front_calls[front] >= limit:
-                raise ResourceExhausted(
-                    None,
-                    f"the server's {front.value} front has {limit} tenant calls in flight, all "
-                    f"its threads but those kept for health checks (--{front.value}-workers); "
-                    "retry when some have finished",
-                )
             self._calls[tenant] = held + 1
-            self._front_calls[front] += 1
         return CallHold(self, tenant, front)
 
     @contextmanager
     def call(self, tenant: str, front: Front = Front.GRPC) -> Iterator[None]:
-        """`hold` for the length of a block (a gRPC call: its handler's run)."""
+        """`hold` for the length of a block (a gRPC call: its handler's task)."""
         held = self.hold(tenant, front)
         try:
             yield
