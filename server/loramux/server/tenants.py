@@ -21,7 +21,6 @@ from pathlib import Path
 from loramux.core.config import Settings
 from loramux.core.errors import (
     Cancelled,
-    DeadlineExceeded,
     FailedPrecondition,
     PermissionDenied,
     ResourceExhausted,
@@ -175,15 +174,16 @@ class CallHold:
 
 
 class ConcurrencyGate:
-    """Per-tenant limit on requests generating at once, with a bounded wait line.
+    """Per-tenant limit on requests generating at once, with a bounded wait line; and the
+    per-tenant count of calls in flight (`hold`).
 
-    A waiter leaves the line as soon as its deadline passes or its caller goes away
-    (`abandoned` set, then `wake()`), so a cancelled call never holds a place in the line
-    nor, later, a slot that nobody reads from.
+    Waiters hold no thread: each waits as a callback (`enter`, `retry`, aio.py), and leaves
+    the line as soon as its caller goes away (`wake()`, then `retry` with `gone`), so a
+    cancelled call never holds a place in the line nor, later, a slot nobody reads from.
     """
 
     def __init__(self, max_calls: int = 0) -> None:
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._running: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
         self.max_calls = max_calls  # per tenant, any method, both fronts together; 0: no limit
@@ -229,38 +229,6 @@ class ConcurrencyGate:
         with self._calls_lock:
             return dict(self._calls)
 
-    @contextmanager
-    def slot(
-        self,
-        principal: Principal,
-        timeout: float | None,
-        abandoned: threading.Event | None = None,
-    ) -> Iterator[None]:
-        """Hold one of the tenant's running slots for a block, waiting (on this thread) up
-        to `timeout` s for one; `enter`/`retry`/`leave` are the same without a thread."""
-        tenant = principal.tenant
-        gone = abandoned or threading.Event()
-        with self._lock:
-            if not self._has_room(principal):
-                self._join_line(principal)
-                try:
-                    free = self._lock.wait_for(
-                        lambda: gone.is_set() or self._has_room(principal), timeout
-                    )
-                finally:
-                    self._waiting[tenant] -= 1
-                if gone.is_set():
-                    raise Cancelled(None, "the caller went away while queued")
-                if not free:
-                    raise DeadlineExceeded(
-                        None, f"tenant {tenant!r}: no free slot before the deadline"
-                    )
-            self._running[tenant] = self._running.get(tenant, 0) + 1
-        try:
-            yield
-        finally:
-            self.leave(tenant)
-
     def _has_room(self, principal: Principal) -> bool:
         return self._running.get(principal.tenant, 0) < principal.quota.max_concurrent
 
@@ -276,10 +244,10 @@ class ConcurrencyGate:
         self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
 
     def enter(self, principal: Principal, waker: Callable[[], None]) -> bool:
-        """`slot` without a thread: take a free slot (True, release with `leave`), or join
-        the tenant's wait line (False: `waker` is then called, from any thread, whenever a
-        slot of the tenant may have freed or a waiter may have gone; call `retry`), or
-        refuse with ResourceExhausted when the line is full, as `slot` does."""
+        """Take a free slot (True, release with `leave`), or join the tenant's wait line
+        (False: `waker` is then called, from any thread, whenever a slot of the tenant may
+        have freed or a waiter may have gone; call `retry`), or refuse with
+        ResourceExhausted when the line is full."""
         with self._lock:
             if self._has_room(principal):
                 self._running[principal.tenant] = self._running.get(principal.tenant, 0) + 1
@@ -306,18 +274,16 @@ class ConcurrencyGate:
             return True
 
     def leave(self, tenant: str) -> None:
-        """Free a slot taken by `slot`, `enter` or `retry`; wakes the tenant's waiters."""
+        """Free a slot taken by `enter` or `retry`; wakes the tenant's waiters."""
         with self._lock:
             self._running[tenant] -= 1
-            self._lock.notify_all()
             wakers = list(self._wakers.get(tenant, ()))
         for waker in wakers:
             waker()
 
     def wake(self) -> None:
-        """Make waiters re-check their `abandoned` events (or their callers, for `enter`)."""
+        """Make every waiter re-check whether its caller went away."""
         with self._lock:
-            self._lock.notify_all()
             wakers = [w for line in self._wakers.values() for w in line]
         for waker in wakers:
             waker()
