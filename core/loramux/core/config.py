@@ -105,7 +105,7 @@ class Settings:
     grpc_workers: int = setting(
         192,
         "threads for gRPC calls' blocking work (authentication, admission, unary bodies, "
-        "uploads), each held only for that: calls are served from an event loop (grpc.aio), "
+        "upload chunk writes), each held only for that: calls are served from an event loop (grpc.aio), "
         "a generation holds none while it waits for a tenant slot, for tokens or for a slow "
         "reader; health checks need none",
         "server",
