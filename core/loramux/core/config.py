@@ -105,9 +105,9 @@ class Settings:
     grpc_workers: int = setting(
         192,
         "threads for gRPC calls' blocking work (authentication, admission, unary bodies, "
-        "upload chunk writes), each held only for that: calls are served from an event loop (grpc.aio), "
-        "a generation holds none while it waits for a tenant slot, for tokens or for a slow "
-        "reader; health checks need none",
+        "upload chunk writes), each held only for that: calls are served from an event loop "
+        "(grpc.aio), a generation holds none while it waits for a tenant slot, for tokens or "
+        "for a slow reader; health checks need none",
         "server",
     )
     http_port: int = setting(
