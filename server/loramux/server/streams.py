@@ -16,11 +16,12 @@ what piled up in one piece instead of one event each. Measured in docs/performan
 A consumer on an event loop (both transports' generations, aio.py) holds no thread while
 it waits: it calls `listen(notify)` once, then `poll()` for what is due, and when nothing
 is it `arm()`s the stream and awaits its own wake-up. The engine thread calls `notify`
-(which must be cheap and must not raise: it only schedules a wake-up on the loop) when it hands events over to
-an armed stream, and always with the final event; an unarmed stream (its reader still busy
-with, or unable to send, the previous events) costs the engine an append and nothing more.
-What waits for a reader is one list per request, whose length is bounded by the request's
-own tokens (`max_tokens`): the reader takes it all, merged, when it next asks.
+(which must be cheap and must not raise: it only schedules a wake-up on the loop) when it
+hands events over to an armed stream, and always with the final event; an unarmed stream
+(its reader still busy with, or unable to send, the previous events) costs the engine an
+append and nothing more. What waits for a reader is one list per request, whose length is
+bounded by the request's own tokens (`max_tokens`): the reader takes it all, merged, when
+it next asks.
 """
 
 from __future__ import annotations
