@@ -5,12 +5,13 @@ One tenant opens GRPC_STREAMS GenerateStream calls whose client never reads a me
 a few generate (the tenant's `max_concurrent`) until HTTP/2 flow control stops their
 sends, the rest wait in the tenant's line. A second tenant holds SSE_STREAMS unread HTTP
 streams the same way. Meanwhile the process's thread count must not grow with the number
-of open gRPC streams, a third tenant's gRPC Generate and HTTP completion must complete
+of open gRPC streams (beyond the few threads the blocking pool starts for a burst of
+admissions), a third tenant's gRPC Generate and HTTP completion must complete
 about as fast as alone (the functional bound of tests/test_http_streams.py), and both
 health services must answer within 1 s (the issue's bound). The figures are printed
 (`pytest -s`); bench/streams.py runs the issue's full sizes for docs/performance.md.
 
-On the thread-per-call gRPC server before (grpcio's sync server, main at 7785ea1) every
+On the thread-per-call gRPC server before (grpcio's sync server, main at e9699d6) every
 open gRPC stream held a thread of --grpc-workers for its whole life: the thread count grew
 by one per stream opened, and this test failed at the thread assertion.
 """
@@ -160,7 +161,10 @@ def test_open_grpc_streams_hold_no_thread_and_leave_others_served(
             f"{alone_grpc:.3f} s), completion {loaded_http:.3f} s (alone {alone_http:.3f} s); "
             f"gRPC health {grpc_health:.3f} s, /health {http_health:.3f} s"
         )
-        assert threads_all <= threads_first + 4, "threads grew with the open gRPC streams"
+        # One per stream before (+90); now only what the pool starts for a burst of
+        # admissions (+2 to +6 seen, bounded by --grpc-workers, not by the streams).
+        added = GRPC_STREAMS - FIRST
+        assert threads_all - threads_first <= added // 5, "threads grew with the gRPC streams"
         assert loaded_grpc <= 2 * alone_grpc + 0.5, (loaded_grpc, alone_grpc)
         assert loaded_http <= 2 * alone_http + 0.5, (loaded_http, alone_http)
         assert grpc_health < 1.0 and http_health < 1.0
