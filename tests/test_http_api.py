@@ -303,14 +303,17 @@ def test_tenant_quota_is_the_one_grpc_calls_share(
     waiter = threading.Thread(
         target=lambda: served.append(tiny.completions.create(model=BASE, prompt="Hi", max_tokens=2))
     )
-    # The tenant's one slot is held as a running gRPC call holds it.
-    with gate.slot(Principal(tenant="tiny", admin=False, quota=record.quota), None):
+    # The tenant's one slot is held as a running call holds it.
+    assert gate.enter(Principal(tenant="tiny", admin=False, quota=record.quota), lambda: None)
+    try:
         waiter.start()
         assert eventually(lambda: gate.waiting().get("tiny") == 1)
         with pytest.raises(openai.RateLimitError) as info:
             tiny.completions.create(model=BASE, prompt="Hi", max_tokens=2)
         assert info.value.body["code"] == "resource_exhausted"  # type: ignore[index]
         assert not served
+    finally:
+        gate.leave("tiny")
     waiter.join(60)
     assert len(served) == 1
     assert gate.in_flight().get("tiny", 0) == 0

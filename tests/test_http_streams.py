@@ -18,7 +18,6 @@ its whole life: with the settings below only 4 of the first 50 streams got past 
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import pytest
 from api_helpers import eventually, free_port, health_status
 from grpc_health.v1 import health_pb2
 from hardening_helpers import ADMIN_KEY, call, create_tenants, stubs, tiny_server
-from http_helpers import request_head
+from stream_helpers import open_unread_stream, rss_kib, threads
 
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer
@@ -61,48 +60,6 @@ def server(home: Path, tiny_llama: ResolvedModel) -> Iterator[RunningServer]:
 
 def _model(server: RunningServer) -> str:
     return server.state.settings.served_model_name or server.state.engine.info.base_model
-
-
-def open_unread_stream(port: int, key: str, model: str, n: int = 1) -> socket.socket:
-    """A streaming completion whose client sends the request and then reads nothing: its
-    events fill the socket buffers (4 KiB receive window), and it stays open until closed."""
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": "a reader that never reads",
-            "max_tokens": 480,
-            "ignore_eos": True,
-            "stream": True,
-            "logprobs": 5,
-            "n": n,
-        }
-    ).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
-    sock.settimeout(60)
-    sock.connect(("127.0.0.1", port))
-    head = request_head(
-        "/v1/completions",
-        {
-            "Authorization": f"Bearer {key}",
-            "Content-Type": "application/json",
-            "Content-Length": str(len(body)),
-        },
-    )
-    sock.sendall(head + body)
-    return sock
-
-
-def _threads() -> int:
-    """Threads of this process (the server runs in it; the test's clients use none)."""
-    return len(list(Path("/proc/self/task").iterdir()))
-
-
-def _rss_kib() -> int:
-    status = Path("/proc/self/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-    assert match is not None
-    return int(match.group(1))
 
 
 def _timed_completion(url: str, key: str, model: str) -> float:
@@ -140,12 +97,12 @@ def test_open_streams_hold_no_thread_and_leave_others_served(server: RunningServ
     try:
         streams = [open_unread_stream(port, slow_key, model) for _ in range(FIRST)]
         assert eventually(lambda: admitted() == FIRST, timeout=60), (admitted(), gate.calls())
-        threads_first, rss_first = _threads(), _rss_kib()
+        threads_first, rss_first = threads(), rss_kib()
         streams += [open_unread_stream(port, slow_key, model) for _ in range(STREAMS - FIRST)]
         assert eventually(lambda: admitted() == STREAMS, timeout=120), (admitted(), gate.calls())
         assert gate.in_flight().get("slow") == RUNNING
         assert eventually(lambda: engine.stats().running == RUNNING)
-        threads_all, rss_all = _threads(), _rss_kib()
+        threads_all, rss_all = threads(), rss_kib()
 
         loaded = min(_timed_completion(url, calm_key, model) for _ in range(3))
         started = time.monotonic()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from concurrent import futures
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from api_helpers import eventually
 
 from loramux.core.config import Settings
 from loramux.core.errors import InvalidArgument
+from loramux.server.app import GrpcServer
 from loramux.server.metrics import Metrics
 from loramux.server.registry import Quota, Registry
 from loramux.server.rpc.wrapper import FIELD_METADATA, Servicer, admin_rpc, rpc
@@ -35,19 +36,21 @@ SERVICE = "probe.Probe"
 class Probe(Servicer):
     """Handlers that misbehave on request: `b"boom"` raises, `b"bad"` is a LoRAMux error."""
 
-    def __init__(self, state: ServerState) -> None:
-        super().__init__(state)
+    def __init__(self, state: ServerState, executor: Executor) -> None:
+        super().__init__(state, executor)
         self.waiting = threading.Event()
         self.ended = threading.Event()
 
-    def _raise_after_cancel(self, context: grpc.ServicerContext) -> None:
-        context.add_callback(self.ended.set)
+    def _raise_after_cancel(self, context: grpc.aio.ServicerContext) -> None:
+        context.add_done_callback(lambda _: self.ended.set())
         self.waiting.set()
         assert self.ended.wait(30), "the client never cancelled"
         raise RuntimeError("fails after the client went away")
 
     @rpc
-    def Unary(self, request: bytes, context: grpc.ServicerContext, principal: Principal) -> bytes:
+    def Unary(
+        self, request: bytes, context: grpc.aio.ServicerContext, principal: Principal
+    ) -> bytes:
         if request == b"boom":
             raise RuntimeError("a bug")
         if request == b"bad":
@@ -58,7 +61,7 @@ class Probe(Servicer):
 
     @rpc
     def Stream(
-        self, request: bytes, context: grpc.ServicerContext, principal: Principal
+        self, request: bytes, context: grpc.aio.ServicerContext, principal: Principal
     ) -> Iterator[bytes]:
         yield principal.tenant.encode()
         if request == b"boom":
@@ -70,7 +73,9 @@ class Probe(Servicer):
         yield b"done"
 
     @admin_rpc
-    def Admin(self, request: bytes, context: grpc.ServicerContext, principal: Principal) -> bytes:
+    def Admin(
+        self, request: bytes, context: grpc.aio.ServicerContext, principal: Principal
+    ) -> bytes:
         return b"admin"
 
 
@@ -86,23 +91,24 @@ def probe(tmp_path: Path) -> Iterator[tuple[Probe, grpc.Channel]]:
         gate=ConcurrencyGate(),
         metrics=Metrics(),
     )
-    servicer = Probe(state)
+    server = GrpcServer(4)
+    servicer = Probe(state, server.pool)
     same = lambda b: b  # noqa: E731  # bytes on the wire, no protobuf needed
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(servicer.Unary, same, same),
         "Stream": grpc.unary_stream_rpc_method_handler(servicer.Stream, same, same),
         "Admin": grpc.unary_unary_rpc_method_handler(servicer.Admin, same, same),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
+    server.call(lambda: server.server.add_generic_rpc_handlers((generic,)))
+    port = server.call(lambda: server.server.add_insecure_port("127.0.0.1:0"))
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         yield servicer, channel
     finally:
         channel.close()
-        server.stop(0)
+        server.close()
         registry.close()
 
 

@@ -1,11 +1,13 @@
 """Availability is isolated per tenant (issue 11, point 3).
 
-The gRPC server runs a thread per call, so a call waiting for a tenant slot, or streaming
-to a client that does not read, holds a worker thread. One tenant flooding the server must
-not take them all: each tenant may have at most `--tenant-max-calls` calls in flight (half
-the pool by default), the rest are refused at once with RESOURCE_EXHAUSTED, and another
-tenant's request and the health service still get a thread. Queued requests that are
-cancelled or past their deadline leave the engine's queue at once, also behind a full batch.
+One tenant flooding the server must not crowd out the others: each tenant may have at most
+`--tenant-max-calls` calls in flight (half of `--grpc-workers` by default), the rest are
+refused at once with RESOURCE_EXHAUSTED naming the flag, and another tenant's request and
+the health service are served. (A call waiting for a slot or streaming to a client that
+does not read holds no thread since grpc.aio, tests/test_grpc_streams.py; under the
+thread-per-call server before, the cap is what left threads for the others.) Queued
+requests that are cancelled or past their deadline leave the engine's queue at once, also
+behind a full batch.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def server(home: Path, tiny_llama: ResolvedModel) -> Iterator[RunningServer]:
         tiny_llama,
         grpc_workers=WORKERS,  # --tenant-max-calls defaults to half: 4
         tenant_max_concurrent=2,
-        tenant_max_queued=16,  # with 2 running: more calls than the pool has threads
+        tenant_max_queued=16,  # with 2 running: the cap, not the line, refuses the flood
         max_new_tokens_limit=LONG,
         max_batch_size=4,
     )

@@ -37,7 +37,7 @@ from hardening_helpers import (
 )
 from http_helpers import request_head
 
-from loramux.core.config import HEALTH_THREADS, Settings
+from loramux.core.config import Settings
 from loramux.core.errors import RateLimited, retry_seconds
 from loramux.core.models import ResolvedModel
 from loramux.server.app import RunningServer
@@ -147,8 +147,10 @@ def test_a_tenants_http_streams_count_against_its_grpc_calls_too(server: Running
 
 
 def test_health_answers_while_tenants_hold_every_worker(server: RunningServer) -> None:
-    """Tenants hold open HTTP streams (no thread: tests/test_http_streams.py) and every gRPC
-    thread they may; health answers in 1 s."""
+    """Tenants hold open HTTP streams and more stalled gRPC uploads than gRPC has threads
+    (none holds one while it waits: the event loop, rpc/wrapper.py); another tenant's call
+    is served, and health answers in 1 s. With the thread-per-call gRPC server before, the
+    uploads held every thread tenants may take and the fifth tenant was refused."""
     assert server.http is not None
     url = f"http://127.0.0.1:{server.http.port}"
     address = f"127.0.0.1:{server.port}"
@@ -161,22 +163,23 @@ def test_health_answers_while_tenants_hold_every_worker(server: RunningServer) -
     try:
         # HTTP: CAP slow streams each for a and b.
         streams = [slow_stream(server.http.port, keys[t], model) for t in "ab" for _ in range(CAP)]
-        # gRPC: uploads that never send their last message each hold a thread, c and d
-        # together as many as tenants may (the pool less the health service's threads).
-        tenant_threads = server.state.settings.grpc_tenant_threads
-        holders = ["c", "d"] * tenant_threads
-        for tenant in holders[:tenant_threads]:
-            uploads.append(
-                adapters.UploadAdapter.future(
-                    _unfinished_upload(release), metadata=_bearer(keys[tenant]), timeout=120
+        # gRPC: uploads that send nothing until released, c and d CAP each: as many as
+        # --grpc-workers, a thread each on a thread-per-call server.
+        stalled = 2 * CAP
+        assert stalled >= WORKERS
+        for tenant in "cd":
+            for _ in range(CAP):
+                uploads.append(
+                    adapters.UploadAdapter.future(
+                        _unfinished_upload(release), metadata=_bearer(keys[tenant]), timeout=120
+                    )
                 )
-            )
-        assert eventually(lambda: sum(gate.calls().get(t, 0) for t in "cd") == tenant_threads)
-        refused = call(
+        assert eventually(lambda: sum(gate.calls().get(t, 0) for t in "cd") == stalled)
+        served = call(
             adapters.UploadAdapter, iter(upload_requests("x", {"f": b"1"})), keys["e"], timeout=5
         )
-        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
-        assert "--grpc-workers" in refused.details
+        assert served.code == grpc.StatusCode.INVALID_ARGUMENT, served  # read and answered
+        assert served.field == "files[0].path"
 
         started = time.monotonic()
         assert health_status(address, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING
@@ -191,7 +194,7 @@ def test_health_answers_while_tenants_hold_every_worker(server: RunningServer) -
         assert grpc_seconds < 1.0 and http_seconds < 1.0
         held = gate.calls()
         assert held.get("a") == held.get("b") == CAP, "the slow streams were open all along"
-        assert held.get("c", 0) + held.get("d", 0) == tenant_threads
+        assert held.get("c", 0) + held.get("d", 0) == stalled
     finally:
         release.set()
         for sock in streams:
@@ -208,7 +211,7 @@ def _bearer(key: str) -> tuple[tuple[str, str], ...]:
 
 def _unfinished_upload(release: threading.Event) -> Iterator[pb.UploadAdapterRequest]:
     """An upload that sends nothing until `release`, then ends without its header: its
-    handler holds a gRPC thread waiting for the first message meanwhile."""
+    handler waits for the first message meanwhile (a thread per call before grpc.aio)."""
     release.wait(120)
     yield from ()
 
@@ -312,9 +315,8 @@ def test_rate_windows_turn_and_count_tokens_after_the_fact() -> None:
 
 
 def test_limit_settings_are_checked_naming_the_flag() -> None:
-    # HTTP generations hold no thread while they wait: only gRPC's pool bounds the cap.
+    # Calls hold no thread while they wait: only gRPC's pool (blocking work) bounds the cap.
     assert Settings(grpc_workers=8, http_port=8000, http_workers=4).calls_per_tenant == 4
-    assert Settings(grpc_workers=8).grpc_tenant_threads == 8 - HEALTH_THREADS
     Settings(grpc_workers=8, http_port=8000, http_workers=4, tenant_max_calls=7).validate()
     with pytest.raises(ValueError, match="--grpc-workers"):
         Settings(grpc_workers=8, http_port=8000, http_workers=4, tenant_max_calls=8).validate()

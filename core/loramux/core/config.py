@@ -34,10 +34,6 @@ CPU_PREFILL_ATTENTION_WHILE_DECODING = 65_536  # 64 tokens x 1,024 of context
 
 
 LOOPBACK = "127.0.0.1"
-# gRPC worker threads no tenant call may hold: the health service answers from the same
-# pool (grpcio's sync server has one pool per server and the health service must share the
-# port load balancers probe), so tenants together get --grpc-workers less these.
-HEALTH_THREADS = 2
 
 
 class MetricsLabels(enum.StrEnum):
@@ -108,8 +104,10 @@ class Settings:
     )
     grpc_workers: int = setting(
         192,
-        "threads serving gRPC calls (each call, also a queued one, holds one); tenants' calls "
-        "together may hold all but 2, kept for the health service",
+        "threads for gRPC calls' blocking work (authentication, admission, unary bodies, "
+        "upload chunk writes), each held only for that: calls are served from an event loop "
+        "(grpc.aio), a generation holds none while it waits for a tenant slot, for tokens or "
+        "for a slow reader; health checks need none",
         "server",
     )
     http_port: int = setting(
@@ -306,8 +304,8 @@ class Settings:
     tenant_max_calls: int = setting(
         0,
         "most calls one tenant may have in flight and queued, any method, gRPC and HTTP counted "
-        "together (0: half of --grpc-workers); below --grpc-workers, whose threads every gRPC "
-        "call holds, so one tenant's flood leaves threads for the others",
+        "together (0: half of --grpc-workers); below --grpc-workers, so one tenant's blocking "
+        "work (uploads, unary calls) never takes every thread of the pool from the others",
         "server",
     )
     tenant_max_concurrent: int = setting(16, "default per-tenant running requests", "server")
@@ -374,17 +372,11 @@ class Settings:
     def calls_per_tenant(self) -> int:
         """The effective --tenant-max-calls: one count over gRPC and HTTP, below gRPC's pool.
 
-        Only gRPC's pool bounds it: an HTTP generation holds a thread of --http-workers for
-        its admission work alone, never while it waits (tests/test_http_streams.py).
+        A call holds a thread of its front's pool only for its blocking work, never while
+        it waits (tests/test_http_streams.py, tests/test_grpc_streams.py); the cap keeps one
+        tenant's blocking work (an upload flood) from taking all of gRPC's pool.
         """
         return self.tenant_max_calls or max(1, self.grpc_workers // 2)
-
-    @property
-    def grpc_tenant_threads(self) -> int:
-        """gRPC worker threads all tenants' calls together may hold: the pool less
-        HEALTH_THREADS, so the health service (which answers from the same pool) always
-        finds a thread, whoever holds the rest."""
-        return max(1, self.grpc_workers - HEALTH_THREADS)
 
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the flag."""
@@ -425,7 +417,7 @@ class Settings:
         if not 0 <= self.tenant_max_calls < self.grpc_workers:
             raise ValueError(
                 f"--tenant-max-calls must be in 0..{self.grpc_workers - 1} (below "
-                "--grpc-workers, so one tenant cannot take every thread), "
+                "--grpc-workers, so one tenant cannot take every thread of its pool), "
                 f"got {self.tenant_max_calls}"
             )
         for name in ("tenant_requests_per_minute", "tenant_tokens_per_minute"):

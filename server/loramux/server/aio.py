@@ -1,7 +1,8 @@
 """A generation call served from an asyncio event loop: no thread while it waits.
 
-The engine, its streams and the tenant gate are thread-based; a transport on an event loop
-(the HTTP front) reads them through this module instead of parking a thread on each call.
+The engine, its streams and the tenant gate are thread-based; both transports serve from an
+event loop (the HTTP front on uvicorn's, gRPC on grpc.aio's: rpc/inference.py) and read
+them through this module instead of parking a thread on each call.
 Only the admission work, which computes rather than waits (adapter lookup, tokenising,
 grammar compile), runs on a pool thread, for its own length. Then:
 
@@ -11,8 +12,8 @@ grammar compile), runs on a pool thread, for its own length. Then:
   engine thread hands events over without ever blocking and calls the stream's `notify`
   only when the reader waits (it `arm`ed the stream) or the request finished; a reader
   that falls behind, e.g. a client that reads slowly so that the response cannot be sent,
-  takes what piled up as one merged event when it next asks, as gRPC's handlers do
-  (streams.py). That list holds at most the request's own tokens (`max_tokens`);
+  takes what piled up as one merged event when it next asks (streams.py). That list
+  holds at most the request's own tokens (`max_tokens`);
 * wake-ups from other threads go through one `Doorbell` per loop: however many streams
   become due in one engine step, the loop is woken once (one write to its self-pipe), and
   the callbacks run on the loop.

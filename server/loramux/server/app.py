@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,7 +31,6 @@ from loramux.server.state import ServerState, register_record
 from loramux.server.tenants import (
     Authenticator,
     ConcurrencyGate,
-    Front,
     bootstrap_admin_keys,
 )
 from loramux.server.tls import TlsFiles
@@ -42,13 +44,86 @@ SERVICE_NAMES = tuple(
     for name in ("InferenceService", "AdapterService", "AdminService")
 )
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+T = TypeVar("T")
+
+
+class GrpcServer:
+    """grpcio's asyncio server (`grpc.aio`) on an event loop of its own thread.
+
+    Every call is a task on this loop: one that waits (a tenant slot, tokens, a slow
+    reader) holds no thread, and the health service answers from the loop itself, which no
+    tenant's call can occupy (nothing blocking runs on it). Blocking work runs on `pool`,
+    `--grpc-workers` threads (rpc/wrapper.py). The rest of the process is thread-based, so
+    this object offers it plain blocking methods.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
+        self._thread.start()
+        self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
+        self.health = self.call(health.aio.HealthServicer)
+        self.server: grpc.aio.Server = self.run(self._create())
+        self._stopped = False
+
+    async def _create(self) -> grpc.aio.Server:
+        return grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
+
+    def call(self, work: Callable[[], T]) -> T:
+        """Run a plain function on the loop (the server's methods want its thread)."""
+
+        async def on_loop() -> T:
+            return work()
+
+        return self.run(on_loop())
+
+    def start(self) -> None:
+        self.run(self.server.start())
+
+    def set_health(
+        self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus
+    ) -> None:
+        self.run(self.health.set(service, status))
+
+    def enter_graceful_shutdown(self) -> None:
+        self.run(self.health.enter_graceful_shutdown())
+
+    def stop(self, grace: float) -> futures.Future[None]:
+        """Stop accepting; calls still running get `grace` s, then are cancelled. The
+        future is done when the server has stopped."""
+        return asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
+
+    def close(self) -> None:
+        """Stop at once, then end the loop and its thread (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.loop.is_running():
+            try:
+                self.stop(0).result(30)
+            except Exception:  # already stopped, or never started
+                log.debug("gRPC server stop", exc_info=True)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 @dataclass
 class RunningServer:
     state: ServerState
-    server: grpc.Server
-    health: health.HealthServicer
+    server: GrpcServer
     port: int
     metrics_port: int
     metrics_http: object | None
@@ -68,7 +143,7 @@ class RunningServer:
         started = time.monotonic()
         log.info("draining: new calls refused, in-flight calls get %.0fs to finish", grace)
         self.state.start_draining()
-        self.health.enter_graceful_shutdown()
+        self.server.enter_graceful_shutdown()
         self.drain_started.set()
         if not self.state.wait_idle(grace):
             log.warning("drain: %d calls still running after %.0fs", self.state.inflight, grace)
@@ -77,7 +152,7 @@ class RunningServer:
         stopped = self.server.stop(min(left, 5.0))
         if self.http is not None:
             self.http.stop(min(left, 5.0))
-        stopped.wait()
+        stopped.result()
         self.close()
 
     def close(self) -> None:
@@ -85,7 +160,7 @@ class RunningServer:
         if self._closed:
             return
         self._closed = True
-        self.server.stop(0)
+        self.server.close()
         self.watcher.stop()
         if self.http is not None:
             self.http.stop(0)
@@ -111,15 +186,15 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def _bind(server: grpc.Server, settings: Settings) -> int:
+def _bind(server: GrpcServer, settings: Settings) -> int:
     """Listen on host:port, alone (no SO_REUSEPORT sharing with a second server)."""
     address = f"{settings.host}:{settings.port}"
     credentials = _server_credentials(settings)
     try:
         if credentials is None:
-            port = server.add_insecure_port(address)
+            port = server.call(lambda: server.server.add_insecure_port(address))
         else:
-            port = server.add_secure_port(address, credentials)
+            port = server.call(lambda: server.server.add_secure_port(address, credentials))
     except RuntimeError:
         port = 0
     if port == 0:
@@ -184,14 +259,7 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
     port is reported before the model loads.
     """
     registry, auth = _open_registry(settings)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    server = GrpcServer(settings.grpc_workers)
     metrics = Metrics(labels=settings.metrics_labels, salt_file=settings.home / METRICS_SALT)
     metrics_http, metrics_port = None, 0
     http_socket = http = None
@@ -204,7 +272,7 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
             metrics_http, metrics_port = _serve_metrics(metrics, settings)
         engine = engine or Engine.create(settings)
         metrics.attach(engine, settings.served_model_name)
-        state, health_servicer = _build_services(server, settings, engine, metrics, registry, auth)
+        state = _build_services(server, settings, engine, metrics, registry, auth)
         watcher = RegistryWatcher(
             state.registry,
             lambda: forget_removed_adapters(state.registry, state.engine.adapters),
@@ -215,7 +283,7 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
             http = HttpServer(state, http_socket)
             http.start()
     except BaseException:
-        server.stop(0)
+        server.close()
         if watcher is not None:
             watcher.stop()
         registry.close()
@@ -227,7 +295,7 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
             http_socket.close()
         raise
     for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        server.set_health(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving %s on %s:%d (gRPC%s), metrics on http://%s:%d/metrics (labels %s)",
         engine.info.base_model,
@@ -240,26 +308,24 @@ def start_server(settings: Settings, engine: Engine | None = None) -> RunningSer
     )
     if http is not None:
         log.info("OpenAI-compatible API on http://%s:%d/v1", settings.host, http.port)
-    return RunningServer(
-        state, server, health_servicer, port, metrics_port, metrics_http, watcher, http
-    )
+    return RunningServer(state, server, port, metrics_port, metrics_http, watcher, http)
 
 
 def _build_services(
-    server: grpc.Server,
+    server: GrpcServer,
     settings: Settings,
     engine: Engine,
     metrics: Metrics,
     registry: Registry,
     auth: Authenticator,
-) -> tuple[ServerState, health.HealthServicer]:
+) -> ServerState:
     """Tenants and every servicer; stored adapters registered with the engine."""
     state = ServerState(
         settings=settings,
         engine=engine,
         registry=registry,
         auth=auth,
-        gate=ConcurrencyGate(settings.calls_per_tenant, {Front.GRPC: settings.grpc_tenant_threads}),
+        gate=ConcurrencyGate(settings.calls_per_tenant),
         metrics=metrics,
         rates=RateLimiter(
             settings.tenant_requests_per_minute,
@@ -271,15 +337,19 @@ def _build_services(
     for record in stored:
         register_record(state, record)
     log.info("registry: %d stored adapters", len(stored))
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state), server)
-    pb_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(state), server)
-    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(state), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    return state, health_servicer
+    pool, aio = server.pool, server.server
+
+    def add() -> None:  # on the loop, as grpc.aio wants
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(state, pool), aio)
+        pb_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(state, pool), aio)
+        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(state, pool), aio)
+        health_pb2_grpc.add_HealthServicer_to_server(server.health, aio)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), aio
+        )
+
+    server.call(add)
+    return state
 
 
 def run_server(settings: Settings) -> int:

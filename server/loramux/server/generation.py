@@ -222,32 +222,6 @@ class GenerationCall:
                 self.principal.tenant, self.adapter_label, status, time.monotonic() - self.started
             )
 
-    @contextmanager
-    def submitted(
-        self, request: GenerationRequest, wait_timeout: float | None
-    ) -> Iterator[RequestStream]:
-        """Wait up to `wait_timeout` s for a tenant slot, submit; cancelled when left.
-
-        The request shares cached KV blocks only with its own tenant's (`cache_scope`).
-        """
-        with self.submitted_all([request], wait_timeout) as streams:
-            yield streams[0]
-
-    @contextmanager
-    def submitted_all(
-        self, requests: Sequence[GenerationRequest], wait_timeout: float | None
-    ) -> Iterator[list[RequestStream]]:
-        """`submitted` for the requests of one call (several prompts, n samples): they hold
-        one tenant slot together, and all are cancelled when the call ends."""
-        self.admit()
-        with self.state.gate.slot(self.principal, wait_timeout, self._gone):
-            streams: list[RequestStream] = []
-            try:
-                streams = self.submit(requests)
-                yield streams
-            finally:
-                self.end(streams)
-
     def admit(self) -> None:
         """Before waiting for a slot: refuse a call whose caller left, or over its rates
         (a refusal costs no slot)."""
@@ -278,11 +252,6 @@ class GenerationCall:
         """Cancel the streams: a no-op once finished; frees the rows if the caller left."""
         for stream in streams:
             stream.cancel()
-
-    def events(self, stream: RequestStream, timed: bool = True) -> Iterator[TokenEvent]:
-        """The stream's events, each through `observe`."""
-        for event in stream:
-            yield self.observe(event, timed)
 
     def account(self, final: TokenEvent) -> None:
         """Count a finished request's tokens against its tenant's rates and in the metrics."""

@@ -1,11 +1,10 @@
 """RequestStream: the consumer's end of one engine request.
 
-The engine thread puts one `TokenEvent` per token (and a final one); a consumer thread (a
-gRPC handler, the HTTP bridge, a test) iterates the stream. Every time a consumer thread
-wakes it costs more than its own Python: on a 2-CPU machine whose two cores run the
-engine's OpenMP team, each wake preempts a team thread in the middle of a parallel op,
-and through gRPC each event becomes a message whose send wakes two more threads (the
-handler waits for the send to complete, gRPC's poller thread reports it).
+The engine thread puts one `TokenEvent` per token (and a final one); a consumer (a
+transport's call on its event loop, below; a test's or a benchmark's thread) takes them.
+Every time a consumer wakes it costs more than its own Python: on a 2-CPU machine whose
+two cores run the engine's OpenMP team, each wake preempts a team thread in the middle of
+a parallel op, and each event becomes a message to send.
 
 So the consumer wakes only when `interval` events are pending or the request finished,
 and takes everything pending as ONE event (`TokenEvent.merged`: tokens and text in order,
@@ -14,14 +13,15 @@ every token is delivered as soon as the engine made it; a consumer that fell beh
 what piled up in one piece instead of one event each. Measured in docs/performance.md
 ("Through the gRPC server").
 
-A consumer on an event loop (the HTTP front) holds no thread while it waits: it calls
-`listen(notify)` once, then `poll()` for what is due, and when nothing is it `arm()`s the
-stream and awaits its own wake-up. The engine thread calls `notify` (which must be cheap
-and must not raise: it only schedules a wake-up on the loop) when it hands events over to
-an armed stream, and always with the final event; an unarmed stream (its reader still busy
-with, or unable to send, the previous events) costs the engine an append and nothing more.
-What waits for a reader is one list per request, whose length is bounded by the request's
-own tokens (`max_tokens`): the reader takes it all, merged, when it next asks.
+A consumer on an event loop (both transports' generations, aio.py) holds no thread while
+it waits: it calls `listen(notify)` once, then `poll()` for what is due, and when nothing
+is it `arm()`s the stream and awaits its own wake-up. The engine thread calls `notify`
+(which must be cheap and must not raise: it only schedules a wake-up on the loop) when it
+hands events over to an armed stream, and always with the final event; an unarmed stream
+(its reader still busy with, or unable to send, the previous events) costs the engine an
+append and nothing more. What waits for a reader is one list per request, whose length is
+bounded by the request's own tokens (`max_tokens`): the reader takes it all, merged, when
+it next asks.
 """
 
 from __future__ import annotations

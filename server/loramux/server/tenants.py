@@ -21,7 +21,6 @@ from pathlib import Path
 from loramux.core.config import Settings
 from loramux.core.errors import (
     Cancelled,
-    DeadlineExceeded,
     FailedPrecondition,
     PermissionDenied,
     ResourceExhausted,
@@ -145,7 +144,7 @@ class Authenticator:
 
 
 class Front(enum.StrEnum):
-    """The transport a call came in by (gRPC: a thread per call; HTTP: the event loop)."""
+    """The transport a call came in by (both served from an event loop)."""
 
     GRPC = "grpc"
     HTTP = "http"
@@ -168,45 +167,42 @@ class CallHold:
             if self._released:
                 return
             self._released = True
-            calls, totals = self._gate._calls, self._gate._front_calls
+            calls = self._gate._calls
             calls[self.tenant] -= 1
             if not calls[self.tenant]:
                 del calls[self.tenant]
-            totals[self.front] -= 1
 
 
 class ConcurrencyGate:
-    """Per-tenant limit on requests generating at once, with a bounded wait line.
+    """Per-tenant limit on requests generating at once, with a bounded wait line; and the
+    per-tenant count of calls in flight (`hold`).
 
-    A waiter leaves the line as soon as its deadline passes or its caller goes away
-    (`abandoned` set, then `wake()`), so a cancelled call never holds a place in the line
-    nor, later, a slot that nobody reads from.
+    Waiters hold no thread: each waits as a callback (`enter`, `retry`, aio.py), and leaves
+    the line as soon as its caller goes away (`wake()`, then `retry` with `gone`), so a
+    cancelled call never holds a place in the line nor, later, a slot nobody reads from.
     """
 
-    def __init__(self, max_calls: int = 0, front_limits: Mapping[Front, int] | None = None) -> None:
-        self._lock = threading.Condition()
+    def __init__(self, max_calls: int = 0) -> None:
+        self._lock = threading.Lock()
         self._running: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
         self.max_calls = max_calls  # per tenant, any method, both fronts together; 0: no limit
-        # Tenants' calls of one front together (0 or absent: no limit), see `hold`.
-        self.front_limits = dict(front_limits or {})
         self._calls_lock = threading.Lock()
         self._calls: dict[str, int] = {}
-        self._front_calls: dict[Front, int] = dict.fromkeys(Front, 0)
         # Waiters without a thread (`enter`), per tenant: called when a slot frees.
         self._wakers: dict[str, set[Callable[[], None]]] = {}
 
     def hold(self, tenant: str, front: Front) -> CallHold:
-        """Count one call of `tenant`; refuse it past `max_calls` or its front's limit.
+        """Count one call of `tenant`; refuse it past `max_calls`.
 
-        One count per tenant, whichever transport carried the call: a gRPC call holds a
-        worker thread until it ends; an HTTP generation holds no thread while it waits (the
-        event loop, aio.py) and its stream stays open, counted, until its reader took it all.
-        Capping each tenant below gRPC's pool leaves threads for every other tenant however
-        one tenant floods, over either front or both. The front's own limit
-        (`front_limits`: gRPC's pool less the threads kept for health checks) keeps tenants
-        together from taking the threads the health service answers from. A call over a
-        limit is refused at once, before it waits for anything.
+        One count per tenant, whichever transport carried the call. Both fronts serve
+        calls from an event loop: a call holds a thread (of --grpc-workers or
+        --http-workers) only while it does blocking work (authentication, admission, a
+        unary body, an upload), never while it waits for a slot, for tokens or for a slow
+        reader. Capping each tenant below gRPC's pool leaves threads for every other
+        tenant's blocking work however one tenant floods, over either front or both; the
+        health services need none. A call over the limit is refused at once, before it
+        waits for anything.
         """
         with self._calls_lock:
             held = self._calls.get(tenant, 0)
@@ -216,21 +212,12 @@ class ConcurrencyGate:
                     f"tenant {tenant!r} has {held} calls in flight over gRPC and HTTP, the most "
                     "one tenant may have (--tenant-max-calls); retry when some have finished",
                 )
-            limit = self.front_limits.get(front, 0)
-            if limit and self._front_calls[front] >= limit:
-                raise ResourceExhausted(
-                    None,
-                    f"the server's {front.value} front has {limit} tenant calls in flight, all "
-                    f"its threads but those kept for health checks (--{front.value}-workers); "
-                    "retry when some have finished",
-                )
             self._calls[tenant] = held + 1
-            self._front_calls[front] += 1
         return CallHold(self, tenant, front)
 
     @contextmanager
     def call(self, tenant: str, front: Front = Front.GRPC) -> Iterator[None]:
-        """`hold` for the length of a block (a gRPC call: its handler's run)."""
+        """`hold` for the length of a block (a gRPC call: its handler's task)."""
         held = self.hold(tenant, front)
         try:
             yield
@@ -241,38 +228,6 @@ class ConcurrencyGate:
         """Calls in flight per tenant (those counted by `call`)."""
         with self._calls_lock:
             return dict(self._calls)
-
-    @contextmanager
-    def slot(
-        self,
-        principal: Principal,
-        timeout: float | None,
-        abandoned: threading.Event | None = None,
-    ) -> Iterator[None]:
-        """Hold one of the tenant's running slots for a block, waiting (on this thread) up
-        to `timeout` s for one; `enter`/`retry`/`leave` are the same without a thread."""
-        tenant = principal.tenant
-        gone = abandoned or threading.Event()
-        with self._lock:
-            if not self._has_room(principal):
-                self._join_line(principal)
-                try:
-                    free = self._lock.wait_for(
-                        lambda: gone.is_set() or self._has_room(principal), timeout
-                    )
-                finally:
-                    self._waiting[tenant] -= 1
-                if gone.is_set():
-                    raise Cancelled(None, "the caller went away while queued")
-                if not free:
-                    raise DeadlineExceeded(
-                        None, f"tenant {tenant!r}: no free slot before the deadline"
-                    )
-            self._running[tenant] = self._running.get(tenant, 0) + 1
-        try:
-            yield
-        finally:
-            self.leave(tenant)
 
     def _has_room(self, principal: Principal) -> bool:
         return self._running.get(principal.tenant, 0) < principal.quota.max_concurrent
@@ -289,10 +244,10 @@ class ConcurrencyGate:
         self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
 
     def enter(self, principal: Principal, waker: Callable[[], None]) -> bool:
-        """`slot` without a thread: take a free slot (True, release with `leave`), or join
-        the tenant's wait line (False: `waker` is then called, from any thread, whenever a
-        slot of the tenant may have freed or a waiter may have gone; call `retry`), or
-        refuse with ResourceExhausted when the line is full, as `slot` does."""
+        """Take a free slot (True, release with `leave`), or join the tenant's wait line
+        (False: `waker` is then called, from any thread, whenever a slot of the tenant may
+        have freed or a waiter may have gone; call `retry`), or refuse with
+        ResourceExhausted when the line is full."""
         with self._lock:
             if self._has_room(principal):
                 self._running[principal.tenant] = self._running.get(principal.tenant, 0) + 1
@@ -319,18 +274,16 @@ class ConcurrencyGate:
             return True
 
     def leave(self, tenant: str) -> None:
-        """Free a slot taken by `slot`, `enter` or `retry`; wakes the tenant's waiters."""
+        """Free a slot taken by `enter` or `retry`; wakes the tenant's waiters."""
         with self._lock:
             self._running[tenant] -= 1
-            self._lock.notify_all()
             wakers = list(self._wakers.get(tenant, ()))
         for waker in wakers:
             waker()
 
     def wake(self) -> None:
-        """Make waiters re-check their `abandoned` events (or their callers, for `enter`)."""
+        """Make every waiter re-check whether its caller went away."""
         with self._lock:
-            self._lock.notify_all()
             wakers = [w for line in self._wakers.values() for w in line]
         for waker in wakers:
             waker()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
 import shutil
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -97,6 +100,82 @@ def _alias(name: str, split: Split) -> pb.Alias:
     )
 
 
+@dataclass(frozen=True)
+class _UploadHeader:
+    name: str
+    declared: dict[str, pb.FileEntry]
+    total: int
+    metadata: VersionMetadata
+
+
+def _upload_header(first: pb.UploadAdapterRequest | None, limit: int) -> _UploadHeader:
+    """The upload's first message, checked: name, declared files, total size, metadata."""
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidArgument("header", "the first message must be the upload header")
+    header = first.header
+    name = check_name(header.name)
+    declared: dict[str, pb.FileEntry] = {}
+    for i, entry in enumerate(header.files):
+        if entry.path not in ALLOWED_FILES:
+            raise InvalidArgument(f"files[{i}].path", f"must be one of {', '.join(ALLOWED_FILES)}")
+        if entry.path in declared:
+            raise InvalidArgument(f"files[{i}].path", f"{entry.path} listed twice")
+        if len(entry.sha256) != 64:
+            raise InvalidArgument(f"files[{i}].sha256", "must be 64 hex digits")
+        declared[entry.path] = entry
+    missing = [f for f in REQUIRED_FILES if f not in declared]
+    if missing:
+        raise InvalidArgument("files", f"missing {', '.join(missing)}")
+    total = sum(e.size for e in declared.values())
+    if total > limit:
+        raise ResourceExhausted("files", f"upload of {total} bytes exceeds the limit of {limit}")
+    return _UploadHeader(name, declared, total, _metadata(header.metadata, "header.metadata"))
+
+
+class _Receiver:
+    """An upload's chunks into the staging folder, sizes and hashes checked (blocking: on
+    the pool); closes its files when the `with` block ends."""
+
+    def __init__(self, declared: dict[str, pb.FileEntry], staged: Path) -> None:
+        self.declared, self.staged = declared, staged
+        self.handles: dict[str, BinaryIO] = {}
+        self.hashes = {path: hashlib.sha256() for path in declared}
+        self.sizes = dict.fromkeys(declared, 0)
+
+    def __enter__(self) -> _Receiver:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+    def write(self, message: pb.UploadAdapterRequest) -> None:
+        if message.WhichOneof("part") != "chunk":
+            raise InvalidArgument("header", "only one header, before the chunks")
+        chunk = message.chunk
+        if chunk.path not in self.declared:
+            raise InvalidArgument("chunk.path", f"{chunk.path!r} was not declared in the header")
+        self.sizes[chunk.path] += len(chunk.data)
+        if self.sizes[chunk.path] > self.declared[chunk.path].size:
+            raise InvalidArgument("chunk.data", f"{chunk.path} is larger than declared")
+        if chunk.path not in self.handles:
+            self.handles[chunk.path] = (self.staged / chunk.path).open("wb")
+        self.handles[chunk.path].write(chunk.data)
+        self.hashes[chunk.path].update(chunk.data)
+
+    def check(self) -> None:
+        """After the last chunk (files closed): every file whole and as declared."""
+        for path, entry in self.declared.items():
+            if self.sizes[path] != entry.size:
+                raise InvalidArgument(
+                    "files", f"{path}: got {self.sizes[path]} bytes, declared {entry.size}"
+                )
+            if self.hashes[path].hexdigest() != entry.sha256.lower():
+                raise InvalidArgument("files", f"{path}: sha256 does not match the header")
+            if entry.size == 0:
+                (self.staged / path).touch()
+
+
 class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     def _check_quota(self, principal: Principal, add_bytes: int) -> None:
         """Early refusal before bytes move; `Registry.commit` checks again atomically."""
@@ -142,89 +221,41 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         return adapter_info(self.state, record)
 
     @rpc
-    def UploadAdapter(
+    async def UploadAdapter(
         self,
-        request_iterator: Iterator[pb.UploadAdapterRequest],
-        context: grpc.ServicerContext,
+        request_iterator: AsyncIterator[pb.UploadAdapterRequest],
+        context: grpc.aio.ServicerContext,
         principal: Principal,
     ) -> pb.AdapterInfo:
-        limit = self.state.settings.max_upload_bytes
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgument("header", "the first message must be the upload header")
-        header = first.header
-        name = check_name(header.name)
-        declared: dict[str, pb.FileEntry] = {}
-        for i, entry in enumerate(header.files):
-            if entry.path not in ALLOWED_FILES:
-                raise InvalidArgument(
-                    f"files[{i}].path", f"must be one of {', '.join(ALLOWED_FILES)}"
-                )
-            if entry.path in declared:
-                raise InvalidArgument(f"files[{i}].path", f"{entry.path} listed twice")
-            if len(entry.sha256) != 64:
-                raise InvalidArgument(f"files[{i}].sha256", "must be 64 hex digits")
-            declared[entry.path] = entry
-        missing = [f for f in REQUIRED_FILES if f not in declared]
-        if missing:
-            raise InvalidArgument("files", f"missing {', '.join(missing)}")
-        total = sum(e.size for e in declared.values())
-        if total > limit:
-            raise ResourceExhausted(
-                "files", f"upload of {total} bytes exceeds the limit of {limit}"
-            )
-        metadata = _metadata(header.metadata, "header.metadata")
+        """Each chunk is awaited on the event loop (a slow uploader holds no thread), then
+        written on the pool; the staged files are checked and stored on the pool."""
+        header = _upload_header(
+            await anext(request_iterator, None), self.state.settings.max_upload_bytes
+        )
+        loop, pool, registry = asyncio.get_running_loop(), self.executor, self.state.registry
         # The declared bytes count against the byte quota from now until stored or refused.
-        with self.state.registry.staged_bytes(principal.tenant, total, principal.quota):
-            staged = self.state.registry.staging_dir()
+        with ExitStack() as held:
+            hold = registry.staged_bytes(principal.tenant, header.total, principal.quota)
+            await loop.run_in_executor(pool, held.enter_context, hold)
+            staged = await loop.run_in_executor(pool, registry.staging_dir)
             try:
-                self._receive(request_iterator, declared, staged)
+                with _Receiver(header.declared, staged) as receiver:
+                    async for message in request_iterator:
+                        await loop.run_in_executor(pool, receiver.write, message)
+                await loop.run_in_executor(pool, receiver.check)
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
-            return self._store(principal, name, staged, metadata, source="upload")
-
-    @staticmethod
-    def _receive(
-        chunks: Iterator[pb.UploadAdapterRequest], declared: dict[str, pb.FileEntry], staged: Path
-    ) -> None:
-        handles: dict[str, BinaryIO] = {}
-        hashes = {path: hashlib.sha256() for path in declared}
-        sizes = dict.fromkeys(declared, 0)
-        try:
-            for message in chunks:
-                if message.WhichOneof("part") != "chunk":
-                    raise InvalidArgument("header", "only one header, before the chunks")
-                chunk = message.chunk
-                if chunk.path not in declared:
-                    raise InvalidArgument(
-                        "chunk.path", f"{chunk.path!r} was not declared in the header"
-                    )
-                sizes[chunk.path] += len(chunk.data)
-                if sizes[chunk.path] > declared[chunk.path].size:
-                    raise InvalidArgument("chunk.data", f"{chunk.path} is larger than declared")
-                if chunk.path not in handles:
-                    handles[chunk.path] = (staged / chunk.path).open("wb")
-                handles[chunk.path].write(chunk.data)
-                hashes[chunk.path].update(chunk.data)
-        finally:
-            for handle in handles.values():
-                handle.close()
-        for path, entry in declared.items():
-            if sizes[path] != entry.size:
-                raise InvalidArgument(
-                    "files", f"{path}: got {sizes[path]} bytes, declared {entry.size}"
-                )
-            if hashes[path].hexdigest() != entry.sha256.lower():
-                raise InvalidArgument("files", f"{path}: sha256 does not match the header")
-            if entry.size == 0:
-                (staged / path).touch()
+            store = functools.partial(
+                self._store, principal, header.name, staged, header.metadata, source="upload"
+            )
+            return await loop.run_in_executor(pool, store)
 
     @rpc
     def PullAdapter(
         self,
         request: pb.PullAdapterRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         principal: Principal,
     ) -> pb.AdapterInfo:
         name = check_name(request.name)
@@ -261,7 +292,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     def ListAdapters(
         self,
         request: pb.ListAdaptersRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         principal: Principal,
     ) -> pb.ListAdaptersResponse:
         registry = self.state.registry
@@ -292,7 +323,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     def ListAdapterVersions(
         self,
         request: pb.ListAdapterVersionsRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         principal: Principal,
     ) -> pb.ListAdapterVersionsResponse:
         registry = self.state.registry
@@ -317,7 +348,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc
     def GetAdapter(
-        self, request: pb.AdapterRef, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.AdapterRef, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.AdapterInfo:
         return adapter_info(
             self.state,
@@ -330,7 +361,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     def DeleteAdapter(
         self,
         request: pb.AdapterRef,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         principal: Principal,
     ) -> pb.DeleteAdapterResponse:
         registry, engine = self.state.registry, self.state.engine.adapters
@@ -369,7 +400,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc
     def SetAlias(
-        self, request: pb.SetAliasRequest, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.SetAliasResponse:
         alias = check_alias(request.alias)
         split = Split.parse([(t.version, t.weight) for t in request.targets])
@@ -383,7 +414,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc
     def RollbackAlias(
-        self, request: pb.AliasRef, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.AliasRef, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.SetAliasResponse:
         record = self._own_name(principal, request.name)
         registry = self.state.registry
@@ -398,7 +429,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc
     def DeleteAlias(
-        self, request: pb.AliasRef, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.AliasRef, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.DeleteAliasResponse:
         record = self._own_name(principal, request.name)
         self.state.registry.delete_alias(record.owner, record.name, request.alias)
@@ -406,7 +437,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc
     def DownloadAdapter(
-        self, request: pb.AdapterRef, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.AdapterRef, context: grpc.aio.ServicerContext, principal: Principal
     ) -> Iterator[pb.DownloadAdapterResponse]:
         record = self.state.registry.find(
             principal.tenant, request.name, admin=principal.admin, field="name"
@@ -428,7 +459,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     def AddEvaluations(
         self,
         request: pb.AddEvaluationsRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         principal: Principal,
     ) -> pb.AdapterInfo:
         results = check_evaluations([(e.name, e.value) for e in request.evaluations])
@@ -442,7 +473,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     def _engine_call(
         self,
         request: pb.AdapterRef,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         principal: Principal,
         action: str,
     ) -> pb.AdapterInfo:
@@ -465,12 +496,12 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc
     def LoadAdapter(
-        self, request: pb.AdapterRef, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.AdapterRef, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.AdapterInfo:
         return self._engine_call(request, context, principal, "load")
 
     @rpc
     def UnloadAdapter(
-        self, request: pb.AdapterRef, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.AdapterRef, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.AdapterInfo:
         return self._engine_call(request, context, principal, "unload")

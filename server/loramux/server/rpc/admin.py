@@ -31,7 +31,10 @@ class AdminServicer(Servicer, pb_grpc.AdminServiceServicer):
 
     @admin_rpc
     def CreateTenant(
-        self, request: pb.CreateTenantRequest, context: grpc.ServicerContext, principal: Principal
+        self,
+        request: pb.CreateTenantRequest,
+        context: grpc.aio.ServicerContext,
+        principal: Principal,
     ) -> pb.Tenant:
         default = self.state.registry.default_quota
         q = request.quota
@@ -49,7 +52,10 @@ class AdminServicer(Servicer, pb_grpc.AdminServiceServicer):
 
     @admin_rpc
     def ListTenants(
-        self, request: pb.ListTenantsRequest, context: grpc.ServicerContext, principal: Principal
+        self,
+        request: pb.ListTenantsRequest,
+        context: grpc.aio.ServicerContext,
+        principal: Principal,
     ) -> pb.ListTenantsResponse:
         return pb.ListTenantsResponse(
             tenants=[self._tenant(t.name) for t in self.state.registry.tenants()]
@@ -57,14 +63,14 @@ class AdminServicer(Servicer, pb_grpc.AdminServiceServicer):
 
     @admin_rpc
     def CreateKey(
-        self, request: pb.CreateKeyRequest, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.CreateKeyRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.CreateKeyResponse:
         key_id, key = self.state.registry.create_key(check_name(request.tenant, "tenant"))
         return pb.CreateKeyResponse(key_id=key_id, key=key)
 
     @admin_rpc
     def RevokeKey(
-        self, request: pb.RevokeKeyRequest, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.RevokeKeyRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.RevokeKeyResponse:
         self.state.registry.revoke_key(request.key_id)
         return pb.RevokeKeyResponse()
@@ -73,7 +79,7 @@ class AdminServicer(Servicer, pb_grpc.AdminServiceServicer):
     def SetAdapterPublic(
         self,
         request: pb.SetAdapterPublicRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         principal: Principal,
     ) -> pb.AdapterInfo:
         record = self.state.registry.set_public(request.owner, request.name, request.public)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 
 import grpc
 
-from loramux.core.errors import Cancelled, InvalidArgument
+from loramux.core.errors import InvalidArgument
 from loramux.server.affinity import ROUTE_KEY_METADATA, requested_adapter, weighted_adapters
+from loramux.server.aio import LoopGeneration
 from loramux.server.constraints.spec import ConstraintSpec
 from loramux.server.generation import GenerationCall
-from loramux.server.requests import FinishReason, SamplingParams, TokenEvent, TokenLogprob
+from loramux.server.requests import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from loramux.server.rpc.wrapper import Servicer, rpc, time_left
-from loramux.server.streams import RequestStream
 from loramux.server.tenants import Principal
 from loramux.v1 import loramux_pb2 as pb
 from loramux.v1 import loramux_pb2_grpc as pb_grpc
@@ -132,71 +138,96 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         tokenizer = self.state.engine.tokenizer
         return LogprobWriter(lambda t: str(tokenizer.decode([t], skip_special_tokens=False)))
 
-    @contextmanager
     def _generation(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext, call: GenerationCall
-    ) -> Iterator[RequestStream]:
-        """Validate, wait for a tenant slot, submit; the stream is cancelled when the call ends.
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        call: GenerationCall,
+        request_id: str,
+    ) -> LoopGeneration:
+        """The call's generation on the event loop: built (adapter, prompt, parameters) on
+        the pool, then its tenant slot, tokens and reader awaited without a thread (aio.py).
 
-        A client that cancels or disconnects at any point frees what it holds: its place in
-        the tenant's wait line at once, its engine row at the next engine step.
+        A client that cancels or disconnects at any point cancels the call's task: its
+        place in the tenant's wait line is freed at once, its engine row at the next step.
         """
         # The message's adapter, or the one its metadata names for balancers (affinity.py).
-        metadata = dict(context.invocation_metadata())
+        metadata = dict(context.invocation_metadata() or ())
         remaining = time_left(context)
         weighted = weighted_adapters(request, metadata) if request.adapters else None
-        generation = call.request(
-            None if weighted is not None else requested_adapter(request.adapter, metadata),
-            lambda: self._prompt(request),
-            lambda _: sampling_params(request),
-            request_id=request.request_id or uuid.uuid4().hex,
-            deadline=time.monotonic() + remaining if remaining is not None else None,
-            weighted=weighted,
-        )
-        if not context.add_callback(call.cancel):
-            raise Cancelled(None, "the call ended before generation started")
-        with call.submitted(generation, remaining) as stream:
-            yield stream
+
+        def build() -> list[GenerationRequest]:
+            return [
+                call.request(
+                    None if weighted is not None else requested_adapter(request.adapter, metadata),
+                    lambda: self._prompt(request),
+                    lambda _: sampling_params(request),
+                    request_id=request_id,
+                    deadline=time.monotonic() + remaining if remaining is not None else None,
+                    weighted=weighted,
+                )
+            ]
+
+        return LoopGeneration(call, build, self.executor)
+
+    @staticmethod
+    @asynccontextmanager
+    async def _running(call: GenerationCall, run: LoopGeneration) -> AsyncIterator[None]:
+        """Started, then closed on every way out (a client gone: its task cancelled)."""
+        try:
+            await run.start()
+            yield
+        except BaseException as exc:
+            call.cancel()
+            run.close(exc)
+            raise
+        run.close()
 
     @rpc
-    def Generate(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.GenerateResponse:
         call = GenerationCall(self.state, principal, _route_key(context))
-        with call.recorded(), self._generation(request, context, call) as stream:
-            text: list[str] = []
-            tokens: list[int] = []
-            logprobs: list[TokenLogprob] = []
-            prompt_logprobs: list[TokenLogprob | None] = []
-            for event in call.events(stream):
+        request_id = request.request_id or uuid.uuid4().hex
+        run = self._generation(request, context, call, request_id)
+        text: list[str] = []
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        prompt_logprobs: list[TokenLogprob | None] = []
+        async with self._running(call, run):
+            while (item := await run.next()) is not None:
+                _, event = item
                 text.append(event.text)
                 tokens.extend(event.token_ids)
                 logprobs += event.logprobs
                 prompt_logprobs += event.prompt_logprobs
-            writer = self._logprobs()
-            return pb.GenerateResponse(
-                request_id=stream.request_id,
-                text="".join(text),
-                token_ids=tokens,
-                logprobs=writer.many(logprobs),
-                prompt_logprobs=writer.many(prompt_logprobs),
-                finish_reason=finish_reason(event),
-                usage=pb.Usage(
-                    prompt_tokens=event.prompt_tokens,
-                    completion_tokens=event.completion_tokens,
-                ),
-            )
+        writer = self._logprobs()
+        return pb.GenerateResponse(
+            request_id=request_id,
+            text="".join(text),
+            token_ids=tokens,
+            logprobs=writer.many(logprobs),
+            prompt_logprobs=writer.many(prompt_logprobs),
+            finish_reason=finish_reason(event),
+            usage=pb.Usage(
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+            ),
+        )
 
     @rpc
-    def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext, principal: Principal
-    ) -> Iterator[pb.GenerateStreamResponse]:
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, principal: Principal
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         call = GenerationCall(self.state, principal, _route_key(context))
+        request_id = request.request_id or uuid.uuid4().hex
+        run = self._generation(request, context, call, request_id)
         writer = self._logprobs()
-        with call.recorded(), self._generation(request, context, call) as stream:
-            for event in call.events(stream):
+        async with self._running(call, run):
+            while (item := await run.next()) is not None:
+                _, event = item
                 message = pb.GenerateStreamResponse(
-                    request_id=stream.request_id,
+                    request_id=request_id,
                     text=event.text,
                     token_ids=list(event.token_ids),
                     logprobs=writer.many(event.logprobs),
@@ -210,7 +241,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
 
     @rpc
     def ModelInfo(
-        self, request: pb.ModelInfoRequest, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.ModelInfoResponse:
         info = self.state.engine.info
         return pb.ModelInfoResponse(
@@ -232,10 +263,10 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
 
     @rpc
     def Tokenize(
-        self, request: pb.TokenizeRequest, context: grpc.ServicerContext, principal: Principal
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext, principal: Principal
     ) -> pb.TokenizeResponse:
         return pb.TokenizeResponse(token_ids=self._prompt(request))
 
 
-def _route_key(context: grpc.ServicerContext) -> str | None:
+def _route_key(context: grpc.aio.ServicerContext) -> str | None:
     return dict(context.invocation_metadata()).get(ROUTE_KEY_METADATA)
