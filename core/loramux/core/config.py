@@ -229,6 +229,12 @@ class Settings:
     grammar_compile_threads: int = setting(
         2, "threads that compile structured-output grammars, apart from the engine's", "engine"
     )
+    grammar_mask_overlap: bool = setting(
+        True,
+        "fill the constrained rows' token masks on a helper thread while the step's forward "
+        "pass runs (off: after it, on the engine thread)",
+        "engine",
+    )
     compute_threads: int = setting(
         0, "torch threads of the engine's passes (0: every CPU this process may use)", "engine"
     )
