@@ -458,6 +458,29 @@ def test_metrics_count_constraints_cache_hits_and_compile_time(
     assert f"loramux_grammar_compile_seconds_count {after.compiles:.1f}" in text
 
 
+def test_metrics_show_mask_time_per_step(server: RunningServer, url: str, key: str) -> None:
+    """A constrained request's steps show in loramux_grammar_mask_seconds: every step that
+    sampled its row counts once under part="sampling", and its masks were filled ahead, on
+    the helper thread (part="fill")."""
+    engine = server.state.engine
+    before = engine.masks.snapshot()
+    body = _body("Is the sky blue?", guided_choice=["Yes, it is.", "No, it is not."])
+    answer = _ok(_chat(url, key, body))
+    after = engine.masks.snapshot()
+    steps = answer["usage"]["completion_tokens"]  # the grammar's end (EOS) counted too
+    assert after.samplings - before.samplings == steps, (answer, before, after)
+    assert after.rows_ahead - before.rows_ahead == steps
+    assert after.rows_at_sampling == before.rows_at_sampling
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    for part, count, total in (
+        ("sampling", after.samplings, after.sampling_seconds_sum),
+        ("fill", after.fills, after.fill_seconds_sum),
+    ):
+        assert f'loramux_grammar_mask_seconds_count{{part="{part}"}} {count:.1f}' in text
+        assert f'loramux_grammar_mask_seconds_bucket{{le="+Inf",part="{part}"}} {count:.1f}' in text
+        assert total > 0
+
+
 def test_a_slow_compile_is_refused_in_bounded_time_and_stalls_nobody(
     server: RunningServer, url: str, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
