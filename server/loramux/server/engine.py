@@ -315,6 +315,7 @@ class Engine:
             capacity=settings.grammar_cache_size,
             timeout=settings.grammar_compile_seconds,
             threads=settings.grammar_compile_threads,
+            memory_bytes=settings.grammar_compile_memory_bytes,
         )
         # ... and the constrained rows' token masks, filled while the forward pass runs
         self.masks = MaskFiller(overlap=settings.grammar_mask_overlap)
