@@ -173,6 +173,11 @@ class GrammarCache:
                 )
             return self._compiler, self._workers
 
+    def compile_here(self, spec: ConstraintSpec) -> xgr.CompiledGrammar:
+        """`spec` compiled in this process without the worker's try, uncached: what a
+        compile cost before the workers (bench/structured.py compares)."""
+        return compile_spec(self._grammar_compiler()[0], spec)
+
     def busy(self) -> tuple[int, list[int]]:
         """Compiles in flight, and the worker processes alive (for tests)."""
         with self._lock:
