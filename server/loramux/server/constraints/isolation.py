@@ -196,8 +196,8 @@ class CompileWorkers:
 def _limit_memory(extra: int) -> None:
     """Cap this process's address space at what it maps now plus `extra` bytes, before each
     compile (a soft limit: the next compile's is measured afresh), after handing freed heap
-    back so that it does not count as room for the compile."""
-    gc.collect()
+    back so that it does not count as room for the compile. (No gc.collect here: with torch
+    imported one takes ~0.5 s; the worker collected and froze its objects when it started.)"""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as statm:
@@ -218,6 +218,9 @@ def _serve() -> None:
     info = xgr.TokenizerInfo.deserialize_json(setup.pop("tokenizer_info"))
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     compiler.compile_regex("a")  # what a first compile sets up once is not the spec's
+    del setup
+    gc.collect()
+    gc.freeze()  # what is alive now is never scanned again
     limited = sys.platform.startswith("linux")
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -44,6 +44,9 @@ class RowConstraint:
         self.error: str | None = None  # filling its mask failed: the request ends with it
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(vocab / 32)] int32
         self._filled = False  # _bitmask holds the mask for the next token
+        # kept here, updated at accept, not asked of the matcher at every check: each
+        # xgrammar call releases and retakes the GIL, which other threads may hold
+        self._terminated = False
         self._filling: concurrent.futures.Future[None] | None = None  # a helper's fill of it
 
     def fill(self, bitmask: torch.Tensor, index: int) -> None:
@@ -74,13 +77,14 @@ class RowConstraint:
         self._filled = False
         if self.error is not None:
             return
-        if self.terminated or not self._matcher.accept_token(token_id):
+        if self._terminated or not self._matcher.accept_token(token_id):
             self.rejected = True
+        self._terminated = bool(self._matcher.is_terminated())
 
     @property
     def terminated(self) -> bool:
         """The grammar is complete and its end (a stop token) was accepted."""
-        return bool(self._matcher.is_terminated())
+        return self._terminated
 
 
 @dataclass
