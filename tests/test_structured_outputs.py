@@ -486,8 +486,9 @@ def test_a_slow_compile_is_refused_in_bounded_time_and_stalls_nobody(
 ) -> None:
     """A schema that takes xgrammar seconds to compile (60 pattern-bound strings), with the
     compile bound lowered to 0.5 s: that request is a 400 naming its field, while /health
-    answers within 1 s and an unconstrained request completes (xgrammar compiles without
-    the GIL, in the grammar pool, not on the engine thread)."""
+    answers within 1 s and an unconstrained request completes (the compile runs in a worker
+    process, killed at the bound, never on the engine thread), and nothing is left
+    compiling it after the refusal."""
     monkeypatch.setattr(server.state.engine.grammars, "timeout", 0.5)
     pattern = r"[a-z]{1,20}@[a-z]{2,10}\.(com|org|net)"
     slow = {
@@ -509,3 +510,5 @@ def test_a_slow_compile_is_refused_in_bounded_time_and_stalls_nobody(
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == "guided_json" and "compile" in error["message"]
+    # nothing is still compiling it: its worker process was killed (tests/test_constraints)
+    assert server.state.engine.grammars.busy()[0] == 0

@@ -180,8 +180,8 @@ class GrammarCache:
 
     def busy(self) -> tuple[int, list[int]]:
         """Compiles in flight, and the worker processes alive (for tests)."""
-        with self._lock:
-            pending = len(self._pending)
+        with self._lock:  # a finished compile leaves _pending in its done-callback, a bit later
+            pending = sum(1 for future in self._pending.values() if not future.done())
             workers = self._workers
         return pending, workers.pids() if workers is not None else []
 
