@@ -235,8 +235,8 @@ class Settings:
     grammar_compile_memory_bytes: int = setting(
         1 << 30,
         "memory a structured-output grammar's compile may take in its worker process "
-        "(RLIMIT_AS over what the worker holds when ready); more is refused (400 naming the "
-        "field)",
+        "(RLIMIT_AS over what the worker has mapped when the compile starts); more is "
+        "refused (400 naming the field)",
         "engine",
     )
     grammar_mask_overlap: bool = setting(

@@ -2,10 +2,10 @@
 
 xgrammar cannot be interrupted: a compile that runs long holds its thread until it returns,
 and its memory is the server's. So every compile is tried first in a worker process of its
-own (`python -m loramux.server.constraints.isolation`), whose address space is limited to
-what it held when it was ready plus `memory_bytes` (RLIMIT_AS): a compile that outgrows
-that fails there (or the worker dies), and one that outruns `timeout` is killed (SIGKILL),
-its memory returned to the system. Only a constraint that compiled there is compiled again
+own (`python -m loramux.server.constraints.isolation`), whose address space is limited,
+before each compile, to what it has mapped then plus `memory_bytes` (RLIMIT_AS): a compile
+that outgrows that fails there (or the worker dies), and one that outruns `timeout` is
+killed (SIGKILL), its memory returned to the system. Only a constraint that compiled there is compiled again
 in the server (the same work on the same inputs, so about the same time and memory, both
 known to be within bounds now); the grammar is not shipped back, because xgrammar's
 serialized form is ~1.5 MB for a small schema and writing and reading it costs more than
