@@ -5,11 +5,11 @@ and its memory is the server's. So every compile is tried first in a worker proc
 own (`python -m loramux.server.constraints.isolation`), whose address space is limited,
 before each compile, to what it has mapped then plus `memory_bytes` (RLIMIT_AS): a compile
 that outgrows that fails there (or the worker dies), and one that outruns `timeout` is
-killed (SIGKILL), its memory returned to the system. Only a constraint that compiled there is compiled again
-in the server (the same work on the same inputs, so about the same time and memory, both
-known to be within bounds now); the grammar is not shipped back, because xgrammar's
-serialized form is ~1.5 MB for a small schema and writing and reading it costs more than
-compiling it again (docs/performance.md).
+killed (SIGKILL), its memory returned to the system. Only a constraint that compiled there
+is compiled again in the server (the same work on the same inputs, so about the same time
+and memory, both known to be within bounds now); the grammar is not shipped back, because
+xgrammar's serialized form is ~1.5 MB for a small schema and writing and reading it costs
+more than compiling it again (docs/performance.md).
 
 A worker serves one compile at a time and lives on; one that was killed or died is
 replaced in the background, so the next constraint does not pay its start (importing
