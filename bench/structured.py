@@ -13,7 +13,14 @@ an object with one string property of its own name and a minLength no row can re
 (new tokens - 1) over the time from the last row's first token (every prefill done) to the
 last token.
 
-Also reported: each schema's compile time cold (first compile) and cached (a cache hit).
+The constrained batch runs twice per repetition: with the masks filled on the helper
+thread while the forward pass runs (the default) and filled after it on the engine thread
+(`--no-grammar-mask-overlap`), side by side with the free batch: decode step time, and per
+step the helper's fill time and the time sampling spent on the masks (waiting for the fill,
+applying), from the engine's mask counters (loramux_grammar_mask_seconds).
+
+Also reported: each schema's compile time cold (first compile: tried in a worker process,
+then compiled here), cached (a cache hit), and the same compile in this process alone.
 """
 
 from __future__ import annotations
@@ -48,9 +55,10 @@ def schemas(batch: int, new_tokens: int) -> list[ConstraintSpec]:
 
 def run_batch(
     engine: Engine, prompts: list[list[int]], specs: list[ConstraintSpec | None], new_tokens: int
-) -> float:
-    """Decode tokens per second of one batch: from the moment every row has its first token
-    (prefill over) to the last token; every row must make exactly `new_tokens` tokens."""
+) -> tuple[float, float]:
+    """Decode tokens per second of one batch and its decode step time (s): from the moment
+    every row has its first token (prefill over) to the last token; every row must make
+    exactly `new_tokens` tokens."""
     streams = []
     for i, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, constraint=spec)
@@ -74,7 +82,8 @@ def run_batch(
             done.result()
     ended = time.perf_counter()
     assert made == [new_tokens] * len(prompts), made
-    return (sum(made) - len(made)) / (ended - max(firsts))
+    seconds = ended - max(firsts)
+    return (sum(made) - len(made)) / seconds, seconds / (new_tokens - 1)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         specs = schemas(args.batch, args.new_tokens)
         cold, cached = [], []
+        here: list[float] = []  # the same compile in this process alone (no worker's try)
         for spec in specs:
             t = time.perf_counter()
             engine.grammars.compile(spec)
@@ -97,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t = time.perf_counter()
             engine.grammars.compile(spec)
             cached.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            engine.grammars.compile_here(spec)
+            here.append(time.perf_counter() - t)
         prompts = [
             engine.render_chat([("user", f"Describe item number {i} in JSON.")])
             for i in range(args.batch)
@@ -105,30 +118,74 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bound: list[ConstraintSpec | None] = list(specs)
         run_batch(engine, prompts, free, 4)  # warm-up
         run_batch(engine, prompts, bound, 4)
-        rates: dict[str, list[float]] = {"unconstrained": [], "32 schemas": []}
+        configs: list[tuple[str, list[ConstraintSpec | None], bool]] = [
+            ("unconstrained", free, True),
+            (f"{args.batch} schemas, masks overlapped", bound, True),
+            (f"{args.batch} schemas, masks after the forward", bound, False),
+        ]
+        rates: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+        steps: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+        fill: dict[str, list[float]] = {name: [] for name, _, _ in configs}  # s per step
+        at_sampling: dict[str, list[float]] = {name: [] for name, _, _ in configs}
         for rep in range(args.repeats):
-            order = [("unconstrained", free), ("32 schemas", bound)]
-            for name, rows in order if rep % 2 == 0 else order[::-1]:
-                rates[name].append(run_batch(engine, prompts, rows, args.new_tokens))
+            for name, rows, overlap in configs if rep % 2 == 0 else configs[::-1]:
+                engine.masks.overlap = overlap
+                before = engine.masks.snapshot()
+                rate, step = run_batch(engine, prompts, rows, args.new_tokens)
+                after = engine.masks.snapshot()
+                rates[name].append(rate)
+                steps[name].append(step)
+                samplings = after.samplings - before.samplings
+                if samplings:
+                    fill_s = after.fill_seconds_sum - before.fill_seconds_sum
+                    wait_s = after.sampling_seconds_sum - before.sampling_seconds_sum
+                    fill[name].append(fill_s / samplings)
+                    at_sampling[name].append(wait_s / samplings)
+        engine.masks.overlap = True
     finally:
         engine.shutdown()
     base = statistics.median(rates["unconstrained"])
+
+    def ms(values: list[float]) -> str:
+        return f"{statistics.median(values) * 1e3:.2f}" if values else "-"
+
     table = [
-        (name, statistics.median(values), statistics.median(values) / base)
-        for name, values in rates.items()
+        (
+            name,
+            statistics.median(rates[name]),
+            statistics.median(rates[name]) / base,
+            ms(steps[name]),
+            ms(fill[name]),
+            ms(at_sampling[name]),
+        )
+        for name in rates
     ]
-    print(format_table(("batch", "tokens/s (median)", "x unconstrained"), table))
+    headers = (
+        "batch",
+        "tokens/s (median)",
+        "x unconstrained",
+        "step ms",
+        "mask fill ms/step",
+        "sampling on masks ms/step",
+    )
+    print(format_table(headers, table))
     print(
         f"compile per schema: cold median {statistics.median(cold) * 1e3:.2f} ms "
-        f"(max {max(cold) * 1e3:.2f}), cached median {statistics.median(cached) * 1e6:.1f} us"
+        f"(the first {cold[0] * 1e3:.0f} ms: the vocabulary read and a worker started), "
+        f"cached median {statistics.median(cached) * 1e6:.1f} us; the same compile in this "
+        f"process alone (no worker's try first): median {statistics.median(here) * 1e3:.2f} ms"
     )
     payload: dict[str, Any] = {
         "machine": info,
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "rates": rates,
+        "step_seconds": steps,
+        "mask_fill_seconds_per_step": fill,
+        "sampling_on_masks_seconds_per_step": at_sampling,
         "compile_cold_seconds": cold,
         "compile_cached_seconds": cached,
+        "compile_in_process_seconds": here,
     }
     print(f"# written {write_json('structured', payload, args.results_dir)}")
     return payload

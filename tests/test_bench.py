@@ -134,11 +134,17 @@ def test_gpu_script_dry_run_compares_the_backends_on_the_cpu(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_structured_benchmark_times_both_batches_and_every_compile(tmp_path: Path) -> None:
-    """Issue 26's bench on the default model, toy-sized: both configurations measured, every
+    """Issue 26's bench on the default model, toy-sized: the three configurations measured
+    (the constrained batch with the masks overlapped and not, with their fill time), every
     row made its tokens (run_batch asserts it), each schema compiled cold and cached."""
     payload = structured.main(
         ["--batch", "4", "--new-tokens", "4", "--repeats", "1", "--results-dir", str(tmp_path)]
     )
     assert all(len(rates) == 1 and rates[0] > 0 for rates in payload["rates"].values())
+    assert len(payload["rates"]) == 3  # free, masks overlapped, masks after the forward
+    fill = payload["mask_fill_seconds_per_step"]
+    assert [len(v) for v in fill.values()] == [0, 1, 1] and all(
+        v[0] > 0 for k, v in fill.items() if v
+    )
     assert len(payload["compile_cold_seconds"]) == len(payload["compile_cached_seconds"]) == 4
     assert json.loads((tmp_path / "structured.json").read_text())["batch"] == 4

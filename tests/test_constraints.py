@@ -3,7 +3,8 @@ shared compiles, errors naming the field), with SmolLM2's tokenizer and no model
 
 from __future__ import annotations
 
-import threading
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,6 @@ from transformers import AutoTokenizer
 
 from loramux.core.errors import InvalidArgument
 from loramux.core.models import ResolvedModel
-from loramux.server.constraints import compiler as compiler_module
 from loramux.server.constraints.compiler import GrammarCache
 from loramux.server.constraints.masks import apply_masks
 from loramux.server.constraints.spec import ConstraintSpec
@@ -24,7 +24,9 @@ from loramux.server.requests import SamplingParams
 def cache(smollm2: ResolvedModel) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     # wider than the tokenizer: the model's logits may be padded past its vocabulary
-    grammars = GrammarCache(tokenizer, len(tokenizer) + 64, [2], capacity=2, timeout=30, threads=2)
+    grammars = GrammarCache(
+        tokenizer, len(tokenizer) + 64, [2], capacity=2, timeout=30, threads=2, memory_bytes=1 << 30
+    )
     yield grammars
     grammars.close()
 
@@ -78,29 +80,64 @@ def test_compile_errors_name_the_field(cache: GrammarCache) -> None:
         assert "/project/" not in caught.value.message  # xgrammar's source location cut
 
 
-def test_a_compile_that_overruns_is_refused_and_others_still_compile(
+# takes xgrammar seconds to compile (60 pattern-bound strings: 3.8 s measured), and ~12 MB
+SLOW = {
+    "type": "object",
+    "properties": {
+        f"p{i}": {"type": "string", "pattern": r"[a-z]{1,20}@[a-z]{2,10}\.(com|org|net)"}
+        for i in range(60)
+    },
+}
+
+
+def test_a_compile_that_overruns_is_killed_and_leaves_nothing_busy(
     cache: GrammarCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A slow compile (held on an event here) costs its caller `timeout`, a 400 naming the
-    field; a compile of another spec on the second pool thread is not held up by it."""
-    release = threading.Event()
-    real = compiler_module._compile
+    """A compile that outruns the bound is refused naming the field, and what ran it is
+    gone: its worker process was killed (its memory returned), no compile is in flight (no
+    pool thread still works on it), and the next compile is served by a fresh worker."""
+    cache.compile(ConstraintSpec.regex("[0-9]+", "r"))  # a worker is up
+    _, before = cache.busy()
+    assert before
+    monkeypatch.setattr(cache, "timeout", 0.3)
+    with pytest.raises(InvalidArgument) as caught:
+        cache.compile(ConstraintSpec.json_schema(SLOW, "guided_json"))
+    assert caught.value.field == "guided_json" and "longer than 0.3 s" in caught.value.message
+    pending, after = cache.busy()
+    assert pending == 0
+    killed = set(before) - set(after)
+    assert killed, (before, after)
+    for pid in killed:  # not running, and reaped: no zombie either
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    monkeypatch.setattr(cache, "timeout", 30)
+    assert cache.compile(ConstraintSpec.regex("fast", "r")) is not None
 
-    def held(compiler: Any, spec: ConstraintSpec) -> Any:
-        if spec.source == "slow":
-            release.wait(60)
-        return real(compiler, spec)
 
-    monkeypatch.setattr(compiler_module, "_compile", held)
-    monkeypatch.setattr(cache, "timeout", 0.2)
+def test_a_compile_runs_under_its_memory_bound(smollm2: ResolvedModel) -> None:
+    """With 1 MiB for a compile, the worker's address space (RLIMIT_AS, soft) is capped at
+    what it mapped when the compile began plus 1 MiB: never above its peak plus that. (No
+    constraint within the size limits that needs more than the heap the worker already
+    holds was found: docs/security.md; this checks that the cap is in force.)"""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    small = GrammarCache(
+        tokenizer, len(tokenizer), [2], capacity=2, timeout=120, threads=1, memory_bytes=1 << 20
+    )
     try:
-        with pytest.raises(InvalidArgument) as caught:
-            cache.compile(ConstraintSpec.regex("slow", "guided_regex"))
-        assert caught.value.field == "guided_regex" and "compile" in caught.value.message
-        monkeypatch.setattr(cache, "timeout", 30)
-        assert cache.compile(ConstraintSpec.regex("fast", "r")) is not None
+        assert small.compile(ConstraintSpec.regex("[a-c]+", "r")) is not None
+        (pid,) = small.busy()[1]
+        limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+        (line,) = [x for x in limits if x.startswith("Max address space")]
+        soft = line.split()[3]
+        assert soft != "unlimited", line
+        peak_kb = next(
+            int(x.split()[1])
+            for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if x.startswith("VmPeak:")
+        )
+        assert int(soft) <= peak_kb * 1024 + (1 << 20)
     finally:
-        release.set()
+        small.close()
 
 
 def test_masks_touch_only_constrained_rows_and_never_allow_padding_ids(

@@ -458,13 +458,37 @@ def test_metrics_count_constraints_cache_hits_and_compile_time(
     assert f"loramux_grammar_compile_seconds_count {after.compiles:.1f}" in text
 
 
+def test_metrics_show_mask_time_per_step(server: RunningServer, url: str, key: str) -> None:
+    """A constrained request's steps show in loramux_grammar_mask_seconds: every step that
+    sampled its row counts once under part="sampling", and its masks were filled ahead, on
+    the helper thread (part="fill")."""
+    engine = server.state.engine
+    before = engine.masks.snapshot()
+    body = _body("Is the sky blue?", guided_choice=["Yes, it is.", "No, it is not."])
+    answer = _ok(_chat(url, key, body))
+    after = engine.masks.snapshot()
+    steps = answer["usage"]["completion_tokens"]  # the grammar's end (EOS) counted too
+    assert after.samplings - before.samplings == steps, (answer, before, after)
+    assert after.rows_ahead - before.rows_ahead == steps
+    assert after.rows_at_sampling == before.rows_at_sampling
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    for part, count, total in (
+        ("sampling", after.samplings, after.sampling_seconds_sum),
+        ("fill", after.fills, after.fill_seconds_sum),
+    ):
+        assert f'loramux_grammar_mask_seconds_count{{part="{part}"}} {count:.1f}' in text
+        assert f'loramux_grammar_mask_seconds_bucket{{le="+Inf",part="{part}"}} {count:.1f}' in text
+        assert total > 0
+
+
 def test_a_slow_compile_is_refused_in_bounded_time_and_stalls_nobody(
     server: RunningServer, url: str, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A schema that takes xgrammar seconds to compile (60 pattern-bound strings), with the
     compile bound lowered to 0.5 s: that request is a 400 naming its field, while /health
-    answers within 1 s and an unconstrained request completes (xgrammar compiles without
-    the GIL, in the grammar pool, not on the engine thread)."""
+    answers within 1 s and an unconstrained request completes (the compile runs in a worker
+    process, killed at the bound, never on the engine thread), and nothing is left
+    compiling it after the refusal."""
     monkeypatch.setattr(server.state.engine.grammars, "timeout", 0.5)
     pattern = r"[a-z]{1,20}@[a-z]{2,10}\.(com|org|net)"
     slow = {
@@ -486,3 +510,5 @@ def test_a_slow_compile_is_refused_in_bounded_time_and_stalls_nobody(
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == "guided_json" and "compile" in error["message"]
+    # nothing is still compiling it: its worker process was killed (tests/test_constraints)
+    assert server.state.engine.grammars.busy()[0] == 0

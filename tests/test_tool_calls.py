@@ -369,6 +369,40 @@ def test_auto_parses_calls_out_of_the_text(url: str, key: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strict", [None, True])
+def test_auto_returns_a_parsed_call_whose_arguments_do_not_validate(
+    url: str, key: str, strict: bool | None
+) -> None:
+    """`auto` calls are returned as the model wrote them, as vLLM's parsers and OpenAI's
+    non-strict functions do: arguments that break the function's schema (a string for an
+    integer, a required property missing) still make a tool call, not content, and are not
+    altered; `strict: true` does not change that under `auto` (docs/http-api.md: only
+    `required` and a named function are enforced)."""
+    bad = '{"name": "add", "arguments": {"a": "two"}}'
+    tools = [
+        {**tool, "function": {**tool["function"], "strict": strict}} if strict else tool
+        for tool in TOOLS
+    ]
+    assert list(jsonschema.Draft202012Validator(ADD).iter_errors({"a": "two"}))  # invalid
+    body = {
+        "model": BASE,
+        "messages": [{"role": "user", "content": "What is two plus three?"}],
+        "tools": tools,
+        "tool_choice": "auto",
+        "max_tokens": 64,
+        "temperature": 0,
+        "guided_regex": _literal_regex(f"<tool_call>\n{bad}\n</tool_call>"),
+    }
+    answer = _chat(url, key, body)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (found,) = choice["message"]["tool_calls"]
+    assert found["function"] == {"name": "add", "arguments": '{"a": "two"}'}
+    assert choice["message"]["content"] is None
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "param"),
     [

@@ -220,12 +220,28 @@ class Settings:
     )
     grammar_compile_seconds: float = setting(
         10.0,
-        "longest a request waits for its JSON schema, regex or grammar to compile before it "
-        "is refused (400 naming the field)",
+        "longest a JSON schema, regex or grammar may take to compile in its worker process "
+        "before it is killed and the request refused (400 naming the field)",
         "engine",
     )
     grammar_compile_threads: int = setting(
-        2, "threads that compile structured-output grammars, apart from the engine's", "engine"
+        2,
+        "threads that compile structured-output grammars, apart from the engine's, each "
+        "with a worker process that tries the compile first (killed when it overruns)",
+        "engine",
+    )
+    grammar_compile_memory_bytes: int = setting(
+        1 << 30,
+        "memory a structured-output grammar's compile may take in its worker process "
+        "(RLIMIT_AS over what the worker has mapped when the compile starts); more is "
+        "refused (400 naming the field)",
+        "engine",
+    )
+    grammar_mask_overlap: bool = setting(
+        True,
+        "fill the constrained rows' token masks on a helper thread while the step's forward "
+        "pass runs (off: after it, on the engine thread)",
+        "engine",
     )
     compute_threads: int = setting(
         0, "torch threads of the engine's passes (0: every CPU this process may use)", "engine"
@@ -395,6 +411,7 @@ class Settings:
             "stream_interval",
             "grammar_cache_size",
             "grammar_compile_threads",
+            "grammar_compile_memory_bytes",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -55,6 +55,7 @@ from loramux.core.prompts import ChatMessage, PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.constraints.compiler import GrammarCache
+from loramux.server.constraints.masks import MaskFiller
 from loramux.server.detokenize import IncrementalText
 from loramux.server.device_memory import (
     activation_bytes,
@@ -308,7 +309,10 @@ class Engine:
             capacity=settings.grammar_cache_size,
             timeout=settings.grammar_compile_seconds,
             threads=settings.grammar_compile_threads,
+            memory_bytes=settings.grammar_compile_memory_bytes,
         )
+        # ... and the constrained rows' token masks, filled while the forward pass runs
+        self.masks = MaskFiller(overlap=settings.grammar_mask_overlap)
         self._waiting: collections.deque[_Active] = collections.deque()
         self._running: list[_Active] = []
         self._ids = itertools.count()
@@ -612,6 +616,7 @@ class Engine:
         self._thread.join(timeout)
         self.adapters.close()
         self.grammars.close()
+        self.masks.close()
 
     # ---- engine thread ----
     def _wake(self) -> None:
@@ -673,6 +678,8 @@ class Engine:
         self._admit(waiting, now)
         decoding = self._reserve_decode_blocks([a for a in self._running if a.pending == 1])
         chunks = self._prefill_chunks([a for a in self._running if a.pending > 1], len(decoding))
+        sampling = decoding + [a for a, n in chunks if n == a.pending]
+        self.masks.start([a.sampler.constraint for a in sampling if a.sampler.constraint])
         if chunks and decoding:
             self._mixed(decoding, chunks)
         elif chunks:
@@ -1036,13 +1043,18 @@ class Engine:
         from the raw logits, taken before sampling adjusts them (penalties, bias)."""
         asking = [i for i, a in enumerate(rows) if a.request.params.logprobs is not None]
         raw = logits[asking].clone() if asking else None  # [asking rows, vocab]
-        tokens = sample_next_tokens(logits, [a.sampler for a in rows])
+        tokens = sample_next_tokens(logits, [a.sampler for a in rows], self.masks)
         scored: list[TokenLogprob | None] = [None] * len(rows)
         for j, i in enumerate(asking):
             assert raw is not None
             top = rows[i].request.params.logprobs or 0
             scored[i] = score(raw[j : j + 1], [tokens[i]], top)[0]
         for active, token, logprob in zip(rows, tokens, scored, strict=True):
+            constraint = active.sampler.constraint
+            if constraint is not None and constraint.error is not None:
+                error = Internal(None, f"the request's constraint failed: {constraint.error}")
+                self._finish(active, FinishReason.ERROR, error=error)
+                continue
             active.generated += 1
             active.tokens.append(token)
             self._generated_tokens += 1
@@ -1054,7 +1066,6 @@ class Engine:
                 self._finish(active, FinishReason.STOP, token, logprob=logprob)
                 continue
             delta, stopped = active.text.add(token)
-            constraint = active.sampler.constraint
             if constraint is not None and constraint.rejected:
                 error = Internal(None, f"token {token} broke the request's constraint")
                 self._finish(active, FinishReason.ERROR, token, delta, error, logprob)

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from loramux.core.config import MetricsLabels
 from loramux.server.constraints.compiler import COMPILE_BUCKETS
+from loramux.server.constraints.masks import MASK_BUCKETS
 from loramux.server.constraints.spec import ConstraintKind
 from loramux.server.engine import Engine
 from loramux.server.picker_metrics import PickerCollector
@@ -187,7 +188,8 @@ class EngineCollector(Collector):
 def _grammar_metrics(
     engine: Engine,
 ) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
-    """Structured outputs: constrained requests by kind, grammar-cache hits, compile time."""
+    """Structured outputs: constrained requests by kind, grammar-cache hits, compile time,
+    mask time per step."""
     grammars = engine.grammars.snapshot()
     kinds = CounterMetricFamily(
         "loramux_constrained_requests",
@@ -212,6 +214,24 @@ def _grammar_metrics(
         buckets=[*buckets, ("+Inf", grammars.compiles)],
         sum_value=grammars.compile_seconds_sum,
     )
+    masks = engine.masks.snapshot()
+    mask_time = HistogramMetricFamily(
+        "loramux_grammar_mask_seconds",
+        "Seconds per decoding step on the constrained rows' token masks: `fill` writing "
+        "them (on a helper thread during the forward pass, or at sampling for rows it did "
+        "not fill), `sampling` what the step's sampling spent on them (waiting for the "
+        "fill, filling the rest, applying)",
+        labels=["part"],
+    )
+    for part, total, sums, counts in (
+        ("fill", masks.fills, masks.fill_seconds_sum, masks.fill_buckets),
+        ("sampling", masks.samplings, masks.sampling_seconds_sum, masks.sampling_buckets),
+    ):
+        cumulative = [
+            (f"{bound:g}", count) for bound, count in zip(MASK_BUCKETS, counts, strict=True)
+        ]
+        mask_time.add_metric([part], [*cumulative, ("+Inf", total)], sums)
+    yield mask_time
 
 
 class Metrics:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from loramux.server.constraints.masks import RowConstraint, apply_masks
+from loramux.server.constraints.masks import MaskFiller, RowConstraint, apply_masks
 from loramux.server.requests import SamplingParams
 
 
@@ -120,13 +120,16 @@ def _sample_row(row: torch.Tensor, params: SamplingParams, generator: torch.Gene
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def sample_next_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
-    """logits [rows, vocab] float32 -> one token id per row."""
+def sample_next_tokens(
+    logits: torch.Tensor, samplers: Sequence[RowSampler], masks: MaskFiller | None = None
+) -> list[int]:
+    """logits [rows, vocab] float32 -> one token id per row. `masks`: the engine's mask
+    filler, which counts the time the constrained rows' masks take."""
     for i, sampler in enumerate(samplers):
         if sampler.adjusts:
             sampler.adjust(logits[i])
     if any(sampler.constraint is not None for sampler in samplers):
-        apply_masks(logits, [sampler.constraint for sampler in samplers])
+        apply_masks(logits, [sampler.constraint for sampler in samplers], masks)
     tokens = logits.argmax(dim=-1).tolist()
     for i, sampler in enumerate(samplers):
         if sampler.generator is not None:

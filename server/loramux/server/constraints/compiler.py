@@ -1,13 +1,14 @@
 """Compiling constraints against the engine's tokenizer: off the engine thread, bounded in
-time, cached by digest.
+time and memory, cached by digest.
 
 Compiling a JSON schema or a grammar walks the whole vocabulary (tens of milliseconds to
 seconds); a decode step is a few milliseconds. So compiles run in a small pool of their own,
 called from the thread that admits a request (the HTTP bridge's or a gRPC handler's), never
-from the engine's loop; the caller waits at most `timeout` seconds and then gets a 400
-naming the field. A compile that overran keeps its pool thread until xgrammar returns (it
-cannot be interrupted), which is why the pool is small and separate: the engine and
-requests without constraints never wait on it.
+from the engine's loop. xgrammar cannot be interrupted, so a constraint is first compiled
+in a worker process (`isolation`) that is killed when it takes longer than `timeout`
+seconds or outgrows `memory_bytes`: that request gets a 400 naming the field, and no thread
+or process of the server is left working on it. Only a constraint that compiled there is
+compiled again here, into the cache.
 
 One cache per tokenizer (one per engine): the compiled grammar depends on the vocabulary.
 """
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import xgrammar as xgr
 
 from loramux.core.errors import InvalidArgument
+from loramux.server.constraints.isolation import CompileWorkers
 from loramux.server.constraints.spec import ConstraintKind, ConstraintSpec
 
 MAX_WHITESPACE = (
@@ -88,22 +90,28 @@ class GrammarCache:
         capacity: int,
         timeout: float,
         threads: int,
+        memory_bytes: int,
     ) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
         self.capacity = capacity
         self.timeout = timeout
+        self.memory_bytes = memory_bytes
+        self._threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "loramux-grammar")
         self._lock = threading.Lock()
         self._compiler: xgr.GrammarCompiler | None = None
+        self._workers: CompileWorkers | None = None
         self._cache: OrderedDict[str, CompiledConstraint] = OrderedDict()
         self._pending: dict[str, concurrent.futures.Future[CompiledConstraint]] = {}
         self.stats = GrammarStats()
 
     def compile(self, spec: ConstraintSpec) -> CompiledConstraint:
-        """The compiled grammar of `spec`, from the cache or compiled now (blocks the caller
-        up to `timeout` seconds). Raises InvalidArgument naming `spec.field`."""
+        """The compiled grammar of `spec`, from the cache or compiled now: the caller waits
+        for the worker's try (at most `timeout` seconds, plus a worker's start when none is
+        ready) and for the compile here, the same work again. Raises InvalidArgument naming
+        `spec.field`."""
         digest = spec.digest
         with self._lock:
             kind = spec.kind.value
@@ -119,11 +127,9 @@ class GrammarCache:
                 self._pending[digest] = future
                 future.add_done_callback(lambda _: self._done(digest))
         try:
-            return future.result(timeout=self.timeout)
-        except concurrent.futures.TimeoutError:
-            raise InvalidArgument(
-                spec.field, f"took longer than {self.timeout:g} s to compile"
-            ) from None
+            return future.result()
+        except _Refused as refused:  # one message, each waiter's own field
+            raise InvalidArgument(spec.field, str(refused)) from None
 
     def _done(self, digest: str) -> None:
         with self._lock:
@@ -137,21 +143,24 @@ class GrammarCache:
 
     def _compile(self, spec: ConstraintSpec) -> CompiledConstraint:
         started = time.perf_counter()
-        compiler = self._grammar_compiler()
+        compiler, workers = self._grammar_compiler()
+        refused = workers.check(spec.kind.value, spec.source, self.timeout)
+        if refused is not None:
+            raise _Refused(refused)
         try:
-            grammar = _compile(compiler, spec)
+            grammar = compile_spec(compiler, spec)
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's parse errors
-            raise InvalidArgument(spec.field, f"cannot be compiled: {_first_line(exc)}") from None
+            raise _Refused(f"cannot be compiled: {first_line(exc)}") from None
         seconds = time.perf_counter() - started
         with self._lock:
             self.stats.compiled(seconds)
         return CompiledConstraint(spec, grammar, self.vocab_size)
 
-    def _grammar_compiler(self) -> xgr.GrammarCompiler:
-        """Built on first use: reading the vocabulary takes a moment a server without
-        constrained requests never pays."""
+    def _grammar_compiler(self) -> tuple[xgr.GrammarCompiler, CompileWorkers]:
+        """Built on first use: reading the vocabulary (and starting a worker process) takes
+        a moment a server without constrained requests never pays."""
         with self._lock:
-            if self._compiler is None:
+            if self._compiler is None or self._workers is None:
                 info = xgr.TokenizerInfo.from_huggingface(
                     self._tokenizer,
                     vocab_size=self.vocab_size,
@@ -159,7 +168,22 @@ class GrammarCache:
                 )
                 # xgrammar's own cache is unbounded by default; ours is bounded and counted
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-            return self._compiler
+                self._workers = CompileWorkers(
+                    info.serialize_json(), workers=self._threads, memory_bytes=self.memory_bytes
+                )
+            return self._compiler, self._workers
+
+    def compile_here(self, spec: ConstraintSpec) -> xgr.CompiledGrammar:
+        """`spec` compiled in this process without the worker's try, uncached: what a
+        compile cost before the workers (bench/structured.py compares)."""
+        return compile_spec(self._grammar_compiler()[0], spec)
+
+    def busy(self) -> tuple[int, list[int]]:
+        """Compiles in flight, and the worker processes alive (for tests)."""
+        with self._lock:  # a finished compile leaves _pending in its done-callback, a bit later
+            pending = sum(1 for future in self._pending.values() if not future.done())
+            workers = self._workers
+        return pending, workers.pids() if workers is not None else []
 
     def snapshot(self) -> GrammarStats:
         """A consistent copy of the counters (for the metrics collector)."""
@@ -175,9 +199,17 @@ class GrammarCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            workers = self._workers
+        if workers is not None:
+            workers.close()
 
 
-def _compile(compiler: xgr.GrammarCompiler, spec: ConstraintSpec) -> xgr.CompiledGrammar:
+class _Refused(Exception):
+    """A compile refused, with the reason; each waiter raises it with its own field."""
+
+
+def compile_spec(compiler: xgr.GrammarCompiler, spec: ConstraintSpec) -> xgr.CompiledGrammar:
     # Whitespace between tokens as the model likes it (a mask that forced compact JSON
     # would change outputs that were already valid), but at most MAX_WHITESPACE in a row:
     # a small model otherwise spends its max_tokens on spaces inside an open object.
@@ -220,7 +252,7 @@ def _literal(text: str) -> str:
     return '"' + "".join(escaped) + '"'
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     """xgrammar's message without its timestamp and C++ source location."""
     lines = str(exc).strip().splitlines()
     text = _LOCATION.sub("", lines[0]) if lines else type(exc).__name__
