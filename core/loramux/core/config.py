@@ -213,6 +213,12 @@ class Settings:
         "memory and ignores it)",
         "engine",
     )
+    cuda_graphs: bool = setting(
+        False,
+        "capture decode steps as CUDA graphs for padded batch sizes: not available yet "
+        "(refused at start on every device, saying why; docs/engine.md, CUDA graphs)",
+        "engine",
+    )
     kv_block_size: int = setting(16, "token positions per KV cache block", "engine")
     prefix_caching: bool = setting(
         True, "keep full KV blocks after a request ends and reuse them for equal prefixes", "engine"

@@ -55,6 +55,7 @@ from loramux.core.prompts import ChatMessage, PromptEncoder
 from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.constraints.compiler import GrammarCache
+from loramux.server.cuda_graphs import check_setting as check_cuda_graphs
 from loramux.server.detokenize import IncrementalText
 from loramux.server.device_memory import (
     activation_bytes,
@@ -206,6 +207,7 @@ class Engine:
         # What the engine relies on in this model, or a start-up refusal naming what it lacks.
         shape = probe_model(model, pad)
         check_quantized(model, base_linear_shapes(model))
+        check_cuda_graphs(settings.cuda_graphs, device)  # refused, saying why
         # The 4-bit layers' matmul, chosen once here (after the checks, which look at
         # bitsandbytes' own layers), before the LoRA wrappers take them.
         self.native_nf4 = use_nf4_kernel(model, settings.nf4_kernel, device)
