@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from api_helpers import linear_shapes
 
 from loramux.core.config import Settings
@@ -81,8 +82,6 @@ def _request(engine: Engine, name: str, adapter: str | None, tokens: int) -> Gen
 
 
 def test_the_cpu_copies_synchronously() -> None:
-    import torch
-
     copies = make_slot_copies(torch.device("cpu"))
     assert isinstance(copies, SyncCopies) and not copies.pending and copies.ready(1)
 

@@ -51,7 +51,7 @@ from loramux.server.composition import (
     composite_spec,
     not_composable,
 )
-from loramux.server.host_memory import HostTier, HostTierUse, PlainMemory
+from loramux.server.host_memory import HostTier, PlainMemory
 from loramux.server.lora import MultiLoraLinear, SlotTable, lora_groups
 from loramux.server.lora.dora import dora_scales
 from loramux.server.lora.experts import expert_weights_of
@@ -398,10 +398,6 @@ class AdapterStore:
             "device_used_bytes": used_bytes,
             "device_slots_used": used,
         }
-
-    def host_use(self) -> HostTierUse:
-        """What the CPU tier holds in its budgeted (on CUDA pinned) host memory."""
-        return self.host.use()
 
     @property
     def copies_pending(self) -> bool:
