@@ -109,8 +109,9 @@ def test_the_budget_holds_what_fits_and_frees_on_release() -> None:
     assert tier.place(third) is third  # over the budget: kept as it is, in plain memory
     use = tier.use()
     assert (use.held_bytes, use.held_adapters, use.overflow_adapters) == (8192, 2, 1)
-    # the placed copies keep the tensors' layout (B stays column-major)
-    assert held[0].modules["model.layers.0.self_attn.q_proj"].lora_b.stride() == (1, 64)
+    # plain memory holds the very tensors read (pinned memory would hold pinned copies)
+    name = "model.layers.0.self_attn.q_proj"
+    assert held[0] is not first and held[0].modules[name].lora_b is first.modules[name].lora_b
     tier.release(held[0])
     tier.release(third)
     assert tier.place(third) is not third  # room again

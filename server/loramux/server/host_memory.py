@@ -196,7 +196,8 @@ def _map_tensors(weights: AdapterWeights, hold: _Hold) -> AdapterWeights:
     def opt(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else hold(t)
 
-    # (pin_memory keeps a tensor's strides: lora_b stays column-major)
+    # (torch's pin_memory copies keep a tensor's strides, so lora_b stays column-major;
+    # not checked here: the CPU build cannot pin)
     modules = {
         name: dataclasses.replace(
             w,
