@@ -411,6 +411,7 @@ def test_metrics_expose_the_series(server: RunningServer, tenants: dict) -> None
         "loramux_adapter_load_seconds_total",
         'loramux_memory_bytes{part="base_model"}',
         'loramux_memory_bytes{part="adapters_cpu"}',
+        'loramux_memory_bytes{part="adapters_cpu_pinned"}',
         "loramux_kv_cache_blocks_total",
         "loramux_kv_cache_blocks_used",
         "loramux_kv_cache_usage_ratio",

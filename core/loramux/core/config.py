@@ -202,6 +202,21 @@ class Settings:
         "activations and the KV pool, which gets the rest; docs/engine.md)",
         "engine",
     )
+    pinned_host_bytes: int = setting(
+        0,
+        "CUDA: most bytes of page-locked (pinned) host memory the CPU tier of adapters "
+        "holds, so their copies into device slots run asynchronously on a side stream; "
+        "adapters past it stay in ordinary memory and copy synchronously (0: auto, half "
+        "the host memory available at start; the CPU tier on a CPU device is ordinary "
+        "memory and ignores it)",
+        "engine",
+    )
+    cuda_graphs: bool = setting(
+        False,
+        "capture decode steps as CUDA graphs for padded batch sizes: not available yet "
+        "(refused at start on every device, saying why; docs/engine.md, CUDA graphs)",
+        "engine",
+    )
     kv_block_size: int = setting(16, "token positions per KV cache block", "engine")
     prefix_caching: bool = setting(
         True, "keep full KV blocks after a request ends and reuse them for equal prefixes", "engine"
@@ -428,6 +443,10 @@ class Settings:
         if not 0 < self.grammar_compile_seconds <= 600:
             raise ValueError(
                 f"--grammar-compile-seconds must be in (0, 600], got {self.grammar_compile_seconds}"
+            )
+        if self.pinned_host_bytes < 0:
+            raise ValueError(
+                f"--pinned-host-bytes must be >= 0 (0: auto), got {self.pinned_host_bytes}"
             )
         if self.kv_cache_bytes < 0:
             raise ValueError(f"--kv-cache-bytes must be >= 0, got {self.kv_cache_bytes}")

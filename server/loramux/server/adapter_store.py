@@ -51,10 +51,12 @@ from loramux.server.composition import (
     composite_spec,
     not_composable,
 )
+from loramux.server.host_memory import HostTier, PlainMemory
 from loramux.server.lora import MultiLoraLinear, SlotTable, lora_groups
 from loramux.server.lora.dora import dora_scales
 from loramux.server.lora.experts import expert_weights_of
 from loramux.server.lora.tokens import TokenTable
+from loramux.server.slot_copies import SlotCopies, SyncCopies
 from loramux.server.threads import one_thread, use_one_thread
 
 if TYPE_CHECKING:
@@ -123,6 +125,8 @@ class AdapterStore:
         embedding: EmbeddingShape | None = None,
         retry_backoff: tuple[float, float] = (1.0, 60.0),
         clock: Callable[[], float] = time.monotonic,
+        host: HostTier | None = None,
+        copies: SlotCopies | None = None,
     ) -> None:
         self._layers = layers
         self._bases = {name: layer.base for name, layer in layers.items()}  # for DoRA's norms
@@ -145,6 +149,10 @@ class AdapterStore:
         self._tokens = tokens
         self._embedding = embedding if tokens is not None else None
         self._retry_backoff = retry_backoff  # (first wait, longest wait) after a failed load
+        # The CPU tier's memory (pinned on CUDA, host_memory.py) and where installs run
+        # (a side stream on CUDA, slot_copies.py): each chosen once, for the device.
+        self.host = host if host is not None else HostTier(PlainMemory(), None)
+        self.copies: SlotCopies = copies if copies is not None else SyncCopies()
         self._clock = clock
         self.max_loaded = max_loaded
         self.max_cpu = max_cpu
@@ -288,6 +296,7 @@ class AdapterStore:
                 and not entry.want_device
             ):
                 del self._composites[adapter_id], self._entries[adapter_id]
+                self._drop_cpu(entry)
                 self._cpu_lru.pop(adapter_id, None)
         if len(self._composites) > keep:
             raise ResourceExhausted(
@@ -381,12 +390,25 @@ class AdapterStore:
                 )
             allocated = sum(g.nbytes for g in self._groups)
             allocated += sum(e.nbytes for e in self._experts.values())
+        host = self.host.use()
         return {
             "cpu_bytes": cpu,
+            "cpu_pinned_bytes": host.held_bytes if host.memory == "pinned" else 0,
             "device_slot_bytes": allocated,  # allocated for the rank class stacks in use
             "device_used_bytes": used_bytes,
             "device_slots_used": used,
         }
+
+    @property
+    def copies_pending(self) -> bool:
+        """Whether an install into a device slot is not done yet (never on the CPU)."""
+        with self._lock:
+            return self.copies.pending
+
+    def wait_for_copies(self) -> None:
+        """Block until every pending install is done: for the engine when nothing else
+        runs (slot_copies.py)."""
+        self.copies.wait_on_host()
 
     def close(self) -> None:
         self._load_queue.put(None)
@@ -402,7 +424,14 @@ class AdapterStore:
                 entry.load_error = None  # an I/O error may have passed: this request retries
             if entry.slot is None and entry.cpu is not None:
                 self._install(entry)
+            if entry.slot is not None and not self.copies.ready(entry.slot):
+                # Installed, but its copy is still running (a side stream on CUDA): the
+                # slot is not handed out before it is done; the request stays queued.
+                if first_attempt:
+                    entry.stats = replace(entry.stats, misses=entry.stats.misses + 1)
+                return None
             if entry.slot is not None:
+                self.copies.use(entry.slot)  # the compute stream after the copy
                 entry.refcount += 1
                 if first_attempt:
                     entry.stats = replace(entry.stats, hits=entry.stats.hits + 1)
@@ -502,9 +531,13 @@ class AdapterStore:
         slot = self._free_slots.pop()
         # its rank class (no padding to the widest), and a DoRA row when it has magnitudes
         self._table.place(slot, entry.spec.rank, dora=entry.cpu.uses_dora)
+        self._fit_groups()
         with one_thread():  # hundreds of 10-400 KB copies: OpenMP fork/join costs more
-            for group, names in self._group_members:
-                group.install(slot, {m: entry.cpu.modules.get(name) for m, name in names})
+            with self.copies.copying(slot):  # on CUDA a side stream: slot_copies.py
+                for group, names in self._group_members:
+                    group.install(slot, {m: entry.cpu.modules.get(name) for m, name in names})
+            # Expert stacks widen and token rows are allocated as they are installed:
+            # on the compute stream, ordered with the steps as before.
             for name, experts in self._experts.items():
                 weights = expert_weights_of(entry.cpu.experts, name)
                 if weights:
@@ -527,16 +560,28 @@ class AdapterStore:
             if self._tokens is not None:
                 self._tokens.forget(entry.slot)
             self._table.remove(entry.slot)
-            for group in self._groups:
-                group.fit()  # an emptied rank class gives its memory back
+            self._fit_groups()  # an emptied rank class gives its memory back
         self._free_slots.append(entry.slot)
         entry.slot = None
         self._device_lru.pop(entry.adapter_id, None)
         entry.stats = replace(entry.stats, evictions=entry.stats.evictions + 1)
 
+    def _fit_groups(self) -> None:
+        """Resize the groups' stacks to the slot table on the compute stream, after every
+        pending install when a stack is replaced (its rows are copied into the new one)."""
+        if any(group.needs_resize() for group in self._groups):
+            self.copies.settle()
+        for group in self._groups:
+            group.fit()
+
+    def _drop_cpu(self, entry: _Entry) -> None:
+        if entry.cpu is not None:
+            self.host.release(entry.cpu)
+        entry.cpu = None
+
     def _evict(self, entry: _Entry) -> None:
         self._release_slot(entry)
-        entry.cpu = None
+        self._drop_cpu(entry)
         self._cpu_lru.pop(entry.adapter_id, None)
         entry.want_evict = False
         if entry.deleted:
@@ -561,6 +606,7 @@ class AdapterStore:
                 parts = entry.parts
                 weights = self._load_composite(parts) if parts else self._inspect(path)
                 weights = dora_scales(weights, self._bases)  # DoRA's g: once, here
+                weights = self.host.place(weights)  # pinned on CUDA, within its budget
             except Exception as exc:  # checked when registered: the files changed since, or I/O
                 log.warning("adapter %s failed to load from %s: %s", adapter_id, path, exc)
                 # Not the caller's argument but the adapter's state; and no server paths.
@@ -572,7 +618,8 @@ class AdapterStore:
                 if entry.deleted or entry.generation != generation:
                     # Deleted meanwhile (its files may be gone: not an error of the adapter),
                     # or deleted and stored again: a waiting request schedules a fresh load.
-                    pass
+                    if weights is not None:
+                        self.host.release(weights)
                 elif error is not None:
                     first, longest = self._retry_backoff
                     wait = min(first * 2**entry.failures, longest)
@@ -614,7 +661,7 @@ class AdapterStore:
             for adapter_id in self._cpu_lru:
                 entry = self._entries[adapter_id]
                 if entry.refcount == 0 and not entry.pinned and not entry.want_device:
-                    entry.cpu = None
+                    self._drop_cpu(entry)
                     del self._cpu_lru[adapter_id]
                     break
             else:

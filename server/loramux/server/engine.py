@@ -56,6 +56,7 @@ from loramux.server.adapter_store import AdapterStore
 from loramux.server.adapters import LinearShape
 from loramux.server.constraints.compiler import GrammarCache
 from loramux.server.constraints.masks import MaskFiller
+from loramux.server.cuda_graphs import check_setting as check_cuda_graphs
 from loramux.server.detokenize import IncrementalText
 from loramux.server.device_memory import (
     activation_bytes,
@@ -63,6 +64,7 @@ from loramux.server.device_memory import (
     cuda_kv_budget,
     token_rows_bytes,
 )
+from loramux.server.host_memory import adapters_fitting, host_adapter_bytes, make_host_tier
 from loramux.server.kv_blocks import ROOT_DIGEST, BlockPool, block_digest
 from loramux.server.kv_cache import PagedKVCache
 from loramux.server.logprobs import score
@@ -87,6 +89,7 @@ from loramux.server.requests import (
 )
 from loramux.server.runner import DecodeBatch, ModelRunner, PrefillBatch
 from loramux.server.sampling import RowSampler, sample_next_tokens
+from loramux.server.slot_copies import make_slot_copies
 from loramux.server.streams import RequestStream
 from loramux.server.threads import compute_thread_count, in_own_thread, use_compute_threads
 from loramux.server.tools import ToolCallFormat, template_format
@@ -205,6 +208,7 @@ class Engine:
         # What the engine relies on in this model, or a start-up refusal naming what it lacks.
         shape = probe_model(model, pad)
         check_quantized(model, base_linear_shapes(model))
+        check_cuda_graphs(settings.cuda_graphs, device)  # refused, saying why
         # The 4-bit layers' matmul, chosen once here (after the checks, which look at
         # bitsandbytes' own layers), before the LoRA wrappers take them.
         self.native_nf4 = use_nf4_kernel(model, settings.nf4_kernel, device)
@@ -228,6 +232,23 @@ class Engine:
             experts = wrap_experts(model, self._lora, device)
             tokens = TokenTable(model, device)
         self._cv = threading.Condition()
+        # The CPU tier's memory and the slot install path for this device, chosen once:
+        # plain memory and synchronous copies on the CPU; pinned memory within
+        # --pinned-host-bytes and a side stream on CUDA (host_memory.py, slot_copies.py).
+        host = make_host_tier(device, settings.pinned_host_bytes)
+        if host.budget is not None:
+            per_adapter = host_adapter_bytes(
+                base_linears.values(), settings.max_rank, base_experts.values()
+            )
+            log.info(
+                "CPU tier: %s host memory up to %d bytes: %d adapters of rank %d fit "
+                "(--max-cpu-adapters %d)",
+                host.memory.name,
+                host.budget,
+                adapters_fitting(host.budget, per_adapter, settings.max_cpu_adapters),
+                settings.max_rank,
+                settings.max_cpu_adapters,
+            )
         self.adapters = AdapterStore(
             layers,
             base_linears,
@@ -241,6 +262,8 @@ class Engine:
             base_experts=base_experts if enable_lora else {},
             tokens=tokens,
             embedding=embedding_shape(model, settings.max_trainable_tokens),
+            host=host,
+            copies=make_slot_copies(device),
         )
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
@@ -688,6 +711,15 @@ class Engine:
             self._decode(decoding)
         self._steps += 1
         self._retire()
+        if not self._running and self.adapters.copies_pending:
+            with self._cv:  # requests wait and none has arrived since this step began
+                idle = bool(self._waiting) and not self._woken
+            if idle:
+                # They may wait for their adapter's copy into a slot (a side stream on
+                # CUDA, slot_copies.py), and nothing runs: no step to keep going, and
+                # nothing else would wake the loop. Wait for the copies here, then admit.
+                self.adapters.wait_for_copies()
+                self._wake()
 
     def _prefill_chunks(
         self, prefilling: list[_Active], decoding: int

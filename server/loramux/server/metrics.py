@@ -178,6 +178,8 @@ class EngineCollector(Collector):
         mem = GaugeMetricFamily("loramux_memory_bytes", "Memory held, by part", labels=["part"])
         mem.add_metric(["base_model"], stats.base_memory_bytes)
         mem.add_metric(["adapters_cpu"], memory["cpu_bytes"])
+        # of those, in page-locked host memory (CUDA's --pinned-host-bytes; 0 on the CPU)
+        mem.add_metric(["adapters_cpu_pinned"], memory["cpu_pinned_bytes"])
         mem.add_metric(["adapters_device_slots"], memory["device_slot_bytes"])
         mem.add_metric(["adapters_device_used"], memory["device_used_bytes"])
         mem.add_metric(["kv_cache"], stats.kv_cache_bytes)

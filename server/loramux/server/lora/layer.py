@@ -130,6 +130,23 @@ class LoraGroup:
         self._version = table.version
         self._dense = None
 
+    def needs_resize(self) -> bool:
+        """Whether `fit` would replace or drop a stack, not only note the table's version
+        (slot_copies.py: pending side-stream installs must be done before that)."""
+        table = self.context.table
+        if table.version == self._version:
+            return False
+        capacities = table.capacities()
+        if any(width not in capacities for width in self.stacks):
+            return True
+        if any(
+            width not in self.stacks or self.stacks[width].a.shape[0] < capacity
+            for width, capacity in capacities.items()
+        ):
+            return True
+        rows = table.dora_capacity + 1 if table.dora_capacity else 0
+        return rows != (self.dora[0].shape[0] if self.dora else 0)
+
     def _fit_dora(self, rows: int) -> None:
         """Resize the DoRA stacks to `rows` (0: none), keeping the rows that stay."""
         have = self.dora[0].shape[0] if self.dora else 0
