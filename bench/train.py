@@ -5,6 +5,7 @@
     python -m bench.train --suite packing   # padding vs --packing on short chats
     python -m bench.train --suite packing --data chat-varied   # ... of long-tailed lengths
     python -m bench.train --suite nproc     # 1 process vs --nproc 2, same global batch
+    python -m bench.train --suite dtype     # NF4 base, bf16 vs float32 compute
 
 Runs, each in its own Python process (so peak memory is that run's alone, read as the
 process's RSS high-water mark with getrusage, plus CUDA's max allocated on a GPU):
@@ -13,6 +14,9 @@ process's RSS high-water mark with getrusage, plus CUDA's max allocated on a GPU
 * plain-nf4     the script people write from the PEFT/QLoRA docs: BitsAndBytesConfig,
                 prepare_model_for_kbit_training, get_peft_model, transformers Trainer
 * loramux-bf16  `loramux.trainer.train` on the unquantised bf16 base (eval-loss reference)
+
+The three compute in bf16 (`--compute-dtype bfloat16`, the recipe's
+`bnb_4bit_compute_dtype`), whatever the machine, so the comparison holds across machines.
 
 Same data (a generated prompt/completion set, loss on completions only), same LoRA
 (rank 16, alpha 32, dropout 0.05, all linear layers), same optimiser, schedule, batch,
@@ -39,6 +43,11 @@ B/N each, same global batch; DDP through accelerate, gloo on the CPU), step time
 On a CPU machine the processes share its cores (OMP_NUM_THREADS = cores / N). Rank 0
 reports: its tokens/s and CPU time are its own share (1/N of the batch, one of N processes);
 the step time, for the same global batch, is what compares.
+
+Suite `dtype`: LoRAMux's trainer on the NF4 base with `--compute-dtype bfloat16` and with
+`float32`, the same data, batches, steps and seed: step time, peak memory and eval loss
+side by side (ratios to bf16). On a CPU without native bf16 (AVX2) bf16 is emulated through
+float32 conversions, which `--compute-dtype auto` avoids by choosing float32 there.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ SUITES = {
     "qlora": RUNS,
     "packing": ("loramux-pad", "loramux-pack"),
     "nproc": ("nproc-1", "nproc-2"),
+    "dtype": ("nf4-bfloat16", "nf4-float32"),
 }
 WARMUP_STEPS = 2
 
@@ -464,6 +474,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                     "seed": 42,
                     "max_seq_len": 1024 if args.suite == "packing" else 256,
                     "logging_steps": args.steps,
+                    # bf16 as the plain recipe, except where the dtype suite says otherwise
+                    "compute_dtype": run.removeprefix("nf4-")
+                    if args.suite == "dtype"
+                    else "bfloat16",
                 }
                 nproc = args.nproc if run == f"nproc-{args.nproc}" else 1
                 if run == "loramux-pack":
@@ -548,8 +562,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 def summarise(reports: list[dict[str, Any]], order: Sequence[str] = RUNS) -> list[dict[str, Any]]:
     """Medians per run, and ratios to the suite's reference run: timing against the plain
-    script (qlora), padding (packing) or one process (nproc); eval loss against bf16 (qlora)
-    or the same reference."""
+    script (qlora), padding (packing), one process (nproc) or bf16 compute (dtype); eval loss
+    against bf16 (qlora) or the same reference."""
 
     def by_run(run: str, key: str) -> float:
         return median(r[key] for r in reports if r["run"] == run and r[key] is not None)
@@ -571,10 +585,15 @@ def summarise(reports: list[dict[str, Any]], order: Sequence[str] = RUNS) -> lis
                 "initial_eval_loss": by_run(run, "initial_eval_loss"),
             }
         )
-    timing_ref = {"plain-nf4", "loramux-pad", "nproc-1"}
+    timing_ref = {"plain-nf4", "loramux-pad", "nproc-1", "nf4-bfloat16"}
     plain = next((s for s in summary if s["run"] in timing_ref), None)
     loss_ref = next(
-        (s for s in summary if s["run"] in {"loramux-bf16", "loramux-pad", "nproc-1"}), None
+        (
+            s
+            for s in summary
+            if s["run"] in {"loramux-bf16", "loramux-pad", "nproc-1", "nf4-bfloat16"}
+        ),
+        None,
     )
     nan = float("nan")
     for s in summary:

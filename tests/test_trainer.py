@@ -162,6 +162,7 @@ def test_output_dir_holding_a_run_needs_resume_or_overwrite(
         ({"warmup": 2.5}, "warmup"),
         ({"max_seq_len": 4}, "max_seq_len"),
         ({"eval_split": 0.1, "eval_file": Path("x")}, "eval_split"),
+        ({"compute_dtype": "float16"}, "compute_dtype"),
     ],
 )
 def test_bad_options_name_the_option(change: dict[str, Any], field: str) -> None:

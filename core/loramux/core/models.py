@@ -247,8 +247,13 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def quantization_config(quantization: str) -> Any:
-    """The BitsAndBytesConfig for a `--quantization` choice (None for unquantised bf16)."""
+def quantization_config(quantization: str, compute_dtype: torch.dtype | None = None) -> Any:
+    """The BitsAndBytesConfig for a `--quantization` choice (None for unquantised bf16).
+
+    `compute_dtype`: what the 4-bit layers dequantise to and multiply in; bf16 (None) for
+    the server. The trainer may ask for float32 (`loramux.trainer.precision`): on CPUs
+    without native bf16 that is several times faster, and the NF4 weights are the same.
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -260,7 +265,7 @@ def quantization_config(quantization: str) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
     )
 
 
@@ -274,18 +279,28 @@ def load_tokenizer(resolved: ResolvedModel) -> PreTrainedTokenizerBase:
 
 
 def load_base_model(
-    resolved: ResolvedModel, quantization: str = "nf4", device: str = "auto"
+    resolved: ResolvedModel,
+    quantization: str = "nf4",
+    device: str = "auto",
+    compute_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
-    """Load the base model frozen, 4-bit NF4 with double quantisation and bf16 compute."""
+    """Load the base model frozen, 4-bit NF4 with double quantisation and bf16 compute.
+
+    `compute_dtype` (default bf16, the server's) changes only the compute: the weights are
+    read in bf16 and quantised from it whatever it is, so the 4-bit weights are the same
+    bits as the server's; unquantised (`quantization="none"`), the model is held in it.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    compute = compute_dtype or torch.bfloat16
     target = pick_device(device)
     started = time.monotonic()
+    quantized = quantization != "none"
     model = AutoModelForCausalLM.from_pretrained(
         str(resolved.path),
-        quantization_config=quantization_config(quantization),
-        dtype=torch.bfloat16,
+        quantization_config=quantization_config(quantization, compute),
+        dtype=torch.bfloat16 if quantized else compute,
         device_map={"": f"cuda:{target.index or 0}" if target.type == "cuda" else str(target)},
     )
     model.eval()
@@ -294,9 +309,13 @@ def load_base_model(
         "loaded %s (%s, %s) on %s in %.1fs; memory footprint %.1f MB",
         resolved.name,
         quantization,
-        "double-quant, bf16 compute" if quantization != "none" else "bf16",
+        f"double-quant, {_short(compute)} compute" if quantized else _short(compute),
         target,
         time.monotonic() - started,
         model.get_memory_footprint() / 1e6,
     )
     return model
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {"torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))

@@ -13,6 +13,7 @@ from typing import Any
 
 CARD_FILE = "README.md"
 CARD_TAGS = ("lora", "qlora", "loramux", "peft", "text-generation")
+_DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
 
 
 @dataclass
@@ -30,6 +31,7 @@ class CardInfo:
     trainable_params: int
     total_params: int
     base_weights: dict[str, Any] = field(default_factory=dict)  # train.base_weights()
+    compute: dict[str, Any] = field(default_factory=dict)  # ComputePrecision.to_dict()
     loss_curve: str | None = None  # file name inside the adapter folder
     extra_tags: list[str] = field(default_factory=list)
 
@@ -61,11 +63,12 @@ def render_model_card(info: CardInfo) -> str:
         if info.base_hub_id
         else f"`{info.base_reference}`"
     )
+    compute = _DTYPE_NAMES.get(info.compute.get("dtype", "bfloat16"), "bf16")
     method = (
-        "LoRA on the frozen bf16 base model"
+        f"LoRA on the frozen {compute} base model"
         if info.quantization == "none"
         else f"QLoRA (the base model frozen in 4-bit {info.quantization.upper()} with double "
-        "quantization and bf16 compute)"
+        f"quantization and {compute} compute)"
     )
     targets = ", ".join(o["target_modules"])
     weights = info.base_weights.get("weights") or f"`{info.base_reference}`"
@@ -108,6 +111,7 @@ def render_model_card(info: CardInfo) -> str:
         f"| base model | `{info.base_reference}` |",
         f"| base revision | {revision} |",
         f"| quantization | {info.quantization} |",
+        f"| compute dtype | {compute} ({info.compute.get('reason', 'bf16, the default')}) |",
         f"| LoRA rank / alpha / dropout | {o['rank']} / {o['lora_alpha']:g} / "
         f"{o['lora_dropout']:g} |",
         f"| target modules | {targets} |",

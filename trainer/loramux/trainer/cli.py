@@ -45,6 +45,7 @@ def _csv(value: str) -> list[str]:
 
 def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from loramux.trainer.options import SCHEDULERS, TrainOptions
+    from loramux.trainer.precision import BF16_CPU_FLAGS, COMPUTE_DTYPES
 
     d = TrainOptions(train_file=Path("-"), output_dir=Path("-"))  # the defaults, shown in help
     p = sub.add_parser(
@@ -165,6 +166,15 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         dest="optimizer",
         default=d.optimizer,
         help="transformers optimizer name; auto = paged_adamw_8bit on CUDA, adamw_torch on CPU",
+    )
+    opt.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default=d.compute_dtype,
+        help="what the 4-bit base layers compute in: auto = bfloat16 on a CUDA GPU with bf16 "
+        f"and on a CPU with {' or '.join(BF16_CPU_FLAGS)}, float32 otherwise (bf16 without "
+        "native support is emulated, several times slower); the choice and its reason go into "
+        "the model card. The adapter serves on the server's bf16-compute base either way",
     )
     opt.add_argument(
         "--no-gradient-checkpointing",
@@ -305,6 +315,7 @@ def _options(args: argparse.Namespace) -> TrainOptions:
         seed=args.seed,
         optimizer=args.optimizer,
         gradient_checkpointing=args.gradient_checkpointing,
+        compute_dtype=args.compute_dtype,
         logging_steps=args.logging_steps,
         eval_steps=args.eval_steps,
         save_steps=args.save_steps,

@@ -13,6 +13,7 @@ from typing import Any
 
 from loramux.core.errors import InvalidArgument
 from loramux.trainer.data import PROMPT_FORMATS
+from loramux.trainer.precision import COMPUTE_DTYPES, ComputeDtype
 
 ALL_LINEAR = "all-linear"
 SCHEDULERS = (
@@ -62,6 +63,9 @@ class TrainOptions:
     seed: int = 42
     optimizer: str = AUTO  # paged_adamw_8bit on CUDA, adamw_torch on the CPU
     gradient_checkpointing: bool = True
+    # What the 4-bit base layers compute in (`loramux.trainer.precision`): auto = bf16 where
+    # the GPU or CPU has it natively, float32 elsewhere (bf16 emulated is several times slower).
+    compute_dtype: ComputeDtype = "auto"
     # -- progress, checkpoints --
     logging_steps: int = 10
     eval_steps: int | None = None  # default: logging_steps
@@ -124,6 +128,11 @@ class TrainOptions:
         need(self.save_steps >= 1, "save_steps", ">= 1")
         need(self.save_total_limit >= 1, "save_total_limit", ">= 1")
         need(self.nproc >= 1, "nproc", ">= 1")
+        need(
+            self.compute_dtype in COMPUTE_DTYPES,
+            "compute_dtype",
+            f"one of {', '.join(COMPUTE_DTYPES)}",
+        )
         need(
             all(name in REPORTERS for name in self.report_to),
             "report_to",

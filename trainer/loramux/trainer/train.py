@@ -2,8 +2,10 @@
 
 The base model comes from the same resolver and the same ``BitsAndBytesConfig`` as the
 server's (``loramux.core.models``), so an adapter is trained against exactly the weights it
-will be served on. The loop is transformers' ``Trainer``; LoRAMux adds the data checks, the
-metrics log, Ctrl-C checkpoints, and an output folder in standard PEFT format with a model card.
+will be served on; only the compute dtype may differ (``--compute-dtype``, chosen once per
+run by ``loramux.trainer.precision``: float32 where bf16 is not native). The loop is
+transformers' ``Trainer``; LoRAMux adds the data checks, the metrics log, Ctrl-C
+checkpoints, and an output folder in standard PEFT format with a model card.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from loramux.trainer.distributed import Ranks
 from loramux.trainer.options import AUTO, TrainOptions
 from loramux.trainer.packing import PackingCollator
 from loramux.trainer.plot import LOSS_CURVE_FILE, plot_loss_curve
+from loramux.trainer.precision import ComputePrecision, compute_precision
 from loramux.trainer.targets import TargetLogits
 
 if TYPE_CHECKING:
@@ -86,6 +89,7 @@ class TrainResult:
     eval_stats: DataStats | None
     checkpoint: Path | None = None
     base_model: str = ""
+    precision: ComputePrecision | None = None  # the compute dtype chosen, and why
     files: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -107,6 +111,7 @@ class TrainResult:
             "total_params": self.total_params,
             "trainable_percent": round(self.trainable_percent, 4),
             "optimizer": self.optimizer,
+            "compute_dtype": self.precision.to_dict() if self.precision else None,
             "runtime_s": round(self.runtime_s, 2),
             "train_data": self.train_stats.to_dict(),
             "eval_data": self.eval_stats.to_dict() if self.eval_stats else None,
@@ -462,7 +467,9 @@ def train(
     set_seed(options.seed)  # LoRA's random init happens before Trainer seeds anything
     device = ranks.device(pick_device(settings.device))
     quantized = settings.quantization != "none"
-    base = load_base_model(resolved, settings.quantization, str(device))
+    precision = compute_precision(options.compute_dtype, device)
+    log.info("compute dtype %s: %s", precision.dtype, precision.reason)
+    base = load_base_model(resolved, settings.quantization, str(device), precision.torch_dtype)
     attention = AttentionBackend.for_packing(options.packing, device.type)
     if attention is not None:
         attention.apply(base)
@@ -475,6 +482,7 @@ def train(
         + (f", {ranks.world_size} processes" if ranks.world_size > 1 else "")
         + (f", attention: {attention.reason}" if attention is not None else "")
     )
+    say(f"compute dtype: {precision.dtype} ({precision.reason})")
     say(
         f"data: {data.train.stats.examples} train examples ({data.train.stats.target_tokens:,} "
         "target tokens)"
@@ -498,7 +506,9 @@ def train(
         max_grad_norm=options.max_grad_norm,
         optim=optimizer,
         seed=options.seed,
-        bf16=device.type == "cuda" and _cuda_bf16(),
+        # CUDA autocast follows the compute dtype; never on the CPU, where it would turn the
+        # fp32 LoRA matmuls into bf16 ones as well
+        bf16=device.type == "cuda" and precision.dtype == "bfloat16",
         use_cpu=device.type == "cpu",
         gradient_checkpointing=options.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -563,6 +573,7 @@ def train(
         train_stats=data.train.stats,
         eval_stats=data.eval.stats if data.eval else None,
         base_model=base_reference(resolved),
+        precision=precision,
     )
     if not ranks.is_main:  # the main process writes and publishes the result
         return result
@@ -588,6 +599,7 @@ def train(
         base_hub_id=resolved.hub_id,
         base_weights=weights,
         quantization=settings.quantization,
+        compute=precision.to_dict(),
         options=options.to_dict(),
         train_stats=data.train.stats.to_dict(),
         eval_stats=data.eval.stats.to_dict() if data.eval else None,
@@ -626,9 +638,3 @@ def _last_step(records: list[dict[str, Any]], key: str) -> int | None:
 
 def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "n/a"
-
-
-def _cuda_bf16() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
