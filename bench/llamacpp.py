@@ -183,7 +183,9 @@ async def llama_round(
                 "temperature": 0.0,
                 "ignore_eos": True,
                 "cache_prompt": False,
-                "lora": [] if adapter is None else [{"id": adapter, "scale": 1.0}],
+                # The base: adapter 0 at scale 0, not `[]` (which, with adapters loaded,
+                # computes every one at scale 0: 9.9 instead of 120 tok/s with 32 here)
+                "lora": [{"id": adapter or 0, "scale": 0.0 if adapter is None else 1.0}],
             }
             reply = (await client.post(f"{url}/completion", json=body)).raise_for_status()
             made = reply.json()["tokens_predicted"]
